@@ -1,0 +1,14 @@
+"""Attention mechanisms as pure functions, with one calling convention.
+
+    out = attend(q, k, v, kind="sigmoid", is_causal=True, impl="chunked")
+
+q [B, Lq, H, D]; k [B, Lk, Hkv, D]; v [B, Lk, Hkv, Dv]; out [B, Lq, H, Dv].
+See `attend` for the arguments and `KINDS` for the registered mechanisms.
+"""
+
+from attnlab.attention import linear as _linear  # registers kind="linear"
+from attnlab.attention.api import IMPLS, apply_weights, attend, weights
+from attnlab.attention.kinds import KINDS, Mechanism, RowContext, register_kind
+
+__all__ = ["IMPLS", "KINDS", "Mechanism", "RowContext", "apply_weights", "attend",
+           "register_kind", "weights"]

@@ -1,0 +1,152 @@
+"""The public entry points: `attend`, `weights`, `apply_weights`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from attnlab.attention import chunked, core, linear, validate, xla
+from attnlab.attention.kinds import Mechanism, get_kind
+
+Array = jax.Array
+
+IMPLS = ("xla", "chunked", "pallas")
+# Options that belong to an implementation rather than to a kind.
+IMPL_OPTIONS: dict[str, dict[str, Any]] = {
+    "xla": {},
+    "chunked": {"block_k": chunked.DEFAULT_BLOCK_K},
+    "pallas": {"block_q": None, "block_k": None, "backend": None, "interpret": None,
+               "q_segment_ids": None, "kv_segment_ids": None},
+}
+PALLAS_KINDS = ("sigmoid", "softmax")
+
+
+def _split_options(mech: Mechanism, impl: str, options: dict[str, Any]):
+  """Separates kind options from implementation options and validates both."""
+  impl_accepts = IMPL_OPTIONS[impl]
+  kind_given = {k: v for k, v in options.items() if k not in impl_accepts}
+  impl_given = {k: v for k, v in options.items() if k in impl_accepts}
+  unknown = sorted(set(kind_given) - set(mech.options))
+  if unknown:
+    raise ValueError(
+        f"kind={mech.name!r} with impl={impl!r} does not take option(s) {unknown}; the kind "
+        f"accepts {sorted(mech.options) or 'none'} and impl={impl!r} accepts "
+        f"{sorted(impl_accepts) or 'none'}.")
+  kind_options = {**mech.options, **kind_given}
+  mech.check(kind_options)
+  return kind_options, {**impl_accepts, **impl_given}
+
+
+def _prepare(q, k, v, kind, mask, bias, scale, impl, options):
+  if impl not in IMPLS:
+    raise ValueError(f"Unknown attention impl {impl!r}; expected one of {list(IMPLS)}.")
+  mech = get_kind(kind)
+  dims = validate.check_qkv(q, k, v) if v is not None else None
+  if dims is None:
+    q_shape, k_shape = validate.check_qk(q, k)
+    dims = validate.Dims(q_shape[0], q_shape[1], k_shape[1], q_shape[2], k_shape[2],
+                         q_shape[3], k_shape[3])
+  validate.check_mask_and_bias(mask, bias, dims)
+  validate.check_scale(scale)
+  kind_options, impl_options = _split_options(mech, impl, options)
+  if not mech.has_logits:
+    for name, value in (("bias", bias), ("scale", scale)):
+      if value is not None:
+        raise ValueError(f"kind={kind!r} has no pairwise logits, so it takes no {name}; got "
+                         f"{name}={value if name == 'scale' else 'an array'}. Leave it None.")
+  if mech.attend_override is linear.attend:
+    linear.check_mask(mask)
+  return mech, dims, kind_options, impl_options
+
+
+def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array | None = None,
+           is_causal: bool = False, bias: Array | None = None, scale: float | None = None,
+           impl: str = "xla", **options: Any) -> Array:
+  """Attention of `q` over `k`/`v` with any registered mechanism.
+
+  Args:
+    q: queries [B, Lq, H, D].
+    k: keys [B, Lk, Hkv, D]; H must be a multiple of Hkv (grouped-query attention;
+      query head h uses key/value head h // (H // Hkv)).
+    v: values [B, Lk, Hkv, Dv].
+    kind: a name in `KINDS` ("softmax", "sigmoid", "relu", "linear", ...).
+    mask: bool, rank 4, broadcastable to [B, H, Lq, Lk]; True = may attend.
+    is_causal: query i sees keys j <= i + (Lk - Lq).
+    bias: additive logits bias, rank 4, broadcastable to [B, H, Lq, Lk].
+    scale: logits scale; default 1/sqrt(D).
+    impl: "xla" (materialises the scores), "chunked" (blockwise scan, option
+      `block_k`), or "pallas" (the fused kernel of `attnlab.kernels`, for sigmoid
+      and softmax; options block_q, block_k, backend, interpret, q_segment_ids,
+      kv_segment_ids).
+    **options: the kind's options (see `KINDS[kind].options`) and the impl's.
+
+  Returns:
+    [B, Lq, H, Dv] in q.dtype. Masked keys get exactly zero weight; a row with
+    no visible key returns zeros.
+  """
+  mech, dims, kind_options, impl_options = _prepare(q, k, v, kind, mask, bias, scale, impl,
+                                                    options)
+  scale = core.default_scale(dims.head_dim, scale)
+  common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
+  if impl == "pallas":
+    return _attend_pallas(q, k, v, mech, kind_options, impl_options, **common)
+  if mech.attend_override is not None:
+    return mech.attend_override(q, k, v, mech, kind_options, **common)
+  if impl == "chunked":
+    block_k = impl_options["block_k"]
+    if not isinstance(block_k, int) or block_k < 1:
+      raise ValueError(f"impl='chunked': block_k must be a positive int; got {block_k!r}.")
+    return chunked.attend(q, k, v, mech, kind_options, block_k=block_k, **common)
+  w_BHQK = xla.attention_weights(q, k, mech, kind_options, **common)
+  return xla.apply_weights(w_BHQK, v, mech, kind_options, q.dtype)
+
+
+def weights(q: Array, k: Array, *, kind: str = "softmax", mask: Array | None = None,
+            is_causal: bool = False, bias: Array | None = None, scale: float | None = None,
+            **options: Any) -> Array:
+  """The attention weights of `kind`, float32 [B, H, Lq, Lk] (materialised).
+
+  Same arguments as `attend`. For linear attention these are the normalised
+  feature-map products its O(L) form never builds. `attend(impl="xla")` equals
+  `apply_weights(weights(...), v)` for every kind.
+  """
+  mech, dims, kind_options, _ = _prepare(q, k, None, kind, mask, bias, scale, "xla", options)
+  scale = core.default_scale(dims.head_dim, scale)
+  common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
+  if mech.attend_override is linear.attend:
+    return linear.weights(q, k, mech, kind_options, **common)
+  return xla.attention_weights(q, k, mech, kind_options, **common)
+
+
+def apply_weights(w: Array, v: Array, *, kind: str = "softmax", out_dtype: Any = None,
+                  **options: Any) -> Array:
+  """weights [B, H, Lq, Lk] @ values [B, Lk, Hkv, Dv] -> [B, Lq, H, Dv], with the kind's
+  output post-op (e.g. ReLA's RMS normalisation). `out_dtype` defaults to v.dtype."""
+  mech = get_kind(kind)
+  if getattr(w, "ndim", None) != 4 or getattr(v, "ndim", None) != 4:
+    raise ValueError(f"apply_weights needs w [B, H, Lq, Lk] and v [B, Lk, Hkv, Dv]; got "
+                     f"w {getattr(w, 'shape', None)} and v {getattr(v, 'shape', None)}.")
+  if (w.shape[0] != v.shape[0] or w.shape[3] != v.shape[1] or w.shape[1] % v.shape[2]):
+    raise ValueError(f"apply_weights: w {tuple(w.shape)} does not match v {tuple(v.shape)} "
+                     "(batch, key length, and heads a multiple of kv heads).")
+  kind_options, _ = _split_options(mech, "xla", options)
+  return xla.apply_weights(w, v, mech, kind_options, v.dtype if out_dtype is None else out_dtype)
+
+
+def _attend_pallas(q, k, v, mech, kind_options, impl_options, *, mask, bias, is_causal, scale):
+  if mech.name not in PALLAS_KINDS:
+    raise ValueError(f"impl='pallas' supports kinds {list(PALLAS_KINDS)}; got kind="
+                     f"{mech.name!r}. Use impl='xla' or 'chunked' for it.")
+  if mask is not None or bias is not None:
+    raise ValueError("impl='pallas' takes no mask/bias arrays (the fused kernel never builds "
+                     "[Lq, Lk]); use is_causal=True and q_segment_ids/kv_segment_ids for "
+                     "padding or packed sequences, or impl='chunked'.")
+  try:
+    from attnlab import kernels  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise NotImplementedError(
+        "impl='pallas' needs attnlab.kernels (the fused Pallas kernel), which is not "
+        f"available here: {e}") from e
+  return kernels.flash_attention(q, k, v, kind=mech.name, scale=scale, is_causal=is_causal,
+                                 **kind_options, **impl_options)

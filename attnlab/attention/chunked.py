@@ -1,0 +1,110 @@
+"""Memory-efficient blockwise attention in plain jnp.
+
+A `lax.scan` over key blocks holds one [B, H, Lq, block_k] score tile at a time.
+Sigmoid-like kinds (no row normaliser) just add the blocks' contributions;
+l1/count normalisations also add up the row sums or counts and divide at the
+end; softmax keeps the running row max and rescales (the online softmax of
+Milakov & Gimelshein 2018, as in FlashAttention). The block body is
+rematerialised in the backward pass, so gradients do not store the tiles either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.attention import core
+from attnlab.attention.kinds import Mechanism, RowContext
+
+Array = jax.Array
+
+DEFAULT_BLOCK_K = 512
+
+
+def _key_blocks(x: Array | None, axis: int, kv_len: int, block_k: int, fill: Any) -> Array | None:
+  """Pads `x` along its key axis to whole blocks and moves the block index to the front."""
+  if x is None or x.shape[axis] == 1:
+    return None
+  num_blocks = -(-kv_len // block_k)
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, num_blocks * block_k - kv_len)
+  x = jnp.pad(x, pad, constant_values=fill)
+  x = x.reshape(x.shape[:axis] + (num_blocks, block_k) + x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
+
+
+def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, Any], *,
+           mask: Array | None, bias: Array | None, is_causal: bool, scale: float,
+           block_k: int = DEFAULT_BLOCK_K) -> Array:
+  """Same result as the materialising path, [B, Lq, H, Dv] in q.dtype."""
+  b, lq, h, _ = q.shape
+  lk, dv = k.shape[1], v.shape[3]
+  block_k = min(block_k, lk)
+  num_blocks = -(-lk // block_k)
+  has_padding = num_blocks * block_k != lk
+  normalization = mech.normalization(options)
+
+  xs = {
+      "k": _key_blocks(k, 1, lk, block_k, 0),
+      "v": _key_blocks(v, 1, lk, block_k, 0),
+      "pos": jnp.arange(num_blocks * block_k).reshape(num_blocks, block_k),
+      "mask": _key_blocks(mask, 3, lk, block_k, False),
+      "bias": _key_blocks(bias, 3, lk, block_k, 0),
+  }
+
+  def tile_valid(blk):
+    user_mask = mask if blk["mask"] is None and mask is not None else blk["mask"]
+    valid = core.valid_mask(lq, lk, blk["pos"], mech, options, is_causal=is_causal,
+                            user_mask=user_mask, has_padding=has_padding)
+    return None if valid is None else jnp.broadcast_to(valid, valid.shape[:2] + (lq, block_k))
+
+  def tile_scores(blk):
+    s_BHQK = mech.logits(q, blk["k"], scale)
+    b_ = bias if blk["bias"] is None else blk["bias"]
+    return s_BHQK if b_ is None else s_BHQK + b_.astype(jnp.float32)
+
+  def count_step(count, blk):
+    valid = tile_valid(blk)
+    add = block_k if valid is None else jnp.sum(valid, -1, keepdims=True, dtype=jnp.float32)
+    return count + add, None
+
+  # Row counts broadcast like the caller's mask: [B or 1, H or 1, Lq, 1].
+  count_shape = (1, 1) if mask is None else mask.shape[:2]
+  zero_count = jnp.zeros(count_shape + (lq, 1), jnp.float32)
+  if mech.needs_row_counts:
+    # A cheap boolean pre-pass: the activation itself needs each row's number of visible keys.
+    counts, _ = jax.lax.scan(count_step, zero_count, xs)
+  else:
+    counts = None
+  ctx = RowContext(kv_len=lk, row_counts=counts)
+
+  @jax.checkpoint
+  def step(carry, blk):
+    m, row_sum, count, acc = carry
+    valid = tile_valid(blk)
+    u = core.unnormalized(tile_scores(blk), valid, mech, ctx, options)
+    if normalization == "softmax":
+      # The running max only stabilises exp(): the normalised result does not depend on it.
+      m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(u, axis=-1, keepdims=True)))
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      rescale = jnp.exp(m - m_safe)
+      u = jnp.exp(u - m_safe)
+      row_sum, acc, m = row_sum * rescale, acc * rescale, m_new
+    row_sum = row_sum + jnp.sum(u, axis=-1, keepdims=True)
+    count, _ = count_step(count, blk)
+    acc = acc + core.weights_times_values(u, blk["v"])
+    return (m, row_sum, count, acc), None
+
+  init = (jnp.full((b, h, lq, 1), -jnp.inf, jnp.float32),
+          jnp.zeros((b, h, lq, 1), jnp.float32), zero_count,
+          jnp.zeros((b, h, lq, dv), jnp.float32))
+  (_, row_sum, count, acc_BHQD), _ = jax.lax.scan(step, init, xs)
+  divisor = core.row_divisor(normalization, row_sum, count)
+  out_BHQD = acc_BHQD if divisor is None else core.safe_divide(acc_BHQD, divisor)
+  out_BQHD = out_BHQD.transpose(0, 2, 1, 3)
+  if mech.output_post is not None:
+    out_BQHD = mech.output_post(out_BQHD, options)
+  return out_BQHD.astype(q.dtype)

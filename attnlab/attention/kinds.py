@@ -1,0 +1,287 @@
+"""The attention mechanisms of the literature, one small pure function each.
+
+Every score-based mechanism is described by three pieces that both the
+materialising (`xla`) and the blockwise (`chunked`) implementations share:
+
+* ``logits(q, k, scale)`` -> ``s_BHQK``: the pairwise scores (scaled dot product,
+  or a negative squared distance for the Gaussian kernel);
+* ``activate(s, ctx, options)`` -> ``u``: an elementwise map of the scores to
+  unnormalised weights (sigmoid, ReLU, ...);
+* ``normalization(options)``: how ``u`` becomes weights along the key axis —
+  ``"softmax"`` (u are logits, exponentiated against an online row max),
+  ``"l1"`` (divide by the row sum), ``"count"`` / ``"sqrt_count"`` (divide by
+  the number, or its root, of visible keys) or ``"none"``.
+
+Because the row normaliser is a plain sum (or a count), the blockwise version
+only accumulates sums over key blocks; softmax additionally keeps the row max.
+Linear attention has no [Lq, Lk] scores at all and brings its own
+``attend_override`` (see `linear.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+NORMALIZATIONS = ("softmax", "l1", "count", "sqrt_count", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowContext:
+  """What an activation may know about the row it acts on.
+
+  Attributes:
+    kv_len: the (unpadded) key length Lk of the call.
+    row_counts: number of keys each query row may attend, broadcastable to
+      ``[B, H, Lq, 1]``; only filled for mechanisms with ``needs_row_counts``.
+  """
+  kv_len: int
+  row_counts: Array | None = None
+
+
+def dot_logits(q_BQHD: Array, k_BKhD: Array, scale: float) -> Array:
+  """Scaled dot-product scores in float32, [B, H, Lq, Lk]; GQA by grouping query heads."""
+  b, lq, h, d = q_BQHD.shape
+  lk, hkv = k_BKhD.shape[1], k_BKhD.shape[2]
+  q_BQhGD = q_BQHD.reshape(b, lq, hkv, h // hkv, d)
+  s_BhGQK = jnp.einsum("bqhgd,bkhd->bhgqk", q_BQhGD, k_BKhD,
+                       preferred_element_type=jnp.float32)
+  return s_BhGQK.reshape(b, h, lq, lk) * jnp.float32(scale)
+
+
+def neg_sq_distance_logits(q_BQHD: Array, k_BKhD: Array, scale: float) -> Array:
+  """-(scale / 2) * ||q_i - k_j||^2 in float32, expanded as a dot product plus norms."""
+  b, lq, h, _ = q_BQHD.shape
+  lk, hkv = k_BKhD.shape[1], k_BKhD.shape[2]
+  qq_BHQ1 = jnp.sum(jnp.square(q_BQHD.astype(jnp.float32)), -1).transpose(0, 2, 1)[..., None]
+  kk_BhK = jnp.sum(jnp.square(k_BKhD.astype(jnp.float32)), -1).transpose(0, 2, 1)
+  kk_BH1K = jnp.repeat(kk_BhK, h // hkv, axis=1)[:, :, None, :]
+  cross = dot_logits(q_BQHD, k_BKhD, scale)
+  # Rounding can make a distance slightly negative; clip so the kernel stays <= 1.
+  return jnp.minimum(cross - 0.5 * jnp.float32(scale) * (qq_BHQ1 + kk_BH1K), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mechanism:
+  """One registered attention mechanism.
+
+  Attributes:
+    name: the name `attend(kind=...)` takes.
+    paper: where the mechanism comes from.
+    options: the options the kind takes, with their defaults.
+    activate: ``(s, ctx, options) -> u``, elementwise; ``None`` for softmax.
+    normalization: ``options -> one of NORMALIZATIONS``.
+    logits: ``(q, k, scale) -> s`` in float32.
+    check: validates option values (raises ValueError).
+    position_mask: ``(q_pos, k_pos, options) -> bool`` extra structural mask
+      from absolute positions (local windows), or ``None``.
+    output_post: ``(out_BQHDv, options) -> out``, applied after weights @ v.
+    attend_override: a complete `attend` for kinds without pairwise scores.
+    needs_row_counts: `activate` reads ``ctx.row_counts``.
+    has_logits: the kind scores pairs, so `scale` and `bias` apply to it.
+  """
+  name: str
+  paper: str
+  options: Mapping[str, Any]
+  activate: Callable[[Array, RowContext, Mapping[str, Any]], Array] | None
+  normalization: Callable[[Mapping[str, Any]], str]
+  logits: Callable[[Array, Array, float], Array] = dot_logits
+  check: Callable[[Mapping[str, Any]], None] = lambda options: None
+  position_mask: Callable[[Array, Array, Mapping[str, Any]], Array] | None = None
+  output_post: Callable[[Array, Mapping[str, Any]], Array] | None = None
+  attend_override: Callable[..., Array] | None = None
+  needs_row_counts: bool = False
+  has_logits: bool = True
+
+
+KINDS: dict[str, Mechanism] = {}
+
+
+def register_kind(mechanism: Mechanism) -> Mechanism:
+  """Adds a mechanism to `KINDS` (for a researcher's own variant); returns it."""
+  if mechanism.name in KINDS:
+    raise ValueError(f"attention kind {mechanism.name!r} is already registered.")
+  KINDS[mechanism.name] = mechanism
+  return mechanism
+
+
+def get_kind(kind: str) -> Mechanism:
+  if not isinstance(kind, str) or kind not in KINDS:
+    raise ValueError(f"Unknown attention kind {kind!r}; registered kinds: {sorted(KINDS)}.")
+  return KINDS[kind]
+
+
+def _constant(value: str) -> Callable[[Mapping[str, Any]], str]:
+  return lambda options: value
+
+
+def _one_of(name: str, value: Any, allowed: tuple[Any, ...], kind: str) -> None:
+  if value not in allowed:
+    raise ValueError(f"kind={kind!r}: option {name}={value!r} is not one of {list(allowed)}.")
+
+
+def _positive_int(name: str, value: Any, kind: str) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"kind={kind!r}: option {name} must be a positive int; got {value!r}.")
+
+
+# --- softmax -----------------------------------------------------------------------------------
+SOFTMAX = register_kind(Mechanism(
+    name="softmax",
+    paper="Vaswani et al. 2017, Attention Is All You Need (arXiv 1706.03762).",
+    options={},
+    activate=None,  # the online max/normaliser lives in the implementations
+    normalization=_constant("softmax"),
+))
+
+
+# --- sigmoid -----------------------------------------------------------------------------------
+def sigmoid_bias_value(sigmoid_bias: float | None, kv_len: int) -> float:
+  """Apple's recommendation b = -log(n): keeps the output norm independent of the length."""
+  return -math.log(max(kv_len, 1)) if sigmoid_bias is None else float(sigmoid_bias)
+
+
+def _sigmoid(s: Array, ctx: RowContext, options: Mapping[str, Any]) -> Array:
+  # float32 sigmoid is saturating and finite for any finite logit, so huge bf16 scores are safe.
+  return jax.nn.sigmoid(s + sigmoid_bias_value(options["sigmoid_bias"], ctx.kv_len))
+
+
+def _check_sigmoid(options: Mapping[str, Any]) -> None:
+  b = options["sigmoid_bias"]
+  if b is not None and not isinstance(b, (int, float)):
+    raise ValueError(f"kind='sigmoid': sigmoid_bias must be a float or None (= -log(Lk)); "
+                     f"got {b!r}.")
+
+
+SIGMOID = register_kind(Mechanism(
+    name="sigmoid",
+    paper=("Ramapuram et al. 2024, Theory, Analysis, and Best Practices for Sigmoid "
+           "Self-Attention (arXiv 2409.04431); Yan et al. 2025 (arXiv 2502.00281)."),
+    options={"sigmoid_bias": None},
+    activate=_sigmoid,
+    normalization=_constant("none"),
+    check=_check_sigmoid,
+))
+
+
+# --- ReLU (ReLA) -------------------------------------------------------------------------------
+def _rms_normalize(out_BQHD: Array, options: Mapping[str, Any]) -> Array:
+  # ReLA's normalisation is an RMSNorm of each head's output (its learned gain belongs to the
+  # model); eps keeps an all-zero row (every weight ReLU'd away) at exactly zero.
+  ms = jnp.mean(jnp.square(out_BQHD), axis=-1, keepdims=True)
+  return out_BQHD * jax.lax.rsqrt(ms + 1e-6)
+
+
+def _check_relu(options: Mapping[str, Any]) -> None:
+  _one_of("relu_normalization", options["relu_normalization"], ("rms", "count", None), "relu")
+
+
+RELU = register_kind(Mechanism(
+    name="relu",
+    paper=("Zhang, Titov, Sennrich 2021, Sparse Attention with Linear Units (ReLA, arXiv "
+           "2104.07012): relu(s) then RMS-normalised output; 'count' divides by the number of "
+           "visible keys as in Wortsman et al. 2023 (arXiv 2309.08586)."),
+    options={"relu_normalization": "rms"},
+    activate=lambda s, ctx, options: jax.nn.relu(s),
+    normalization=lambda options: "count" if options["relu_normalization"] == "count" else "none",
+    check=_check_relu,
+    output_post=lambda out, options: (
+        _rms_normalize(out, options) if options["relu_normalization"] == "rms" else out),
+))
+
+
+# --- polynomial --------------------------------------------------------------------------------
+def _check_polynomial(options: Mapping[str, Any]) -> None:
+  _positive_int("degree", options["degree"], "polynomial")
+
+
+POLYNOMIAL = register_kind(Mechanism(
+    name="polynomial",
+    paper=("Saratchandran et al. 2024, Rethinking Attention: Polynomial Alternatives to Softmax "
+           "in Transformers (arXiv 2410.18613): s^p / sqrt(n), n = visible keys."),
+    options={"degree": 3},
+    activate=lambda s, ctx, options: s ** options["degree"],
+    normalization=_constant("sqrt_count"),
+    check=_check_polynomial,
+))
+
+
+# --- softplus ----------------------------------------------------------------------------------
+def _softplus(s: Array, ctx: RowContext, options: Mapping[str, Any]) -> Array:
+  if options["length_scale"]:
+    # Entropy-invariance scaling: logits grow with log(n) so the weights do not flatten as the
+    # number of visible keys n grows. log(1) = 0 is harmless: a single key gets weight 1.
+    s = s * jnp.log(jnp.maximum(ctx.row_counts, 1.0))
+  u = jax.nn.softplus(s)
+  # Re-weighting: normalise(w^p) == normalise(softplus^p), which sharpens the weights.
+  return u if options["power"] is None else u ** options["power"]
+
+
+def _check_softplus(options: Mapping[str, Any]) -> None:
+  _one_of("length_scale", options["length_scale"], (True, False), "softplus")
+  p = options["power"]
+  if p is not None and (not isinstance(p, (int, float)) or p <= 0):
+    raise ValueError(f"kind='softplus': power must be a positive number or None; got {p!r}.")
+
+
+SOFTPLUS = register_kind(Mechanism(
+    name="softplus",
+    paper=("Gao & Spratling 2025, Softplus Attention with Re-weighting Boosts Length "
+           "Extrapolation in Large Language Models (arXiv 2501.13428): l1-normalised "
+           "softplus(log(n) * s), optionally re-weighted by a power."),
+    options={"length_scale": True, "power": None},
+    activate=_softplus,
+    normalization=_constant("l1"),
+    check=_check_softplus,
+    needs_row_counts=True,
+))
+
+
+# --- gaussian (SOFT) ---------------------------------------------------------------------------
+GAUSSIAN = register_kind(Mechanism(
+    name="gaussian",
+    paper=("Lu et al. 2021, SOFT: Softmax-free Transformer with Linear Complexity (arXiv "
+           "2110.11945), exact form: exp(-scale/2 * ||q_i - k_j||^2), unnormalised."),
+    options={},
+    activate=lambda s, ctx, options: jnp.exp(s),
+    normalization=_constant("none"),
+    logits=neg_sq_distance_logits,
+))
+
+
+# --- local / dilated ---------------------------------------------------------------------------
+def _local_position_mask(q_pos: Array, k_pos: Array, options: Mapping[str, Any]) -> Array:
+  """Keys within `window` dilated steps of the query: |i - j| <= window*dilation, on the grid."""
+  delta = q_pos[:, None] - k_pos[None, :]
+  dilation = options["dilation"]
+  return (jnp.abs(delta) <= options["window"] * dilation) & (delta % dilation == 0)
+
+
+def _check_local(options: Mapping[str, Any]) -> None:
+  _positive_int("window", options["window"], "local")
+  _positive_int("dilation", options["dilation"], "local")
+  _one_of("base", options["base"], ("softmax", "sigmoid"), "local")
+  _check_sigmoid(options)
+
+
+def _local_activate(s: Array, ctx: RowContext, options: Mapping[str, Any]) -> Array:
+  return s if options["base"] == "softmax" else _sigmoid(s, ctx, options)
+
+
+LOCAL = register_kind(Mechanism(
+    name="local",
+    paper=("Sliding-window attention (Beltagy et al. 2020, Longformer, arXiv 2004.05150) with "
+           "optional dilation; `window` keys on each side, `dilation` steps apart."),
+    options={"window": 64, "dilation": 1, "base": "softmax", "sigmoid_bias": None},
+    activate=_local_activate,
+    normalization=lambda options: "softmax" if options["base"] == "softmax" else "none",
+    check=_check_local,
+    position_mask=_local_position_mask,
+))
