@@ -1,0 +1,114 @@
+"""Helpers shared by the experiment configs in `configs/` and the trainer.
+
+Configs are `ml_collections.ConfigDict`s (one file per experiment, big_vision
+style); modules never see them: the trainer turns each sub-dict into a typed
+frozen dataclass with `to_dataclass`, which rejects unknown fields with the
+nearest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+import ml_collections
+
+T = TypeVar("T")
+
+
+def suggest(name: str, valid: Iterable[str]) -> str:
+  """Returns ' Did you mean "x"?' for the closest valid name, or ''."""
+  close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+  return f' Did you mean "{close[0]}"?' if close else ""
+
+
+def check_known(names: Iterable[str], valid: Iterable[str], *, where: str) -> None:
+  """Raises ValueError naming the first of `names` that is not in `valid`."""
+  valid = sorted(valid)
+  for name in names:
+    if name not in valid:
+      raise ValueError(
+          f"Unknown field {where}.{name}.{suggest(name, valid)} "
+          f"Valid fields: {', '.join(valid)}."
+      )
+
+
+def to_dataclass(cls: type[T], fields: Mapping[str, Any] | None, *, where: str, **extra) -> T:
+  """Builds the frozen dataclass `cls` from a config sub-dict.
+
+  Args:
+    cls: a dataclass type.
+    fields: mapping of field name -> value (a ConfigDict or dict); None = {}.
+    where: the config path, used in error messages (e.g. "config.model").
+    **extra: fields set by the trainer rather than the config (e.g. the
+      number of classes read from the data set); they override `fields`.
+
+  Returns:
+    `cls(**fields, **extra)`.
+
+  Raises:
+    ValueError: a field of `fields` is not a field of `cls`.
+  """
+  values = dict(fields.to_dict() if isinstance(fields, ml_collections.ConfigDict) else (fields or {}))
+  check_known(values, [f.name for f in dataclasses.fields(cls)], where=where)
+  values.update(extra)
+  return cls(**values)
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses the `:arg` of `--config file.py:arg` (big_vision style).
+
+  `arg` is a comma-separated list. `key=value` sets a field (the value is
+  converted to the type of the default); a bare word sets a boolean field of
+  that name to True (`quick`), or else is the value of the first non-boolean
+  field (`sigmoid` for `attention=sigmoid`).
+
+  Example: `parse_arg("sigmoid,quick", attention="softmax", quick=False)`
+  gives `attention="sigmoid", quick=True`.
+
+  Args:
+    arg: the string after the colon, or None.
+    **defaults: every accepted field and its default value.
+
+  Returns:
+    A locked ConfigDict with one entry per default.
+
+  Raises:
+    ValueError: an unknown key, or a positional word with no field to take it.
+  """
+  result = dict(defaults)
+  positional = [k for k, v in defaults.items() if not isinstance(v, bool)]
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    if "=" in token:
+      key, value = token.split("=", 1)
+      check_known([key], defaults, where="config argument")
+      result[key] = _convert(value, defaults[key], key)
+    elif isinstance(defaults.get(token), bool):
+      result[token] = True
+    elif positional:
+      key = positional.pop(0)
+      result[key] = _convert(token, defaults[key], key)
+    else:
+      raise ValueError(
+          f"Config argument {token!r} is neither a flag nor a value: expected "
+          f"a comma-separated list of {sorted(defaults)} (key=value or flag name)."
+          f"{suggest(token, defaults)}"
+      )
+  return ml_collections.ConfigDict(result).lock()
+
+
+def _convert(value: str, default: Any, key: str) -> Any:
+  """Converts the string `value` to the type of `default`."""
+  if isinstance(default, bool):
+    if value.lower() in ("1", "true", "yes"):
+      return True
+    if value.lower() in ("0", "false", "no"):
+      return False
+    raise ValueError(f"Config argument {key}={value!r}: expected true or false.")
+  if isinstance(default, int):
+    return int(value)
+  if isinstance(default, float):
+    return float(value)
+  return value

@@ -1,0 +1,28 @@
+"""Data for attnlab: TFDS (ArrayRecord, no TensorFlow) and synthetic tasks, through grain."""
+
+from attnlab.data.pipeline import (
+    DATASETS,
+    DataConfig,
+    Datasets,
+    DataSpec,
+    eval_batches,
+    load,
+    resolve_num_steps,
+    train_batches,
+    train_iterator,
+)
+from attnlab.data.sources import DatasetNotPreparedError, MQARSpec
+
+__all__ = [
+    "DATASETS",
+    "DataConfig",
+    "DataSpec",
+    "DatasetNotPreparedError",
+    "Datasets",
+    "MQARSpec",
+    "eval_batches",
+    "load",
+    "resolve_num_steps",
+    "train_batches",
+    "train_iterator",
+]

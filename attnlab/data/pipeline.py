@@ -1,0 +1,272 @@
+"""Input pipelines: config -> grain datasets of numpy batches.
+
+Every batch is a dict with the same three keys for every task, so the trainer
+and the evaluator need one loss:
+
+  classification: inputs [B, H, W, C] float32 in [-1, 1], targets [B] int32,
+                  weights [B] float32 (0 for padding);
+  language model: inputs [B, L] int32, targets [B, L] int32 (next tokens),
+                  weights [B, L] float32 (MQAR: 1 on answer positions only).
+
+The training order is a pure function of (seed, step): grain's shuffled,
+repeated MapDataset is random access, and its iterator's state (the next
+index) is what checkpoints store. Subsets (`train_examples`) are the first n
+of a fixed permutation drawn with `subset_seed`, so growing n only adds
+examples (nested subsets), and the evaluation split never depends on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from attnlab.data import sources
+
+IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+TEXT_DATASETS = ("tiny_shakespeare",)
+SYNTHETIC_DATASETS = ("mqar",)
+DATASETS = IMAGE_DATASETS + TEXT_DATASETS + SYNTHETIC_DATASETS
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What `config.data` may hold (see configs/ for commented examples).
+
+  Attributes:
+    name: one of DATASETS.
+    data_dir: TFDS data dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+    train_split: split spec to train on, e.g. "train" or "train[:512]".
+    eval_split: split spec to evaluate on; never affected by train_examples.
+    train_examples: if set, train on the first n examples of a fixed
+      permutation (drawn with subset_seed) of train_split.
+    subset_seed: seed of that permutation; keep it fixed across training seeds
+      so that subsets are nested and shared.
+    seq_len: tokens per training window (tiny_shakespeare).
+    train_size: number of examples in the synthetic "train" split (MQAR).
+    eval_size: number of examples in the synthetic "test" split (MQAR).
+    mqar: MQARSpec fields (vocab_size, num_kv_pairs, num_queries, seq_len).
+  """
+
+  name: str = "digits"
+  data_dir: str | None = None
+  train_split: str = "train"
+  eval_split: str = "test"
+  train_examples: int | None = None
+  subset_seed: int = 0
+  seq_len: int | None = None
+  train_size: int | None = None
+  eval_size: int | None = None
+  mqar: dict[str, Any] | None = None
+
+  def __post_init__(self):
+    if self.name not in DATASETS:
+      from attnlab.configlib import suggest  # pylint: disable=g-import-not-at-top
+
+      raise ValueError(
+          f"config.data.name={self.name!r} is not a known data set.{suggest(self.name, DATASETS)} "
+          f"Expected one of {', '.join(DATASETS)}."
+      )
+    if self.train_examples is not None and self.train_examples < 1:
+      raise ValueError(f"config.data.train_examples={self.train_examples}: expected >= 1 or None.")
+    needs = {"seq_len": self.name in TEXT_DATASETS, "mqar": self.name in SYNTHETIC_DATASETS,
+             "train_size": self.name in SYNTHETIC_DATASETS, "eval_size": self.name in SYNTHETIC_DATASETS}
+    for field, needed in needs.items():
+      value = getattr(self, field)
+      if needed and value is None:
+        raise ValueError(f"config.data.{field} must be set for data set {self.name!r}.")
+      if not needed and value is not None:
+        raise ValueError(
+            f"config.data.{field}={value!r} has no meaning for data set {self.name!r}; remove it."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What the model and the loss need to know about a data set.
+
+  Attributes:
+    task: "classification" or "lm".
+    num_classes: classes (classification) or vocabulary size (lm).
+    input_shape: shape of one example's inputs (no batch dimension).
+    num_train_examples: examples in the (sub)set trained on.
+    num_eval_examples: examples in the evaluation split.
+  """
+
+  task: str
+  num_classes: int
+  input_shape: tuple[int, ...]
+  num_train_examples: int
+  num_eval_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+  """Unbatched, formatted examples of both splits, and their spec."""
+
+  spec: DataSpec
+  train: grain.MapDataset
+  eval: grain.MapDataset
+
+
+def load(config: DataConfig, *, seed: int) -> Datasets:
+  """Opens both splits (preparing `digits` if needed) and formats their examples.
+
+  Fails here, before any model is built, when a TFDS data set is missing.
+
+  Args:
+    config: the data config.
+    seed: the run's seed (used by the synthetic data: its train split is the
+      same for every run with this seed).
+
+  Raises:
+    sources.DatasetNotPreparedError: a TFDS data set is not prepared.
+  """
+  if config.name in SYNTHETIC_DATASETS:
+    train_src, eval_src, spec = _mqar_sources(config, seed)
+  elif config.name in TEXT_DATASETS:
+    train_src = sources.TextWindows(
+        sources.tfds_source(config.name, config.train_split, config.data_dir), seq_len=config.seq_len)
+    eval_src = sources.TextWindows(
+        sources.tfds_source(config.name, config.eval_split, config.data_dir), seq_len=config.seq_len)
+    spec = dict(task="lm", num_classes=256, input_shape=(config.seq_len,))
+  else:
+    train_src = sources.tfds_source(config.name, config.train_split, config.data_dir)
+    eval_src = sources.tfds_source(config.name, config.eval_split, config.data_dir)
+    spec = dict(task="classification", num_classes=_num_classes(train_src),
+                input_shape=tuple(np.shape(train_src[0]["image"])))
+
+  train = grain.MapDataset.source(train_src)
+  if config.train_examples is not None:
+    train = _subset(train, config.train_examples, config.subset_seed)
+  evaluation = grain.MapDataset.source(eval_src)
+  if spec["task"] == "classification":
+    train, evaluation = train.map(format_image_example), evaluation.map(format_image_example)
+  spec = DataSpec(**spec, num_train_examples=len(train), num_eval_examples=len(evaluation))
+  return Datasets(spec=spec, train=train, eval=evaluation)
+
+
+def _mqar_sources(config: DataConfig, seed: int):
+  mqar = sources.MQARSpec(**config.mqar)
+  train_name, train_range = sources.parse_split(config.train_split, config.train_size)
+  eval_name, eval_range = sources.parse_split(config.eval_split, config.eval_size)
+  train = sources.MQARSource(mqar, split=train_name, size=config.train_size, seed=seed)
+  evaluation = sources.MQARSource(mqar, split=eval_name, size=config.eval_size, seed=seed)
+  if train_name == eval_name:
+    raise ValueError(f"MQAR train_split and eval_split are both {train_name!r}; expected different splits.")
+  spec = dict(task="lm", num_classes=mqar.vocab_size, input_shape=(mqar.seq_len,))
+  return _Slice(train, train_range), _Slice(evaluation, eval_range), spec
+
+
+class _Slice:
+  """A contiguous range of a random-access source."""
+
+  def __init__(self, source, index_range: range):
+    self.source, self.range = source, index_range
+
+  def __len__(self):
+    return len(self.range)
+
+  def __getitem__(self, i):
+    return self.source[self.range[i]]
+
+
+def _num_classes(source) -> int:
+  features = getattr(getattr(source, "dataset_info", None), "features", None)
+  if features is not None and "label" in features:
+    return int(features["label"].num_classes)
+  raise ValueError("Image data set has no ClassLabel feature named 'label'.")
+
+
+def _subset(dataset: grain.MapDataset, n: int, subset_seed: int) -> grain.MapDataset:
+  if n > len(dataset):
+    raise ValueError(
+        f"config.data.train_examples={n} exceeds the {len(dataset)} examples of the training split."
+    )
+  chosen = np.random.default_rng(subset_seed).permutation(len(dataset))[:n]
+  return grain.MapDataset.range(n).map(lambda i: dataset[int(chosen[i])])
+
+
+def format_image_example(example: dict[str, Any]) -> Batch:
+  """TFDS {"image": uint8 [H, W, C], "label"} -> {"inputs" in [-1, 1], "targets", "weights"}."""
+  image = np.asarray(example["image"], np.float32) * (2.0 / 255.0) - 1.0
+  return {
+      "inputs": image,
+      "targets": np.asarray(example["label"], np.int32),
+      "weights": np.asarray(1.0, np.float32),
+  }
+
+
+# ----------------------------------------------------------------------------
+# Budgets and batching.
+# ----------------------------------------------------------------------------
+
+
+def resolve_num_steps(
+    *,
+    batch_size: int,
+    num_train_examples: int,
+    total_steps: int | None = None,
+    num_epochs: float | None = None,
+    total_examples: int | None = None,
+) -> int:
+  """The number of training steps for a budget in steps, epochs or examples.
+
+  Exactly one of total_steps, num_epochs, total_examples must be set. Epochs
+  count passes over the (sub)set trained on, so a sample-efficiency sweep with
+  a fixed number of epochs trains small subsets for fewer steps; use
+  total_steps or total_examples to give every subset the same compute.
+
+  Returns:
+    The number of optimizer steps, at least 1.
+  """
+  budgets = {"total_steps": total_steps, "num_epochs": num_epochs, "total_examples": total_examples}
+  set_ = [k for k, v in budgets.items() if v is not None]
+  if len(set_) != 1:
+    raise ValueError(
+        f"Training budget: exactly one of config.total_steps, config.num_epochs, "
+        f"config.total_examples must be set; got {set_ or 'none'}."
+    )
+  if total_steps is not None:
+    steps = int(total_steps)
+  elif num_epochs is not None:
+    steps = math.ceil(num_epochs * num_train_examples / batch_size)
+  else:
+    steps = math.ceil(total_examples / batch_size)
+  if steps < 1:
+    raise ValueError(f"Training budget {budgets} gives {steps} steps; expected at least 1.")
+  return steps
+
+
+def train_batches(datasets: Datasets, *, batch_size: int, num_steps: int, seed: int) -> grain.MapDataset:
+  """Shuffled (reshuffled each epoch), repeated, batched training examples.
+
+  Element `s` is the batch of step `s`; batches may straddle epochs.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}: expected >= 1.")
+  epochs = math.ceil(num_steps * batch_size / len(datasets.train))
+  return datasets.train.seed(seed).shuffle().repeat(epochs).batch(batch_size, drop_remainder=True)
+
+
+def train_iterator(batches: grain.MapDataset, state: dict[str, Any] | None = None):
+  """A checkpointable iterator over `batches`; `state` is a previous `get_state()`."""
+  iterator = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+  if state is not None:
+    iterator.set_state(state)
+  return iterator
+
+
+def eval_batches(dataset: grain.MapDataset, batch_size: int) -> Iterator[Batch]:
+  """The whole evaluation split in order, the last batch padded with weight-0 examples."""
+  for start in range(0, len(dataset), batch_size):
+    examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+    pad = batch_size - len(examples)
+    examples += [{k: np.zeros_like(v) for k, v in examples[0].items()}] * pad
+    yield {k: np.stack([e[k] for e in examples]) for k in examples[0]}
