@@ -1,0 +1,232 @@
+"""Token Transformer on the shared attnlab encoder: a causal LM or a bidirectional classifier.
+
+The same module is a decoder-only language model (``causal=True``, per-token
+logits over the vocabulary) or a sequence classifier (``num_classes`` set:
+pooled hidden state -> classes; usually with ``causal=False``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnlab import attention
+from attnlab.models import layers
+from attnlab.models.layers import Array, BackboneConfig, config_error
+
+POSITIONS = ("rope", "alibi", "learned", "none")
+POOLS = ("mean", "first", "last")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerConfig(BackboneConfig):
+  """A token Transformer; the attention fields are those of `BackboneConfig`.
+
+  Attributes:
+    vocab_size: number of token ids.
+    max_len: longest sequence; needed for positions="learned" (table size),
+      otherwise only checked when set.
+    positions: "rope" (rotary, on q and k) | "alibi" (linear distance bias
+      added in full to the logits, Press et al. 2021) | "learned" | "none".
+    causal: query i sees keys j <= i (language model); False = bidirectional.
+    tie_embeddings: the LM head reuses the token embedding (no head params).
+    num_classes: None = language model (logits [B, L, vocab]); an int = a
+      sequence classifier (logits [B, num_classes]) reading the `pool`ed state.
+    pool: "mean" (over real tokens) | "first" | "last" (last real token; the
+      natural choice with causal=True).
+    rope_base: RoPE wavelength base.
+  """
+  vocab_size: int
+  max_len: int | None = None
+  positions: str = "rope"
+  causal: bool = True
+  tie_embeddings: bool = True
+  num_classes: int | None = None
+  pool: str = "mean"
+  rope_base: float = 10_000.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    owner = type(self).__name__
+    if not isinstance(self.vocab_size, int) or self.vocab_size < 1:
+      raise config_error(owner, "vocab_size", self.vocab_size, "expected a positive int.")
+    if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
+      raise config_error(owner, "max_len", self.max_len, "expected a positive int or None.")
+    if self.positions not in POSITIONS:
+      raise config_error(owner, "positions", self.positions, f"expected one of {list(POSITIONS)}.")
+    if self.positions == "learned" and self.max_len is None:
+      raise config_error(owner, "max_len", None, "positions='learned' needs max_len (the size "
+                         "of the position table).")
+    if self.positions == "rope" and self.head_dim % 2:
+      raise config_error(owner, "positions", "rope", f"RoPE rotates channel pairs, so head_dim "
+                         f"(width // num_heads = {self.head_dim}) must be even.")
+    if self.positions == "alibi":
+      self._check_alibi(owner)
+    if self.num_classes is not None and (not isinstance(self.num_classes, int)
+                                         or self.num_classes < 1):
+      raise config_error(owner, "num_classes", self.num_classes,
+                         "expected None (language model) or a positive int (classifier).")
+    if self.pool not in POOLS:
+      raise config_error(owner, "pool", self.pool, f"expected one of {list(POOLS)}.")
+
+  def _check_alibi(self, owner: str) -> None:
+    if not attention.KINDS[self.attention].has_logits:
+      raise config_error(owner, "positions", "alibi",
+                         f"attention={self.attention!r} takes no additive logits bias, so ALiBi "
+                         "cannot be applied; use positions='rope' / 'learned' / 'none' or a kind "
+                         "with pairwise scores.")
+    if self.attention_impl == "pallas":
+      raise config_error(owner, "positions", "alibi",
+                         "attention_impl='pallas' takes no bias arrays; use attention_impl='xla'"
+                         " or 'chunked' with ALiBi, or positions='rope'.")
+
+
+def alibi_slopes(num_heads: int) -> Array:
+  """Per-head ALiBi slopes: the geometric sequence 2^(-8/n), ... of Press et al. 2021.
+
+  For a head count that is not a power of two, the slopes of the next lower
+  power of two are followed by every other slope of the next higher one (the
+  paper's reference code).
+  """
+  def geometric(n: int) -> list[float]:
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+
+  lower = 2 ** math.floor(math.log2(num_heads))
+  slopes = geometric(lower)
+  if lower < num_heads:
+    slopes += geometric(2 * lower)[0::2][: num_heads - lower]
+  return jnp.asarray(slopes, jnp.float32)
+
+
+def alibi_bias(num_heads: int, length: int) -> Array:
+  """Additive logits bias [1, H, L, L] = -slope_h * |i - j| (full, not just relative shifts).
+
+  Sigmoid attention is not invariant to adding a constant to a row, so the
+  bias must be the paper's exact values, not a row-shifted equivalent.
+  """
+  pos_L = jnp.arange(length, dtype=jnp.float32)
+  distance_LL = jnp.abs(pos_L[:, None] - pos_L[None, :])
+  return -(alibi_slopes(num_heads)[:, None, None] * distance_LL[None])[None]
+
+
+class Transformer(nnx.Module):
+  """Language model or sequence classifier over token ids.
+
+  `Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=1))(tokens_BL)` returns
+  logits [B, L, vocab_size] (LM) or [B, num_classes] (classifier).
+
+  Parameters: token_embed.embedding (vocab, embed); pos_embedding (length,
+  embed) when positions="learned"; encoder (see `layers.Encoder`); lm_head
+  (embed, vocab) when not tied; classifier (embed, classes) + bias when
+  num_classes is set.
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    if not isinstance(cfg, TransformerConfig):
+      raise TypeError(f"cfg must be a TransformerConfig; got {type(cfg).__name__}.")
+    self.cfg = cfg
+    e = cfg.width
+    # std 1/sqrt(width): unit-variance logits through the tied head at init (as nanodo).
+    embed_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+    self.token_embed = nnx.Embed(cfg.vocab_size, e, dtype=cfg.compute_dtype,
+                                 param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs,
+                                 embedding_init=layers._param_init(embed_init, ("vocab", "embed")))
+    if cfg.positions == "learned":
+      self.pos_embedding = layers.named_param(jax.nn.initializers.normal(stddev=e ** -0.5),
+                                              (cfg.max_len, e), ("length", "embed"), cfg, rngs)
+    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+    self.encoder = layers.Encoder(cfg, rngs=rngs)
+    if cfg.num_classes is not None:
+      self.classifier = layers.dense("BE,EC->BC", (e, cfg.num_classes), ("embed", "classes"),
+                                     bias_axes=("classes",), cfg=cfg, rngs=rngs,
+                                     kernel_init=jax.nn.initializers.zeros)
+    elif not cfg.tie_embeddings:
+      self.lm_head = layers.dense("BLE,EV->BLV", (e, cfg.vocab_size), ("embed", "vocab"),
+                                  bias_axes=None, cfg=cfg, rngs=rngs,
+                                  kernel_init=jax.nn.initializers.lecun_normal())
+
+  def __call__(self, tokens_BL: Array, *, padding_mask_BL: Array | None = None,
+               deterministic: bool | None = None, return_attention_weights: bool = False
+               ) -> Array | tuple[Array, tuple[Array, ...]]:
+    """Logits for a batch of token sequences.
+
+    Args:
+      tokens_BL: int token ids [B, L].
+      padding_mask_BL: bool [B, L], True for real tokens (None: all real).
+        Padding keys get no attention weight and are left out of the pooling.
+      deterministic: True disables dropout; None uses the modules' setting.
+      return_attention_weights: also return each layer's weights [B, H, L, L].
+
+    Returns:
+      logits (float32) [B, L, vocab_size], or [B, num_classes] for a
+      classifier; or (logits, weights per layer).
+    """
+    x_BLE = self.embed(tokens_BL, deterministic=deterministic)
+    return self.apply_embedded(x_BLE, padding_mask_BL=padding_mask_BL,
+                               deterministic=deterministic,
+                               return_attention_weights=return_attention_weights)
+
+  def embed(self, tokens_BL: Array, *, deterministic: bool | None = None) -> Array:
+    """Token (+ learned position) embeddings [B, L, E]."""
+    layers.check_rank("tokens_BL", tokens_BL, 2, "[batch, length]")
+    if not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
+      raise ValueError(f"tokens_BL must hold integer token ids; got dtype {tokens_BL.dtype}.")
+    x_BLE = self.token_embed(tokens_BL)
+    if self.cfg.positions == "learned":
+      x_BLE = x_BLE + self.pos_embedding[: tokens_BL.shape[1]][None].astype(x_BLE.dtype)
+    return self.dropout(x_BLE, deterministic=deterministic)
+
+  def apply_embedded(self, x_BLE: Array, *, padding_mask_BL: Array | None = None,
+                     deterministic: bool | None = None, return_attention_weights: bool = False
+                     ) -> Array | tuple[Array, tuple[Array, ...]]:
+    """Everything after `embed`: positions in attention, the encoder and the head.
+
+    Exposed so a test or probe can differentiate through the embeddings.
+    """
+    cfg = self.cfg
+    layers.check_rank("x_BLE", x_BLE, 3, "[batch, length, width]")
+    b, length = x_BLE.shape[:2]
+    if cfg.max_len is not None and length > cfg.max_len:
+      raise ValueError(f"sequence length {length} exceeds TransformerConfig.max_len="
+                       f"{cfg.max_len}.")
+    if padding_mask_BL is not None:
+      if tuple(padding_mask_BL.shape) != (b, length) or padding_mask_BL.dtype != jnp.bool_:
+        raise ValueError(f"padding_mask_BL must be bool [{b}, {length}] (True = real token); got "
+                         f"{padding_mask_BL.dtype} {tuple(padding_mask_BL.shape)}.")
+    rope = layers.rope_tables(length, cfg.head_dim, cfg.rope_base) if cfg.positions == "rope" \
+        else None
+    bias = alibi_bias(cfg.num_heads, length) if cfg.positions == "alibi" else None
+    h_BLE, maps = self.encoder(x_BLE, kv_mask_BL=padding_mask_BL, is_causal=cfg.causal,
+                               bias=bias, rope=rope, deterministic=deterministic,
+                               return_weights=return_attention_weights)
+    logits = self._head(h_BLE, padding_mask_BL).astype(jnp.float32)
+    return (logits, maps) if return_attention_weights else logits
+
+  def _head(self, h_BLE: Array, padding_mask_BL: Array | None) -> Array:
+    cfg = self.cfg
+    if cfg.num_classes is not None:
+      return self.classifier(pool(h_BLE, padding_mask_BL, cfg.pool))
+    if cfg.tie_embeddings:
+      return self.token_embed.attend(h_BLE)
+    return self.lm_head(h_BLE)
+
+
+def pool(h_BLE: Array, padding_mask_BL: Array | None, how: str) -> Array:
+  """One vector per sequence: mean over real tokens, the first token, or the last real one."""
+  if how == "first":
+    return h_BLE[:, 0]
+  if padding_mask_BL is None:
+    return h_BLE[:, -1] if how == "last" else jnp.mean(h_BLE, axis=1)
+  mask_BL = padding_mask_BL
+  if how == "last":
+    last_B = jnp.maximum(jnp.sum(mask_BL, axis=1) - 1, 0)
+    return jnp.take_along_axis(h_BLE, last_B[:, None, None], axis=1)[:, 0]
+  weights_BL1 = mask_BL[..., None].astype(h_BLE.dtype)
+  total_BE = jnp.sum(h_BLE * weights_BL1, axis=1)
+  return total_BE / jnp.maximum(jnp.sum(weights_BL1, axis=1), 1.0)
