@@ -1,0 +1,440 @@
+"""attnlab.attention against an independent float64 NumPy reference.
+
+The reference below is written from the papers' formulas with plain NumPy
+broadcasting (materialised [B, H, Lq, Lk], GQA by repeating kv heads); it never
+calls back into the library.
+"""
+
+import itertools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnlab import attention
+
+KINDS = sorted(attention.KINDS)
+# Options that make each kind's non-default path visible too.
+KIND_OPTIONS = {
+    "softmax": {}, "sigmoid": {}, "relu": {}, "linear": {}, "polynomial": {},
+    "softplus": {}, "gaussian": {}, "local": {"window": 5, "dilation": 2},
+}
+EXTRA_VARIANTS = [
+    ("sigmoid", {"sigmoid_bias": 0.5}),
+    ("relu", {"relu_normalization": "count"}),
+    ("relu", {"relu_normalization": None}),
+    ("linear", {"feature_map": "relu"}),
+    ("polynomial", {"degree": 2}),
+    ("softplus", {"length_scale": False, "power": 2.0}),
+    ("local", {"window": 3, "base": "sigmoid"}),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent NumPy float64 reference.
+# ----------------------------------------------------------------------------------------------
+def np_sigmoid(x):
+  return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def np_softplus(x):
+  return np.logaddexp(0.0, x)
+
+
+def np_phi(x, feature_map):
+  return np.where(x > 0, x + 1.0, np.exp(x)) if feature_map == "elu+1" else np.maximum(x, 0.0)
+
+
+def np_valid(b, h, lq, lk, mask, is_causal, kind, opts):
+  valid = np.ones((b, h, lq, lk), bool)
+  i = np.arange(lq)[:, None] + (lk - lq)
+  j = np.arange(lk)[None, :]
+  if mask is not None:
+    valid &= np.broadcast_to(np.asarray(mask), valid.shape)
+  if is_causal:
+    valid &= (j <= i)[None, None]
+  if kind == "local":
+    dil = opts.get("dilation", 1)
+    delta = i - j
+    valid &= ((np.abs(delta) <= opts.get("window", 64) * dil) & (delta % dil == 0))[None, None]
+  return valid
+
+
+def np_weights(q, k, kind, mask=None, is_causal=False, bias=None, scale=None, **opts):
+  q = np.asarray(q, np.float64)
+  k = np.asarray(k, np.float64)
+  b, lq, h, d = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  k = np.repeat(k, h // hkv, axis=2)
+  scale = 1.0 / math.sqrt(d) if scale is None else scale
+  valid = np_valid(b, h, lq, lk, mask, is_causal, kind, opts)
+  counts = valid.sum(-1, keepdims=True).astype(np.float64)
+  if kind == "linear":
+    a = np.einsum("bqhd,bkhd->bhqk", np_phi(q, opts.get("feature_map", "elu+1")),
+                  np_phi(k, opts.get("feature_map", "elu+1"))) * valid
+    tot = a.sum(-1, keepdims=True)
+    return np.divide(a, tot, out=np.zeros_like(a), where=tot > 0)
+  if kind == "gaussian":
+    diff = q.transpose(0, 2, 1, 3)[:, :, :, None, :] - k.transpose(0, 2, 1, 3)[:, :, None, :, :]
+    s = -0.5 * scale * np.sum(diff ** 2, -1)
+  else:
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  if bias is not None:
+    s = s + np.asarray(bias, np.float64)
+  base = opts.get("base", "softmax") if kind == "local" else kind
+  if base == "softmax":
+    m = np.where(valid, s, -np.inf).max(-1, keepdims=True)
+    e = np.where(valid, np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    tot = e.sum(-1, keepdims=True)
+    return np.divide(e, tot, out=np.zeros_like(e), where=tot > 0)
+  if base == "sigmoid":
+    sb = opts.get("sigmoid_bias")
+    sb = -math.log(lk) if sb is None else sb
+    return np.where(valid, np_sigmoid(s + sb), 0.0)
+  if kind == "relu":
+    w = np.where(valid, np.maximum(s, 0.0), 0.0)
+    if opts.get("relu_normalization", "rms") == "count":
+      w = np.divide(w, counts, out=np.zeros_like(w), where=counts > 0)
+    return w
+  if kind == "polynomial":
+    w = np.where(valid, s ** opts.get("degree", 3), 0.0)
+    return np.divide(w, np.sqrt(counts), out=np.zeros_like(w), where=counts > 0)
+  if kind == "softplus":
+    if opts.get("length_scale", True):
+      s = s * np.log(np.maximum(counts, 1.0))
+    u = np_softplus(s)
+    if opts.get("power") is not None:
+      u = u ** opts["power"]
+    u = np.where(valid, u, 0.0)
+    tot = u.sum(-1, keepdims=True)
+    return np.divide(u, tot, out=np.zeros_like(u), where=tot > 0)
+  if kind == "gaussian":
+    return np.where(valid, np.exp(s), 0.0)
+  raise AssertionError(kind)
+
+
+def np_attend(q, k, v, kind, **kw):
+  w = np_weights(q, k, kind, **kw)
+  v = np.asarray(v, np.float64)
+  h = w.shape[1]
+  v = np.repeat(v, h // v.shape[2], axis=2)
+  out = np.einsum("bhqk,bkhd->bqhd", w, v)
+  if kind == "relu" and kw.get("relu_normalization", "rms") == "rms":
+    out = out / np.sqrt(np.mean(out ** 2, -1, keepdims=True) + 1e-6)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs.
+# ----------------------------------------------------------------------------------------------
+SHAPES = {
+    # name: (B, Lq, Lk, H, Hkv, D, Dv)
+    "gqa_odd": (2, 37, 53, 4, 2, 16, 8),
+    "mha_square": (1, 16, 16, 2, 2, 8, 8),
+    "mqa_long_q": (1, 21, 13, 3, 1, 8, 4),
+}
+
+
+def make_inputs(shape, seed=0, dtype=jnp.float32):
+  b, lq, lk, h, hkv, d, dv = SHAPES[shape]
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(b, lq, h, d))
+  k = rng.normal(size=(b, lk, hkv, d))
+  v = rng.normal(size=(b, lk, hkv, dv))
+  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def padding_mask(shape, seed=1):
+  """A [B, 1, 1, Lk] key-padding mask with a different valid length per batch row."""
+  b, _, lk, *_ = SHAPES[shape]
+  lengths = np.random.default_rng(seed).integers(lk // 2, lk, size=b)
+  return jnp.asarray(np.arange(lk)[None, :] < lengths[:, None])[:, None, None, :]
+
+
+def full_mask(shape, seed=2):
+  """A random [B, H, Lq, Lk] mask (not for linear attention)."""
+  b, lq, lk, h, *_ = SHAPES[shape]
+  return jnp.asarray(np.random.default_rng(seed).random((b, h, lq, lk)) < 0.7)
+
+
+TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+# Polynomial weights grow like s^3: compare relative to the output scale.
+POLY_TOL = {jnp.float32: dict(atol=1e-4, rtol=1e-4), jnp.bfloat16: dict(atol=2e-1, rtol=5e-2)}
+
+
+def assert_close(got, want, dtype, kind):
+  tol = (POLY_TOL if kind == "polynomial" else TOL)[dtype]
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, **tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# Values.
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape,causal,masking", [
+    ("gqa_odd", False, "none"), ("gqa_odd", True, "padding"), ("mha_square", True, "none"),
+    ("mha_square", False, "full"), ("mqa_long_q", True, "full"),
+])
+def test_values_float32(impl, kind, shape, causal, masking):
+  if kind == "linear" and masking == "full":
+    masking = "padding"  # linear attention takes key-padding masks only (tested below)
+  q, k, v = make_inputs(shape)
+  mask = {"none": None, "padding": padding_mask(shape), "full": full_mask(shape)}[masking]
+  opts = KIND_OPTIONS[kind]
+  impl_opts = {"block_k": 16} if impl == "chunked" else {}
+  got = attention.attend(q, k, v, kind=kind, mask=mask, is_causal=causal, impl=impl,
+                         **opts, **impl_opts)
+  assert got.shape == q.shape[:3] + v.shape[3:] and got.dtype == q.dtype
+  want = np_attend(q, k, v, kind, mask=mask, is_causal=causal, **opts)
+  assert_close(got, want, jnp.float32, kind)
+
+
+@pytest.mark.parametrize("kind,opts", EXTRA_VARIANTS)
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_option_variants(kind, opts, impl):
+  q, k, v = make_inputs("gqa_odd", seed=3)
+  impl_opts = {"block_k": 8} if impl == "chunked" else {}
+  got = attention.attend(q, k, v, kind=kind, is_causal=True, impl=impl, **opts, **impl_opts)
+  assert_close(got, np_attend(q, k, v, kind, is_causal=True, **opts), jnp.float32, kind)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_values_bfloat16(impl, kind):
+  q, k, v = make_inputs("gqa_odd", seed=4, dtype=jnp.bfloat16)
+  opts = KIND_OPTIONS[kind]
+  impl_opts = {"block_k": 16} if impl == "chunked" else {}
+  got = attention.attend(q, k, v, kind=kind, is_causal=True, impl=impl, **opts, **impl_opts)
+  assert got.dtype == jnp.bfloat16
+  # The reference sees the same bf16-rounded inputs, in float64.
+  want = np_attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), kind,
+                   is_causal=True, **opts)
+  assert_close(got.astype(jnp.float32), want, jnp.bfloat16, kind)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "linear"])
+def test_bias_is_added_to_logits(kind):
+  q, k, v = make_inputs("mha_square", seed=5)
+  bias = jnp.asarray(np.random.default_rng(6).normal(size=(1, 2, 16, 16)), jnp.float32)
+  for impl, extra in (("xla", {}), ("chunked", {"block_k": 4})):
+    got = attention.attend(q, k, v, kind=kind, bias=bias, impl=impl, **KIND_OPTIONS[kind],
+                           **extra)
+    want = np_attend(q, k, v, kind, bias=bias, **KIND_OPTIONS[kind])
+    assert_close(got, want, jnp.float32, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weights_match_reference_and_compose_to_attend(kind):
+  q, k, v = make_inputs("gqa_odd", seed=7)
+  opts = KIND_OPTIONS[kind]
+  mask = padding_mask("gqa_odd")
+  w = attention.weights(q, k, kind=kind, mask=mask, is_causal=True, **opts)
+  assert w.shape == (2, 4, 37, 53) and w.dtype == jnp.float32
+  np.testing.assert_allclose(w, np_weights(q, k, kind, mask=mask, is_causal=True, **opts),
+                             atol=1e-5, rtol=1e-4)
+  composed = attention.apply_weights(w, v, kind=kind, **opts)
+  direct = attention.attend(q, k, v, kind=kind, mask=mask, is_causal=True, **opts)
+  np.testing.assert_allclose(composed, direct, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients: JAX's VJP against central differences of the float64 reference.
+# ----------------------------------------------------------------------------------------------
+def directional_fd(fn, args, directions, eps=1e-5):
+  plus = fn(*[a + eps * d for a, d in zip(args, directions)])
+  minus = fn(*[a - eps * d for a, d in zip(args, directions)])
+  return (plus - minus) / (2 * eps)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("kind,opts", [(k, KIND_OPTIONS[k]) for k in KINDS] + EXTRA_VARIANTS[:3])
+def test_gradients_against_float64_finite_differences(impl, kind, opts):
+  q, k, v = make_inputs("mqa_long_q", seed=8)
+  mask = padding_mask("mqa_long_q")
+  impl_opts = {"block_k": 4} if impl == "chunked" else {}
+  rng = np.random.default_rng(9)
+  cot = rng.normal(size=q.shape[:3] + v.shape[3:])
+  dirs = [rng.normal(size=x.shape) for x in (q, k, v)]
+
+  def loss(q, k, v):
+    out = attention.attend(q, k, v, kind=kind, mask=mask, is_causal=True, impl=impl, **opts,
+                           **impl_opts)
+    return jnp.sum(out * cot)
+
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  got = sum(float(np.sum(np.asarray(g, np.float64) * d)) for g, d in zip(grads, dirs))
+  ref = lambda *a: float(np.sum(np_attend(*a, kind, mask=mask, is_causal=True, **opts) * cot))
+  want = directional_fd(ref, [np.asarray(x, np.float64) for x in (q, k, v)], dirs)
+  assert all(np.all(np.isfinite(g)) for g in grads)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_and_xla_gradients_agree(kind):
+  q, k, v = make_inputs("gqa_odd", seed=10)
+  opts = KIND_OPTIONS[kind]
+
+  def grads(impl, **extra):
+    f = lambda q, k, v: jnp.sum(jnp.sin(attention.attend(
+        q, k, v, kind=kind, is_causal=True, impl=impl, **opts, **extra)))
+    return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+  for a, b in zip(grads("xla"), grads("chunked", block_k=16)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masking edge cases and numerical safety.
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fully_masked_rows_give_zeros_and_finite_gradients(impl, kind):
+  q, k, v = make_inputs("mha_square", seed=11)
+  if kind == "linear":
+    # Batch row 0 has no visible key at all.
+    mask = jnp.zeros((1, 1, 1, 16), bool)
+    dead = (slice(None),)
+  else:
+    mask = jnp.ones((1, 2, 16, 16), bool).at[:, :, 3, :].set(False)
+    dead = (slice(None), 3)
+  impl_opts = {"block_k": 4} if impl == "chunked" else {}
+  f = lambda q, k, v: attention.attend(q, k, v, kind=kind, mask=mask, impl=impl,
+                                       **KIND_OPTIONS[kind], **impl_opts)
+  out = f(q, k, v)
+  assert np.all(np.asarray(out)[dead] == 0.0)
+  assert np.all(np.isfinite(out))
+  grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+  assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_masked_keys_get_exactly_zero_weight(kind):
+  q, k, _ = make_inputs("mha_square", seed=12)
+  mask = full_mask("mha_square") if kind != "linear" else padding_mask("mha_square")
+  w = attention.weights(q, k, kind=kind, mask=mask, **KIND_OPTIONS[kind])
+  assert np.all(np.asarray(w)[~np.broadcast_to(np.asarray(mask), w.shape)] == 0.0)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_huge_bfloat16_logits_stay_finite(impl, kind):
+  q, k, v = make_inputs("mha_square", seed=13, dtype=jnp.bfloat16)
+  q, k = q * 300, k * 300  # logits ~ 1e5
+  mask = padding_mask("mha_square")
+  impl_opts = {"block_k": 8} if impl == "chunked" else {}
+  f = lambda q, k, v: attention.attend(q, k, v, kind=kind, mask=mask, is_causal=True,
+                                       impl=impl, **KIND_OPTIONS[kind], **impl_opts)
+  assert np.all(np.isfinite(np.asarray(f(q, k, v), np.float32)))
+  grads = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+  assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
+
+
+def test_sigmoid_default_bias_is_minus_log_length():
+  q, k, v = make_inputs("gqa_odd", seed=14)
+  default = attention.attend(q, k, v, kind="sigmoid")
+  explicit = attention.attend(q, k, v, kind="sigmoid", sigmoid_bias=-math.log(53))
+  np.testing.assert_array_equal(default, explicit)
+  other = attention.attend(q, k, v, kind="sigmoid", sigmoid_bias=0.0)
+  assert not np.allclose(default, other)
+
+
+def test_local_window_and_dilation_pattern():
+  q, k, _ = make_inputs("mha_square", seed=15)
+  w = np.asarray(attention.weights(q, k, kind="local", window=2, dilation=3))
+  i, j = np.nonzero(w[0, 0] > 0)
+  delta = i - j
+  assert np.all(np.abs(delta) <= 6) and np.all(delta % 3 == 0)
+  assert set(np.unique(delta)) == {-6, -3, 0, 3, 6}
+
+
+def test_linear_attention_memory_is_linear_in_length():
+  """Compiled linear attention grows O(L) in temporaries and never holds an [Lq, Lk] matrix."""
+  def temp_bytes(length, causal):
+    q = jnp.zeros((1, length, 1, 16))
+    f = jax.jit(lambda q, k, v: attention.attend(q, k, v, kind="linear", is_causal=causal))
+    mem = f.lower(q, q, q).compile().memory_analysis()
+    if mem is None:
+      pytest.skip("this jaxlib reports no memory analysis")
+    return mem.temp_size_in_bytes
+
+  for causal in (False, True):
+    small, large = temp_bytes(1024, causal), temp_bytes(2048, causal)
+    assert large < 2048 * 2048 * 4 / 2, (causal, large)  # far below one f32 score matrix
+    assert large <= 2.5 * max(small, 1), (causal, small, large)  # linear, not quadratic
+
+
+def test_chunked_holds_one_score_tile():
+  """Peak temporary memory of chunked sigmoid stays far below one [Lq, Lk] f32 matrix."""
+  q = jnp.zeros((1, 2048, 1, 32))
+  kv = jnp.zeros((1, 2048, 1, 32))
+  dense = jax.jit(lambda q, k, v: attention.attend(q, k, v, kind="sigmoid"))
+  chunk = jax.jit(lambda q, k, v: attention.attend(q, k, v, kind="sigmoid", impl="chunked",
+                                                  block_k=128))
+  m_dense = dense.lower(q, kv, kv).compile().memory_analysis()
+  m_chunk = chunk.lower(q, kv, kv).compile().memory_analysis()
+  if m_dense is None or m_chunk is None:
+    pytest.skip("this jaxlib reports no memory analysis")
+  assert m_dense.temp_size_in_bytes >= 2048 * 2048 * 4
+  assert m_chunk.temp_size_in_bytes < m_dense.temp_size_in_bytes / 8
+
+
+def test_one_trace_per_shape():
+  q, k, v = make_inputs("gqa_odd")
+  f = jax.jit(chex.assert_max_traces(
+      lambda q, k, v: attention.attend(q, k, v, kind="sigmoid", impl="chunked", block_k=16),
+      n=1))
+  f(q, k, v)
+  f(q + 1, k, v)  # same shapes: no retrace
+  with pytest.raises(AssertionError):
+    f(q[:1], k[:1], v[:1])  # a new shape is the second trace, which the guard reports
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: ValueError naming the argument, what was seen and what was expected.
+# ----------------------------------------------------------------------------------------------
+def _call(**over):
+  q, k, v = make_inputs("gqa_odd")
+  args = dict(q=q, k=k, v=v)
+  args.update(over)
+  q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+  return attention.attend(q, k, v, **args)
+
+
+@pytest.mark.parametrize("over,pattern", [
+    (dict(q=jnp.zeros((2, 37, 16))), r"q must have rank 4.*\(2, 37, 16\)"),
+    (dict(k=jnp.zeros((3, 53, 2, 16))), r"batch dimension.*\(3, 53, 2, 16\)"),
+    (dict(k=jnp.zeros((2, 53, 2, 8))), r"head_dim"),
+    (dict(k=jnp.zeros((2, 53, 3, 16)), v=jnp.zeros((2, 53, 3, 8))),
+     r"num_heads of q \(4\) must be a multiple of num_kv_heads of k \(3\)"),
+    (dict(v=jnp.zeros((2, 50, 2, 8))), r"v must match k.*\(2, 50, 2, 8\)"),
+    (dict(kind="sigmod"), r"Unknown attention kind 'sigmod'; registered kinds: \['gaussian'"),
+    (dict(impl="cuda"), r"Unknown attention impl 'cuda'; expected one of \['xla'"),
+    (dict(kind="softmax", sigmoid_bias=1.0), r"kind='softmax'.*\['sigmoid_bias'\].*accepts"),
+    (dict(kind="sigmoid", block_k=8), r"kind='sigmoid' with impl='xla' does not take.*block_k"),
+    (dict(mask=jnp.ones((37, 53), bool)), r"mask must have rank 4.*\(37, 53\)"),
+    (dict(mask=jnp.ones((2, 4, 36, 53), bool)), r"mask must.*broadcastable.*\(2, 4, 36, 53\)"),
+    (dict(mask=jnp.ones((2, 1, 1, 53), jnp.float32)), r"mask must be boolean"),
+    (dict(bias=jnp.ones((2, 1, 1, 52))), r"bias must.*broadcastable.*\(2, 1, 1, 52\)"),
+    (dict(kind="linear", bias=jnp.zeros((1, 1, 1, 53))), r"kind='linear' has no pairwise"),
+    (dict(kind="linear", mask=jnp.ones((2, 4, 37, 53), bool)), r"key-padding masks"),
+    (dict(kind="relu", relu_normalization="l2"), r"relu_normalization='l2' is not one of"),
+    (dict(kind="local", window=0), r"window must be a positive int"),
+    (dict(impl="chunked", block_k=0), r"block_k must be a positive int"),
+    (dict(impl="pallas", kind="relu"), r"impl='pallas' supports kinds"),
+    (dict(impl="pallas", kind="sigmoid", mask=jnp.ones((2, 1, 1, 53), bool)),
+     r"impl='pallas' takes no mask"),
+    (dict(q=jnp.zeros((2, 37, 4, 16), jnp.int32)), r"q must be a floating-point"),
+    (dict(scale=jnp.ones(3)), r"scale must be a scalar"),
+])
+def test_bad_input_raises_clear_error(over, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    _call(**over)
+
+
+def test_registering_a_duplicate_kind_is_an_error():
+  with pytest.raises(ValueError, match="already registered"):
+    attention.register_kind(attention.KINDS["sigmoid"])
