@@ -1,0 +1,101 @@
+"""Forward and forward+backward time and memory of the jnp attention implementations.
+
+    python benchmarks/attention_cpu.py [--lengths 512,1024,2048,4096] [--repeats 5]
+
+Prints one table: median wall time (ms) of forward and forward+backward, XLA's
+compiled peak memory (temporaries + outputs, MiB) for forward and fwd+bwd, and
+ratios against `jax.nn.dot_product_attention` (XLA softmax) and against the
+materialising version of the same kind — all measured side by side in one run.
+CPU timings are noisy on shared machines: trust the ratios, not the absolute ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from attnlab import attention
+
+
+def implementations(block_k: int):
+  """name -> attention function (q, k, v) -> out, all causal=False, D=64."""
+  impls = {
+      "jax.nn.dpa (xla softmax)": lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, implementation="xla"),
+  }
+  for kind in ("softmax", "sigmoid"):
+    impls[f"{kind} xla"] = (lambda kind: lambda q, k, v: attention.attend(
+        q, k, v, kind=kind, impl="xla"))(kind)
+    impls[f"{kind} chunked"] = (lambda kind: lambda q, k, v: attention.attend(
+        q, k, v, kind=kind, impl="chunked", block_k=block_k))(kind)
+  return impls
+
+
+def median_ms(fn, args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def peak_mib(jitted, args) -> float:
+  mem = jitted.lower(*args).compile().memory_analysis()
+  if mem is None:
+    return float("nan")
+  return (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20
+
+
+def measure(fn, args, repeats: int) -> dict[str, float]:
+  fwd = jax.jit(fn)
+  loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
+  fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return {"fwd_ms": median_ms(fwd, args, repeats), "fwdbwd_ms": median_ms(fwd_bwd, args, repeats),
+          "fwd_mib": peak_mib(fwd, args), "fwdbwd_mib": peak_mib(fwd_bwd, args)}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--lengths", default="512,1024,2048,4096")
+  parser.add_argument("--head-dim", type=int, default=64)
+  parser.add_argument("--heads", type=int, default=2)
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--block-k", type=int, default=512)
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+
+  print(f"# attnlab attention_cpu benchmark | jax {jax.__version__} | "
+        f"{jax.devices()[0].platform} x{jax.device_count()} | {platform.processor() or platform.machine()} | "
+        f"B={args.batch} H={args.heads} D={args.head_dim} float32, non-causal, "
+        f"chunked block_k={args.block_k}, median of {args.repeats}")
+  header = (f"{'L':>5} | {'implementation':<26} | {'fwd ms':>8} | {'fwd+bwd ms':>10} | "
+            f"{'fwd MiB':>8} | {'f+b MiB':>8} | {'fwd t/dpa':>9} | {'f+b t/dpa':>9} | "
+            f"{'fwd mem/xla':>11} | {'f+b mem/xla':>11}")
+  print(header)
+  print("-" * len(header))
+  impls = implementations(args.block_k)
+  for length in (int(x) for x in args.lengths.split(",")):
+    key_q, key_k, key_v = jax.random.split(jax.random.key(length), 3)
+    shape = (args.batch, length, args.heads, args.head_dim)
+    qkv = tuple(jax.random.normal(k_, shape, jnp.float32) for k_ in (key_q, key_k, key_v))
+    rows = {name: measure(fn, qkv, args.repeats) for name, fn in impls.items()}
+    ref = rows["jax.nn.dpa (xla softmax)"]
+    for name, r in rows.items():
+      kind = name.split()[0]
+      dense = rows.get(f"{kind} xla", r)
+      print(f"{length:>5} | {name:<26} | {r['fwd_ms']:>8.1f} | {r['fwdbwd_ms']:>10.1f} | "
+            f"{r['fwd_mib']:>8.1f} | {r['fwdbwd_mib']:>8.1f} | "
+            f"{r['fwd_ms'] / ref['fwd_ms']:>9.2f} | {r['fwdbwd_ms'] / ref['fwdbwd_ms']:>9.2f} | "
+            f"{r['fwd_mib'] / dense['fwd_mib']:>11.3f} | {r['fwdbwd_mib'] / dense['fwdbwd_mib']:>11.3f}",
+            flush=True)
+
+
+if __name__ == "__main__":
+  main()
