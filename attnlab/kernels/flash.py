@@ -1,0 +1,133 @@
+"""`flash_attention`: the public entry point of the fused sigmoid/softmax kernels.
+
+It validates the call, picks the backend and block sizes, pads every length to
+whole blocks (the padding is masked, never attended), and wraps the backend's
+forward and backward kernels in one `jax.custom_vjp`. Padding and slicing sit
+outside the custom_vjp, so autodiff routes zero cotangents to padded rows and
+the kernels only ever see block-aligned arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.kernels import common
+from attnlab.kernels import flash_sigmoid
+from attnlab.kernels import flash_sigmoid_tpu
+from attnlab.kernels.common import KernelConfig
+
+_BACKENDS = {"gpu": flash_sigmoid, "tpu": flash_sigmoid_tpu}
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "sigmoid",
+                    sigmoid_bias: float | None = None, scale: float | None = None,
+                    is_causal: bool = False, q_segment_ids: jax.Array | None = None,
+                    kv_segment_ids: jax.Array | None = None, block_q: int | None = None,
+                    block_k: int | None = None, backend: str | None = None,
+                    interpret: bool | None = None, num_warps: int | None = None,
+                    num_stages: int | None = None) -> jax.Array:
+  """Fused (flash) sigmoid or softmax attention with Pallas forward and backward kernels.
+
+  Same layout and meaning as `attnlab.attention.attend`.
+
+  Args:
+    q: [B, Lq, H, D] queries.
+    k: [B, Lk, Hkv, D] keys; H must be a multiple of Hkv (GQA: head h uses kv head
+      h // (H // Hkv)).
+    v: [B, Lk, Hkv, Dv] values.
+    kind: "sigmoid" (FlashSigmoid: sigmoid(scale * q.k + b), no normaliser) or
+      "softmax" (FlashAttention-2 with the same tiling).
+    sigmoid_bias: b for kind="sigmoid"; default -log(Lk) with Lk the real key length.
+    scale: logit scale; default 1 / sqrt(D).
+    is_causal: query i sees keys j <= i + (Lk - Lq). Key blocks wholly above the
+      diagonal are skipped, not masked.
+    q_segment_ids: [B, Lq] int; with kv_segment_ids [B, Lk] int, a query attends only
+      keys with an equal id (packed sequences, padding). Both or neither.
+    kv_segment_ids: see q_segment_ids.
+    block_q: query tile length (forward and backward); default per backend and dtype.
+    block_k: key tile length; GPU: a power of two >= 16; TPU: block_q a multiple of
+      8 and block_k a multiple of 128.
+    backend: "gpu" (Triton) or "tpu" (Mosaic); default from the platform, and the
+      GPU-style kernel on CPU.
+    interpret: run the kernels in Pallas interpret mode; default True exactly when
+      the backend does not match the platform (e.g. on CPU).
+    num_warps: GPU only: Triton warps per program (default 4 for D <= 64, else 8).
+    num_stages: GPU only: Triton software-pipelining stages (default 2).
+
+  Returns:
+    [B, Lq, H, Dv] in q.dtype. Rows that may attend no key are 0 for both kinds,
+    with finite gradients.
+
+  Raises:
+    ValueError: bad shapes or dtypes, an unknown kind or backend, invalid block
+      sizes for the backend, or a native backend requested on another platform.
+  """
+  _, q_len, kv_len, num_heads, num_kv_heads, head_dim, value_dim = common.check_inputs(
+      q, k, v, q_segment_ids, kv_segment_ids, kind)
+  backend, interpret = common.resolve_backend(backend, interpret)
+  scale = common.check_scalar("scale", scale)
+  sigmoid_bias = common.check_scalar("sigmoid_bias", sigmoid_bias)
+  module = _BACKENDS[backend]
+
+  # Head dims are padded to what the backend tiles (zero columns change no dot product).
+  d_pad = module.padded_head_dim(head_dim)
+  dv_pad = module.padded_head_dim(value_dim)
+  bq, bk, bq_bwd, bk_bwd = module.default_blocks(q_len, kv_len, max(d_pad, dv_pad), q.dtype)
+  if block_q is not None:
+    module.check_blocks(block_q=block_q)
+    bq = bq_bwd = block_q
+  if block_k is not None:
+    module.check_blocks(block_k=block_k)
+    bk = bk_bwd = block_k
+  # Lengths are padded to a common multiple of the forward and backward tiles.
+  q_len_padded = common.round_up(q_len, math.lcm(bq, bq_bwd))
+  kv_len_padded = common.round_up(kv_len, math.lcm(bk, bk_bwd))
+
+  cfg = KernelConfig(
+      kind=kind, backend=backend, interpret=interpret,
+      scale=head_dim ** -0.5 if scale is None else scale,
+      sigmoid_bias=(common.default_sigmoid_bias(kv_len) if sigmoid_bias is None
+                    else sigmoid_bias),
+      is_causal=bool(is_causal), q_len=q_len, kv_len=kv_len, q_len_padded=q_len_padded,
+      kv_len_padded=kv_len_padded, block_q=bq, block_k=bk, block_q_bwd=bq_bwd,
+      block_k_bwd=bk_bwd, num_heads=num_heads, num_kv_heads=num_kv_heads,
+      # tanh.approx.f32 has ~2^-11 relative error: fine for 16-bit inputs, not for float32.
+      fast_tanh=backend == "gpu" and not interpret and q.dtype != jnp.float32,
+      num_warps=num_warps, num_warps_bwd=num_warps, num_stages=num_stages)
+
+  q_p = common.pad_axis(common.pad_axis(q, 1, q_len_padded), 3, d_pad)
+  k_p = common.pad_axis(common.pad_axis(k, 1, kv_len_padded), 3, d_pad)
+  v_p = common.pad_axis(common.pad_axis(v, 1, kv_len_padded), 3, dv_pad)
+  q_seg = kv_seg = None
+  if q_segment_ids is not None:
+    q_seg = common.pad_axis(q_segment_ids.astype(jnp.int32), 1, q_len_padded)
+    kv_seg = common.pad_axis(kv_segment_ids.astype(jnp.int32), 1, kv_len_padded)
+  out = _flash(q_p, k_p, v_p, q_seg, kv_seg, cfg)
+  return out[:, :q_len, :, :value_dim]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
+  out, _ = _BACKENDS[cfg.backend].forward(q, k, v, q_seg, kv_seg, cfg)
+  return out
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
+  out, lse = _BACKENDS[cfg.backend].forward(q, k, v, q_seg, kv_seg, cfg)
+  # Sigmoid needs no row statistics: the backward recomputes P from q, k alone.
+  residuals = (q, k, v, q_seg, kv_seg, out if cfg.kind == "softmax" else None, lse)
+  return out, residuals
+
+
+def _flash_bwd(cfg: KernelConfig, residuals: Any, do):
+  q, k, v, q_seg, kv_seg, out, lse = residuals
+  dq, dk, dv = _BACKENDS[cfg.backend].backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg)
+  return dq, dk, dv, None, None  # integer segment ids have no cotangent
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

@@ -1,0 +1,412 @@
+"""FlashSigmoid (and FlashAttention-2 softmax on the same tiling) as Pallas GPU (Triton) kernels.
+
+The file holds, side by side (the MaxText kernel layout):
+  * `attention_reference`: the plain jnp definition the kernels must match;
+  * the Pallas kernels: forward, dK/dV (over query blocks), dQ (over key blocks);
+  * the `interpret` switch (`KernelConfig.interpret`): the same kernels run on CPU.
+
+Layout is attnlab's [B, L, H, D] throughout; the grid is (query or key block, batch,
+head) and a GQA query head h reads key/value head h // group through the BlockSpec
+index map, so K/V are never repeated in memory.
+
+Sigmoid (Apple's FlashSigmoid, arXiv 2409.04431): P = sigmoid(scale * QK^T + b) needs
+no row max and no row sum, so the forward is one accumulation and the backward is
+  dV = P^T dO,  dP = dO V^T,  dS = dP * P * (1 - P),  dQ = scale dS K,  dK = scale dS^T Q
+with no delta pre-pass. Softmax uses the usual online normaliser, saves the
+log-sum-exp and uses delta = rowsum(dO * O) (computed by XLA, it is one fused
+elementwise pass).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from attnlab.kernels import common
+from attnlab.kernels.common import KernelConfig
+
+_CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a @ b.T
+_CONTRACT_FIRST = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+# ---------------------------------------------------------------------------- reference
+def attention_reference(q_BQHD: jax.Array, k_BKHD: jax.Array, v_BKHD: jax.Array, *,
+                        kind: str = "sigmoid", scale: float | None = None,
+                        sigmoid_bias: float | None = None, is_causal: bool = False,
+                        q_segment_ids: jax.Array | None = None,
+                        kv_segment_ids: jax.Array | None = None) -> jax.Array:
+  """Materialised attention with exactly the kernels' semantics (float32 maths).
+
+  Fully masked rows give 0 for both kinds (softmax over an empty set is taken as 0).
+  """
+  b, lq, h, d = q_BQHD.shape
+  lk, hkv = k_BKHD.shape[1], k_BKHD.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  k_BKHD = jnp.repeat(k_BKHD, h // hkv, axis=2)
+  v_BKHD = jnp.repeat(v_BKHD, h // hkv, axis=2)
+  s_BHQK = jnp.einsum("bqhd,bkhd->bhqk", q_BQHD.astype(jnp.float32),
+                      k_BKHD.astype(jnp.float32), precision=lax.Precision.HIGHEST) * scale
+  mask_BHQK = jnp.ones((1, 1, lq, lk), bool)
+  if is_causal:
+    mask_BHQK = jnp.tril(mask_BHQK, k=lk - lq)
+  if q_segment_ids is not None:
+    mask_BHQK = mask_BHQK & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
+  if kind == "sigmoid":
+    bias = common.default_sigmoid_bias(lk) if sigmoid_bias is None else sigmoid_bias
+    p_BHQK = jnp.where(mask_BHQK, jax.nn.sigmoid(s_BHQK + bias), 0.0)
+  else:
+    s_BHQK = jnp.where(mask_BHQK, s_BHQK, -jnp.inf)
+    m_BHQ1 = jnp.max(s_BHQK, axis=-1, keepdims=True)
+    e_BHQK = jnp.exp(s_BHQK - jnp.where(jnp.isfinite(m_BHQ1), m_BHQ1, 0.0))
+    l_BHQ1 = jnp.sum(e_BHQK, axis=-1, keepdims=True)
+    p_BHQK = e_BHQK / jnp.where(l_BHQ1 == 0, 1.0, l_BHQ1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", p_BHQK, v_BKHD.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST)
+  return out.astype(q_BQHD.dtype)
+
+
+# ------------------------------------------------------------------------ configuration
+def default_blocks(q_len: int, kv_len: int, head_dim: int, dtype: Any
+                   ) -> tuple[int, int, int, int]:
+  """(block_q, block_k, block_q_bwd, block_k_bwd) for the Triton kernels.
+
+  128 x 64 forward tiles and 64 x 64 backward tiles (the backward keeps four
+  tiles live: K, V, dK, dV) are the FlashAttention-2 choices for head_dim <= 128 on
+  Hopper; float32 halves them to stay within registers / shared memory.
+  """
+  big = jnp.dtype(dtype).itemsize >= 4 or head_dim > 128
+  bq, bk, bq_bwd, bk_bwd = (64, 32, 32, 32) if big else (128, 64, 64, 64)
+  fit_q = max(16, common.next_power_of_two(q_len))
+  fit_k = max(16, common.next_power_of_two(kv_len))
+  return min(bq, fit_q), min(bk, fit_k), min(bq_bwd, fit_q), min(bk_bwd, fit_k)
+
+
+def check_blocks(block_q: int | None = None, block_k: int | None = None) -> None:
+  """Raises a ValueError unless the explicit tiles are powers of two >= 16."""
+  for name, block in (("block_q", block_q), ("block_k", block_k)):
+    if block is not None:
+      common.check_block(name, block, "gpu", multiple=16)
+
+
+def padded_head_dim(d: int) -> int:
+  """Triton tiles are powers of two (and >= 16 for tensor-core dots)."""
+  return max(16, common.next_power_of_two(d))
+
+
+def _compiler_params(num_warps: int | None, num_stages: int | None) -> Any:
+  # Newer jax: plgpu.CompilerParams; older: plgpu.TritonCompilerParams.
+  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _tanh_fn(cfg: KernelConfig):
+  if cfg.fast_tanh:
+    from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+    approx = getattr(plgpu, "approx_tanh", None)
+    if approx is not None:
+      return approx  # tanh.approx.f32: one MUFU instruction (FlashSigmoid's trick)
+  return jnp.tanh
+
+
+def _num_warps(cfg: KernelConfig, head_dim_padded: int, backward: bool) -> int:
+  explicit = cfg.num_warps_bwd if backward else cfg.num_warps
+  if explicit is not None:
+    return explicit
+  return 4 if head_dim_padded <= 64 else 8
+
+
+# ------------------------------------------------------------------------------ kernels
+def _probs(s_QK: jax.Array, mask_QK: jax.Array | None, lse_Q1: jax.Array | None,
+           cfg: KernelConfig, tanh) -> jax.Array:
+  """Recomputes P for one tile in the backward pass (masked entries are exactly 0)."""
+  if cfg.kind == "sigmoid":
+    p_QK = common.sigmoid_probs(s_QK, cfg, tanh)
+  else:
+    p_QK = jnp.exp(s_QK * cfg.scale - lse_Q1)
+  return p_QK if mask_QK is None else jnp.where(mask_QK, p_QK, 0.0)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_refs,
+                    cfg: KernelConfig):
+  """One query block against its key blocks. Refs: q [bq, D], k/v [Lk, D] (whole row)."""
+  bq, bk = cfg.block_q, cfg.block_k
+  q_block = pl.program_id(0)
+  q_start = q_block * bq
+  q_QD = q_ref[...]
+  precision = common.dot_precision(q_QD.dtype)
+  has_segments = q_seg_ref is not None
+  q_seg_Q1 = q_seg_ref[...][:, None] if has_segments else None
+  tanh = _tanh_fn(cfg)
+
+  def load_tile(k_block, masked):
+    k_start = k_block * bk
+    k_KD = k_ref[pl.ds(k_start, bk), :]
+    v_KD = v_ref[pl.ds(k_start, bk), :]
+    s_QK = lax.dot_general(q_QD, k_KD, _CONTRACT_LAST, precision=precision,
+                           preferred_element_type=jnp.float32)
+    mask_QK = None
+    if masked:
+      kv_seg_1K = kv_seg_ref[pl.ds(k_start, bk)][None, :] if has_segments else None
+      mask_QK = common.tile_mask(q_start, k_start, (bq, bk), cfg, q_seg_Q1, kv_seg_1K)
+    return s_QK, v_KD, mask_QK
+
+  def pv(p_QK, v_KD):
+    return jnp.dot(p_QK.astype(v_KD.dtype), v_KD, precision=precision,
+                   preferred_element_type=jnp.float32)
+
+  if cfg.kind == "sigmoid":
+    def body(k_block, acc_QD, masked):
+      s_QK, v_KD, mask_QK = load_tile(k_block, masked)
+      p_QK = common.sigmoid_probs(s_QK, cfg, tanh)
+      if mask_QK is not None:
+        p_QK = jnp.where(mask_QK, p_QK, 0.0)
+      return acc_QD + pv(p_QK, v_KD)
+
+    carry = jnp.zeros((bq, o_ref.shape[-1]), jnp.float32)
+  else:
+    def body(k_block, carry, masked):
+      acc_QD, m_Q, l_Q = carry
+      s_QK, v_KD, mask_QK = load_tile(k_block, masked)
+      s_QK = s_QK * cfg.scale
+      if mask_QK is not None:
+        s_QK = jnp.where(mask_QK, s_QK, common.MASK_VALUE)
+      m_next_Q = jnp.maximum(m_Q, jnp.max(s_QK, axis=1))
+      alpha_Q = jnp.exp(m_Q - m_next_Q)
+      p_QK = jnp.exp(s_QK - m_next_Q[:, None])
+      if mask_QK is not None:  # a row masked so far has m = MASK_VALUE and p = exp(0)
+        p_QK = jnp.where(mask_QK, p_QK, 0.0)
+      l_next_Q = alpha_Q * l_Q + jnp.sum(p_QK, axis=1)
+      return alpha_Q[:, None] * acc_QD + pv(p_QK, v_KD), m_next_Q, l_next_Q
+
+    carry = (jnp.zeros((bq, o_ref.shape[-1]), jnp.float32),
+             jnp.full((bq,), common.MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32))
+
+  # Key blocks [0, n_unmasked) are visible to every row: no mask work there. Causal
+  # blocks past the diagonal are never visited.
+  n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
+  needs_mask = cfg.is_causal or cfg.kv_padded or has_segments
+  n_unmasked = (common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
+                if needs_mask else n_end)
+  carry = lax.fori_loop(0, n_unmasked, functools.partial(body, masked=False), carry)
+  if needs_mask:
+    carry = lax.fori_loop(n_unmasked, n_end, functools.partial(body, masked=True), carry)
+
+  if cfg.kind == "sigmoid":
+    o_ref[...] = carry.astype(o_ref.dtype)
+  else:
+    acc_QD, m_Q, l_Q = carry
+    empty_Q = l_Q == 0.0  # fully masked row: output 0, and P = exp(s - inf) = 0 in backward
+    l_safe_Q = jnp.where(empty_Q, 1.0, l_Q)
+    o_ref[...] = (acc_QD / l_safe_Q[:, None]).astype(o_ref.dtype)
+    lse_refs[0][...] = jnp.where(empty_Q, jnp.inf, m_Q + jnp.log(l_safe_Q))
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
+                dk_ref, dv_ref, *, cfg: KernelConfig):
+  """dK, dV of one key block, accumulated over the query blocks that see it."""
+  bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+  k_block = pl.program_id(0)
+  k_start = k_block * bk
+  k_KD = k_ref[...]
+  v_KD = v_ref[...]
+  precision = common.dot_precision(k_KD.dtype)
+  has_segments = q_seg_ref is not None
+  kv_seg_1K = kv_seg_ref[...][None, :] if has_segments else None
+  tanh = _tanh_fn(cfg)
+
+  def body(q_block, carry, masked):
+    dk_KD, dv_KD = carry
+    q_start = q_block * bq
+    rows = pl.ds(q_start, bq)
+    q_QD = q_ref[rows, :]
+    do_QD = do_ref[rows, :]
+    s_QK = lax.dot_general(q_QD, k_KD, _CONTRACT_LAST, precision=precision,
+                           preferred_element_type=jnp.float32)
+    mask_QK = None
+    if masked:
+      q_seg_Q1 = q_seg_ref[rows][:, None] if has_segments else None
+      mask_QK = common.tile_mask(q_start, k_start, (bq, bk), cfg, q_seg_Q1, kv_seg_1K)
+    lse_Q1 = lse_ref[rows][:, None] if cfg.kind == "softmax" else None
+    p_QK = _probs(s_QK, mask_QK, lse_Q1, cfg, tanh)
+    dv_KD = dv_KD + lax.dot_general(p_QK.astype(do_QD.dtype), do_QD, _CONTRACT_FIRST,
+                                    precision=precision, preferred_element_type=jnp.float32)
+    dp_QK = lax.dot_general(do_QD, v_KD, _CONTRACT_LAST, precision=precision,
+                            preferred_element_type=jnp.float32)
+    if cfg.kind == "sigmoid":
+      ds_QK = dp_QK * p_QK * (1.0 - p_QK)
+    else:
+      ds_QK = p_QK * (dp_QK - delta_ref[rows][:, None])
+    dk_KD = dk_KD + lax.dot_general(ds_QK.astype(q_QD.dtype), q_QD, _CONTRACT_FIRST,
+                                    precision=precision, preferred_element_type=jnp.float32)
+    return dk_KD, dv_KD
+
+  carry = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
+  n_q = cfg.q_len_padded // bq
+  needs_mask = cfg.is_causal or cfg.kv_padded or has_segments
+  start = common.q_blocks_start(k_block, cfg, bq, bk)
+  unmasked_start = (common.q_blocks_unmasked_start(k_block, cfg, bq, bk, has_segments)
+                    if needs_mask else start)
+  if needs_mask:
+    carry = lax.fori_loop(start, unmasked_start, functools.partial(body, masked=True), carry)
+  dk_KD, dv_KD = lax.fori_loop(unmasked_start, n_q, functools.partial(body, masked=False), carry)
+  dk_ref[...] = (dk_KD * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv_KD.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, *, cfg: KernelConfig):
+  """dQ of one query block, accumulated over the key blocks it sees."""
+  bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+  q_block = pl.program_id(0)
+  q_start = q_block * bq
+  q_QD = q_ref[...]
+  do_QD = do_ref[...]
+  precision = common.dot_precision(q_QD.dtype)
+  has_segments = q_seg_ref is not None
+  q_seg_Q1 = q_seg_ref[...][:, None] if has_segments else None
+  lse_Q1 = lse_ref[...][:, None] if cfg.kind == "softmax" else None
+  delta_Q1 = delta_ref[...][:, None] if cfg.kind == "softmax" else None
+  tanh = _tanh_fn(cfg)
+
+  def body(k_block, dq_QD, masked):
+    k_start = k_block * bk
+    k_KD = k_ref[pl.ds(k_start, bk), :]
+    v_KD = v_ref[pl.ds(k_start, bk), :]
+    s_QK = lax.dot_general(q_QD, k_KD, _CONTRACT_LAST, precision=precision,
+                           preferred_element_type=jnp.float32)
+    mask_QK = None
+    if masked:
+      kv_seg_1K = kv_seg_ref[pl.ds(k_start, bk)][None, :] if has_segments else None
+      mask_QK = common.tile_mask(q_start, k_start, (bq, bk), cfg, q_seg_Q1, kv_seg_1K)
+    p_QK = _probs(s_QK, mask_QK, lse_Q1, cfg, tanh)
+    dp_QK = lax.dot_general(do_QD, v_KD, _CONTRACT_LAST, precision=precision,
+                            preferred_element_type=jnp.float32)
+    if cfg.kind == "sigmoid":
+      ds_QK = dp_QK * p_QK * (1.0 - p_QK)
+    else:
+      ds_QK = p_QK * (dp_QK - delta_Q1)
+    return dq_QD + jnp.dot(ds_QK.astype(k_KD.dtype), k_KD, precision=precision,
+                           preferred_element_type=jnp.float32)
+
+  dq_QD = jnp.zeros(dq_ref.shape, jnp.float32)
+  n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
+  needs_mask = cfg.is_causal or cfg.kv_padded or has_segments
+  n_unmasked = (common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
+                if needs_mask else n_end)
+  dq_QD = lax.fori_loop(0, n_unmasked, functools.partial(body, masked=False), dq_QD)
+  if needs_mask:
+    dq_QD = lax.fori_loop(n_unmasked, n_end, functools.partial(body, masked=True), dq_QD)
+  dq_ref[...] = (dq_QD * cfg.scale).astype(dq_ref.dtype)
+
+
+# ------------------------------------------------------------------------- pallas calls
+def _specs(cfg: KernelConfig, bq: int, bk: int, d: int, dv: int, has_segments: bool,
+           q_blocked: bool):
+  """BlockSpecs for (q, k, v, q_seg, kv_seg, do, lse, delta) on a grid (block, b, h).
+
+  `q_blocked`: the grid walks query blocks (forward, dQ) and sees whole K/V rows;
+  otherwise it walks key blocks (dK/dV) and sees whole Q rows.
+  """
+  g = cfg.group
+  lq, lk = cfg.q_len_padded, cfg.kv_len_padded
+  if q_blocked:
+    q_rows, kv_rows = bq, lk
+    q_map = lambda i, b, h: (b, i, h, 0)
+    kv_map = lambda i, b, h: (b, 0, h // g, 0)
+    q_seg = pl.BlockSpec((None, bq), lambda i, b, h: (b, i))
+    kv_seg = pl.BlockSpec((None, lk), lambda i, b, h: (b, 0))
+    row_stat = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+  else:
+    q_rows, kv_rows = lq, bk
+    q_map = lambda i, b, h: (b, 0, h, 0)
+    kv_map = lambda i, b, h: (b, i, h // g, 0)
+    q_seg = pl.BlockSpec((None, lq), lambda i, b, h: (b, 0))
+    kv_seg = pl.BlockSpec((None, bk), lambda i, b, h: (b, i))
+    row_stat = pl.BlockSpec((None, None, lq), lambda i, b, h: (b, h, 0))
+  return dict(
+      q=pl.BlockSpec((None, q_rows, None, d), q_map),
+      k=pl.BlockSpec((None, kv_rows, None, d), kv_map),
+      v=pl.BlockSpec((None, kv_rows, None, dv), kv_map),
+      q_seg=q_seg if has_segments else None,
+      kv_seg=kv_seg if has_segments else None,
+      do=pl.BlockSpec((None, q_rows, None, dv), q_map),
+      row_stat=row_stat if cfg.kind == "softmax" else None,
+  )
+
+
+def forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
+  """Padded inputs -> (out [B, Lq, H, Dv], lse [B, H, Lq] float32 or None for sigmoid)."""
+  b, lq, h, d = q.shape
+  dv = v.shape[-1]
+  has_segments = q_seg is not None
+  sp = _specs(cfg, cfg.block_q, cfg.block_k, d, dv, has_segments, q_blocked=True)
+  out_shape = [jax.ShapeDtypeStruct((b, lq, h, dv), q.dtype)]
+  out_specs = [pl.BlockSpec((None, cfg.block_q, None, dv), lambda i, b_, h_: (b_, i, h_, 0))]
+  if cfg.kind == "softmax":
+    out_shape.append(jax.ShapeDtypeStruct((b, h, lq), jnp.float32))
+    out_specs.append(sp["row_stat"])
+  outs = pl.pallas_call(
+      functools.partial(_forward_kernel, cfg=cfg),
+      grid=(lq // cfg.block_q, b, h),
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["q_seg"], sp["kv_seg"]],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_compiler_params(_num_warps(cfg, d, False), cfg.num_stages or 2),
+      interpret=cfg.interpret,
+      name=f"flash_{cfg.kind}_fwd",
+  )(q, k, v, q_seg, kv_seg)
+  return outs[0], (outs[1] if cfg.kind == "softmax" else None)
+
+
+def backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
+  """Padded inputs and dO -> (dq, dk, dv) in the inputs' shapes and dtypes."""
+  b, lq, h, d = q.shape
+  lk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+  bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+  has_segments = q_seg is not None
+  delta = None
+  if cfg.kind == "softmax":
+    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
+  params = _compiler_params(_num_warps(cfg, d, True), cfg.num_stages or 2)
+
+  # dK/dV per *query* head; GQA sums the group afterwards (as FlashAttention-2 does),
+  # in float32 so the sum does not round G times.
+  dkv_dtype = k.dtype if cfg.group == 1 else jnp.float32
+  sp = _specs(cfg, bq, bk, d, dv, has_segments, q_blocked=False)
+  dk, dv_ = pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg),
+      grid=(lk // bk, b, h),
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["q_seg"], sp["kv_seg"], sp["do"],
+                sp["row_stat"], sp["row_stat"]],
+      out_specs=[pl.BlockSpec((None, bk, None, d), lambda i, b_, h_: (b_, i, h_, 0)),
+                 pl.BlockSpec((None, bk, None, dv), lambda i, b_, h_: (b_, i, h_, 0))],
+      out_shape=[jax.ShapeDtypeStruct((b, lk, h, d), dkv_dtype),
+                 jax.ShapeDtypeStruct((b, lk, h, dv), dkv_dtype)],
+      compiler_params=params,
+      interpret=cfg.interpret,
+      name=f"flash_{cfg.kind}_bwd_dkv",
+  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+
+  sp = _specs(cfg, bq, bk, d, dv, has_segments, q_blocked=True)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg),
+      grid=(lq // bq, b, h),
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["q_seg"], sp["kv_seg"], sp["do"],
+                sp["row_stat"], sp["row_stat"]],
+      out_specs=pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0)),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params,
+      interpret=cfg.interpret,
+      name=f"flash_{cfg.kind}_bwd_dq",
+  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+
+  if cfg.group > 1:
+    dk = dk.reshape(b, lk, hkv, cfg.group, d).sum(axis=3).astype(k.dtype)
+    dv_ = dv_.reshape(b, lk, hkv, cfg.group, dv).sum(axis=3).astype(v.dtype)
+  return dq, dk, dv_
