@@ -456,7 +456,8 @@ class EncoderBlock(nnx.Module):
   def _branch(self, y_BLE: Array, scale_name: str, deterministic: bool | None) -> Array:
     y_BLE = self.dropout(y_BLE, deterministic=deterministic)
     if self.use_layer_scale:
-      y_BLE = y_BLE * getattr(self, scale_name)[...].astype(y_BLE.dtype)
+      scale_E = getattr(self, scale_name)[...].astype(y_BLE.dtype)
+      y_BLE = y_BLE * scale_E.reshape((1,) * (y_BLE.ndim - 1) + scale_E.shape)
     return y_BLE
 
 
