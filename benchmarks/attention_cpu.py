@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from attnlab import attention
+from attnlab.attention import chunked
 
 
 def implementations(block_k: int):
@@ -67,7 +68,7 @@ def main() -> None:
   parser.add_argument("--head-dim", type=int, default=64)
   parser.add_argument("--heads", type=int, default=2)
   parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--block-k", type=int, default=512)
+  parser.add_argument("--block-k", type=int, default=chunked.DEFAULT_BLOCK_K)
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
 

@@ -21,7 +21,7 @@ from attnlab.attention.kinds import Mechanism, RowContext
 
 Array = jax.Array
 
-DEFAULT_BLOCK_K = 512
+DEFAULT_BLOCK_K = 256  # one [Lq, 256] tile: < 1/8 of the dense peak at L = 4096 (benchmarks/)
 
 
 def _key_blocks(x: Array | None, axis: int, kv_len: int, block_k: int, fill: Any) -> Array | None:
