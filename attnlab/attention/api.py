@@ -17,7 +17,8 @@ IMPL_OPTIONS: dict[str, dict[str, Any]] = {
     "xla": {},
     "chunked": {"block_k": chunked.DEFAULT_BLOCK_K},
     "pallas": {"block_q": None, "block_k": None, "backend": None, "interpret": None,
-               "q_segment_ids": None, "kv_segment_ids": None},
+               "q_segment_ids": None, "kv_segment_ids": None, "num_warps": None,
+               "num_stages": None},
 }
 PALLAS_KINDS = ("sigmoid", "softmax")
 
@@ -78,7 +79,7 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
     impl: "xla" (materialises the scores), "chunked" (blockwise scan, option
       `block_k`), or "pallas" (the fused kernel of `attnlab.kernels`, for sigmoid
       and softmax; options block_q, block_k, backend, interpret, q_segment_ids,
-      kv_segment_ids).
+      kv_segment_ids, num_warps, num_stages).
     **options: the kind's options (see `KINDS[kind].options`) and the impl's.
 
   Returns:
