@@ -78,13 +78,16 @@ def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, b
   """
   platform = jax.default_backend()
   on_gpu = platform in ("gpu", "cuda", "rocm")
-  if backend is None:
+  automatic = backend is None
+  if automatic:
     backend = "tpu" if platform == "tpu" else "gpu"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} or None (= this platform); got {backend!r}.")
   native = (backend == "gpu" and on_gpu) or (backend == "tpu" and platform == "tpu")
   if interpret is None:
-    interpret = not native
+    # Only the automatic choice falls back to interpret mode: an explicit backend is
+    # a request for the native kernel, and silently interpreting it would hide that.
+    interpret = automatic and not native
   if not interpret and not native:
     raise ValueError(
         f"backend={backend!r} cannot run natively on platform {platform!r}; pass interpret=True "
