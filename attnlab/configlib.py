@@ -18,6 +18,10 @@ import ml_collections
 T = TypeVar("T")
 
 
+class ConfigError(ValueError):
+  """A config names a field that does not exist (the message suggests the nearest)."""
+
+
 def suggest(name: str, valid: Iterable[str]) -> str:
   """Returns ' Did you mean "x"?' for the closest valid name, or ''."""
   close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
@@ -25,11 +29,11 @@ def suggest(name: str, valid: Iterable[str]) -> str:
 
 
 def check_known(names: Iterable[str], valid: Iterable[str], *, where: str) -> None:
-  """Raises ValueError naming the first of `names` that is not in `valid`."""
+  """Raises ConfigError naming the first of `names` that is not in `valid`."""
   valid = sorted(valid)
   for name in names:
     if name not in valid:
-      raise ValueError(
+      raise ConfigError(
           f"Unknown field {where}.{name}.{suggest(name, valid)} "
           f"Valid fields: {', '.join(valid)}."
       )
@@ -49,7 +53,7 @@ def to_dataclass(cls: type[T], fields: Mapping[str, Any] | None, *, where: str, 
     `cls(**fields, **extra)`.
 
   Raises:
-    ValueError: a field of `fields` is not a field of `cls`.
+    ConfigError: a field of `fields` is not a field of `cls`.
   """
   values = dict(fields.to_dict() if isinstance(fields, ml_collections.ConfigDict) else (fields or {}))
   check_known(values, [f.name for f in dataclasses.fields(cls)], where=where)
@@ -91,7 +95,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       key = positional.pop(0)
       result[key] = _convert(token, defaults[key], key)
     else:
-      raise ValueError(
+      raise ConfigError(
           f"Config argument {token!r} is neither a flag nor a value: expected "
           f"a comma-separated list of {sorted(defaults)} (key=value or flag name)."
           f"{suggest(token, defaults)}"

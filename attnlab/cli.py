@@ -1,0 +1,100 @@
+"""Flags shared by the thin entry points train.py and eval.py.
+
+`--config path.py[:arg]` loads `get_config(arg)` from an experiment file
+(ml_collections config_flags); `--config.a.b=value` overrides a field, and a
+field that does not exist is an error that names the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from attnlab import configlib
+from attnlab.data import DatasetNotPreparedError
+
+FLAGS = flags.FLAGS
+_CONFIG = "config"
+
+
+def define_flags(*, default_config: str) -> None:
+  """Defines --config and --workdir (call before app.run).
+
+  Args:
+    default_config: config file (and :arg) used without --config, relative to
+      the repository root.
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    config_flags.DEFINE_config_file(
+        _CONFIG, os.path.join(root, default_config), "Experiment config: path.py[:arg].",
+        lock_config=True)
+  except (AttributeError, KeyError) as e:  # config_flags applies --config.x overrides here too
+    _exit_bad_override(e)
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics). Default: "
+                      "runs/<config name>[_<arg>].")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error for an unknown --config.<field>."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    if isinstance(e.__cause__, (AttributeError, KeyError)):
+      _exit_bad_override(e.__cause__)
+    sys.exit(f"{os.path.basename(argv[0])}: {e}")
+  except (AttributeError, KeyError) as e:
+    _exit_bad_override(e)
+
+
+def _exit_bad_override(e: BaseException) -> None:
+  message = str(e.args[0] if e.args else e)
+  message = message.strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+  sys.exit(f"Error: unknown config field in a --config.<field>=<value> override: {message}")
+
+
+def config_and_workdir() -> tuple[Any, str]:
+  """The parsed config and the workdir (default: runs/<config stem>[_<arg>])."""
+  workdir = FLAGS.workdir
+  if workdir is None:
+    path = config_flags.get_config_filename(FLAGS[_CONFIG])
+    stem = os.path.splitext(os.path.basename(path))[0]
+    arg = FLAGS[_CONFIG].value and _config_arg(FLAGS[_CONFIG].serialize())
+    workdir = os.path.join("runs", stem + (f"_{re.sub(r'[^A-Za-z0-9.]+', '_', arg)}" if arg else ""))
+  return FLAGS[_CONFIG].value, workdir
+
+
+def _config_arg(serialized: str) -> str:
+  value = serialized.split("=", 1)[-1]
+  return value.split(":", 1)[1] if ":" in value else ""
+
+
+def run_main(argv: list[str], fn: Callable[[Any, str], None]) -> None:
+  """Calls fn(config, workdir); expected failures end with a message, not a traceback."""
+  if len(argv) > 1:
+    sys.exit(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  config, workdir = config_and_workdir()
+  try:
+    fn(config, workdir)
+  except (configlib.ConfigError, DatasetNotPreparedError, FloatingPointError) as e:
+    sys.exit(f"Error: {e}")
+
+
+def report_training(summary: dict[str, Any]) -> None:
+  """Prints the end-of-training summary."""
+  print(
+      f"\nTest accuracy {summary['eval_accuracy']:.2%} (loss {summary['eval_loss']:.4f}) after "
+      f"{summary['step']} steps ({summary['train_seconds']:.0f} s of training).\n"
+      f"  checkpoints: {summary['checkpoint_dir']}\n"
+      f"  metrics:     {os.path.join(summary['workdir'], 'metrics.jsonl')}\n"
+      f"  evaluate:    python eval.py --config <same config> --workdir {summary['workdir']}"
+  )

@@ -1,0 +1,135 @@
+"""Losses, accuracies and metric writers shared by training and evaluation.
+
+Every task is scored the same way: a per-position cross-entropy weighted by
+`batch["weights"]` (1 for real examples / answer tokens, 0 for padding), so
+classification, MQAR (answer positions only) and language modelling share
+one loss and one accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def weighted_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                  *, label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+  """Sums of cross-entropy, correct predictions and weights over a batch.
+
+  Args:
+    logits: [..., C] float.
+    targets: [...] int class / token ids.
+    weights: [...] float, 0 where a position does not count.
+    label_smoothing: mass spread uniformly over the C classes (0: plain CE).
+
+  Returns:
+    {"loss_sum", "correct_sum", "weight_sum"} float32 scalars; sums, so that
+    evaluation can accumulate them over batches before dividing.
+  """
+  num_classes = logits.shape[-1]
+  labels = jax.nn.one_hot(targets, num_classes, dtype=jnp.float32)
+  if label_smoothing:
+    labels = labels * (1.0 - label_smoothing) + label_smoothing / num_classes
+  ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  return {
+      "loss_sum": jnp.sum(ce * weights),
+      "correct_sum": jnp.sum(correct * weights),
+      "weight_sum": jnp.sum(weights),
+  }
+
+
+def means(sums: dict[str, Any]) -> dict[str, float]:
+  """{"loss", "accuracy"} from `weighted_sums` (accumulated or not)."""
+  total = max(float(sums["weight_sum"]), 1e-9)
+  return {"loss": float(sums["loss_sum"]) / total, "accuracy": float(sums["correct_sum"]) / total}
+
+
+class MetricWriter:
+  """Appends metrics to <workdir>/metrics.jsonl, and to TensorBoard if a writer is installed.
+
+  Each line is one JSON object with "step" and "split" ("train" / "eval").
+  On resume from step k, lines after step k (written after the checkpoint
+  the run resumes from) are dropped, so the file reads as one run.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    os.makedirs(workdir, exist_ok=True)
+    self._truncate_after(resume_step or 0)
+    self._file = open(self.path, "a", encoding="utf-8")
+    self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+
+  def _truncate_after(self, step: int) -> None:
+    if not os.path.exists(self.path):
+      return
+    with open(self.path, encoding="utf-8") as f:
+      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(self.path, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+
+  def write(self, step: int, split: str, values: dict[str, float]) -> None:
+    record = {"step": int(step), "split": split, **{k: float(v) for k, v in values.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for name, value in values.items():
+        self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _tensorboard_writer(logdir: str):
+  """A tensorboardX SummaryWriter if that optional package is installed, else None."""
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return SummaryWriter(logdir)
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The records of <workdir>/metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """A progress bar with loss and ETA on a terminal; periodic log lines otherwise."""
+
+  def __init__(self, total: int, initial: int, *, enabled: bool = True, log_every: int = 100):
+    self.total, self.log_every = total, log_every
+    self._bar = None
+    self._start, self._start_step = time.perf_counter(), initial
+    if enabled and sys.stderr.isatty():
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top  # installed with tfds
+
+      self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    self.enabled = enabled
+
+  def update(self, step: int, values: dict[str, float]) -> None:
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+    elif self.enabled and (step % self.log_every == 0 or step == self.total):
+      elapsed = time.perf_counter() - self._start
+      rate = (step - self._start_step) / max(elapsed, 1e-9)
+      eta = (self.total - step) / max(rate, 1e-9)
+      shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+      print(f"step {step}/{self.total} {shown} ({rate:.1f} steps/s, ETA {eta:.0f}s)",
+            file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
