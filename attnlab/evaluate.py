@@ -1,0 +1,162 @@
+"""Evaluation of a checkpoint: `evaluate(config, workdir, step=None)`.
+
+Restores the latest (or a given) checkpoint of a run onto this machine's
+devices (the target shapes and shardings come from `jax.eval_shape` of the
+current model, so the run may have used another device count), scores the
+evaluation split and measures what each layer's attention does:
+
+  entropy      mean entropy (nats) of each query's weights normalised to sum
+               to 1 (for sigmoid attention, of the normalised row);
+  row_sum      mean sum of each query's weights (1 for softmax; free for
+               sigmoid: how much total mass the head lets through);
+  first_token  mean share of a row's weight on key 0 (the "attention sink";
+               for the ViT with pool="tok" this is the CLS token);
+  below_1e-3   fraction of (allowed) weights below 1e-3 (sparsity).
+
+Writes <workdir>/eval_<step>.json and prints a table; optionally saves
+attention-map PNGs under <workdir>/attention_maps/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from attnlab import checkpoint as checkpoint_lib
+from attnlab import data as data_lib
+from attnlab import models
+from attnlab import optim
+from attnlab import train as train_lib
+
+SMALL_WEIGHT = 1e-3
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *,
+             attention_pngs: bool = False, verbose: bool = True) -> dict[str, Any]:
+  """Evaluates the checkpoint at `step` (default: the latest) of the run in `workdir`.
+
+  Args:
+    config: the run's config (as given to `train_and_evaluate`).
+    workdir: the run directory.
+    step: a saved step, or None for the latest.
+    attention_pngs: also save head-wise attention maps of the first evaluation
+      example per layer as PNG files.
+    verbose: print the table.
+
+  Returns:
+    {"step", "split", "num_examples", "loss", "accuracy", "attention": [per
+    layer {"layer", "entropy", "row_sum", "first_token", "below_1e-3"}],
+    "path"}; also written to <workdir>/eval_<step>.json.
+
+  Raises:
+    FileNotFoundError: the workdir has no checkpoint (at that step).
+  """
+  exp = train_lib.load_experiment(config)
+  tx, schedule = optim.make_optimizer(exp.optim, exp.num_steps)
+  fns = train_lib.make_model_fns(exp.model_cfg, tx, schedule)
+  abstract_state = jax.eval_shape(fns.init, config.seed)
+  shard = train_lib.Shardings.data_parallel(abstract_state, config.eval_batch_size)
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  state, _, step = ckpt.restore(checkpoint_lib.with_shardings(abstract_state, shard.state), step)
+  ckpt.close()
+
+  eval_step = jax.jit(fns.eval_step, in_shardings=(shard.state.params, shard.batch))
+  scores = train_lib.evaluate_params(exp, eval_step, state.params, shard)
+  inputs = _diagnostic_inputs(exp, config.diagnostics_examples)
+  maps = jax.device_get(_attention_maps(fns, state.params, inputs))
+  causal = getattr(exp.model_cfg, "causal", False)
+  result = {
+      "step": int(step),
+      "split": exp.data.eval_split,
+      "num_examples": exp.datasets.spec.num_eval_examples,
+      **scores,
+      "attention_kind": exp.model_cfg.attention,
+      "attention_examples": int(inputs.shape[0]),
+      "attention": [{"layer": i, **attention_stats(np.asarray(w), causal=causal)}
+                    for i, w in enumerate(maps)],
+  }
+  path = os.path.join(workdir, f"eval_{step}.json")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  result["path"] = path
+  if attention_pngs:
+    result["pngs"] = save_attention_pngs(maps, os.path.join(workdir, "attention_maps"), step)
+  if verbose:
+    print(format_table(result, workdir))
+  return result
+
+
+def _diagnostic_inputs(exp: train_lib.Experiment, n: int) -> np.ndarray:
+  n = min(n, exp.datasets.spec.num_eval_examples)
+  return next(data_lib.eval_batches(exp.datasets.eval, n))["inputs"]
+
+
+def _attention_maps(fns: train_lib.ModelFns, params, inputs):
+  return jax.jit(lambda p, x: models.attention_maps(fns.merge(p), x))(params, inputs)
+
+
+def attention_stats(weights: np.ndarray, *, causal: bool) -> dict[str, float]:
+  """Diagnostics of one layer's weights [B, H, Lq, Lk] (see the module docstring).
+
+  With `causal`, only keys j <= i count (the others are zero by construction).
+  """
+  w = weights.astype(np.float64)
+  lq, lk = w.shape[-2:]
+  allowed = np.tril(np.ones((lq, lk), bool), k=lk - lq) if causal else np.ones((lq, lk), bool)
+  row_sum = w.sum(-1)
+  p = w / np.maximum(row_sum, 1e-30)[..., None]
+  plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+  below = (w < SMALL_WEIGHT) & allowed
+  return {
+      "entropy": float(np.mean(-plogp.sum(-1))),
+      "row_sum": float(np.mean(row_sum)),
+      "first_token": float(np.mean(p[..., 0])),
+      "below_1e-3": float(below.sum() / (allowed.sum() * w.shape[0] * w.shape[1])),
+  }
+
+
+def format_table(result: dict[str, Any], workdir: str) -> str:
+  """The printed summary of `evaluate`."""
+  lines = [
+      f"Evaluation of {workdir} at step {result['step']} "
+      f"({result['split']} split, {result['num_examples']} examples)",
+      f"  loss      {result['loss']:.4f}",
+      f"  accuracy  {result['accuracy']:.2%}",
+      f"Attention diagnostics ({result['attention_kind']}, {result['attention_examples']} examples):",
+      f"  {'layer':>5} {'entropy':>8} {'row_sum':>8} {'first_token':>11} {'below_1e-3':>10}",
+  ]
+  for row in result["attention"]:
+    lines.append(f"  {row['layer']:>5} {row['entropy']:>8.3f} {row['row_sum']:>8.3f} "
+                 f"{row['first_token']:>11.3f} {row['below_1e-3']:>10.3f}")
+  lines.append(f"Written to {result['path']}")
+  return "\n".join(lines)
+
+
+def save_attention_pngs(maps, directory: str, step: int) -> list[str]:
+  """One PNG per layer: each head's weights for the first example."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(directory, exist_ok=True)
+  paths = []
+  for layer, w in enumerate(maps):
+    heads = np.asarray(w[0])
+    fig, axes = plt.subplots(1, heads.shape[0], figsize=(2.5 * heads.shape[0], 2.6), squeeze=False)
+    for h, ax in enumerate(axes[0]):
+      ax.imshow(heads[h], cmap="viridis", vmin=0.0)
+      ax.set_title(f"head {h}", fontsize=8)
+      ax.set_xticks([])
+      ax.set_yticks([])
+    fig.suptitle(f"layer {layer}, step {step}", fontsize=9)
+    path = os.path.join(directory, f"step{step}_layer{layer}.png")
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    paths.append(path)
+  return paths
