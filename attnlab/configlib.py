@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -59,6 +61,32 @@ def to_dataclass(cls: type[T], fields: Mapping[str, Any] | None, *, where: str, 
   check_known(values, [f.name for f in dataclasses.fields(cls)], where=where)
   values.update(extra)
   return cls(**values)
+
+
+def from_dataclass(cls: type, *, exclude: Iterable[str] = (), **overrides: Any) -> ml_collections.ConfigDict:
+  """A ConfigDict with every field of dataclass `cls` (its default, or None), then `overrides`.
+
+  Listing every field lets `--config.<section>.<field>=...` override any of
+  them once the config is locked, and keeps config files short.
+
+  Args:
+    cls: the dataclass the trainer will build from this section.
+    exclude: fields the trainer sets itself (e.g. num_classes from the data).
+    **overrides: values that differ from the dataclass defaults.
+  """
+  values = {}
+  for f in dataclasses.fields(cls):
+    if f.name in exclude:
+      continue
+    if f.default is not dataclasses.MISSING:
+      values[f.name] = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+      values[f.name] = f.default_factory()  # type: ignore[misc]
+    else:
+      values[f.name] = None
+  check_known(overrides, list(values), where=cls.__name__)
+  values.update(overrides)
+  return ml_collections.ConfigDict(values)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -116,3 +144,21 @@ def _convert(value: str, default: Any, key: str) -> Any:
   if isinstance(default, float):
     return float(value)
   return value
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """Loads "path/to/config.py[:arg]" as `--config` does (for tests and notebooks).
+
+  A relative path is tried from the working directory, then from the
+  repository root (where configs/ lives).
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, path)
+  module_spec = importlib.util.spec_from_file_location("_attnlab_config", path)
+  if module_spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f"No config file {spec.partition(':')[0]!r}.")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

@@ -118,17 +118,19 @@ def load_experiment(config: ml_collections.ConfigDict) -> Experiment:
 def model_config(config: ml_collections.ConfigDict, spec: data_lib.DataSpec):
   """The model's frozen dataclass: config.model plus what the data set dictates.
 
-  For the ViT, `config.model.variant` (e.g. "mu/2") names a size; the other
-  fields override it. Class count, image size, vocabulary and length come
+  For the ViT, `config.model.variant` (e.g. "mu/2") names a size; fields of
+  config.model that are not None override it. Class count, image size, vocabulary and length come
   from the data.
   """
-  fields = dict(config.model)
+  fields = config.model.to_dict()
   if config.model_name == "vit":
     if spec.task != "classification":
       raise ValueError(f"model_name='vit' needs an image data set; {config.data.name!r} is {spec.task}.")
     variant = fields.pop("variant", None)
     if variant is not None:
-      fields = {**models.parse_variant(variant), **fields}
+      # The named size fills the fields the config leaves at None.
+      sized = models.parse_variant(variant)
+      fields = {**sized, **{k: v for k, v in fields.items() if v is not None or k not in sized}}
     return configlib.to_dataclass(
         models.ViTConfig, fields, where="config.model", num_classes=spec.num_classes,
         image_size=tuple(spec.input_shape[:2]), num_channels=spec.input_shape[2])

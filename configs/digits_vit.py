@@ -1,25 +1,27 @@
 r"""ViT on the bundled `digits` data set (8x8 images, 1,500 train / 297 test): sigmoid vs softmax.
 
-The default experiment of attnlab. Runs offline on a laptop CPU; the data set
+The default experiment of attnlab: runs offline on a laptop CPU; the data set
 is prepared from scikit-learn on first use.
 
-  python train.py                                    # = this file, sigmoid
-  python train.py --config configs/digits_vit.py:softmax --workdir runs/digits_vit_softmax
-  python eval.py --config configs/digits_vit.py:sigmoid --workdir runs/digits_vit_sigmoid
+  python train.py                                   # = configs/digits_vit.py:sigmoid
+  python train.py --config configs/digits_vit.py:softmax      # -> runs/digits_vit_softmax
+  python eval.py  --config configs/digits_vit.py:sigmoid --workdir runs/digits_vit_sigmoid
 
-Arguments (comma-separated, after the colon):
-  sigmoid | softmax | any attention kind   which attention (default sigmoid)
-  quick                                     a few steps of a tiny model (tests)
-  train_examples=N                          train on N examples (nested subsets)
+Argument (after the colon, comma-separated):
+  <kind>            attention kind: sigmoid (default), softmax, relu, ...
+  quick             a few steps of a tiny model (tests; seconds)
+  train_examples=N  train on the first N of a fixed permutation (nested subsets)
 
-Expected (2-core CPU, jax 0.12): ~97% test accuracy for both kinds in about
-2 minutes (sigmoid: see the report in benchmarks/results for measured figures).
-`:quick` runs in seconds and only checks that everything fits together.
+Expected: ~97% test accuracy (sigmoid 96.97%, seed 0) after 704 steps
+(60 epochs); about 4 minutes on 2 busy CPU cores, less on an idle laptop.
 """
 
 import ml_collections
 
 from attnlab import configlib
+from attnlab.data import DataConfig
+from attnlab.models import ViTConfig
+from attnlab.optim import OptimConfig
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -27,45 +29,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  config.data = ml_collections.ConfigDict()
-  config.data.name = "digits"
-  config.data.data_dir = None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-  config.data.train_split = "train"
-  config.data.eval_split = "test"  # fixed: never changes with the training subset
-  config.data.train_examples = args.train_examples or None  # first n of a fixed permutation
-  config.data.subset_seed = 0
-  config.data.seq_len = None
-  config.data.train_size = None
-  config.data.eval_size = None
-  config.data.mqar = None
+  config.data = configlib.from_dataclass(
+      DataConfig,
+      name="digits",
+      train_split="train",
+      eval_split="test",  # fixed: never changes with the training subset
+      train_examples=args.train_examples or None,
+  )
 
   config.model_name = "vit"
-  config.model = ml_collections.ConfigDict()
-  config.model.variant = "mu/2"  # width 64, depth 4, 4 heads, MLP 256; 2x2 patches -> 16 tokens
-  config.model.attention = args.attention
-  # Apple's recipe for stable sigmoid attention (arXiv 2409.04431): QK-norm;
-  # kept for softmax too so that the two differ only in the attention kind.
-  config.model.qk_norm = "rms"
-  config.model.layer_scale = None
-  config.model.pool = "gap"
-  config.model.dropout_rate = 0.1  # 1,500 images: regularise
+  # Sizes left at None come from `variant`: mu = width 64, depth 4, 4 heads,
+  # MLP 256; /2 = 2x2 patches, so 16 tokens per 8x8 image.
+  config.model = configlib.from_dataclass(
+      ViTConfig, exclude=("num_classes", "image_size", "num_channels"), patch_size=None,
+      attention=args.attention,
+      # QK-norm: Apple's recipe for stable sigmoid attention (arXiv
+      # 2409.04431); kept for softmax so the two differ only in the kind.
+      qk_norm="rms",
+      pool="gap",
+      dropout_rate=0.1,  # 1,500 training images: regularise
+  )
+  config.model.variant = "mu/2"
 
   config.batch_size = 128
-  config.num_epochs = 60  # ~700 steps
-  config.total_steps = None  # exactly one of total_steps / num_epochs / total_examples
+  config.num_epochs = 60  # 704 steps; exactly one of num_epochs / total_steps / total_examples
+  config.total_steps = None
   config.total_examples = None
 
-  config.optim = ml_collections.ConfigDict()
-  config.optim.learning_rate = 3e-3
-  config.optim.schedule = "cosine"
-  config.optim.warmup_steps = None
-  config.optim.warmup_fraction = 0.05
-  config.optim.end_learning_rate_fraction = 0.0
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.999
-  config.optim.eps = 1e-8
-  config.optim.weight_decay = 0.05
-  config.optim.grad_clip_norm = 1.0
+  config.optim = configlib.from_dataclass(OptimConfig, learning_rate=3e-3, weight_decay=0.05)
   config.label_smoothing = 0.1
 
   config.log_every_steps = 50
@@ -78,10 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if args.quick:
     config.model.variant = "mu/4"
-    config.model.depth = 1
-    config.model.width = 32
-    config.model.num_heads = 2
-    config.model.mlp_dim = 64
+    config.model.update(depth=1, width=32, num_heads=2, mlp_dim=64)
     config.batch_size = 32
     config.num_epochs = None
     config.total_steps = 6
