@@ -86,7 +86,7 @@ def implementations(interpret: bool, xla_max_len: int, length: int, gqa: bool):
 
 
 def median_ms(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
+  jax.block_until_ready(fn(*args))  # warm up
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -95,9 +95,11 @@ def median_ms(fn, args, repeats: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def temp_mib(jitted, args) -> float:
-  mem = jitted.lower(*args).compile().memory_analysis()
-  return float("nan") if mem is None else mem.temp_size_in_bytes / 2**20
+def compile_once(fn, args):
+  """One compilation serves both the timing and XLA's memory analysis."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  mem = compiled.memory_analysis()
+  return compiled, (float("nan") if mem is None else mem.temp_size_in_bytes / 2**20)
 
 
 def device_peak_mib() -> float:
@@ -106,19 +108,15 @@ def device_peak_mib() -> float:
 
 
 def measure(fn, q, k, v, do, causal: bool, repeats: int) -> dict[str, float]:
-  fwd = jax.jit(lambda q, k, v: fn(q, k, v, causal))
-
   def fwd_bwd(q, k, v, do):
     out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, causal), q, k, v)
     return out, pullback(do)
 
-  fwd_bwd = jax.jit(fwd_bwd)
-  result = {"fwd_ms": median_ms(fwd, (q, k, v), repeats)}
-  result["fwd_peak"] = device_peak_mib()
+  fwd, fwd_tmp = compile_once(lambda q, k, v: fn(q, k, v, causal), (q, k, v))
+  result = {"fwd_ms": median_ms(fwd, (q, k, v), repeats), "fwd_tmp": fwd_tmp}
+  fwd_bwd, result["fwdbwd_tmp"] = compile_once(fwd_bwd, (q, k, v, do))
   result["fwdbwd_ms"] = median_ms(fwd_bwd, (q, k, v, do), repeats)
   result["fwdbwd_peak"] = device_peak_mib()
-  result["fwd_tmp"] = temp_mib(fwd, (q, k, v))
-  result["fwdbwd_tmp"] = temp_mib(fwd_bwd, (q, k, v, do))
   return result
 
 
@@ -126,11 +124,13 @@ def attention_flops(b, h, lq, lk, d, causal) -> float:
   return 4.0 * b * h * lq * lk * d * (0.5 if causal else 1.0)
 
 
-def run(args) -> str:
-  out = io.StringIO()
+def run(args) -> None:
+  # Lines go to the --out file as they are produced: a run cut short by a timeout keeps
+  # every row it finished.
+  out = open(args.out, "w") if args.out else io.StringIO()
 
   def emit(line=""):
-    print(line, file=out)
+    print(line, file=out, flush=True)
     print(line, flush=True)
 
   interpret = args.interpret
@@ -200,7 +200,7 @@ def run(args) -> str:
       fb = statistics.median(s[5] for s in picked)
       emit(f"vs {ref_name}: median over {len(picked)} shapes: forward x{fwd:.3f}, "
            f"forward+backward x{fb:.3f}")
-  return out.getvalue()
+  out.close()
 
 
 def parse_args(argv=None):
@@ -231,11 +231,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-  args = parse_args(argv)
-  table = run(args)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table)
+  run(parse_args(argv))
 
 
 if __name__ == "__main__":

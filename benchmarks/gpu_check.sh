@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One prepared GPU check for the fused attention kernels (target: < 6 minutes on an H200).
+#
+#   bash benchmarks/gpu_check.sh            # on the lent GPU machine; results go to $OUT
+#   ATTNLAB_GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   # CPU dry run: interpret mode,
+#                                                             # tiny shapes (proves the script)
+#
+# Steps: install attnlab (no deps, no network), run the kernel tests with the NATIVE
+# Triton kernels (the gpu-marked tests plus the tests that use the default backend),
+# then the kernel benchmark at L = 1k, 4k, 16k; D = 64, 128; causal and full; bf16.
+# Writes $OUT/env.txt, $OUT/tests.txt and $OUT/attention_kernels.md.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/attnlab_gpu_check}"
+mkdir -p "$OUT"
+PYTHON="${PYTHON:-python3}"
+QUICK="${ATTNLAB_GPU_CHECK_QUICK:-0}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works even if the install below fails
+
+# No network there: no build isolation (it would fetch setuptools).
+"$PYTHON" -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -n 3
+
+if [ "$QUICK" = "1" ]; then
+  export JAX_PLATFORMS=cpu
+else
+  export JAX_PLATFORMS=cuda  # tests/conftest.py pins cpu unless this is set
+  export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
+fi
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+  "$PYTHON" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__); print(jax.devices())"
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== kernel tests (native kernels on GPU) =="
+SELECT='gpu or default_blocks or dispatch or scale_and_bias or bad_'
+timeout 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py -m "not tpu" \
+  -k "$SELECT" -rs 2>&1 | tee "$OUT/tests.txt" | tail -n 25
+echo "tests exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.txt"
+
+echo "== kernel benchmark =="
+if [ "$QUICK" = "1" ]; then
+  BENCH_ARGS=(--quick)
+else
+  BENCH_ARGS=(--lengths 1024,4096,16384 --head-dims 64,128 --masks causal,full
+              --xla-max-len 4096 --repeats 5)
+fi
+timeout 200 "$PYTHON" benchmarks/attention_kernels.py "${BENCH_ARGS[@]}" \
+  --out "$OUT/attention_kernels.md" 2>&1 | tail -n 60
+echo "benchmark exit code: ${PIPESTATUS[0]}"
