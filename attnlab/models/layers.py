@@ -295,6 +295,12 @@ def named_param(init: Callable[..., Array], shape: tuple[int, ...], axes: Axes,
   return nnx.Param(_param_init(init, axes)(rngs.params(), shape, jnp.dtype(cfg.param_dtype)))
 
 
+def dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+  """Dropout drawing from the "dropout" stream; with rate 0 it holds no RNG state at all,
+  so a model without dropout has only parameters in its state."""
+  return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Rotary embedding (used by the language model; lives here because it acts on q and k)
 # ---------------------------------------------------------------------------------------------
@@ -346,12 +352,12 @@ class MultiHeadAttention(nnx.Module):
     elif cfg.output_gate == "elementwise":
       self.gate = dense("...E,EHD->...HD", (e, h, d), ("embed", "heads", "head_dim"),
                         bias_axes=bias("heads", "head_dim"), cfg=cfg, rngs=rngs)
-    self.weights_dropout = nnx.Dropout(cfg.attention_dropout_rate, rngs=rngs)
+    self.weights_dropout = dropout(cfg.attention_dropout_rate, rngs)
 
   def __call__(self, x_BLE: Array, *, kv_mask_BL: Array | None = None, is_causal: bool = False,
                bias: Array | None = None, rope: tuple[Array, Array] | None = None,
-               deterministic: bool | None = None, return_weights: bool = False
-               ) -> tuple[Array, Array | None]:
+               deterministic: bool | None = None, rngs: nnx.Rngs | None = None,
+               return_weights: bool = False) -> tuple[Array, Array | None]:
     """Attends x to itself.
 
     Args:
@@ -361,6 +367,7 @@ class MultiHeadAttention(nnx.Module):
       bias: additive logits bias broadcastable to [B, H, L, L] (e.g. ALiBi).
       rope: (sin, cos) tables from `rope_tables`, applied to q and k after QK-norm.
       deterministic: disables attention dropout (None: the module's setting).
+      rngs: the "dropout" stream to draw from (None: the module's own stream).
       return_weights: also return the attention weights [B, H, L, L] (float32),
         computed in the same pass (the output is then apply_weights(weights, v)).
 
@@ -382,7 +389,7 @@ class MultiHeadAttention(nnx.Module):
       mask = None if kv_mask_BL is None else kv_mask_BL[:, None, None, :]
       weights_BHLL = attention.weights(q_BLHD, k_BLhD, kind=cfg.attention, mask=mask,
                                        is_causal=is_causal, bias=bias, **kind_options)
-      dropped = self.weights_dropout(weights_BHLL, deterministic=deterministic)
+      dropped = self.weights_dropout(weights_BHLL, deterministic=deterministic, rngs=rngs)
       out_BLHD = attention.apply_weights(dropped, v_BLhD, kind=cfg.attention,
                                          out_dtype=q_BLHD.dtype, **kind_options)
     else:
@@ -422,11 +429,12 @@ class Mlp(nnx.Module):
                         bias_axes=("embed",) if cfg.use_bias else None, cfg=cfg, rngs=rngs,
                         bias_init=bias_init)
     self.activation = cfg.mlp_activation
-    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+    self.dropout = dropout(cfg.dropout_rate, rngs)
 
-  def __call__(self, x_BLE: Array, *, deterministic: bool | None = None) -> Array:
+  def __call__(self, x_BLE: Array, *, deterministic: bool | None = None,
+               rngs: nnx.Rngs | None = None) -> Array:
     h_BLM = ACTIVATIONS[self.activation](self.fc_in(x_BLE))
-    return self.fc_out(self.dropout(h_BLM, deterministic=deterministic))
+    return self.fc_out(self.dropout(h_BLM, deterministic=deterministic, rngs=rngs))
 
 
 class EncoderBlock(nnx.Module):
@@ -437,24 +445,27 @@ class EncoderBlock(nnx.Module):
     self.attn = MultiHeadAttention(cfg, rngs=rngs)
     self.mlp_norm = norm_layer(cfg.norm, cfg.width, "embed", cfg, rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+    self.dropout = dropout(cfg.dropout_rate, rngs)
     self.use_layer_scale = cfg.layer_scale is not None
     if self.use_layer_scale:
       init = jax.nn.initializers.constant(cfg.layer_scale)
       self.attn_scale = named_param(init, (cfg.width,), ("embed",), cfg, rngs)
       self.mlp_scale = named_param(init, (cfg.width,), ("embed",), cfg, rngs)
 
-  def __call__(self, x_BLE: Array, *, deterministic: bool | None = None, return_weights: bool = False,
+  def __call__(self, x_BLE: Array, *, deterministic: bool | None = None,
+               rngs: nnx.Rngs | None = None, return_weights: bool = False,
                **attn_kwargs: Any) -> tuple[Array, Array | None]:
-    y_BLE, weights = self.attn(self.attn_norm(x_BLE), deterministic=deterministic,
+    """`attn_kwargs` are `MultiHeadAttention`'s (kv_mask_BL, is_causal, bias, rope)."""
+    y_BLE, weights = self.attn(self.attn_norm(x_BLE), deterministic=deterministic, rngs=rngs,
                                return_weights=return_weights, **attn_kwargs)
-    x_BLE = x_BLE + self._branch(y_BLE, "attn_scale", deterministic)
-    y_BLE = self.mlp(self.mlp_norm(x_BLE), deterministic=deterministic)
-    x_BLE = x_BLE + self._branch(y_BLE, "mlp_scale", deterministic)
+    x_BLE = x_BLE + self._branch(y_BLE, "attn_scale", deterministic, rngs)
+    y_BLE = self.mlp(self.mlp_norm(x_BLE), deterministic=deterministic, rngs=rngs)
+    x_BLE = x_BLE + self._branch(y_BLE, "mlp_scale", deterministic, rngs)
     return x_BLE, weights
 
-  def _branch(self, y_BLE: Array, scale_name: str, deterministic: bool | None) -> Array:
-    y_BLE = self.dropout(y_BLE, deterministic=deterministic)
+  def _branch(self, y_BLE: Array, scale_name: str, deterministic: bool | None,
+              rngs: nnx.Rngs | None) -> Array:
+    y_BLE = self.dropout(y_BLE, deterministic=deterministic, rngs=rngs)
     if self.use_layer_scale:
       scale_E = getattr(self, scale_name)[...].astype(y_BLE.dtype)
       y_BLE = y_BLE * scale_E.reshape((1,) * (y_BLE.ndim - 1) + scale_E.shape)
@@ -470,13 +481,13 @@ class Encoder(nnx.Module):
 
   def __call__(self, x_BLE: Array, *, kv_mask_BL: Array | None = None, is_causal: bool = False,
                bias: Array | None = None, rope: tuple[Array, Array] | None = None,
-               deterministic: bool | None = None, return_weights: bool = False
-               ) -> tuple[Array, tuple[Array, ...]]:
+               deterministic: bool | None = None, rngs: nnx.Rngs | None = None,
+               return_weights: bool = False) -> tuple[Array, tuple[Array, ...]]:
     """Runs every block; returns the normed hidden states and (if asked) each layer's weights."""
     maps = []
     for block in self.blocks:
       x_BLE, w = block(x_BLE, kv_mask_BL=kv_mask_BL, is_causal=is_causal, bias=bias, rope=rope,
-                       deterministic=deterministic, return_weights=return_weights)
+                       deterministic=deterministic, rngs=rngs, return_weights=return_weights)
       if return_weights:
         maps.append(w)
     return self.encoder_norm(x_BLE), tuple(maps)

@@ -40,6 +40,8 @@ class TransformerConfig(BackboneConfig):
     pool: "mean" (over real tokens) | "first" | "last" (last real token; the
       natural choice with causal=True).
     rope_base: RoPE wavelength base.
+    head_zero_init: start the classifier head (num_classes set) at zero, so the
+      initial loss is exactly log(num_classes) (as the ViT).
   """
   vocab_size: int
   max_len: int | None = None
@@ -49,6 +51,7 @@ class TransformerConfig(BackboneConfig):
   num_classes: int | None = None
   pool: str = "mean"
   rope_base: float = 10_000.0
+  head_zero_init: bool = True
 
   def __post_init__(self):
     super().__post_init__()
@@ -140,19 +143,21 @@ class Transformer(nnx.Module):
     if cfg.positions == "learned":
       self.pos_embedding = layers.named_param(jax.nn.initializers.normal(stddev=e ** -0.5),
                                               (cfg.max_len, e), ("length", "embed"), cfg, rngs)
-    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+    self.dropout = layers.dropout(cfg.dropout_rate, rngs)
     self.encoder = layers.Encoder(cfg, rngs=rngs)
     if cfg.num_classes is not None:
       self.classifier = layers.dense("BE,EC->BC", (e, cfg.num_classes), ("embed", "classes"),
                                      bias_axes=("classes",), cfg=cfg, rngs=rngs,
-                                     kernel_init=jax.nn.initializers.zeros)
+                                     kernel_init=jax.nn.initializers.zeros
+                                     if cfg.head_zero_init else None)
     elif not cfg.tie_embeddings:
       self.lm_head = layers.dense("BLE,EV->BLV", (e, cfg.vocab_size), ("embed", "vocab"),
                                   bias_axes=None, cfg=cfg, rngs=rngs,
                                   kernel_init=jax.nn.initializers.lecun_normal())
 
   def __call__(self, tokens_BL: Array, *, padding_mask_BL: Array | None = None,
-               deterministic: bool | None = None, return_attention_weights: bool = False
+               deterministic: bool | None = None, rngs: nnx.Rngs | None = None,
+               return_attention_weights: bool = False
                ) -> Array | tuple[Array, tuple[Array, ...]]:
     """Logits for a batch of token sequences.
 
@@ -160,30 +165,37 @@ class Transformer(nnx.Module):
       tokens_BL: int token ids [B, L].
       padding_mask_BL: bool [B, L], True for real tokens (None: all real).
         Padding keys get no attention weight and are left out of the pooling.
-      deterministic: True disables dropout; None uses the modules' setting.
+      deterministic: True disables dropout; None uses the modules' setting
+        (`model.eval()` / `model.train()`; dropout is on after construction).
+      rngs: the "dropout" stream for this call, e.g. `nnx.Rngs(dropout=step_key)`
+        inside a pure train step; None draws from the streams the model was
+        built with.
       return_attention_weights: also return each layer's weights [B, H, L, L].
 
     Returns:
       logits (float32) [B, L, vocab_size], or [B, num_classes] for a
       classifier; or (logits, weights per layer).
     """
-    x_BLE = self.embed(tokens_BL, deterministic=deterministic)
+    x_BLE = self.embed(tokens_BL, deterministic=deterministic, rngs=rngs)
     return self.apply_embedded(x_BLE, padding_mask_BL=padding_mask_BL,
-                               deterministic=deterministic,
+                               deterministic=deterministic, rngs=rngs,
                                return_attention_weights=return_attention_weights)
 
-  def embed(self, tokens_BL: Array, *, deterministic: bool | None = None) -> Array:
+  def embed(self, tokens_BL: Array, *, deterministic: bool | None = None,
+            rngs: nnx.Rngs | None = None) -> Array:
     """Token (+ learned position) embeddings [B, L, E]."""
     layers.check_rank("tokens_BL", tokens_BL, 2, "[batch, length]")
     if not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
       raise ValueError(f"tokens_BL must hold integer token ids; got dtype {tokens_BL.dtype}.")
+    self._check_length(tokens_BL.shape[1])
     x_BLE = self.token_embed(tokens_BL)
     if self.cfg.positions == "learned":
       x_BLE = x_BLE + self.pos_embedding[: tokens_BL.shape[1]][None].astype(x_BLE.dtype)
-    return self.dropout(x_BLE, deterministic=deterministic)
+    return self.dropout(x_BLE, deterministic=deterministic, rngs=rngs)
 
   def apply_embedded(self, x_BLE: Array, *, padding_mask_BL: Array | None = None,
-                     deterministic: bool | None = None, return_attention_weights: bool = False
+                     deterministic: bool | None = None, rngs: nnx.Rngs | None = None,
+                     return_attention_weights: bool = False
                      ) -> Array | tuple[Array, tuple[Array, ...]]:
     """Everything after `embed`: positions in attention, the encoder and the head.
 
@@ -192,9 +204,7 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     layers.check_rank("x_BLE", x_BLE, 3, "[batch, length, width]")
     b, length = x_BLE.shape[:2]
-    if cfg.max_len is not None and length > cfg.max_len:
-      raise ValueError(f"sequence length {length} exceeds TransformerConfig.max_len="
-                       f"{cfg.max_len}.")
+    self._check_length(length)
     if padding_mask_BL is not None:
       if tuple(padding_mask_BL.shape) != (b, length) or padding_mask_BL.dtype != jnp.bool_:
         raise ValueError(f"padding_mask_BL must be bool [{b}, {length}] (True = real token); got "
@@ -203,10 +213,15 @@ class Transformer(nnx.Module):
         else None
     bias = alibi_bias(cfg.num_heads, length) if cfg.positions == "alibi" else None
     h_BLE, maps = self.encoder(x_BLE, kv_mask_BL=padding_mask_BL, is_causal=cfg.causal,
-                               bias=bias, rope=rope, deterministic=deterministic,
+                               bias=bias, rope=rope, deterministic=deterministic, rngs=rngs,
                                return_weights=return_attention_weights)
     logits = self._head(h_BLE, padding_mask_BL).astype(jnp.float32)
     return (logits, maps) if return_attention_weights else logits
+
+  def _check_length(self, length: int) -> None:
+    if self.cfg.max_len is not None and length > self.cfg.max_len:
+      raise ValueError(f"sequence length {length} exceeds TransformerConfig.max_len="
+                       f"{self.cfg.max_len}.")
 
   def _head(self, h_BLE: Array, padding_mask_BL: Array | None) -> Array:
     cfg = self.cfg

@@ -141,34 +141,38 @@ class ViT(nnx.Module):
                                               (num_patches, e), ("patches", "embed"), cfg, rngs)
     if cfg.pool == "tok":
       self.cls = layers.named_param(jax.nn.initializers.zeros, (e,), ("embed",), cfg, rngs)
-    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+    self.dropout = layers.dropout(cfg.dropout_rate, rngs)
     self.encoder = layers.Encoder(cfg, rngs=rngs)
     head_init = jax.nn.initializers.zeros if cfg.head_zero_init else None
     self.head = layers.dense("BE,EC->BC", (e, cfg.num_classes), ("embed", "classes"),
                              bias_axes=("classes",), cfg=cfg, rngs=rngs, kernel_init=head_init)
 
   def __call__(self, images_BHWC: Array, *, deterministic: bool | None = None,
-               return_attention_weights: bool = False) -> Array | tuple[Array, tuple[Array, ...]]:
+               rngs: nnx.Rngs | None = None, return_attention_weights: bool = False) -> Array | tuple[Array, tuple[Array, ...]]:
     """Classifies a batch of images.
 
     Args:
       images_BHWC: float images [B, H, W, C] with (H, W) = cfg.image_size.
       deterministic: True disables dropout; None uses the modules' setting
         (`model.eval()` / `model.train()`; dropout is on after construction).
+      rngs: the "dropout" stream for this call, e.g. `nnx.Rngs(dropout=step_key)`
+        inside a pure train step; None draws from the streams the model was
+        built with.
       return_attention_weights: also return each layer's weights [B, H, N, N]
         (N = patches, + 1 with the CLS token), from the same forward pass.
 
     Returns:
       logits [B, num_classes] float32, or (logits, weights per layer).
     """
-    x_BNE = self.embed(images_BHWC, deterministic=deterministic)
-    x_BNE, maps = self.encoder(x_BNE, deterministic=deterministic,
+    x_BNE = self.embed(images_BHWC, deterministic=deterministic, rngs=rngs)
+    x_BNE, maps = self.encoder(x_BNE, deterministic=deterministic, rngs=rngs,
                                return_weights=return_attention_weights)
     pooled_BE = x_BNE[:, 0] if self.cfg.pool == "tok" else jnp.mean(x_BNE, axis=1)
     logits_BC = self.head(pooled_BE).astype(jnp.float32)
     return (logits_BC, maps) if return_attention_weights else logits_BC
 
-  def embed(self, images_BHWC: Array, *, deterministic: bool | None = None) -> Array:
+  def embed(self, images_BHWC: Array, *, deterministic: bool | None = None,
+            rngs: nnx.Rngs | None = None) -> Array:
     """Patch tokens plus position embedding (and the CLS token first): [B, N(+1), E]."""
     cfg = self.cfg
     layers.check_rank("images_BHWC", images_BHWC, 4, "[batch, height, width, channels]")
@@ -188,4 +192,4 @@ class ViT(nnx.Module):
     if cfg.pool == "tok":
       cls_B1E = jnp.broadcast_to(self.cls[...].astype(x_BNE.dtype), (b, 1, cfg.width))
       x_BNE = jnp.concatenate([cls_B1E, x_BNE], axis=1)
-    return self.dropout(x_BNE, deterministic=deterministic)
+    return self.dropout(x_BNE, deterministic=deterministic, rngs=rngs)
