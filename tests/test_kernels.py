@@ -349,3 +349,41 @@ def test_native_gpu_kernel_matches_reference(case, kind):
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=lambda c: c.name)
 def test_native_tpu_kernel_matches_reference(case, kind):
   _native(case, kind, "tpu")
+
+
+# ------------------------------------------------- native lowering (no device needed)
+@pytest.mark.parametrize("backend,platform,device_kind", [("gpu", "cuda", "NVIDIA H200"),
+                                                          ("tpu", "tpu", "TPU v5 lite")])
+@pytest.mark.parametrize("kind,dtype", [("sigmoid", jnp.bfloat16), ("softmax", jnp.float32)])
+def test_native_kernels_lower(backend, platform, device_kind, kind, dtype, monkeypatch):
+  """Forward and both backward kernels lower to Triton / Mosaic for an abstract H200 / TPU.
+
+  Cross-platform export runs the real Pallas lowering (block-shape rules, Triton ops
+  such as tanh.approx, Mosaic layouts) without the device; compiling the lowered
+  kernels to machine code still needs the hardware (the gpu/tpu-marked tests).
+  """
+  export = pytest.importorskip("jax.export")
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    pytest.skip("this jax has no abstract devices for cross-platform Pallas lowering")
+  monkeypatch.setattr(common, "resolve_backend", lambda b, i: (b, False))  # lower, not run
+  q = jax.ShapeDtypeStruct((2, 1000, 4, 80), dtype)
+  k = jax.ShapeDtypeStruct((2, 1100, 2, 80), dtype)
+  q_seg, kv_seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32), jax.ShapeDtypeStruct((2, 1100),
+                                                                                   jnp.int32)
+
+  def fwd_bwd(q, k, v, q_seg, kv_seg):
+    attend = lambda q, k, v: flash_attention(q, k, v, kind=kind, is_causal=True, backend=backend,
+                                             q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+    out, pullback = jax.vjp(attend, q, k, v)
+    return out, pullback(out)
+
+  device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1,
+                                       platform="gpu" if backend == "gpu" else "tpu")
+  checks = [export.DisabledSafetyCheck.custom_call(t)
+            for t in ("__gpu$xla.gpu.triton", "tpu_custom_call")]
+  with jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+    exported = export.export(jax.jit(fwd_bwd), platforms=[platform], disabled_checks=checks)(
+        q, k, k, q_seg, kv_seg)
+  target = "xla.gpu.triton" if backend == "gpu" else "tpu_custom_call"
+  assert exported.mlir_module().count(target) == 3  # forward, dK/dV, dQ
