@@ -13,7 +13,7 @@ Sigmoid (Apple's FlashSigmoid, arXiv 2409.04431): P = sigmoid(scale * QK^T + b) 
 no row max and no row sum, so the forward is one accumulation and the backward is
   dV = P^T dO,  dP = dO V^T,  dS = dP * P * (1 - P),  dQ = scale dS K,  dK = scale dS^T Q
 with no delta pre-pass. Softmax uses the usual online normaliser, saves the
-log-sum-exp and uses delta = rowsum(dO * O) (computed by XLA, it is one fused
+log-sum-exp (base 2) and uses delta = rowsum(dO * O) (computed by XLA, it is one fused
 elementwise pass).
 """
 
@@ -32,6 +32,9 @@ from attnlab.kernels.common import KernelConfig
 
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a @ b.T
 _CONTRACT_FIRST = (((0,), (0,)), ((), ()))  # a.T @ b
+# Softmax runs in base 2 (exp2 is one MUFU op; Triton's exp is libdevice's accurate
+# expf), with log2(e) folded into the logit scale; the saved lse is base 2 as well.
+_LOG2_E = 1.4426950408889634
 
 
 # ---------------------------------------------------------------------------- reference
@@ -128,7 +131,7 @@ def _probs(s_QK: jax.Array, mask_QK: jax.Array | None, lse_Q1: jax.Array | None,
   if cfg.kind == "sigmoid":
     p_QK = common.sigmoid_probs(s_QK, cfg, tanh)
   else:
-    p_QK = jnp.exp(s_QK * cfg.scale - lse_Q1)
+    p_QK = jnp.exp2(s_QK * (cfg.scale * _LOG2_E) - lse_Q1)
   return p_QK if mask_QK is None else jnp.where(mask_QK, p_QK, 0.0)
 
 
@@ -173,12 +176,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_refs
     def body(k_block, carry, masked):
       acc_QD, m_Q, l_Q = carry
       s_QK, v_KD, mask_QK = load_tile(k_block, masked)
-      s_QK = s_QK * cfg.scale
+      s_QK = s_QK * (cfg.scale * _LOG2_E)
       if mask_QK is not None:
         s_QK = jnp.where(mask_QK, s_QK, common.MASK_VALUE)
       m_next_Q = jnp.maximum(m_Q, jnp.max(s_QK, axis=1))
-      alpha_Q = jnp.exp(m_Q - m_next_Q)
-      p_QK = jnp.exp(s_QK - m_next_Q[:, None])
+      alpha_Q = jnp.exp2(m_Q - m_next_Q)
+      p_QK = jnp.exp2(s_QK - m_next_Q[:, None])
       if mask_QK is not None:  # a row masked so far has m = MASK_VALUE and p = exp(0)
         p_QK = jnp.where(mask_QK, p_QK, 0.0)
       l_next_Q = alpha_Q * l_Q + jnp.sum(p_QK, axis=1)
@@ -204,7 +207,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_refs
     empty_Q = l_Q == 0.0  # fully masked row: output 0, and P = exp(s - inf) = 0 in backward
     l_safe_Q = jnp.where(empty_Q, 1.0, l_Q)
     o_ref[...] = (acc_QD / l_safe_Q[:, None]).astype(o_ref.dtype)
-    lse_refs[0][...] = jnp.where(empty_Q, jnp.inf, m_Q + jnp.log(l_safe_Q))
+    lse_refs[0][...] = jnp.where(empty_Q, jnp.inf, m_Q + jnp.log2(l_safe_Q))
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
@@ -341,7 +344,7 @@ def _specs(cfg: KernelConfig, bq: int, bk: int, d: int, dv: int, has_segments: b
 
 
 def forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
-  """Padded inputs -> (out [B, Lq, H, Dv], lse [B, H, Lq] float32 or None for sigmoid)."""
+  """Padded inputs -> (out [B, Lq, H, Dv], base-2 lse [B, H, Lq] float32; None for sigmoid)."""
   b, lq, h, d = q.shape
   dv = v.shape[-1]
   has_segments = q_seg is not None
