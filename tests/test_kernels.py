@@ -265,6 +265,8 @@ def _qkv(lq=16, lk=16, h=2, hkv=2, d=16, dtype=jnp.float32):
     (dict(backend="tpu", block_q=12, interpret=True), "multiple of 8"),
     (dict(backend="tpu", block_k=64, interpret=True), "multiple of 128"),
     (dict(block_q=16.0), "must be an int"),
+    (dict(num_warps=3), "num_warps must be one of"),
+    (dict(num_stages=0), "num_stages must be a positive int"),
 ])
 def test_bad_options_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -51,9 +51,8 @@ class KernelConfig:
   num_heads: int
   num_kv_heads: int
   fast_tanh: bool  # GPU only: tanh.approx for 16-bit inputs, exact tanh otherwise
-  num_warps: int | None = None  # GPU only
-  num_warps_bwd: int | None = None
-  num_stages: int | None = None
+  num_warps: int | None = None  # GPU only; None = 4 for head_dim <= 64, else 8
+  num_stages: int | None = None  # GPU only; None = 2
 
   @property
   def group(self) -> int:

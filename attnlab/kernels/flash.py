@@ -73,6 +73,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "si
   scale = common.check_scalar("scale", scale)
   sigmoid_bias = common.check_scalar("sigmoid_bias", sigmoid_bias)
   module = _BACKENDS[backend]
+  if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+    raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16 (Triton); got {num_warps!r}.")
+  if num_stages is not None and not (isinstance(num_stages, int) and num_stages >= 1):
+    raise ValueError(f"num_stages must be a positive int (Triton pipelining); got {num_stages!r}.")
 
   # Head dims are padded to what the backend tiles (zero columns change no dot product).
   d_pad = module.padded_head_dim(head_dim)
@@ -98,7 +102,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "si
       block_k_bwd=bk_bwd, num_heads=num_heads, num_kv_heads=num_kv_heads,
       # tanh.approx.f32 has ~2^-11 relative error: fine for 16-bit inputs, not for float32.
       fast_tanh=backend == "gpu" and not interpret and q.dtype != jnp.float32,
-      num_warps=num_warps, num_warps_bwd=num_warps, num_stages=num_stages)
+      num_warps=num_warps, num_stages=num_stages)
 
   q_p = common.pad_axis(common.pad_axis(q, 1, q_len_padded), 3, d_pad)
   k_p = common.pad_axis(common.pad_axis(k, 1, kv_len_padded), 3, d_pad)

@@ -117,10 +117,9 @@ def _tanh_fn(cfg: KernelConfig):
   return jnp.tanh
 
 
-def _num_warps(cfg: KernelConfig, head_dim_padded: int, backward: bool) -> int:
-  explicit = cfg.num_warps_bwd if backward else cfg.num_warps
-  if explicit is not None:
-    return explicit
+def _num_warps(cfg: KernelConfig, head_dim_padded: int) -> int:
+  if cfg.num_warps is not None:
+    return cfg.num_warps
   return 4 if head_dim_padded <= 64 else 8
 
 
@@ -360,7 +359,7 @@ def forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
       in_specs=[sp["q"], sp["k"], sp["v"], sp["q_seg"], sp["kv_seg"]],
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=_compiler_params(_num_warps(cfg, d, False), cfg.num_stages or 2),
+      compiler_params=_compiler_params(_num_warps(cfg, d), cfg.num_stages or 2),
       interpret=cfg.interpret,
       name=f"flash_{cfg.kind}_fwd",
   )(q, k, v, q_seg, kv_seg)
@@ -376,7 +375,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
   delta = None
   if cfg.kind == "softmax":
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
-  params = _compiler_params(_num_warps(cfg, d, True), cfg.num_stages or 2)
+  params = _compiler_params(_num_warps(cfg, d), cfg.num_stages or 2)
 
   # dK/dV per *query* head; GQA sums the group afterwards (as FlashAttention-2 does),
   # in float32 so the sum does not round G times.
