@@ -19,6 +19,7 @@ attention-map PNGs under <workdir>/attention_maps/.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -30,7 +31,6 @@ import numpy as np
 from attnlab import checkpoint as checkpoint_lib
 from attnlab import data as data_lib
 from attnlab import models
-from attnlab import optim
 from attnlab import train as train_lib
 
 SMALL_WEIGHT = 1e-3
@@ -57,8 +57,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     FileNotFoundError: the workdir has no checkpoint (at that step).
   """
   exp = train_lib.load_experiment(config)
-  tx, schedule = optim.make_optimizer(exp.optim, exp.num_steps)
-  fns = train_lib.make_model_fns(exp.model_cfg, tx, schedule)
+  fns = train_lib.experiment_fns(exp.model_cfg, exp.optim, exp.num_steps, config.label_smoothing)
   abstract_state = jax.eval_shape(fns.init, config.seed)
   shard = train_lib.Shardings.data_parallel(abstract_state, config.eval_batch_size)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -97,7 +96,13 @@ def _diagnostic_inputs(exp: train_lib.Experiment, n: int) -> np.ndarray:
 
 
 def _attention_maps(fns: train_lib.ModelFns, params, inputs):
-  return jax.jit(lambda p, x: models.attention_maps(fns.merge(p), x))(params, inputs)
+  return jax.jit(_maps_fn(fns))(params, inputs)
+
+
+@functools.lru_cache(maxsize=8)
+def _maps_fn(fns: train_lib.ModelFns):
+  # One function object per model, so jit compiles it once per process.
+  return lambda params, inputs: models.attention_maps(fns.merge(params), inputs)
 
 
 def attention_stats(weights: np.ndarray, *, causal: bool) -> dict[str, float]:

@@ -23,6 +23,7 @@ counters and a resumed run draws the same masks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import sys
@@ -237,7 +238,7 @@ def make_model_fns(model_cfg, tx: optax.GradientTransformation, schedule: optax.
     step_metrics = {
         "loss": loss,
         "accuracy": sums["correct_sum"] / jnp.maximum(sums["weight_sum"], 1.0),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": _global_norm(grads),
         "learning_rate": schedule(state.step),
         "finite": finite,
     }
@@ -251,6 +252,19 @@ def make_model_fns(model_cfg, tx: optax.GradientTransformation, schedule: optax.
                   merge=merge)
 
 
+@functools.lru_cache(maxsize=8)
+def experiment_fns(model_cfg, optim_cfg: optim.OptimConfig, num_steps: int,
+                   label_smoothing: float = 0.0) -> ModelFns:
+  """`make_model_fns` with the experiment's optimizer, memoised.
+
+  The same experiment in one process (train then evaluate, repeated runs in
+  a notebook or tests) gets the same function objects, so jax.jit reuses the
+  compiled executables instead of compiling again.
+  """
+  tx, schedule = optim.make_optimizer(optim_cfg, num_steps)
+  return make_model_fns(model_cfg, tx, schedule, label_smoothing=label_smoothing)
+
+
 def _check_only_rng_state(rest: nnx.State) -> None:
   for path, variable in nnx.to_flat_state(rest):
     if not isinstance(variable, nnx.RngState):
@@ -258,6 +272,10 @@ def _check_only_rng_state(rest: nnx.State) -> None:
           f"The model has non-parameter state {'/'.join(map(str, path))} "
           f"({type(variable).__name__}); attnlab.train carries parameters only."
       )
+
+
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -322,8 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     f.write(config.to_json_best_effort(indent=2))
 
   # 3. Model, optimizer, state shapes.
-  tx, schedule = optim.make_optimizer(exp.optim, exp.num_steps)
-  fns = make_model_fns(exp.model_cfg, tx, schedule, label_smoothing=config.label_smoothing)
+  fns = experiment_fns(exp.model_cfg, exp.optim, exp.num_steps, config.label_smoothing)
   abstract_state = jax.eval_shape(fns.init, config.seed)
   shard = Shardings.data_parallel(abstract_state, config.batch_size)
 
@@ -354,39 +371,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending: list[tuple[int, dict]] = []  # device metrics not yet checked for NaN
   last_log = (start, time.perf_counter())
   loop_start = time.perf_counter()
-  with _PreemptionSignal() as preemption:
-    for step in range(start + 1, exp.num_steps + 1):
-      state, step_metrics = train_step(state, jax.device_put(next(data_iter), shard.batch))
-      pending.append((step, step_metrics))
-      must_save = ckpt.should_save(step) or step == exp.num_steps or preemption.received
-      if step % config.log_every_steps == 0 or must_save or step == start + 1:
-        values = _check_finite(pending)
-        pending.clear()
-        if step % config.log_every_steps == 0 or step == exp.num_steps:
-          now = time.perf_counter()
-          rate = (step - last_log[0]) * config.batch_size / max(now - last_log[1], 1e-9)
-          writer.write(step, "train", {**values, "examples_per_sec": rate})
-          last_log = (step, now)
-        progress.update(step, {"loss": values["loss"], "acc": values["accuracy"]})
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and step != exp.num_steps:
-        writer.write(step, "eval", _prefixed(evaluate_params(exp, eval_step, state.params, shard)))
-      if must_save:
-        ckpt.save(step, state, data_iter.get_state())
-      if step == hang_after:
-        ckpt.wait()
-        print(f"HANGING after step {step}", flush=True)
-        while True:
-          time.sleep(60)
-      if preemption.received:
-        ckpt.close()
-        writer.close()
-        progress.close()
-        print(f"SIGTERM: saved a checkpoint at step {step} in "
-              f"{checkpoint_lib.checkpoint_dir(workdir)}; exiting.", file=sys.stderr, flush=True)
-        raise SystemExit(143)
-  progress.close()
+  try:
+    with _PreemptionSignal() as preemption:
+      for step in range(start + 1, exp.num_steps + 1):
+        state, step_metrics = train_step(state, jax.device_put(next(data_iter), shard.batch))
+        pending.append((step, step_metrics))
+        must_save = ckpt.should_save(step) or step == exp.num_steps
+        if step % config.log_every_steps == 0 or must_save or step == start + 1:
+          # The only host sync: every pending step is checked before a checkpoint.
+          values = _check_finite(pending)
+          pending.clear()
+          if step % config.log_every_steps == 0 or step == exp.num_steps:
+            now = time.perf_counter()
+            rate = (step - last_log[0]) * config.batch_size / max(now - last_log[1], 1e-9)
+            writer.write(step, "train", {**values, "examples_per_sec": rate})
+            last_log = (step, now)
+          progress.update(step, {"loss": values["loss"], "acc": values["accuracy"]})
+        if config.eval_every_steps and step % config.eval_every_steps == 0 and step != exp.num_steps:
+          writer.write(step, "eval", _prefixed(evaluate_params(exp, eval_step, state.params, shard)))
+        if must_save:
+          ckpt.save(step, state, data_iter.get_state())
+        if step == hang_after:
+          ckpt.wait()
+          print(f"HANGING after step {step}", flush=True)
+          while not preemption.received:
+            time.sleep(0.05)
+        if preemption.received:
+          if not must_save:
+            _check_finite(pending)
+            ckpt.save(step, state, data_iter.get_state())
+          ckpt.wait()
+          print(f"SIGTERM: saved a checkpoint at step {step} in "
+                f"{checkpoint_lib.checkpoint_dir(workdir)}; exiting.", file=sys.stderr, flush=True)
+          raise SystemExit(143)
+  finally:
+    progress.close()
+    ckpt.close()  # waits for checkpoints in flight (all of them finite)
   train_seconds = time.perf_counter() - loop_start
-  ckpt.close()
 
   # 7. Final evaluation.
   final_step = int(jax.device_get(state.step))
@@ -410,6 +431,8 @@ def _prefixed(values: dict[str, float]) -> dict[str, float]:
 
 def _check_finite(pending: list[tuple[int, dict]]) -> dict[str, float]:
   """Fetches pending step metrics; raises on the first non-finite one; returns the last."""
+  if not pending:
+    return {}
   fetched = jax.device_get([m for _, m in pending])
   for (step, _), values in zip(pending, fetched):
     if not bool(values["finite"]):

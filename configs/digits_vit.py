@@ -72,9 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.update(depth=1, width=32, num_heads=2, mlp_dim=64)
     config.batch_size = 32
     config.num_epochs = None
-    config.total_steps = 6
+    config.total_steps = 8
     config.log_every_steps = 2
-    config.checkpoint_every_steps = 3
+    config.checkpoint_every_steps = 2
     config.eval_batch_size = 100
     config.progress_bar = False
     config.diagnostics_examples = 8
