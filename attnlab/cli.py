@@ -61,19 +61,24 @@ def _exit_bad_override(e: BaseException) -> None:
 
 
 def config_and_workdir() -> tuple[Any, str]:
-  """The parsed config and the workdir (default: runs/<config stem>[_<arg>])."""
+  """The parsed config and the workdir (default: `default_workdir`)."""
   workdir = FLAGS.workdir
   if workdir is None:
-    path = config_flags.get_config_filename(FLAGS[_CONFIG])
-    stem = os.path.splitext(os.path.basename(path))[0]
-    arg = FLAGS[_CONFIG].value and _config_arg(FLAGS[_CONFIG].serialize())
-    workdir = os.path.join("runs", stem + (f"_{re.sub(r'[^A-Za-z0-9.]+', '_', arg)}" if arg else ""))
+    spec = FLAGS[_CONFIG].serialize().split("=", 1)[-1]
+    workdir = default_workdir(spec)
   return FLAGS[_CONFIG].value, workdir
 
 
-def _config_arg(serialized: str) -> str:
-  value = serialized.split("=", 1)[-1]
-  return value.split(":", 1)[1] if ":" in value else ""
+def default_workdir(config_spec: str) -> str:
+  """runs/<config file stem>[_<arg>]: "configs/digits_vit.py:sigmoid" -> runs/digits_vit_sigmoid.
+
+  Each (config, arg) gets its own directory, so a softmax run never resumes
+  from a sigmoid run's checkpoints.
+  """
+  path, _, arg = config_spec.partition(":")
+  stem = os.path.splitext(os.path.basename(path))[0]
+  suffix = re.sub(r"[^A-Za-z0-9.]+", "_", arg).strip("_")
+  return os.path.join("runs", f"{stem}_{suffix}" if suffix else stem)
 
 
 def run_main(argv: list[str], fn: Callable[[Any, str], None]) -> None:

@@ -119,6 +119,11 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       result[key] = _convert(value, defaults[key], key)
     elif isinstance(defaults.get(token), bool):
       result[token] = True
+    elif _close_to_flag(token, defaults):
+      raise ConfigError(
+          f"Config argument {token!r} is not a flag.{suggest(token, _flags(defaults))} "
+          f"Flags: {', '.join(_flags(defaults))}."
+      )
     elif positional:
       key = positional.pop(0)
       result[key] = _convert(token, defaults[key], key)
@@ -129,6 +134,15 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
           f"{suggest(token, defaults)}"
       )
   return ml_collections.ConfigDict(result).lock()
+
+
+def _flags(defaults: dict[str, Any]) -> list[str]:
+  return [k for k, v in defaults.items() if isinstance(v, bool)]
+
+
+def _close_to_flag(token: str, defaults: dict[str, Any]) -> bool:
+  """A misspelt flag ("quik") is an error, not a value for the positional field."""
+  return bool(difflib.get_close_matches(token, _flags(defaults), n=1, cutoff=0.75))
 
 
 def _convert(value: str, default: Any, key: str) -> Any:
