@@ -4,11 +4,31 @@
                                  qk_norm="rms", layer_scale=1e-4)
     model = ViT(cfg, rngs=nnx.Rngs(params=0, dropout=1))
     logits_BC = model(images_BHWC, deterministic=True)
-    maps = attention_maps(model, images_BHWC)      # list per layer of [B, H, N, N]
 
     cfg = TransformerConfig(width=64, depth=2, num_heads=4, vocab_size=256, positions="alibi")
     lm = Transformer(cfg, rngs=nnx.Rngs(0))
-    logits_BLV = lm(tokens_BL, padding_mask_BL=mask_BL)
+    logits_BLV = lm(tokens_BL, padding_mask_BL=mask_BL, deterministic=True)
+
+A pure train step (jit- and vmap-friendly: nothing in the model is mutated):
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    def loss_fn(params, batch, key):
+      m = nnx.merge(graphdef, params, rest)
+      logits = m(batch["image"], deterministic=False, rngs=nnx.Rngs(dropout=key))
+      ...
+
+(`rngs=None` draws dropout masks from the streams the model was built with, the
+NNX idiom under `nnx.jit` / `nnx.value_and_grad`; a model without dropout holds
+no RNG state at all.)
+
+Attention maps for diagnostics come from the same forward pass:
+
+    maps = attention_maps(model, images_BHWC)        # list per layer of [B, H, N, N] f32
+    logits, maps = model(x, deterministic=True, return_attention_weights=True)
+
+Every parameter carries logical axis names (`logical_axes(model)`), which
+`nnx.get_partition_spec` turns into mesh shardings under
+`flax.linen.logical_axis_rules`.
 """
 
 from attnlab.models.layers import (

@@ -386,8 +386,8 @@ class MultiHeadAttention(nnx.Module):
         deterministic))
     weights_BHLL = None
     if use_weights:
-      mask = None if kv_mask_BL is None else kv_mask_BL[:, None, None, :]
-      weights_BHLL = attention.weights(q_BLHD, k_BLhD, kind=cfg.attention, mask=mask,
+      weights_BHLL = attention.weights(q_BLHD, k_BLhD, kind=cfg.attention,
+                                       mask=key_padding_mask(kv_mask_BL),
                                        is_causal=is_causal, bias=bias, **kind_options)
       dropped = self.weights_dropout(weights_BHLL, deterministic=deterministic, rngs=rngs)
       out_BLHD = attention.apply_weights(dropped, v_BLhD, kind=cfg.attention,
@@ -414,7 +414,12 @@ class MultiHeadAttention(nnx.Module):
       # so real queries see only real keys (padding rows see padding and are ignored later).
       seg_BL = kv_mask_BL.astype(jnp.int32)
       return {"q_segment_ids": seg_BL, "kv_segment_ids": seg_BL}
-    return {"mask": kv_mask_BL[:, None, None, :]}
+    return {"mask": key_padding_mask(kv_mask_BL)}
+
+
+def key_padding_mask(kv_mask_BL: Array | None) -> Array | None:
+  """[B, L] real-token flags as the attention mask [B, 1, 1, L] (every query, every head)."""
+  return None if kv_mask_BL is None else kv_mask_BL[:, None, None, :]
 
 
 class Mlp(nnx.Module):
