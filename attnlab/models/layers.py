@@ -382,8 +382,8 @@ class MultiHeadAttention(nnx.Module):
       q_BLHD, k_BLhD = apply_rope(q_BLHD, *rope), apply_rope(k_BLhD, *rope)
 
     kind_options = dict(cfg.attention_options)
-    use_weights = return_weights or (cfg.attention_dropout_rate > 0 and not self._is_deterministic(
-        deterministic))
+    drop_weights = cfg.attention_dropout_rate > 0 and not self._is_deterministic(deterministic)
+    use_weights = return_weights or drop_weights
     weights_BHLL = None
     if use_weights:
       weights_BHLL = attention.weights(q_BLHD, k_BLhD, kind=cfg.attention,

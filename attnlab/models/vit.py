@@ -148,7 +148,8 @@ class ViT(nnx.Module):
                              bias_axes=("classes",), cfg=cfg, rngs=rngs, kernel_init=head_init)
 
   def __call__(self, images_BHWC: Array, *, deterministic: bool | None = None,
-               rngs: nnx.Rngs | None = None, return_attention_weights: bool = False) -> Array | tuple[Array, tuple[Array, ...]]:
+               rngs: nnx.Rngs | None = None, return_attention_weights: bool = False
+               ) -> Array | tuple[Array, tuple[Array, ...]]:
     """Classifies a batch of images.
 
     Args:
