@@ -100,6 +100,7 @@ def test_digits_quick_trains_checkpoints_and_evaluates(digits_run):
   assert 0.0 < layer["entropy"] <= np.log(4) + 1e-6  # quick model: 4x4 patches of 8x8, 4 tokens
   assert 0.0 <= layer["first_token"] <= 1.0 and 0.0 <= layer["below_1e-3"] <= 1.0
   assert all(os.path.getsize(p) > 0 for p in result["pngs"])
+  assert "tensorflow" not in sys.modules  # TFDS read through ArrayRecord, no TensorFlow
 
 
 def test_evaluate_an_earlier_step_and_a_missing_one(digits_run):
