@@ -32,6 +32,12 @@ class Checkpointer:
         item_names=("state", "data"),
     )
 
+  @staticmethod
+  def exists(workdir: str) -> bool:
+    """Whether `workdir` holds at least one finished checkpoint (without creating anything)."""
+    directory = checkpoint_dir(workdir)
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 

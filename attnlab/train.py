@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import signal
 import sys
@@ -335,6 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   # 1-2. Config and data (fail fast).
   exp = load_experiment(config)
+  _check_same_run(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -423,6 +425,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "train_seconds": train_seconds,
   }
   return summary
+
+
+# Fields that may change when a run resumes: they do not change what is trained.
+_RESUMABLE_CHANGES = ("progress_bar", "log_every_steps", "eval_every_steps", "eval_batch_size",
+                      "checkpoint_every_steps", "keep_checkpoints", "diagnostics_examples",
+                      "data.data_dir")
+
+
+def _check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a workdir's checkpoints under a config that trains something else."""
+  path = os.path.join(workdir, "config.json")
+  if not (os.path.exists(path) and checkpoint_lib.Checkpointer.exists(workdir)):
+    return
+  with open(path, encoding="utf-8") as f:
+    saved = _flatten(json.load(f))
+  current = _flatten(json.loads(config.to_json_best_effort()))
+  differ = sorted(k for k in saved.keys() | current.keys()
+                  if saved.get(k) != current.get(k) and k not in _RESUMABLE_CHANGES)
+  if differ:
+    raise configlib.ConfigError(
+        f"{workdir} holds checkpoints of a run with another config (fields {differ} differ: "
+        f"{[(saved.get(k), current.get(k)) for k in differ]}). Use a new --workdir, or the "
+        "run's own config to resume it."
+    )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 def _prefixed(values: dict[str, float]) -> dict[str, float]:

@@ -207,6 +207,14 @@ def test_unknown_config_fields_suggest_the_nearest(data_dir):
     train.load_experiment(config)
 
 
+def test_resuming_under_another_config_is_refused(digits_run):
+  _, workdir, _ = digits_run
+  other = configlib.load("configs/digits_vit.py:softmax,quick")
+  other.data.data_dir = digits_run[0].data.data_dir
+  with pytest.raises(configlib.ConfigError, match=r"another config \(fields \['model.attention'\]"):
+    train.train_and_evaluate(other, workdir)
+
+
 def test_missing_data_fails_before_training(tmp_path):
   config = quick_config("mnist_vit.py:quick", str(tmp_path / "empty"))
   with pytest.raises(data_lib.DatasetNotPreparedError, match="attnlab.data.prepare mnist"):
