@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+
+from timing import median_ms  # benchmarks/timing.py
 
 from attnlab import attention
 from attnlab.attention import chunked
@@ -35,16 +35,6 @@ def implementations(block_k: int):
     impls[f"{kind} chunked"] = (lambda kind: lambda q, k, v: attention.attend(
         q, k, v, kind=kind, impl="chunked", block_k=block_k))(kind)
   return impls
-
-
-def median_ms(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
 
 
 def peak_mib(jitted, args) -> float:

@@ -23,12 +23,13 @@ import datetime
 import io
 import statistics
 import sys
-import time
 import warnings
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from timing import median_ms  # benchmarks/timing.py
 
 from attnlab import attention
 from attnlab.kernels import flash_attention
@@ -83,16 +84,6 @@ def implementations(interpret: bool, xla_max_len: int, length: int, gqa: bool):
         (lambda kind: lambda q, k, v, c: attention.attend(q, k, v, kind=kind, is_causal=c,
                                                           impl="xla"))(kind))
   return impls
-
-
-def median_ms(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
 
 
 def compile_once(fn, args):
