@@ -115,7 +115,13 @@ class Progress:
     if enabled and sys.stderr.isatty():
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top  # installed with tfds
 
-      self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+      # A pseudo-terminal may report 0 columns, which tqdm would draw as nothing.
+      try:
+        sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+      except OSError:
+        sized = False
+      self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=sized,
+                       ncols=None if sized else 100)
     self.enabled = enabled
 
   def update(self, step: int, values: dict[str, float]) -> None:
