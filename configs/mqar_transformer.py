@@ -1,8 +1,8 @@
 r"""Transformer LM on multi-query associative recall (MQAR, Zoology): sigmoid vs softmax.
 
-Each sequence lists 8 key-value pairs and then queries 8 of the keys at random
-positions; the model must output each key's value (loss and accuracy only on
-those answer positions). Synthetic: example i of a split is a function of
+Each 32-token sequence lists 4 key-value pairs and then queries the 4 keys at
+random positions; the model must output each key's value (loss and accuracy
+only on those answer positions). Synthetic: example i of a split is a function of
 (seed, split, i), so nothing is downloaded and any subset is reproducible.
 
   python train.py --config configs/mqar_transformer.py:sigmoid   # -> runs/mqar_transformer_sigmoid
@@ -15,9 +15,15 @@ Argument (after the colon, comma-separated):
   quick             a few steps of a tiny model (tests; seconds)
   train_examples=N  train on the first N of the 100,000 training sequences
 
-Expected: see the docstring's table in the report of this config's first run
-(answer accuracy at chance is 1/32 ~ 3%; a 2-layer model that forms an
-induction circuit reaches ~100%). About 6 minutes on 2 busy CPU cores.
+Expected (measured, seed 0, 1,500 steps; answer accuracy on the 1,000 test
+sequences; chance is 1/32, guessing among the 4 values in context 1/4):
+
+  kind      step 500   step 1000   step 1500   training time (2 busy CPU cores)
+  sigmoid     92.4%      100.0%      100.0%      151 s
+  softmax     50.6%       53.5%       54.1%      105 s
+
+One seed only: a sample-efficiency claim needs the seed/subset sweep. About
+3 minutes per run including compilation.
 """
 
 import ml_collections
@@ -40,8 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       train_examples=args.train_examples or None,
       train_size=100_000,  # the synthetic "train" split
       eval_size=1_000,  # the synthetic "test" split: other sequences, same for every subset
-      mqar=configlib.from_dataclass(MQARSpec, vocab_size=64, num_kv_pairs=8, num_queries=8,
-                                    seq_len=64),
+      # 31 keys, 32 values; 4 pairs queried 4 times in 32 tokens: an induction
+      # circuit solves it, and two layers learn one within a CPU budget.
+      mqar=configlib.from_dataclass(MQARSpec, vocab_size=64, num_kv_pairs=4, num_queries=4,
+                                    seq_len=32),
   )
 
   config.model_name = "transformer"
@@ -53,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
 
   config.batch_size = 64
-  config.total_steps = 3_000
+  config.total_steps = 1_500
   config.num_epochs = None
   config.total_examples = None
 
@@ -62,9 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
 
   config.log_every_steps = 100
-  config.eval_every_steps = 1_000
+  config.eval_every_steps = 500
   config.eval_batch_size = 250
-  config.checkpoint_every_steps = 1_000
+  config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2
   config.progress_bar = True
   config.diagnostics_examples = 16
