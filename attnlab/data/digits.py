@@ -13,6 +13,8 @@ with numpy seed 0; its first 297 are `test`, the other 1,500 `train`.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
@@ -82,5 +84,11 @@ def prepare(data_dir: str | None = None) -> Digits:
   """Returns the `digits` builder, preparing it into `data_dir` if needed (offline)."""
   builder = Digits(data_dir=data_dir, file_format="array_record")
   if not builder.is_prepared():
-    builder.download_and_prepare()
+    print(f"Preparing the digits data set in {builder.data_dir} (first use, offline)...",
+          file=sys.stderr, flush=True)
+    tfds.display_progress_bar(False)  # TFDS's per-split bars are noise for 1,797 images.
+    try:
+      builder.download_and_prepare()
+    finally:
+      tfds.display_progress_bar(True)
   return builder
