@@ -15,6 +15,18 @@ from attnlab.models import layers
 WIDTH, HEADS, LEN = 16, 4, 5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fast_xla_compile():
+  """These tests check values, not speed: skip XLA's optimisation passes (halves compile time).
+
+  Restored afterwards, so other test modules in the same worker are unaffected.
+  """
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
 def backbone(**overrides) -> layers.BackboneConfig:
   return layers.BackboneConfig(**{"width": WIDTH, "depth": 1, "num_heads": HEADS, **overrides})
 

@@ -26,6 +26,18 @@ from attnlab.models import (
 )
 
 KINDS = sorted(attention.KINDS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_xla_compile():
+  """These tests check values, not speed: skip XLA's optimisation passes (halves compile time).
+
+  Restored afterwards, so other test modules in the same worker are unaffected.
+  """
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
 VOCAB, LEN = 11, 10
 
 
@@ -371,8 +383,9 @@ def test_vmapped_train_step_with_dropout_matches_a_loop():
   for i, p in enumerate((p0, p1)):
     loss_i, grads_i = step(p, keys[i])
     np.testing.assert_allclose(losses[i], loss_i, rtol=1e-5)
+    # Gradients reach ~500 here; atol allows float32 cancellation at that scale.
     chex.assert_trees_all_close(jax.tree.map(lambda g: g[i], grads), grads_i, rtol=1e-4,
-                                atol=1e-6)
+                                atol=1e-3)
   assert abs(float(losses[0] - losses[1])) > 1e-6
   # Dropout is really on and keyed: another key, another loss; the same key, the same loss.
   assert abs(float(step(p0, keys[1])[0] - losses[0])) > 1e-6
