@@ -5,6 +5,7 @@ import dataclasses
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -63,7 +64,8 @@ def test_bad_config_names_the_field(overrides, field):
 
 
 def test_config_is_frozen_and_hashable_with_options_dict():
-  a = backbone(attention="sigmoid", attention_options={"sigmoid_bias": -2.0}, dtype=jnp.bfloat16)
+  a = backbone(attention="sigmoid", attention_options=ml_collections.ConfigDict(
+      {"sigmoid_bias": -2.0}), dtype=jnp.bfloat16)
   b = backbone(attention="sigmoid", attention_options=(("sigmoid_bias", -2.0),), dtype="bfloat16")
   assert a == b and hash(a) == hash(b)
   assert a.attention_options == (("sigmoid_bias", -2.0),)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -55,7 +55,8 @@ def freeze_options(owner: str, field: str, value: Any) -> tuple[tuple[str, Any],
   """A mapping (or pairs) as a sorted tuple of pairs, so the frozen config stays hashable."""
   if value is None:
     return ()
-  items = value.items() if isinstance(value, Mapping) else value
+  # Duck-typed: a dict, a Mapping or an ml_collections ConfigDict all have items().
+  items = value.items() if hasattr(value, "items") else value
   try:
     pairs = tuple((k, v) for k, v in items)
   except (TypeError, ValueError):
