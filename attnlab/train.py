@@ -16,8 +16,9 @@ Reads top to bottom:
 
 The train state is a plain pytree (`TrainState`): the model's parameters split
 off its `nnx.GraphDef`, the optax state, the step and a PRNG key. Dropout keys
-are derived from (key, step) inside the step, so the state holds no hidden RNG
-counters and a resumed run draws the same masks.
+are derived from (key, step) inside the step and passed to the model at call
+time, so the state holds no hidden RNG counters and a resumed run draws the
+same masks.
 """
 
 from __future__ import annotations
@@ -199,9 +200,10 @@ def make_model_fns(model_cfg, tx: optax.GradientTransformation, schedule: optax.
   abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, jax.random.key(0)))
   graphdef, _, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
   _check_only_rng_state(abstract_rest)
-  # The non-parameter state is the dropout streams' keys and counters; every
-  # step reseeds them (nnx.reseed), so their values never matter and one
-  # concrete copy serves every state, step and vmapped cell.
+  # The non-parameter state (if any) is the dropout streams the model was
+  # built with. Every call below passes its own dropout key instead, so those
+  # streams are never read or advanced: one concrete copy serves every state,
+  # step and vmapped cell, and the train state holds parameters only.
   rest = jax.jit(lambda: nnx.split(build_model(model_cfg, jax.random.key(0)), nnx.Param, ...)[2])()
 
   def init(seed: jax.Array) -> TrainState:
@@ -210,23 +212,17 @@ def make_model_fns(model_cfg, tx: optax.GradientTransformation, schedule: optax.
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(key, 1)))
 
-  def merge(params: nnx.State, rest_state: nnx.State = rest) -> nnx.Module:
-    # copy=True: fresh variables in the current trace (NNX refuses to mutate,
-    # e.g. advance an RNG counter of, a variable created at another trace level).
-    return nnx.merge(graphdef, params, rest_state, copy=True)
-
-  def reseeded_rest(params: nnx.State, dropout_key: jax.Array) -> nnx.State:
-    model = merge(params)
-    nnx.reseed(model, dropout=dropout_key)
-    return nnx.split(model, nnx.Param, ...)[2]
+  def merge(params: nnx.State) -> nnx.Module:
+    # copy=True: fresh variables in the current trace, so that NNX never sees
+    # a variable created at another trace level.
+    return nnx.merge(graphdef, params, rest, copy=True)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    step_rest = reseeded_rest(state.params, dropout_key)
 
     def loss_fn(params):
-      model = merge(params, step_rest)
-      logits = apply_model(model, batch["inputs"], deterministic=False)
+      logits = apply_model(merge(params), batch["inputs"], deterministic=False,
+                           rngs=nnx.Rngs(dropout=dropout_key))
       sums = metrics_lib.weighted_sums(logits, batch["targets"], batch["weights"],
                                        label_smoothing=label_smoothing)
       return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
