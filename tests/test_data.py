@@ -243,3 +243,20 @@ def test_mocked_tiny_shakespeare_loads_as_byte_lm(tmp_path):
 def test_bad_data_config_is_a_clear_error(fields, match):
   with pytest.raises(ValueError, match=match):
     data.DataConfig(**fields)
+
+
+def test_random_shift_is_deterministic_and_redrawn_each_epoch(data_dir):
+  sets = data.load(data.DataConfig(name="digits", data_dir=data_dir, random_shift=1), seed=0)
+  plain = data.load(data.DataConfig(name="digits", data_dir=data_dir), seed=0)
+  a = data.train_batches(sets, batch_size=500, num_steps=6, seed=1)
+  b = data.train_batches(sets, batch_size=500, num_steps=6, seed=1)
+  unshifted = data.train_batches(plain, batch_size=500, num_steps=6, seed=1)
+  np.testing.assert_array_equal(a[3]["inputs"], b[3]["inputs"])
+  np.testing.assert_array_equal(a[3]["targets"], unshifted[3]["targets"])  # same order
+  assert a[3]["inputs"].shape == (500, 8, 8, 1)
+  assert not np.array_equal(a[3]["inputs"], unshifted[3]["inputs"])
+  # Every shifted image is its original translated by at most one pixel.
+  original, shifted = unshifted[0]["inputs"][0, ..., 0], a[0]["inputs"][0, ..., 0]
+  padded = np.pad(original, 1, constant_values=-1.0)
+  assert any(np.array_equal(padded[dy:dy + 8, dx:dx + 8], shifted)
+             for dy in range(3) for dx in range(3))

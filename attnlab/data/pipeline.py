@@ -18,8 +18,9 @@ examples (nested subsets), and the evaluation split never depends on them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -46,6 +47,9 @@ class DataConfig:
     eval_split: split spec to evaluate on; never affected by train_examples.
     train_examples: if set, train on the first n examples of a fixed
       permutation (drawn with subset_seed) of train_split.
+    random_shift: image data sets: translate each training image by up to
+      this many pixels (uniform per axis, background fill), a fresh draw per
+      epoch from (seed, position in the run); 0: no augmentation.
     subset_seed: seed of that permutation; keep it fixed across training seeds
       so that subsets are nested and shared.
     seq_len: tokens per training window (tiny_shakespeare).
@@ -59,6 +63,7 @@ class DataConfig:
   train_split: str = "train"
   eval_split: str = "test"
   train_examples: int | None = None
+  random_shift: int = 0
   subset_seed: int = 0
   seq_len: int | None = None
   train_size: int | None = None
@@ -73,6 +78,11 @@ class DataConfig:
           f"config.data.name={self.name!r} is not a known data set.{suggest(self.name, DATASETS)} "
           f"Expected one of {', '.join(DATASETS)}."
       )
+    if self.random_shift and self.name not in IMAGE_DATASETS:
+      raise ValueError(f"config.data.random_shift={self.random_shift} applies to images only; "
+                       f"{self.name!r} is not an image data set.")
+    if self.random_shift < 0:
+      raise ValueError(f"config.data.random_shift={self.random_shift}: expected >= 0.")
     if self.train_examples is not None and self.train_examples < 1:
       raise ValueError(f"config.data.train_examples={self.train_examples}: expected >= 1 or None.")
     needs = {"seq_len": self.name in TEXT_DATASETS, "mqar": self.name in SYNTHETIC_DATASETS,
@@ -108,11 +118,12 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Datasets:
-  """Unbatched, formatted examples of both splits, and their spec."""
+  """Unbatched, formatted examples of both splits, their spec, and the training augmentation."""
 
   spec: DataSpec
   train: grain.MapDataset
   eval: grain.MapDataset
+  augment: Callable[[Batch, np.random.Generator], Batch] | None = None
 
 
 def load(config: DataConfig, *, seed: int) -> Datasets:
@@ -149,7 +160,8 @@ def load(config: DataConfig, *, seed: int) -> Datasets:
   if spec["task"] == "classification":
     train, evaluation = train.map(format_image_example), evaluation.map(format_image_example)
   spec = DataSpec(**spec, num_train_examples=len(train), num_eval_examples=len(evaluation))
-  return Datasets(spec=spec, train=train, eval=evaluation)
+  augment = functools.partial(random_shift, max_shift=config.random_shift) if config.random_shift else None
+  return Datasets(spec=spec, train=train, eval=evaluation, augment=augment)
 
 
 def _mqar_sources(config: DataConfig, seed: int):
@@ -203,6 +215,16 @@ def format_image_example(example: dict[str, Any]) -> Batch:
   }
 
 
+def random_shift(example: Batch, rng: np.random.Generator, *, max_shift: int) -> Batch:
+  """Translates example["inputs"] [H, W, C] by up to max_shift pixels, filling with -1 (black)."""
+  image = example["inputs"]
+  h, w = image.shape[:2]
+  padded = np.pad(image, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)),
+                  constant_values=-1.0)
+  dy, dx = rng.integers(0, 2 * max_shift + 1, size=2)
+  return {**example, "inputs": padded[dy : dy + h, dx : dx + w]}
+
+
 # ----------------------------------------------------------------------------
 # Budgets and batching.
 # ----------------------------------------------------------------------------
@@ -252,7 +274,12 @@ def train_batches(datasets: Datasets, *, batch_size: int, num_steps: int, seed: 
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}: expected >= 1.")
   epochs = math.ceil(num_steps * batch_size / len(datasets.train))
-  return datasets.train.seed(seed).shuffle().repeat(epochs).batch(batch_size, drop_remainder=True)
+  examples = datasets.train.seed(seed).shuffle().repeat(epochs)
+  if datasets.augment is not None:
+    # After repeat: the random draw depends on the position in the run, so
+    # every epoch sees other shifts, and a resumed run the same ones.
+    examples = examples.random_map(datasets.augment)
+  return examples.batch(batch_size, drop_remainder=True)
 
 
 def train_iterator(batches: grain.MapDataset, state: dict[str, Any] | None = None):
