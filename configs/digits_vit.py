@@ -12,8 +12,14 @@ Argument (after the colon, comma-separated):
   quick             a few steps of a tiny model (tests; seconds)
   train_examples=N  train on the first N of a fixed permutation (nested subsets)
 
-Expected: ~97% test accuracy (sigmoid 96.97%, seed 0) after 704 steps
-(60 epochs); about 4 minutes on 2 busy CPU cores, less on an idle laptop.
+Expected (measured, seed 0, 1,172 steps = 100 epochs, 2 shared CPU cores):
+
+  kind      test accuracy   test loss   wall time (incl. compile + data prep)
+  sigmoid       96.97%        0.164       1 min 57 s
+  softmax       96.63%        0.171       2 min 06 s
+
+(seed 1, sigmoid: 96.63%). Deterministic: the same config and seed give the
+same numbers on CPU.
 """
 
 import ml_collections
@@ -47,12 +53,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # 2409.04431); kept for softmax so the two differ only in the kind.
       qk_norm="rms",
       pool="gap",
-      dropout_rate=0.1,  # 1,500 training images: regularise
+      dropout_rate=0.2,  # 1,500 training images: regularise (0.1 gave ~1 point less)
   )
   config.model.variant = "mu/2"
 
   config.batch_size = 128
-  config.num_epochs = 60  # 704 steps; exactly one of num_epochs / total_steps / total_examples
+  config.num_epochs = 100  # 1,172 steps; exactly one of num_epochs / total_steps / total_examples
   config.total_steps = None
   config.total_examples = None
 
