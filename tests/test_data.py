@@ -1,5 +1,6 @@
 """Tests of attnlab.data: the offline digits builder, MQAR, text windows, pipelines, budgets."""
 
+import os
 import subprocess
 import sys
 
@@ -260,3 +261,12 @@ def test_random_shift_is_deterministic_and_redrawn_each_epoch(data_dir):
   padded = np.pad(original, 1, constant_values=-1.0)
   assert any(np.array_equal(padded[dy:dy + 8, dx:dx + 8], shifted)
              for dy in range(3) for dx in range(3))
+
+
+def test_prepare_command_prepares_digits_offline(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "attnlab.data.prepare", "digits", "--data_dir",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f"Prepared digits in {tmp_path}" in out.stdout
+  assert (tmp_path / "digits" / "1.0.0" / "dataset_info.json").exists()
