@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import grain
+import grain.python as grain  # the long-standing path (grain >= 0.2); newer versions also export it at top level
 import numpy as np
 
 from attnlab.data import sources
