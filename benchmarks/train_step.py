@@ -26,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import timing  # benchmarks/timing.py (this script runs as `python benchmarks/train_step.py`)
 
 from attnlab import models
 from attnlab import optim
@@ -41,14 +42,8 @@ SHAPES = (
 def matmul_rate(n: int = 1024, repeats: int = 7) -> float:
   """Median float32 FLOP/s of an n x n @ n x n matmul on the default device."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  jax.block_until_ready(f(a, a))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(f(a, a))
-    times.append(time.perf_counter() - start)
-  return 2 * n**3 / statistics.median(times)
+  seconds = statistics.median(timing.run_times(jax.jit(lambda x, y: x @ y), (a, a), repeats))
+  return 2 * n**3 / seconds
 
 
 def model_flops_per_example(cfg: models.ViTConfig) -> float:
