@@ -28,16 +28,7 @@ from attnlab.models import (
 KINDS = sorted(attention.KINDS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_xla_compile():
-  """These tests check values, not speed: skip XLA's optimisation passes (halves compile time).
-
-  Restored afterwards, so other test modules in the same worker are unaffected.
-  """
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_xla_compile")  # tests/conftest.py
 VOCAB, LEN = 11, 10
 
 
