@@ -1,8 +1,10 @@
 """MetricWriter: metrics.jsonl, resume truncation, and TensorBoard events when tensorboardX is there."""
 
 import glob
+import io
 import os
 import struct
+import sys
 
 from tensorboardX.proto import event_pb2  # the 'test' extra installs tensorboardX
 
@@ -47,3 +49,36 @@ def test_tensorboard_events_hold_the_same_scalars(tmp_path):
   scalars = read_tensorboard_scalars(str(tmp_path / "tensorboard"))
   assert sorted(scalars) == [("eval/accuracy", 20, 0.875), ("train/accuracy", 10, 0.75),
                              ("train/loss", 10, 0.5)]
+
+
+class _Terminal(io.StringIO):
+  """A stream that says it is a terminal, to see what a user's terminal would get."""
+
+  def isatty(self):
+    return True
+
+  def fileno(self):
+    raise OSError("no real terminal")  # so the bar falls back to a fixed width
+
+
+def test_progress_bar_on_a_terminal_shows_steps_and_loss(monkeypatch):
+  terminal = _Terminal()
+  monkeypatch.setattr(sys, "stderr", terminal)
+  progress = metrics.Progress(total=40, initial=0, enabled=True, log_every=10)
+  for step in range(1, 41):
+    progress.update(step, {"loss": 2.0 / step})
+  progress.close()
+  drawn = terminal.getvalue()
+  assert "40/40" in drawn and "loss=0.05" in drawn, drawn[-300:]
+
+
+def test_progress_without_a_terminal_logs_lines_with_eta(monkeypatch):
+  stream = io.StringIO()
+  monkeypatch.setattr(sys, "stderr", stream)
+  progress = metrics.Progress(total=20, initial=0, enabled=True, log_every=10)
+  for step in range(1, 21):
+    progress.update(step, {"loss": 1.0})
+  progress.close()
+  lines = stream.getvalue().splitlines()
+  assert [line.split()[1] for line in lines] == ["10/20", "20/20"]
+  assert all("ETA" in line for line in lines)
