@@ -102,18 +102,14 @@ def padded_head_dim(d: int) -> int:
 
 
 def _compiler_params(num_warps: int | None, num_stages: int | None) -> Any:
-  # Newer jax: plgpu.CompilerParams; older: plgpu.TritonCompilerParams.
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-  return cls(num_warps=num_warps, num_stages=num_stages)
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _tanh_fn(cfg: KernelConfig):
   if cfg.fast_tanh:
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-    approx = getattr(plgpu, "approx_tanh", None)
-    if approx is not None:
-      return approx  # tanh.approx.f32: one MUFU instruction (FlashSigmoid's trick)
+    return plgpu.approx_tanh  # tanh.approx.f32: one MUFU instruction (FlashSigmoid's trick)
   return jnp.tanh
 
 

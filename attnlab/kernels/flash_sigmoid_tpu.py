@@ -68,17 +68,12 @@ def padded_head_dim(d: int) -> int:
 
 
 def _compiler_params(num_parallel: int) -> Any:
-  # Newer jax: pltpu.CompilerParams; older: pltpu.TPUCompilerParams.
-  cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
-  return cls(dimension_semantics=("parallel",) * num_parallel + ("arbitrary",))
+  return pltpu.CompilerParams(dimension_semantics=("parallel",) * num_parallel + ("arbitrary",))
 
 
 def _interpret(cfg: KernelConfig) -> Any:
-  """TPU interpret mode (simulates VMEM/DMA semantics) where this jax has it."""
-  if not cfg.interpret:
-    return False
-  params = getattr(pltpu, "InterpretParams", None)
-  return params() if params is not None else True
+  """TPU interpret mode, which simulates VMEM/DMA semantics on the CPU."""
+  return pltpu.InterpretParams() if cfg.interpret else False
 
 
 # ------------------------------------------------------------------------------ kernels
