@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -63,11 +65,37 @@ def to_dataclass(cls: type[T], fields: Mapping[str, Any] | None, *, where: str, 
   return cls(**values)
 
 
+def nullable(value: Any, field_type: type) -> ml_collections.FieldReference:
+  """A config field that may hold None yet keeps its type.
+
+  A plain None field has type NoneType, and `--config.x=3` cannot override it
+  ("Type NoneType ... is not supported for overriding"); a typed reference can,
+  and may still be set to None later (e.g. by a `quick` variant).
+  """
+  return ml_collections.FieldReference(value, field_type=field_type)
+
+
+_OVERRIDABLE_TYPES = (int, float, str, bool)
+
+
+def _scalar_type(hint: Any) -> type | None:
+  """int for `int`, `int | None` or Optional[int] (likewise float, str, bool); else None."""
+  if hint in _OVERRIDABLE_TYPES:
+    return hint
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and args[0] in _OVERRIDABLE_TYPES:
+      return args[0]
+  return None
+
+
 def from_dataclass(cls: type, *, exclude: Iterable[str] = (), **overrides: Any) -> ml_collections.ConfigDict:
   """A ConfigDict with every field of dataclass `cls` (its default, or None), then `overrides`.
 
   Listing every field lets `--config.<section>.<field>=...` override any of
-  them once the config is locked, and keeps config files short.
+  them once the config is locked, and keeps config files short. Fields that
+  hold None and are typed `T` or `T | None` (T a scalar) become `nullable`
+  references, so they can be overridden from the command line too.
 
   Args:
     cls: the dataclass the trainer will build from this section.
@@ -86,6 +114,11 @@ def from_dataclass(cls: type, *, exclude: Iterable[str] = (), **overrides: Any) 
       values[f.name] = None
   check_known(overrides, list(values), where=cls.__name__)
   values.update(overrides)
+  hints = typing.get_type_hints(cls)
+  for name, value in values.items():
+    field_type = _scalar_type(hints.get(name))
+    if value is None and field_type is not None:
+      values[name] = nullable(None, field_type)
   return ml_collections.ConfigDict(values)
 
 

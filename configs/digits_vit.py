@@ -58,15 +58,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.variant = "mu/2"
 
   config.batch_size = 128
-  config.num_epochs = 100  # 1,172 steps; exactly one of num_epochs / total_steps / total_examples
-  config.total_steps = None
-  config.total_examples = None
+  config.num_epochs = configlib.nullable(100, int)  # 1,172 steps; exactly one of num_epochs / total_steps / total_examples
+  config.total_steps = configlib.nullable(None, int)
+  config.total_examples = configlib.nullable(None, int)
 
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=3e-3, weight_decay=0.05)
   config.label_smoothing = 0.1
 
   config.log_every_steps = 50
-  config.eval_every_steps = None  # None: evaluate at the end only
+  config.eval_every_steps = configlib.nullable(None, int)  # None: evaluate at the end only
   config.eval_batch_size = 300
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 2

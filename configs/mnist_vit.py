@@ -51,15 +51,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.variant = "mu/4"
 
   config.batch_size = 128
-  config.num_epochs = 10
-  config.total_steps = None
-  config.total_examples = None
+  config.num_epochs = configlib.nullable(10, int)
+  config.total_steps = configlib.nullable(None, int)
+  config.total_examples = configlib.nullable(None, int)
 
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=2e-3, weight_decay=0.05)
   config.label_smoothing = 0.1
 
   config.log_every_steps = 100
-  config.eval_every_steps = 1_000
+  config.eval_every_steps = configlib.nullable(1_000, int)
   config.eval_batch_size = 500
   config.checkpoint_every_steps = 1_000
   config.keep_checkpoints = 2

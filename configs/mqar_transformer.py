@@ -61,16 +61,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
 
   config.batch_size = 64
-  config.total_steps = 1_500
-  config.num_epochs = None
-  config.total_examples = None
+  config.total_steps = configlib.nullable(1_500, int)
+  config.num_epochs = configlib.nullable(None, int)
+  config.total_examples = configlib.nullable(None, int)
 
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=3e-3, weight_decay=0.1,
                                           warmup_fraction=0.1)
   config.label_smoothing = 0.0
 
   config.log_every_steps = 100
-  config.eval_every_steps = 500
+  config.eval_every_steps = configlib.nullable(500, int)
   config.eval_batch_size = 250
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2

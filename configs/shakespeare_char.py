@@ -43,16 +43,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       qk_norm="rms", dropout_rate=0.1)
 
   config.batch_size = 64
-  config.total_steps = 5_000
-  config.num_epochs = None
-  config.total_examples = None
+  config.total_steps = configlib.nullable(5_000, int)
+  config.num_epochs = configlib.nullable(None, int)
+  config.total_examples = configlib.nullable(None, int)
 
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=1e-3, weight_decay=0.1,
                                           b2=0.99)
   config.label_smoothing = 0.0
 
   config.log_every_steps = 100
-  config.eval_every_steps = 1_000
+  config.eval_every_steps = configlib.nullable(1_000, int)
   config.eval_batch_size = 64
   config.checkpoint_every_steps = 1_000
   config.keep_checkpoints = 2

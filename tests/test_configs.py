@@ -120,3 +120,26 @@ def test_command_line_override_typo_is_a_one_line_error(flags, tmp_path):
   assert 'Did you mean "learning_rate"' in out.stderr
   assert "Traceback" not in out.stderr
   assert not os.listdir(tmp_path)  # nothing ran
+
+
+@pytest.mark.parametrize("name", ["digits_vit.py", "mqar_transformer.py"])
+def test_fields_that_hold_none_can_be_overridden_from_the_command_line(name, monkeypatch):
+  """`--config.data.train_examples=500` is how a sample-efficiency run picks its subset."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  argv = ["prog", "--config.data.train_examples=500", "--config.total_examples=1000",
+          "--config.eval_every_steps=5", "--config.model.mlp_dim=48",
+          "--config.data.data_dir=/tmp/tfds"]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides when defined
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", name + ":quick"),
+                                  flag_values=flag_values, lock_config=True)
+  flag_values(argv)
+  config = flag_values.config
+  assert (config.data.train_examples, config.total_examples, config.eval_every_steps,
+          config.model.mlp_dim, config.data.data_dir) == (500, 1000, 5, 48, "/tmp/tfds")
+  # Typed references still read as plain values and may be set back to None.
+  assert config.to_dict()["data"]["train_examples"] == 500
+  config.total_examples = None
+  assert config.total_examples is None
