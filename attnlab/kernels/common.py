@@ -2,9 +2,10 @@
 
 Both backends run the same algorithm on the same tiling, so everything that is
 not backend-specific lives here: the static `KernelConfig`, block-size defaults
-and checks, padding to whole blocks, the causal block ranges and the per-tile
-mask and activations. The tile helpers use only `jnp`/`lax` ops that lower in
-Triton, Mosaic TPU and interpret mode alike.
+and checks, padding to whole blocks, the causal block ranges, the per-tile
+mask, activations and dS, and the backward's softmax delta and GQA group sum. The
+tile helpers use only `jnp`/`lax` ops that lower in Triton, Mosaic TPU and
+interpret mode alike.
 """
 
 from __future__ import annotations
@@ -251,11 +252,28 @@ def tile_mask(q_start: Any, k_start: Any, shape: tuple[int, int], cfg: KernelCon
   return mask
 
 
+def needs_mask(cfg: KernelConfig, has_segments: bool) -> bool:
+  """Whether any tile can need a mask; if not, every kernel runs only its unmasked path."""
+  return cfg.is_causal or cfg.kv_padded or has_segments
+
+
 def sigmoid_probs(s: jax.Array, cfg: KernelConfig,
                   tanh: Callable[[jax.Array], jax.Array] = jnp.tanh) -> jax.Array:
   """sigmoid(scale * s + b) through tanh: 0.5 * (1 + tanh(x / 2)) (one MUFU op on GPU)."""
   half_x = s * (0.5 * cfg.scale) + 0.5 * cfg.sigmoid_bias
   return 0.5 + 0.5 * tanh(half_x)
+
+
+def score_grad(p_QK: jax.Array, dp_QK: jax.Array, delta_Q1: jax.Array | None,
+               cfg: KernelConfig) -> jax.Array:
+  """dS of one tile (the gradient w.r.t. the scaled logits) from P and dP = dO V^T.
+
+  Sigmoid: dS = dP * P * (1 - P). Softmax: dS = P * (dP - delta), delta = rowsum(dO * O)
+  (`softmax_delta`). Masked entries stay exactly 0 because P is 0 there.
+  """
+  if cfg.kind == "sigmoid":
+    return dp_QK * p_QK * (1.0 - p_QK)
+  return p_QK * (dp_QK - delta_Q1)
 
 
 def dot_precision(dtype: Any) -> Any:
@@ -266,3 +284,22 @@ def dot_precision(dtype: Any) -> Any:
 def default_sigmoid_bias(kv_len: int) -> float:
   """b = -log(Lk) (Apple, arXiv 2409.04431): keeps the output norm independent of Lk."""
   return -math.log(max(kv_len, 1))
+
+
+# ------------------------------------------------------------------- backward, outside
+def softmax_delta(out_BQHD: jax.Array, do_BQHD: jax.Array) -> jax.Array:
+  """delta = rowsum(dO * O), [B, H, Lq] float32: the softmax backward's per-row term.
+
+  Computed by XLA before the kernels (one fused elementwise pass), not per tile.
+  """
+  return jnp.einsum("bqhd,bqhd->bhq", do_BQHD.astype(jnp.float32), out_BQHD.astype(jnp.float32))
+
+
+def sum_kv_groups(x_BLHD: jax.Array, num_kv_heads: int, dtype: Any) -> jax.Array:
+  """Sums per-query-head dK or dV [B, L, H, D] over each GQA group -> [B, L, Hkv, D] in `dtype`.
+
+  The kernels write one dK/dV per query head (as FlashAttention-2 does) in float32, so
+  this sum does not round `group` times.
+  """
+  b, length, h, d = x_BLHD.shape
+  return x_BLHD.reshape(b, length, num_kv_heads, h // num_kv_heads, d).sum(axis=3).astype(dtype)

@@ -120,6 +120,30 @@ def _num_warps(cfg: KernelConfig, head_dim_padded: int) -> int:
 
 
 # ------------------------------------------------------------------------------ kernels
+def _dot_t(a_XD: jax.Array, b_YD: jax.Array, precision: Any) -> jax.Array:
+  """a @ b.T accumulated in float32: the scores S = Q K^T and dP = dO V^T."""
+  return lax.dot_general(a_XD, b_YD, _CONTRACT_LAST, precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+def _key_tile(k_ref, v_ref, kv_seg_ref, k_block, q_QD, q_start, q_seg_Q1, cfg: KernelConfig,
+              bk: int, masked: bool):
+  """Key block `k_block` for a kernel that walks key blocks of whole K/V rows (forward, dQ).
+
+  Returns (K, V, S = Q K^T in float32, mask or None). kv segment ids are read only for
+  masked tiles.
+  """
+  k_start = k_block * bk
+  k_KD = k_ref[pl.ds(k_start, bk), :]
+  v_KD = v_ref[pl.ds(k_start, bk), :]
+  s_QK = _dot_t(q_QD, k_KD, common.dot_precision(q_QD.dtype))
+  mask_QK = None
+  if masked:
+    kv_seg_1K = kv_seg_ref[pl.ds(k_start, bk)][None, :] if kv_seg_ref is not None else None
+    mask_QK = common.tile_mask(q_start, k_start, s_QK.shape, cfg, q_seg_Q1, kv_seg_1K)
+  return k_KD, v_KD, s_QK, mask_QK
+
+
 def _probs(s_QK: jax.Array, mask_QK: jax.Array | None, lse_Q1: jax.Array | None,
            cfg: KernelConfig, tanh) -> jax.Array:
   """Recomputes P for one tile in the backward pass (masked entries are exactly 0)."""
@@ -141,18 +165,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_refs
   has_segments = q_seg_ref is not None
   q_seg_Q1 = q_seg_ref[...][:, None] if has_segments else None
   tanh = _tanh_fn(cfg)
-
-  def load_tile(k_block, masked):
-    k_start = k_block * bk
-    k_KD = k_ref[pl.ds(k_start, bk), :]
-    v_KD = v_ref[pl.ds(k_start, bk), :]
-    s_QK = lax.dot_general(q_QD, k_KD, _CONTRACT_LAST, precision=precision,
-                           preferred_element_type=jnp.float32)
-    mask_QK = None
-    if masked:
-      kv_seg_1K = kv_seg_ref[pl.ds(k_start, bk)][None, :] if has_segments else None
-      mask_QK = common.tile_mask(q_start, k_start, (bq, bk), cfg, q_seg_Q1, kv_seg_1K)
-    return s_QK, v_KD, mask_QK
+  load_tile = functools.partial(_key_tile, k_ref, v_ref, kv_seg_ref, q_QD=q_QD, q_start=q_start,
+                                q_seg_Q1=q_seg_Q1, cfg=cfg, bk=bk)
 
   def pv(p_QK, v_KD):
     return jnp.dot(p_QK.astype(v_KD.dtype), v_KD, precision=precision,
@@ -160,7 +174,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_refs
 
   if cfg.kind == "sigmoid":
     def body(k_block, acc_QD, masked):
-      s_QK, v_KD, mask_QK = load_tile(k_block, masked)
+      _, v_KD, s_QK, mask_QK = load_tile(k_block, masked=masked)
       p_QK = common.sigmoid_probs(s_QK, cfg, tanh)
       if mask_QK is not None:
         p_QK = jnp.where(mask_QK, p_QK, 0.0)
@@ -170,7 +184,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_refs
   else:
     def body(k_block, carry, masked):
       acc_QD, m_Q, l_Q = carry
-      s_QK, v_KD, mask_QK = load_tile(k_block, masked)
+      _, v_KD, s_QK, mask_QK = load_tile(k_block, masked=masked)
       s_QK = s_QK * (cfg.scale * _LOG2_E)
       if mask_QK is not None:
         s_QK = jnp.where(mask_QK, s_QK, common.MASK_VALUE)
@@ -188,7 +202,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_refs
   # Key blocks [0, n_unmasked) are visible to every row: no mask work there. Causal
   # blocks past the diagonal are never visited.
   n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
-  needs_mask = cfg.is_causal or cfg.kv_padded or has_segments
+  needs_mask = common.needs_mask(cfg, has_segments)
   n_unmasked = (common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
                 if needs_mask else n_end)
   carry = lax.fori_loop(0, n_unmasked, functools.partial(body, masked=False), carry)
@@ -219,13 +233,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, del
   tanh = _tanh_fn(cfg)
 
   def body(q_block, carry, masked):
+    # This kernel walks query blocks of whole Q rows, so the tile slices Q/dO, not K/V.
     dk_KD, dv_KD = carry
     q_start = q_block * bq
     rows = pl.ds(q_start, bq)
     q_QD = q_ref[rows, :]
     do_QD = do_ref[rows, :]
-    s_QK = lax.dot_general(q_QD, k_KD, _CONTRACT_LAST, precision=precision,
-                           preferred_element_type=jnp.float32)
+    s_QK = _dot_t(q_QD, k_KD, precision)
     mask_QK = None
     if masked:
       q_seg_Q1 = q_seg_ref[rows][:, None] if has_segments else None
@@ -234,19 +248,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, del
     p_QK = _probs(s_QK, mask_QK, lse_Q1, cfg, tanh)
     dv_KD = dv_KD + lax.dot_general(p_QK.astype(do_QD.dtype), do_QD, _CONTRACT_FIRST,
                                     precision=precision, preferred_element_type=jnp.float32)
-    dp_QK = lax.dot_general(do_QD, v_KD, _CONTRACT_LAST, precision=precision,
-                            preferred_element_type=jnp.float32)
-    if cfg.kind == "sigmoid":
-      ds_QK = dp_QK * p_QK * (1.0 - p_QK)
-    else:
-      ds_QK = p_QK * (dp_QK - delta_ref[rows][:, None])
+    dp_QK = _dot_t(do_QD, v_KD, precision)
+    delta_Q1 = delta_ref[rows][:, None] if cfg.kind == "softmax" else None
+    ds_QK = common.score_grad(p_QK, dp_QK, delta_Q1, cfg)
     dk_KD = dk_KD + lax.dot_general(ds_QK.astype(q_QD.dtype), q_QD, _CONTRACT_FIRST,
                                     precision=precision, preferred_element_type=jnp.float32)
     return dk_KD, dv_KD
 
   carry = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
   n_q = cfg.q_len_padded // bq
-  needs_mask = cfg.is_causal or cfg.kv_padded or has_segments
+  needs_mask = common.needs_mask(cfg, has_segments)
   start = common.q_blocks_start(k_block, cfg, bq, bk)
   unmasked_start = (common.q_blocks_unmasked_start(k_block, cfg, bq, bk, has_segments)
                     if needs_mask else start)
@@ -271,30 +282,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delt
   lse_Q1 = lse_ref[...][:, None] if cfg.kind == "softmax" else None
   delta_Q1 = delta_ref[...][:, None] if cfg.kind == "softmax" else None
   tanh = _tanh_fn(cfg)
+  load_tile = functools.partial(_key_tile, k_ref, v_ref, kv_seg_ref, q_QD=q_QD, q_start=q_start,
+                                q_seg_Q1=q_seg_Q1, cfg=cfg, bk=bk)
 
   def body(k_block, dq_QD, masked):
-    k_start = k_block * bk
-    k_KD = k_ref[pl.ds(k_start, bk), :]
-    v_KD = v_ref[pl.ds(k_start, bk), :]
-    s_QK = lax.dot_general(q_QD, k_KD, _CONTRACT_LAST, precision=precision,
-                           preferred_element_type=jnp.float32)
-    mask_QK = None
-    if masked:
-      kv_seg_1K = kv_seg_ref[pl.ds(k_start, bk)][None, :] if has_segments else None
-      mask_QK = common.tile_mask(q_start, k_start, (bq, bk), cfg, q_seg_Q1, kv_seg_1K)
+    k_KD, v_KD, s_QK, mask_QK = load_tile(k_block, masked=masked)
     p_QK = _probs(s_QK, mask_QK, lse_Q1, cfg, tanh)
-    dp_QK = lax.dot_general(do_QD, v_KD, _CONTRACT_LAST, precision=precision,
-                            preferred_element_type=jnp.float32)
-    if cfg.kind == "sigmoid":
-      ds_QK = dp_QK * p_QK * (1.0 - p_QK)
-    else:
-      ds_QK = p_QK * (dp_QK - delta_Q1)
+    ds_QK = common.score_grad(p_QK, _dot_t(do_QD, v_KD, precision), delta_Q1, cfg)
     return dq_QD + jnp.dot(ds_QK.astype(k_KD.dtype), k_KD, precision=precision,
                            preferred_element_type=jnp.float32)
 
   dq_QD = jnp.zeros(dq_ref.shape, jnp.float32)
   n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
-  needs_mask = cfg.is_causal or cfg.kv_padded or has_segments
+  needs_mask = common.needs_mask(cfg, has_segments)
   n_unmasked = (common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
                 if needs_mask else n_end)
   dq_QD = lax.fori_loop(0, n_unmasked, functools.partial(body, masked=False), dq_QD)
@@ -368,9 +368,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
   lk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   has_segments = q_seg is not None
-  delta = None
-  if cfg.kind == "softmax":
-    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
+  delta = common.softmax_delta(out, do) if cfg.kind == "softmax" else None
   params = _compiler_params(_num_warps(cfg, d), cfg.num_stages or 2)
 
   # dK/dV per *query* head; GQA sums the group afterwards (as FlashAttention-2 does),
@@ -405,6 +403,5 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
   )(q, k, v, q_seg, kv_seg, do, lse, delta)
 
   if cfg.group > 1:
-    dk = dk.reshape(b, lk, hkv, cfg.group, d).sum(axis=3).astype(k.dtype)
-    dv_ = dv_.reshape(b, lk, hkv, cfg.group, dv).sum(axis=3).astype(v.dtype)
+    dk, dv_ = common.sum_kv_groups(dk, hkv, k.dtype), common.sum_kv_groups(dv_, hkv, v.dtype)
   return dq, dk, dv_

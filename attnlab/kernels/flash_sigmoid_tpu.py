@@ -144,7 +144,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *rest,
   n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
   n_unmasked = common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
   _run_masked_and_unmasked(step, k_block < n_unmasked, k_block < n_end,
-                           cfg.is_causal or cfg.kv_padded or has_segments)
+                           common.needs_mask(cfg, has_segments))
 
   @pl.when(k_block == pl.num_programs(3) - 1)
   def _finalize():
@@ -169,9 +169,8 @@ def _probs_and_ds(q_QD, k_KD, v_KD, do_QD, lse_ref, delta_ref, mask_QK, cfg):
     p_QK = jnp.where(mask_QK, p_QK, 0.0)
   dp_QK = lax.dot_general(do_QD, v_KD, _CONTRACT_LAST, precision=common.dot_precision(v_KD.dtype),
                           preferred_element_type=jnp.float32)
-  if cfg.kind == "sigmoid":
-    return p_QK, dp_QK * p_QK * (1.0 - p_QK)
-  return p_QK, p_QK * (dp_QK - delta_ref[...])
+  delta_Q1 = delta_ref[...] if cfg.kind == "softmax" else None
+  return p_QK, common.score_grad(p_QK, dp_QK, delta_Q1, cfg)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
@@ -198,7 +197,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, del
   start = common.q_blocks_start(k_block, cfg, bq, bk)
   unmasked_start = common.q_blocks_unmasked_start(k_block, cfg, bq, bk, has_segments)
   _run_masked_and_unmasked(step, q_block >= unmasked_start, q_block >= start,
-                           cfg.is_causal or cfg.kv_padded or has_segments)
+                           common.needs_mask(cfg, has_segments))
 
   @pl.when(q_block == pl.num_programs(3) - 1)
   def _finalize():
@@ -227,7 +226,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delt
   n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
   n_unmasked = common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
   _run_masked_and_unmasked(step, k_block < n_unmasked, k_block < n_end,
-                           cfg.is_causal or cfg.kv_padded or has_segments)
+                           common.needs_mask(cfg, has_segments))
 
   @pl.when(k_block == pl.num_programs(3) - 1)
   def _finalize():
@@ -324,10 +323,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
   lk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   has_segments = q_seg is not None
-  delta = None
-  if cfg.kind == "softmax":
-    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32),
-                       out.astype(jnp.float32))[..., None]
+  delta = common.softmax_delta(out, do)[..., None] if cfg.kind == "softmax" else None
   q_seg, kv_seg = _segment_layout(q_seg, kv_seg)
   args = (_to_bhld(q), _to_bhld(k), _to_bhld(v), q_seg, kv_seg, _to_bhld(do), lse, delta)
 
@@ -366,6 +362,5 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
 
   dk, dv_ = _to_bhld(dk), _to_bhld(dv_)
   if cfg.group > 1:
-    dk = dk.reshape(b, lk, hkv, cfg.group, d).sum(axis=3).astype(k.dtype)
-    dv_ = dv_.reshape(b, lk, hkv, cfg.group, dv).sum(axis=3).astype(v.dtype)
+    dk, dv_ = common.sum_kv_groups(dk, hkv, k.dtype), common.sum_kv_groups(dv_, hkv, v.dtype)
   return _to_bhld(dq), dk, dv_
