@@ -144,6 +144,23 @@ def _key_tile(k_ref, v_ref, kv_seg_ref, k_block, q_QD, q_start, q_seg_Q1, cfg: K
   return k_KD, v_KD, s_QK, mask_QK
 
 
+def _over_key_blocks(body, carry, q_block, cfg: KernelConfig, bq: int, bk: int,
+                     has_segments: bool):
+  """Folds `body(k_block, carry, masked)` over the key blocks query block `q_block` sees.
+
+  Key blocks [0, n_unmasked) are visible to every row: no mask work there. Causal
+  blocks past the diagonal are never visited.
+  """
+  n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
+  needs_mask = common.needs_mask(cfg, has_segments)
+  n_unmasked = (common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
+                if needs_mask else n_end)
+  carry = lax.fori_loop(0, n_unmasked, functools.partial(body, masked=False), carry)
+  if needs_mask:
+    carry = lax.fori_loop(n_unmasked, n_end, functools.partial(body, masked=True), carry)
+  return carry
+
+
 def _probs(s_QK: jax.Array, mask_QK: jax.Array | None, lse_Q1: jax.Array | None,
            cfg: KernelConfig, tanh) -> jax.Array:
   """Recomputes P for one tile in the backward pass (masked entries are exactly 0)."""
@@ -199,15 +216,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_refs
     carry = (jnp.zeros((bq, o_ref.shape[-1]), jnp.float32),
              jnp.full((bq,), common.MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32))
 
-  # Key blocks [0, n_unmasked) are visible to every row: no mask work there. Causal
-  # blocks past the diagonal are never visited.
-  n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
-  needs_mask = common.needs_mask(cfg, has_segments)
-  n_unmasked = (common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
-                if needs_mask else n_end)
-  carry = lax.fori_loop(0, n_unmasked, functools.partial(body, masked=False), carry)
-  if needs_mask:
-    carry = lax.fori_loop(n_unmasked, n_end, functools.partial(body, masked=True), carry)
+  carry = _over_key_blocks(body, carry, q_block, cfg, bq, bk, has_segments)
 
   if cfg.kind == "sigmoid":
     o_ref[...] = carry.astype(o_ref.dtype)
@@ -293,13 +302,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delt
                            preferred_element_type=jnp.float32)
 
   dq_QD = jnp.zeros(dq_ref.shape, jnp.float32)
-  n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
-  needs_mask = common.needs_mask(cfg, has_segments)
-  n_unmasked = (common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
-                if needs_mask else n_end)
-  dq_QD = lax.fori_loop(0, n_unmasked, functools.partial(body, masked=False), dq_QD)
-  if needs_mask:
-    dq_QD = lax.fori_loop(n_unmasked, n_end, functools.partial(body, masked=True), dq_QD)
+  dq_QD = _over_key_blocks(body, dq_QD, q_block, cfg, bq, bk, has_segments)
   dq_ref[...] = (dq_QD * cfg.scale).astype(dq_ref.dtype)
 
 
