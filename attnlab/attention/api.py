@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from attnlab.attention import chunked, core, linear, validate, xla
+from attnlab.attention import chunked, core, validate, xla
 from attnlab.attention.kinds import Mechanism, get_kind
 
 Array = jax.Array
@@ -56,8 +56,7 @@ def _prepare(q, k, v, kind, mask, bias, scale, impl, options):
       if value is not None:
         raise ValueError(f"kind={kind!r} has no pairwise logits, so it takes no {name}; got "
                          f"{name}={value if name == 'scale' else 'an array'}. Leave it None.")
-  if mech.attend_override is linear.attend:
-    linear.check_mask(mask)
+  mech.check_mask(mask)
   return mech, dims, kind_options, impl_options
 
 
@@ -115,8 +114,8 @@ def weights(q: Array, k: Array, *, kind: str = "softmax", mask: Array | None = N
   mech, dims, kind_options, _ = _prepare(q, k, None, kind, mask, bias, scale, "xla", options)
   scale = core.default_scale(dims.head_dim, scale)
   common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
-  if mech.attend_override is linear.attend:
-    return linear.weights(q, k, mech, kind_options, **common)
+  if mech.weights_override is not None:
+    return mech.weights_override(q, k, mech, kind_options, **common)
   return xla.attention_weights(q, k, mech, kind_options, **common)
 
 

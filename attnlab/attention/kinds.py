@@ -84,6 +84,8 @@ class Mechanism:
       from absolute positions (local windows), or ``None``.
     output_post: ``(out_BQHDv, options) -> out``, applied after weights @ v.
     attend_override: a complete `attend` for kinds without pairwise scores.
+    weights_override: their `weights` (the [B, H, Lq, Lk] map they imply).
+    check_mask: rejects masks the kind cannot honour (raises ValueError).
     needs_row_counts: `activate` reads ``ctx.row_counts``.
     has_logits: the kind scores pairs, so `scale` and `bias` apply to it.
   """
@@ -97,6 +99,8 @@ class Mechanism:
   position_mask: Callable[[Array, Array, Mapping[str, Any]], Array] | None = None
   output_post: Callable[[Array, Mapping[str, Any]], Array] | None = None
   attend_override: Callable[..., Array] | None = None
+  weights_override: Callable[..., Array] | None = None
+  check_mask: Callable[[Array | None], None] = lambda mask: None
   needs_row_counts: bool = False
   has_logits: bool = True
 

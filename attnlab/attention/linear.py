@@ -104,5 +104,7 @@ LINEAR = register_kind(Mechanism(
     normalization=lambda options: "l1",
     check=_check_linear,
     attend_override=attend,
+    weights_override=weights,
+    check_mask=check_mask,
     has_logits=False,
 ))

@@ -102,11 +102,3 @@ def check_scale(scale: Any) -> None:
     raise ValueError(f"scale must be a scalar (default 1/sqrt(head_dim)); got shape "
                      f"{np.shape(scale)}.")
 
-
-def check_options(owner: str, given: dict[str, Any], accepted: dict[str, Any]) -> dict[str, Any]:
-  """Merges `given` over the `accepted` defaults; unknown names are a ValueError."""
-  unknown = sorted(set(given) - set(accepted))
-  if unknown:
-    raise ValueError(
-        f"{owner} does not take option(s) {unknown}; it accepts {sorted(accepted) or 'none'}.")
-  return {**accepted, **given}
