@@ -7,20 +7,62 @@ from typing import Any
 import jax
 
 from attnlab.attention import chunked, core, validate, xla
-from attnlab.attention.kinds import Mechanism, get_kind
+from attnlab.attention.kinds import KINDS, Mechanism, get_kind
 
 Array = jax.Array
 
+from attnlab.kernels import capabilities as kernel_capabilities
+
+# The implementations and what each supports, stated once: every other module
+# (the models' configs included) asks `check_options` / `impl_kinds`.
 IMPLS = ("xla", "chunked", "pallas")
-# Options that belong to an implementation rather than to a kind.
+# Options that belong to an implementation rather than to a kind, with defaults.
 IMPL_OPTIONS: dict[str, dict[str, Any]] = {
     "xla": {},
     "chunked": {"block_k": chunked.DEFAULT_BLOCK_K},
-    "pallas": {"block_q": None, "block_k": None, "backend": None, "interpret": None,
-               "q_segment_ids": None, "kv_segment_ids": None, "num_warps": None,
-               "num_stages": None},
+    "pallas": dict(kernel_capabilities.OPTIONS),
 }
-PALLAS_KINDS = ("sigmoid", "softmax")
+
+
+def impl_kinds(impl: str) -> tuple[str, ...]:
+  """The registered kinds `impl` can run (the fused kernels state theirs)."""
+  _check_impl(impl)
+  if impl == "pallas":
+    return tuple(k for k in kernel_capabilities.KINDS if k in KINDS)
+  return tuple(sorted(KINDS))
+
+
+def _check_impl(impl: str) -> None:
+  if impl not in IMPLS:
+    raise ValueError(f"Unknown attention impl {impl!r}; expected one of {list(IMPLS)}.")
+
+
+def check_options(kind: str, impl: str = "xla", **options: Any
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Validates a (kind, impl, options) choice without any array; the config-time check.
+
+  `attend` runs the same check on every call; a model config runs it when it is
+  built, so e.g. kind="relu" with impl="pallas" fails there, naming the kinds
+  the fused kernels support.
+
+  Args:
+    kind: a name in `KINDS`.
+    impl: one of `IMPLS`.
+    **options: the kind's options and the impl's, mixed (as `attend` takes them).
+
+  Returns:
+    (kind_options, impl_options), each complete with defaults.
+
+  Raises:
+    ValueError: an unknown kind or impl, a kind the impl cannot run, an option
+      neither takes, or an invalid option value.
+  """
+  mech = get_kind(kind)
+  _check_impl(impl)
+  if mech.name not in impl_kinds(impl):
+    raise ValueError(f"impl={impl!r} supports kinds {list(impl_kinds(impl))}; got kind="
+                     f"{mech.name!r}. Use impl='xla' or 'chunked' for it.")
+  return _split_options(mech, impl, options)
 
 
 def _split_options(mech: Mechanism, impl: str, options: dict[str, Any]):
@@ -40,9 +82,8 @@ def _split_options(mech: Mechanism, impl: str, options: dict[str, Any]):
 
 
 def _prepare(q, k, v, kind, mask, bias, scale, impl, options):
-  if impl not in IMPLS:
-    raise ValueError(f"Unknown attention impl {impl!r}; expected one of {list(IMPLS)}.")
   mech = get_kind(kind)
+  _check_impl(impl)
   dims = validate.check_qkv(q, k, v) if v is not None else None
   if dims is None:
     q_shape, k_shape = validate.check_qk(q, k)
@@ -50,7 +91,7 @@ def _prepare(q, k, v, kind, mask, bias, scale, impl, options):
                          q_shape[3], k_shape[3])
   validate.check_mask_and_bias(mask, bias, dims)
   validate.check_scale(scale)
-  kind_options, impl_options = _split_options(mech, impl, options)
+  kind_options, impl_options = check_options(kind, impl, **options)
   if not mech.has_logits:
     for name, value in (("bias", bias), ("scale", scale)):
       if value is not None:
@@ -135,9 +176,6 @@ def apply_weights(w: Array, v: Array, *, kind: str = "softmax", out_dtype: Any =
 
 
 def _attend_pallas(q, k, v, mech, kind_options, impl_options, *, mask, bias, is_causal, scale):
-  if mech.name not in PALLAS_KINDS:
-    raise ValueError(f"impl='pallas' supports kinds {list(PALLAS_KINDS)}; got kind="
-                     f"{mech.name!r}. Use impl='xla' or 'chunked' for it.")
   if mask is not None or bias is not None:
     raise ValueError("impl='pallas' takes no mask/bias arrays (the fused kernel never builds "
                      "[Lq, Lk]); use is_causal=True and q_segment_ids/kv_segment_ids for "

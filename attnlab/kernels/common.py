@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-KINDS = ("sigmoid", "softmax")
+from attnlab.kernels.capabilities import KINDS  # stated once there
 BACKENDS = ("gpu", "tpu")
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 

@@ -28,7 +28,7 @@ from attnlab import attention
 Array = jax.Array
 Axes = tuple[str, ...]
 
-ATTENTION_IMPLS = ("xla", "chunked", "pallas")
+ATTENTION_IMPLS = attention.IMPLS  # stated once, in attnlab.attention
 QK_NORMS = (None, "rms", "layernorm")
 OUTPUT_GATES = (None, "headwise", "elementwise")
 NORMS = ("layernorm", "rms")
@@ -178,21 +178,31 @@ class BackboneConfig:
     if self.attention not in attention.KINDS:
       raise config_error(owner, "attention", self.attention,
                          f"expected one of {sorted(attention.KINDS)}.")
-    if self.attention_impl not in ATTENTION_IMPLS:
+    if self.attention_impl not in attention.IMPLS:
       raise config_error(owner, "attention_impl", self.attention_impl,
-                         f"expected one of {list(ATTENTION_IMPLS)}.")
-    mech = attention.KINDS[self.attention]
-    given = dict(self.attention_options)
-    unknown = sorted(set(given) - set(mech.options))
+                         f"expected one of {list(attention.IMPLS)}.")
+    impl_options = dict(self.attention_impl_options)
+    kind_options = dict(self.attention_options)
+    # Kind options are the maths, impl options the tuning: keep each in its own field.
+    impl_accepts = attention.api.IMPL_OPTIONS[self.attention_impl]
+    misplaced = sorted(set(kind_options) & set(impl_accepts))
+    if misplaced:
+      raise config_error(owner, "attention_options", kind_options,
+                         f"{misplaced} are settings of attention_impl={self.attention_impl!r}; "
+                         "put them in attention_impl_options.")
+    unknown = sorted(set(impl_options) - set(impl_accepts))
     if unknown:
-      raise config_error(owner, "attention_options", given,
-                         f"kind {self.attention!r} takes {sorted(mech.options) or 'no options'}; "
-                         f"unknown: {unknown}. Implementation settings such as block sizes go "
-                         "in attention_impl_options.")
+      raise config_error(owner, "attention_impl_options", impl_options,
+                         f"attention_impl={self.attention_impl!r} takes "
+                         f"{sorted(impl_accepts) or 'no options'}; unknown: {unknown}. The "
+                         "kind's own options go in attention_options.")
     try:
-      mech.check({**mech.options, **given})
+      attention.check_options(self.attention, self.attention_impl, **kind_options,
+                              **impl_options)
     except ValueError as e:
-      raise config_error(owner, "attention_options", given, str(e)) from None
+      if self.attention not in attention.impl_kinds(self.attention_impl):
+        raise config_error(owner, "attention_impl", self.attention_impl, str(e)) from None
+      raise config_error(owner, "attention_options", kind_options, str(e)) from None
     if self.attention_dropout_rate and self.attention_impl != "xla":
       raise config_error(owner, "attention_dropout_rate", self.attention_dropout_rate,
                          "dropout on attention weights needs the materialised weights; use "
