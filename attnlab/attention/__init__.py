@@ -8,7 +8,8 @@ See `attend` for the arguments and `KINDS` for the registered mechanisms.
 
 from attnlab.attention import linear as _linear  # registers kind="linear"
 from attnlab.attention.api import IMPLS, apply_weights, attend, check_options, impl_kinds, weights
-from attnlab.attention.kinds import KINDS, Mechanism, RowContext, register_kind
+from attnlab.attention.kinds import (KINDS, Mechanism, RowContext, default_sigmoid_bias,
+                                    register_kind)
 
 __all__ = ["IMPLS", "KINDS", "Mechanism", "RowContext", "apply_weights", "attend",
-           "check_options", "impl_kinds", "register_kind", "weights"]
+           "check_options", "default_sigmoid_bias", "impl_kinds", "register_kind", "weights"]

@@ -92,6 +92,7 @@ def _prepare(q, k, v, kind, mask, bias, scale, impl, options):
   validate.check_mask_and_bias(mask, bias, dims)
   validate.check_scale(scale)
   kind_options, impl_options = check_options(kind, impl, **options)
+  mech.check_shapes(kind_options, dims)
   if not mech.has_logits:
     for name, value in (("bias", bias), ("scale", scale)):
       if value is not None:
@@ -106,6 +107,18 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
            impl: str = "xla", **options: Any) -> Array:
   """Attention of `q` over `k`/`v` with any registered mechanism.
 
+  Two semantics differ on purpose from `jax.nn.dot_product_attention`; code
+  ported from it must adapt (tests/test_attention.py pins both):
+
+  * Causal alignment when Lq != Lk. Here the LAST query aligns with the LAST key
+    (bottom-right: query i sees keys j <= i + (Lk - Lq)), which is what decoding
+    with a KV cache needs. jax aligns the first query with the first key (top-left:
+    j <= i). They agree when Lq == Lk. For jax's behaviour pass
+    mask = (j <= i)[None, None] and is_causal=False.
+  * A row with no visible key (fully masked) returns zeros here, for every kind.
+    jax's softmax fills masked logits with a large finite negative number, so such a
+    row gets uniform weights and returns the mean of v over all keys.
+
   Args:
     q: queries [B, Lq, H, D].
     k: keys [B, Lk, Hkv, D]; H must be a multiple of Hkv (grouped-query attention;
@@ -113,7 +126,7 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
     v: values [B, Lk, Hkv, Dv].
     kind: a name in `KINDS` ("softmax", "sigmoid", "relu", "linear", ...).
     mask: bool, rank 4, broadcastable to [B, H, Lq, Lk]; True = may attend.
-    is_causal: query i sees keys j <= i + (Lk - Lq).
+    is_causal: query i sees keys j <= i + (Lk - Lq) (bottom-right, see above).
     bias: additive logits bias, rank 4, broadcastable to [B, H, Lq, Lk].
     scale: logits scale; default 1/sqrt(D).
     impl: "xla" (materialises the scores), "chunked" (blockwise scan, option
@@ -121,10 +134,22 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
       and softmax; options block_q, block_k, backend, interpret, q_segment_ids,
       kv_segment_ids, num_warps, num_stages).
     **options: the kind's options (see `KINDS[kind].options`) and the impl's.
+      kind="sigmoid" (and "local" with base="sigmoid") takes `sigmoid_bias`, the b
+      of sigmoid(s + b): None (default) means `default_sigmoid_bias(Lk)` = -log(Lk);
+      otherwise a real number (Python int/float, NumPy scalar of any float type,
+      0-d array), an array [H] with one bias per QUERY head (under GQA each head
+      of a group has its own), or a rank-4 array broadcastable to [B, H, 1, 1].
+      Arrays may be traced (under jit/grad), so the bias can be a learned
+      parameter; its gradient flows in the xla and chunked impls. impl="pallas"
+      passes it unchanged to `kernels.flash_attention`.
 
   Returns:
     [B, Lq, H, Dv] in q.dtype. Masked keys get exactly zero weight; a row with
     no visible key returns zeros.
+
+  Raises:
+    ValueError: an argument of the wrong shape, dtype or value (the message names
+      it, what was seen and what is expected).
   """
   mech, dims, kind_options, impl_options = _prepare(q, k, v, kind, mask, bias, scale, impl,
                                                     options)

@@ -28,6 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attnlab.attention.validate import Dims
+
 Array = jax.Array
 
 NORMALIZATIONS = ("softmax", "l1", "count", "sqrt_count", "none")
@@ -79,7 +81,9 @@ class Mechanism:
     activate: ``(s, ctx, options) -> u``, elementwise; ``None`` for softmax.
     normalization: ``options -> one of NORMALIZATIONS``.
     logits: ``(q, k, scale) -> s`` in float32.
-    check: validates option values (raises ValueError).
+    check: validates option values without any array (config time; raises ValueError).
+    check_shapes: ``(options, dims) -> None``, validates array-valued options against
+      the call's sizes (`validate.Dims`; call time; raises ValueError).
     position_mask: ``(q_pos, k_pos, options) -> bool`` extra structural mask
       from absolute positions (local windows), or ``None``.
     output_post: ``(out_BQHDv, options) -> out``, applied after weights @ v.
@@ -96,6 +100,7 @@ class Mechanism:
   normalization: Callable[[Mapping[str, Any]], str]
   logits: Callable[[Array, Array, float], Array] = dot_logits
   check: Callable[[Mapping[str, Any]], None] = lambda options: None
+  check_shapes: Callable[[Mapping[str, Any], Dims], None] = lambda options, dims: None
   position_mask: Callable[[Array, Array, Mapping[str, Any]], Array] | None = None
   output_post: Callable[[Array, Mapping[str, Any]], Array] | None = None
   attend_override: Callable[..., Array] | None = None
@@ -147,31 +152,88 @@ SOFTMAX = register_kind(Mechanism(
 
 
 # --- sigmoid -----------------------------------------------------------------------------------
-def sigmoid_bias_value(sigmoid_bias: float | None, kv_len: int) -> float:
-  """Apple's recommendation b = -log(n): keeps the output norm independent of the length."""
-  return -math.log(max(kv_len, 1)) if sigmoid_bias is None else float(sigmoid_bias)
+def default_sigmoid_bias(kv_len: int) -> float:
+  """b = -log(Lk), Apple's recommendation (arXiv 2409.04431).
+
+  It keeps the output norm independent of the key length. The one definition of
+  the default: every implementation, the fused kernels included, asks this.
+  """
+  return -math.log(max(kv_len, 1))
+
+
+SIGMOID_BIAS_FORMS = ("a real number (Python int/float, a NumPy scalar, a 0-d array), an array "
+                      "[H] (one bias per query head) or a rank-4 array broadcastable to "
+                      "[B, H, 1, 1]; traced values are fine, so the bias can be learned")
+
+
+def _check_sigmoid_bias(b: Any, kind: str) -> None:
+  """Config-time check: a number or an array of an accepted rank (its sizes come at call time)."""
+  if b is None:
+    return
+  if isinstance(b, (int, float)) and not isinstance(b, bool):
+    return
+  dtype, shape = getattr(b, "dtype", None), getattr(b, "shape", None)
+  # bool is neither floating nor integer to NumPy, so True/np.bool_ arrays fail here too.
+  numeric = (dtype is not None and shape is not None
+             and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)))
+  if not numeric:
+    seen = (f"{b!r} of type {type(b).__name__}" if dtype is None
+            else f"an array of dtype {dtype}")
+    hint = " For per-head values pass an array, e.g. jnp.asarray(...)." if isinstance(
+        b, (list, tuple)) else ""
+    raise ValueError(f"kind={kind!r}: sigmoid_bias must be None (= -log(Lk)) or "
+                     f"{SIGMOID_BIAS_FORMS}; got {seen}.{hint}")
+  shape = tuple(shape)
+  if len(shape) not in (0, 1, 4) or (len(shape) == 4 and shape[2:] != (1, 1)):
+    raise ValueError(f"kind={kind!r}: sigmoid_bias has shape {shape}; it must be "
+                     f"{SIGMOID_BIAS_FORMS}. A bias that varies over queries or keys belongs "
+                     "in `bias`.")
+
+
+def _check_sigmoid_bias_shape(options: Mapping[str, Any], dims: Dims) -> None:
+  """Call-time check: a per-head sigmoid_bias matches the call's batch and query heads."""
+  shape = tuple(getattr(options.get("sigmoid_bias"), "shape", ()))
+  if len(shape) == 1:
+    ok, want = shape[0] in (1, dims.num_heads), f"[{dims.num_heads}]"
+  elif len(shape) == 4:
+    ok = shape[0] in (1, dims.batch) and shape[1] in (1, dims.num_heads)
+    want = f"broadcastable to [{dims.batch}, {dims.num_heads}, 1, 1]"
+  else:
+    return
+  if not ok:
+    raise ValueError(f"sigmoid_bias has shape {shape} but q has num_heads={dims.num_heads} and "
+                     f"batch={dims.batch}; pass shape {want} (one bias per query head) or a "
+                     "scalar.")
+
+
+def sigmoid_bias_logits(sigmoid_bias: Any, kv_len: int) -> Array | float:
+  """The bias as an addend to float32 scores [B, H, Lq, K]: a scalar or [B|1, H|1, 1, 1]."""
+  if sigmoid_bias is None:
+    return default_sigmoid_bias(kv_len)
+  # float32 like the scores; astype keeps the gradient to a learned bf16/float32 bias.
+  b = jnp.asarray(sigmoid_bias).astype(jnp.float32)
+  return b.reshape(1, -1, 1, 1) if b.ndim == 1 else b
 
 
 def _sigmoid(s: Array, ctx: RowContext, options: Mapping[str, Any]) -> Array:
   # float32 sigmoid is saturating and finite for any finite logit, so huge bf16 scores are safe.
-  return jax.nn.sigmoid(s + sigmoid_bias_value(options["sigmoid_bias"], ctx.kv_len))
+  return jax.nn.sigmoid(s + sigmoid_bias_logits(options["sigmoid_bias"], ctx.kv_len))
 
 
 def _check_sigmoid(options: Mapping[str, Any]) -> None:
-  b = options["sigmoid_bias"]
-  if b is not None and not isinstance(b, (int, float)):
-    raise ValueError(f"kind='sigmoid': sigmoid_bias must be a float or None (= -log(Lk)); "
-                     f"got {b!r}.")
+  _check_sigmoid_bias(options["sigmoid_bias"], "sigmoid")
 
 
 SIGMOID = register_kind(Mechanism(
     name="sigmoid",
     paper=("Ramapuram et al. 2024, Theory, Analysis, and Best Practices for Sigmoid "
            "Self-Attention (arXiv 2409.04431); Yan et al. 2025 (arXiv 2502.00281)."),
+    # sigmoid_bias: b in sigmoid(s + b); None = default_sigmoid_bias(Lk). See SIGMOID_BIAS_FORMS.
     options={"sigmoid_bias": None},
     activate=_sigmoid,
     normalization=_constant("none"),
     check=_check_sigmoid,
+    check_shapes=_check_sigmoid_bias_shape,
 ))
 
 
@@ -272,7 +334,7 @@ def _check_local(options: Mapping[str, Any]) -> None:
   _positive_int("window", options["window"], "local")
   _positive_int("dilation", options["dilation"], "local")
   _one_of("base", options["base"], ("softmax", "sigmoid"), "local")
-  _check_sigmoid(options)
+  _check_sigmoid_bias(options["sigmoid_bias"], "local")
 
 
 def _local_activate(s: Array, ctx: RowContext, options: Mapping[str, Any]) -> Array:
@@ -287,5 +349,6 @@ LOCAL = register_kind(Mechanism(
     activate=_local_activate,
     normalization=lambda options: "softmax" if options["base"] == "softmax" else "none",
     check=_check_local,
+    check_shapes=_check_sigmoid_bias_shape,
     position_mask=_local_position_mask,
 ))
