@@ -5,6 +5,10 @@ whole blocks (the padding is masked, never attended), and wraps the backend's
 forward and backward kernels in one `jax.custom_vjp`. Padding and slicing sit
 outside the custom_vjp, so autodiff routes zero cotangents to padded rows and
 the kernels only ever see block-aligned arrays.
+
+The kernels' plain jnp reference is `attnlab.attention.attend(impl="xla")`: the same
+semantics (segment ids there are a mask), which tests/test_kernels.py compares the
+kernels against, together with an independent float64 NumPy reference.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.kernels import common
-from attnlab.kernels import flash_sigmoid
-from attnlab.kernels import flash_sigmoid_tpu
+from attnlab.kernels import flash_gpu
+from attnlab.kernels import flash_tpu
 from attnlab.kernels.common import KernelConfig
 
-_BACKENDS = {"gpu": flash_sigmoid, "tpu": flash_sigmoid_tpu}
+_BACKENDS = {"gpu": flash_gpu, "tpu": flash_tpu}
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "sigmoid",

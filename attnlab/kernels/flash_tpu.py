@@ -1,8 +1,8 @@
 """FlashSigmoid / FlashAttention-2 softmax as Pallas TPU (Mosaic) kernels.
 
-Same algorithm, masks and causal block ranges as the GPU kernels in
-`flash_sigmoid.py` (whose `attention_reference` both must match), laid out the way
-Mosaic wants it:
+Same algorithm, masks and causal block ranges as the GPU kernels in `flash_gpu.py`
+(both must match the plain jnp reference, `attnlab.attention.attend(impl="xla")`),
+laid out the way Mosaic wants it:
   * [B, H, L, D] inside the kernels (a block's two minor dims must tile (8, 128)),
     so q/k/v are transposed on the way in;
   * the innermost grid axis walks the reduction (key blocks for forward/dQ, query
@@ -29,7 +29,6 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attnlab.kernels import common
 from attnlab.kernels.common import KernelConfig
-from attnlab.kernels.flash_sigmoid import attention_reference  # noqa: F401  (the shared reference)
 
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a @ b.T
 _CONTRACT_FIRST = (((0,), (0,)), ((), ()))  # a.T @ b

@@ -1,9 +1,9 @@
 """FlashSigmoid (and FlashAttention-2 softmax on the same tiling) as Pallas GPU (Triton) kernels.
 
-The file holds, side by side (the MaxText kernel layout):
-  * `attention_reference`: the plain jnp definition the kernels must match;
-  * the Pallas kernels: forward, dK/dV (over query blocks), dQ (over key blocks);
-  * the `interpret` switch (`KernelConfig.interpret`): the same kernels run on CPU.
+The file holds the Pallas kernels (forward, dK/dV over query blocks, dQ over key
+blocks) and their `pallas_call`s; the `interpret` switch (`KernelConfig.interpret`)
+runs the same kernels on CPU. The plain jnp reference they must match is
+`attnlab.attention.attend(impl="xla")` (see `flash.py`).
 
 Layout is attnlab's [B, L, H, D] throughout; the grid is (query or key block, batch,
 head) and a GQA query head h reads key/value head h // group through the BlockSpec
@@ -35,42 +35,6 @@ _CONTRACT_FIRST = (((0,), (0,)), ((), ()))  # a.T @ b
 # Softmax runs in base 2 (exp2 is one MUFU op; Triton's exp is libdevice's accurate
 # expf), with log2(e) folded into the logit scale; the saved lse is base 2 as well.
 _LOG2_E = 1.4426950408889634
-
-
-# ---------------------------------------------------------------------------- reference
-def attention_reference(q_BQHD: jax.Array, k_BKHD: jax.Array, v_BKHD: jax.Array, *,
-                        kind: str = "sigmoid", scale: float | None = None,
-                        sigmoid_bias: float | None = None, is_causal: bool = False,
-                        q_segment_ids: jax.Array | None = None,
-                        kv_segment_ids: jax.Array | None = None) -> jax.Array:
-  """Materialised attention with exactly the kernels' semantics (float32 maths).
-
-  Fully masked rows give 0 for both kinds (softmax over an empty set is taken as 0).
-  """
-  b, lq, h, d = q_BQHD.shape
-  lk, hkv = k_BKHD.shape[1], k_BKHD.shape[2]
-  scale = d ** -0.5 if scale is None else scale
-  k_BKHD = jnp.repeat(k_BKHD, h // hkv, axis=2)
-  v_BKHD = jnp.repeat(v_BKHD, h // hkv, axis=2)
-  s_BHQK = jnp.einsum("bqhd,bkhd->bhqk", q_BQHD.astype(jnp.float32),
-                      k_BKHD.astype(jnp.float32), precision=lax.Precision.HIGHEST) * scale
-  mask_BHQK = jnp.ones((1, 1, lq, lk), bool)
-  if is_causal:
-    mask_BHQK = jnp.tril(mask_BHQK, k=lk - lq)
-  if q_segment_ids is not None:
-    mask_BHQK = mask_BHQK & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
-  if kind == "sigmoid":
-    bias = common.default_sigmoid_bias(lk) if sigmoid_bias is None else sigmoid_bias
-    p_BHQK = jnp.where(mask_BHQK, jax.nn.sigmoid(s_BHQK + bias), 0.0)
-  else:
-    s_BHQK = jnp.where(mask_BHQK, s_BHQK, -jnp.inf)
-    m_BHQ1 = jnp.max(s_BHQK, axis=-1, keepdims=True)
-    e_BHQK = jnp.exp(s_BHQK - jnp.where(jnp.isfinite(m_BHQ1), m_BHQ1, 0.0))
-    l_BHQ1 = jnp.sum(e_BHQK, axis=-1, keepdims=True)
-    p_BHQK = e_BHQK / jnp.where(l_BHQ1 == 0, 1.0, l_BHQ1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", p_BHQK, v_BKHD.astype(jnp.float32),
-                   precision=lax.Precision.HIGHEST)
-  return out.astype(q_BQHD.dtype)
 
 
 # ------------------------------------------------------------------------ configuration
