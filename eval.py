@@ -3,6 +3,7 @@ r"""Evaluates the latest (or --step) checkpoint of a run: loss, accuracy, attent
   python eval.py                                     # the default run (runs/digits_vit_sigmoid)
   python eval.py --config configs/digits_vit.py:softmax --workdir runs/digits_vit_softmax
   python eval.py --config configs/mqar_transformer.py:sigmoid --workdir runs/mqar --attention_png
+  python eval.py --config.data.train_examples=500   # runs/digits_vit_sigmoid/train_examples=500
 
 Writes <workdir>/eval_<step>.json (and attention_maps/*.png with --attention_png).
 """

@@ -4,8 +4,15 @@ r"""Trains an attnlab experiment; resumes from the checkpoints in --workdir.
   python train.py --config configs/digits_vit.py:softmax
   python train.py --config configs/mqar_transformer.py:sigmoid --config.optim.learning_rate=1e-3
   python train.py --config configs/digits_vit.py:sigmoid --workdir runs/mine --config.seed=1
+  python train.py --config.data.train_examples=500  # -> runs/digits_vit_sigmoid/train_examples=500
+  python train.py --config.model.qk_norm=none       # any field that may hold None takes none
 
-Then: python eval.py with the same --config and --workdir.
+Overrides that change what is trained name the default workdir (sorted
+name=value pairs one level below runs/<config>_<arg>); log, eval and
+checkpoint cadence, progress_bar and data.data_dir do not, so a run resumed
+with another cadence finds its checkpoints.
+
+Then: python eval.py with the same --config and overrides (or --workdir).
 """
 
 from absl import app

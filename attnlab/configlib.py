@@ -4,20 +4,36 @@ Configs are `ml_collections.ConfigDict`s (one file per experiment, big_vision
 style); modules never see them: the trainer turns each sub-dict into a typed
 frozen dataclass with `to_dataclass`, which rejects unknown fields with the
 nearest valid name.
+
+Fields that may hold None (`nullable`; `from_dataclass` makes every field typed
+`T | None` one) take `--config.x=none` on the command line, in any case (none,
+None, NONE). Every other field parses as its type: `--config.batch_size=none`
+is an error, and a str field that cannot hold None keeps the text "none"
+(model.positions, where "none" is a valid choice). A nullable str field cannot
+receive the text "none": none of them has it as a choice (qk_norm and
+output_gate have None instead), and a data_dir named none is `./none`.
+
+`training_differences` and `RUN_NEUTRAL_FIELDS` say which fields change what a
+run trains: attnlab.cli names a run's default workdir after them.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import hashlib
 import importlib.util
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 T = TypeVar("T")
 
@@ -65,27 +81,114 @@ def to_dataclass(cls: type[T], fields: Mapping[str, Any] | None, *, where: str, 
   return cls(**values)
 
 
+# ----------------------------------------------------------------------------
+# Fields that may hold None.
+# ----------------------------------------------------------------------------
+
+# The command-line spelling of None, compared case-insensitively (none, None,
+# NONE). Nothing else means None: "null" or an empty value stays an error.
+NONE = "none"
+
+
+class _Nullable(ml_collections.FieldReference):
+  """A FieldReference of type T that may also hold None.
+
+  Values are checked and cast as for T (an int set on a float field becomes a
+  float). `get_type()` reports `T | None`: config_flags looks that type up to
+  pick the parser of a `--config.x=...` override, and the parser registered
+  for it below reads "none" as None. A plain typed reference reports T, whose
+  parser takes "none" as text (str) or rejects it (int, float).
+  """
+
+  def get_type(self):
+    return super().get_type() | None
+
+
+class _LiteralParser(flags.ArgumentParser):
+  """A Python literal ("4", "(2, 4)", "{'a': 1}"), else the text itself."""
+
+  def parse(self, argument):
+    if not isinstance(argument, str):
+      return argument
+    try:
+      return ast.literal_eval(argument)
+    except (SyntaxError, ValueError):
+      return argument
+
+
+class _NoneOrParser(flags.ArgumentParser):
+  """Parses "none" (any case) as None and anything else as `base` does."""
+
+  def __init__(self, base: flags.ArgumentParser):
+    super().__init__()
+    self._base = base
+
+  def parse(self, argument):
+    if isinstance(argument, str) and argument.lower() == NONE:
+      return None
+    return self._base.parse(argument)
+
+  def flag_type(self):
+    return f"{self._base.flag_type()} or none"
+
+
+# The types a nullable field may have; `object` (any Python literal) for one
+# that is not a scalar, e.g. ViTConfig.patch_size: an int or a pair.
+_BASE_PARSERS = {
+    int: flags.IntegerParser(),
+    float: flags.FloatParser(),
+    str: flags.ArgumentParser(),
+    bool: flags.BooleanParser(),
+    object: _LiteralParser(),
+}
+for _type, _parser in _BASE_PARSERS.items():
+  config_flags.register_flag_parser_for_type(_type | None, _NoneOrParser(_parser))
+
+
 def nullable(value: Any, field_type: type) -> ml_collections.FieldReference:
   """A config field that may hold None yet keeps its type.
 
   A plain None field has type NoneType, and `--config.x=3` cannot override it
-  ("Type NoneType ... is not supported for overriding"); a typed reference can,
-  and may still be set to None later (e.g. by a `quick` variant).
+  ("Type NoneType ... is not supported for overriding"); a nullable field can,
+  may be set back to None (by a `quick` variant, or `--config.x=none`), and
+  casts as `field_type` does.
+
+  Args:
+    value: the initial value: None or a `field_type`.
+    field_type: int, float, str, bool, or object (any Python literal).
+
+  Raises:
+    TypeError: `field_type` is none of those, or `value` is not one.
   """
-  return ml_collections.FieldReference(value, field_type=field_type)
+  if field_type not in _BASE_PARSERS:
+    raise TypeError(f"nullable(value, field_type={field_type!r}): expected one of "
+                    f"{[t.__name__ for t in _BASE_PARSERS]}.")
+  return _Nullable(value, field_type=field_type)
 
 
-_OVERRIDABLE_TYPES = (int, float, str, bool)
+def is_nullable(config: ml_collections.ConfigDict, name: str) -> bool:
+  """Whether field `name` of `config` may be set to None (`--config.<...>.name=none`)."""
+  return type(None) in typing.get_args(config.get_type(name))
 
 
-def _scalar_type(hint: Any) -> type | None:
-  """int for `int`, `int | None` or Optional[int] (likewise float, str, bool); else None."""
-  if hint in _OVERRIDABLE_TYPES:
-    return hint
+_SCALAR_TYPES = (int, float, str, bool)
+
+
+def _nullable_type(hint: Any, value: Any) -> type | None:
+  """The type of a nullable field for dataclass type `hint` and `value`; None: not nullable.
+
+  A field is nullable when its type admits None (`T | None`, T a scalar), or
+  when the config leaves it at None (the ViT sizes that `variant` fills in,
+  typed int, or Any for patch_size; data.mqar, a dict, for data sets that
+  have none). A field of any other type left at None takes a Python literal.
+  """
   if typing.get_origin(hint) in (typing.Union, types.UnionType):
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if len(args) == 1 and args[0] in _OVERRIDABLE_TYPES:
-      return args[0]
+    args = typing.get_args(hint)
+    others = [a for a in args if a is not type(None)]
+    if len(others) == 1 < len(args) and others[0] in _SCALAR_TYPES:
+      return others[0]
+  if value is None:
+    return hint if hint in _SCALAR_TYPES else object
   return None
 
 
@@ -93,14 +196,18 @@ def from_dataclass(cls: type, *, exclude: Iterable[str] = (), **overrides: Any) 
   """A ConfigDict with every field of dataclass `cls` (its default, or None), then `overrides`.
 
   Listing every field lets `--config.<section>.<field>=...` override any of
-  them once the config is locked, and keeps config files short. Fields that
-  hold None and are typed `T` or `T | None` (T a scalar) become `nullable`
-  references, so they can be overridden from the command line too.
+  them once the config is locked, and keeps config files short. Fields typed
+  `T | None` (T a scalar), and fields left at None, become `nullable`, so the
+  command line can set them to a value or to None (`=none`).
 
   Args:
     cls: the dataclass the trainer will build from this section.
     exclude: fields the trainer sets itself (e.g. num_classes from the data).
     **overrides: values that differ from the dataclass defaults.
+
+  Raises:
+    ConfigError: an override names no field of `cls`, or gives a nullable
+      field a value of another type.
   """
   values = {}
   for f in dataclasses.fields(cls):
@@ -116,9 +223,14 @@ def from_dataclass(cls: type, *, exclude: Iterable[str] = (), **overrides: Any) 
   values.update(overrides)
   hints = typing.get_type_hints(cls)
   for name, value in values.items():
-    field_type = _scalar_type(hints.get(name))
-    if value is None and field_type is not None:
-      values[name] = nullable(None, field_type)
+    field_type = _nullable_type(hints.get(name), value)
+    if field_type is None or isinstance(value, ml_collections.FieldReference):
+      continue
+    try:
+      values[name] = nullable(value, field_type)
+    except TypeError:
+      raise ConfigError(f"{cls.__name__}.{name}={value!r}: expected a {field_type.__name__} or "
+                        "None.") from None
   return ml_collections.ConfigDict(values)
 
 
@@ -209,3 +321,79 @@ def load(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+# ----------------------------------------------------------------------------
+# What a run trains: which fields name it.
+# ----------------------------------------------------------------------------
+
+# Fields that change how a run is watched or stored, never what it trains: a
+# run may resume another's checkpoints with other values of these, and they do
+# not name its default workdir (so a resumed run with another log cadence
+# finds its checkpoints). Paths as in `flatten`.
+RUN_NEUTRAL_FIELDS = (
+    "progress_bar", "log_every_steps", "eval_every_steps", "eval_batch_size",
+    "checkpoint_every_steps", "keep_checkpoints", "diagnostics_examples", "data.data_dir",
+)
+
+# Longest directory name `run_dirname` makes; longer ones end with a hash.
+_MAX_DIRNAME = 160
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"data.train_examples": 500, ...}: every leaf of a ConfigDict or nested dict by dotted path."""
+  items = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  flat = {}
+  for key, value in items.items():
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def training_differences(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict
+                         ) -> dict[str, Any]:
+  """The fields of `config` that differ from `base` and change what is trained, by path."""
+  ours, theirs = flatten(config), flatten(base)
+  return {path: ours.get(path) for path in sorted(ours.keys() | theirs.keys())
+          if ours.get(path) != theirs.get(path) and path not in RUN_NEUTRAL_FIELDS}
+
+
+def short_names(paths: Iterable[str], all_paths: Iterable[str]) -> dict[str, str]:
+  """Each path's shortest ending (whole dotted parts) that no other of `all_paths` has.
+
+  "data.train_examples" -> "train_examples"; "data.seq_len" -> "data.seq_len"
+  when the config also has "data.mqar.seq_len" (-> "mqar.seq_len").
+  """
+  others = list(all_paths)
+  names = {}
+  for path in paths:
+    parts = path.split(".")
+    for start in range(len(parts) - 1, -1, -1):
+      name = ".".join(parts[start:])
+      if not any(p != path and (p == name or p.endswith("." + name)) for p in others):
+        break
+    names[path] = name
+  return names
+
+
+def run_dirname(differences: Mapping[str, Any], all_paths: Iterable[str]) -> str:
+  """A directory name for a run that differs from its config file: "seed=1,train_examples=500".
+
+  Sorted `name=value` pairs, each name the shortest unambiguous ending of its
+  path (`short_names`), values sanitised for any file system; a name longer
+  than _MAX_DIRNAME characters is cut and ends with a hash of the whole.
+  """
+  names = short_names(differences, all_paths)
+  pairs = sorted(f"{names[path]}={_dirname_value(value)}" for path, value in differences.items())
+  dirname = ",".join(pairs)
+  if len(dirname) > _MAX_DIRNAME:
+    digest = hashlib.sha1(dirname.encode()).hexdigest()[:12]
+    dirname = f"{dirname[:_MAX_DIRNAME - 13]}~{digest}"
+  return dirname
+
+
+def _dirname_value(value: Any) -> str:
+  """str(value) with anything but letters, digits and . + - replaced by _ ("(2, 4)" -> "2_4")."""
+  return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(value)).strip("_") or "_"

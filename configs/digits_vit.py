@@ -58,7 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.variant = "mu/2"
 
   config.batch_size = 128
-  config.num_epochs = configlib.nullable(100, int)  # 1,172 steps; exactly one of num_epochs / total_steps / total_examples
+  # Exactly one budget of num_epochs / total_steps / total_examples; 100 epochs = 1,172 steps.
+  config.num_epochs = configlib.nullable(100, float)
   config.total_steps = configlib.nullable(None, int)
   config.total_examples = configlib.nullable(None, int)
 
@@ -68,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.eval_every_steps = configlib.nullable(None, int)  # None: evaluate at the end only
   config.eval_batch_size = 300
-  config.checkpoint_every_steps = 200
+  config.checkpoint_every_steps = configlib.nullable(200, int)
   config.keep_checkpoints = 2
   config.progress_bar = True
   config.diagnostics_examples = 64  # evaluation: attention statistics on this many test images

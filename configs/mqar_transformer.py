@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.batch_size = 64
   config.total_steps = configlib.nullable(1_500, int)
-  config.num_epochs = configlib.nullable(None, int)
+  config.num_epochs = configlib.nullable(None, float)
   config.total_examples = configlib.nullable(None, int)
 
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=3e-3, weight_decay=0.1,
@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.eval_every_steps = configlib.nullable(500, int)
   config.eval_batch_size = 250
-  config.checkpoint_every_steps = 500
+  config.checkpoint_every_steps = configlib.nullable(500, int)
   config.keep_checkpoints = 2
   config.progress_bar = True
   config.diagnostics_examples = 16
