@@ -1,4 +1,5 @@
-"""Tests of attnlab.models.layers: config validation, the attention block's options, RoPE."""
+"""Tests of attnlab.models.config and .layers: config validation, the attention block's options,
+RoPE, the learned sigmoid bias."""
 
 import dataclasses
 
@@ -11,7 +12,7 @@ import pytest
 from flax import nnx
 
 from attnlab import attention
-from attnlab.models import layers
+from attnlab.models import config, encoder, layers
 
 WIDTH, HEADS, LEN = 16, 4, 5
 
@@ -19,8 +20,8 @@ WIDTH, HEADS, LEN = 16, 4, 5
 pytestmark = pytest.mark.usefixtures("fast_xla_compile")  # tests/conftest.py
 
 
-def backbone(**overrides) -> layers.BackboneConfig:
-  return layers.BackboneConfig(**{"width": WIDTH, "depth": 1, "num_heads": HEADS, **overrides})
+def backbone(**overrides) -> config.BackboneConfig:
+  return config.BackboneConfig(**{"width": WIDTH, "depth": 1, "num_heads": HEADS, **overrides})
 
 
 def param_shapes(module: nnx.Module) -> dict[tuple, tuple[int, ...]]:
@@ -109,22 +110,22 @@ def test_attention_options_change_the_param_tree_exactly(overrides, added, chang
 
 
 def test_layer_scale_adds_two_named_vectors_at_init_value():
-  base = param_shapes(layers.EncoderBlock(backbone(), rngs=nnx.Rngs(0)))
-  block = layers.EncoderBlock(backbone(layer_scale=1e-4), rngs=nnx.Rngs(0))
+  base = param_shapes(encoder.EncoderBlock(backbone(), rngs=nnx.Rngs(0)))
+  block = encoder.EncoderBlock(backbone(layer_scale=1e-4), rngs=nnx.Rngs(0))
   assert param_shapes(block) == {**base, ("attn_scale",): (WIDTH,), ("mlp_scale",): (WIDTH,)}
   np.testing.assert_array_equal(block.attn_scale[...], np.full(WIDTH, 1e-4, np.float32))
   np.testing.assert_array_equal(block.mlp_scale[...], np.full(WIDTH, 1e-4, np.float32))
 
 
 def test_layer_scale_scales_each_residual_branch():
-  block = layers.EncoderBlock(backbone(layer_scale=1e-4), rngs=nnx.Rngs(0))
+  block = encoder.EncoderBlock(backbone(layer_scale=1e-4), rngs=nnx.Rngs(0))
   x = x_input()
   block.attn_scale[...] = jnp.zeros(WIDTH)
   block.mlp_scale[...] = jnp.zeros(WIDTH)
   np.testing.assert_array_equal(block(x, deterministic=True)[0], x)  # both branches off
   block.attn_scale[...] = jnp.ones(WIDTH)
   block.mlp_scale[...] = jnp.ones(WIDTH)
-  plain = layers.EncoderBlock(backbone(), rngs=nnx.Rngs(0))  # same init order -> same weights
+  plain = encoder.EncoderBlock(backbone(), rngs=nnx.Rngs(0))  # same init order -> same weights
   np.testing.assert_allclose(block(x, deterministic=True)[0], plain(x, deterministic=True)[0],
                              rtol=1e-6, atol=1e-6)
 

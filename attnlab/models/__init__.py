@@ -29,25 +29,23 @@ Attention maps for diagnostics come from the same forward pass:
 Every parameter carries logical axis names (`logical_axes(model)`), which
 `nnx.get_partition_spec` turns into mesh shardings under
 `flax.linen.logical_axis_rules`.
+
+Layout: `config` (BackboneConfig and its checks), `params` (parameters with
+logical axis names), `layers` (projections, norms, attention, MLP), `encoder`
+(the block stack, unrolled or scanned, optionally rematerialised), `vit` and
+`transformer` (the two models), `inspection` (functions of a built model).
 """
 
-from attnlab.models.layers import (
-    ACTIVATIONS,
-    ATTENTION_IMPLS,
-    BackboneConfig,
-    Encoder,
-    EncoderBlock,
-    Mlp,
-    MultiHeadAttention,
-    attention_maps,
-    count_params,
-    logical_axes,
-)
+from attnlab.models.config import ACTIVATIONS, BackboneConfig
+from attnlab.models.encoder import Encoder, EncoderBlock
+from attnlab.models.inspection import attention_maps, count_params, logical_axes
+from attnlab.models.layers import Mlp, MultiHeadAttention
+from attnlab.models.params import LAYERS_AXIS
 from attnlab.models.transformer import Transformer, TransformerConfig, alibi_bias, alibi_slopes
 from attnlab.models.vit import VIT_SIZES, ViT, ViTConfig, parse_variant, posemb_sincos_2d
 
 __all__ = [
-    "ACTIVATIONS", "ATTENTION_IMPLS", "BackboneConfig", "Encoder", "EncoderBlock", "Mlp",
+    "ACTIVATIONS", "BackboneConfig", "Encoder", "EncoderBlock", "LAYERS_AXIS", "Mlp",
     "MultiHeadAttention", "Transformer", "TransformerConfig", "VIT_SIZES", "ViT", "ViTConfig",
     "alibi_bias", "alibi_slopes", "attention_maps", "count_params", "logical_axes",
     "parse_variant", "posemb_sincos_2d",

@@ -16,7 +16,9 @@ from flax import nnx
 
 from attnlab import attention
 from attnlab.models import layers
-from attnlab.models.layers import Array, BackboneConfig, config_error
+from attnlab.models.config import Array, BackboneConfig, check_rank, config_error
+from attnlab.models.encoder import Encoder
+from attnlab.models.params import named_param, with_logical_axes
 
 POSITIONS = ("rope", "alibi", "learned", "none")
 POOLS = ("mean", "first", "last")
@@ -28,8 +30,9 @@ class TransformerConfig(BackboneConfig):
 
   Attributes:
     vocab_size: number of token ids.
-    max_len: longest sequence; needed for positions="learned" (table size),
-      otherwise only checked when set.
+    max_len: longest sequence; needed for positions="learned" (table size) and
+      for learn_sigmoid_bias (the bias starts at -log(max_len)), otherwise only
+      checked when set.
     positions: "rope" (rotary, on q and k) | "alibi" (linear distance bias
       added in full to the logits, Press et al. 2021) | "learned" | "none".
     causal: query i sees keys j <= i (language model); False = bidirectional.
@@ -52,9 +55,7 @@ class TransformerConfig(BackboneConfig):
   rope_base: float = 10_000.0
   head_zero_init: bool = True
 
-  def __post_init__(self):
-    super().__post_init__()
-    owner = type(self).__name__
+  def _check_model_fields(self, owner: str) -> None:
     if not isinstance(self.vocab_size, int) or self.vocab_size < 1:
       raise config_error(owner, "vocab_size", self.vocab_size, "expected a positive int.")
     if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
@@ -64,6 +65,9 @@ class TransformerConfig(BackboneConfig):
     if self.positions == "learned" and self.max_len is None:
       raise config_error(owner, "max_len", None, "positions='learned' needs max_len (the size "
                          "of the position table).")
+    if self.learn_sigmoid_bias and self.max_len is None:
+      raise config_error(owner, "max_len", None, "learn_sigmoid_bias=True starts the bias at "
+                         "-log(max_len), the length the model trains at; set max_len.")
     if self.positions == "rope" and self.head_dim % 2:
       raise config_error(owner, "positions", "rope", f"RoPE rotates channel pairs, so head_dim "
                          f"(width // num_heads = {self.head_dim}) must be even.")
@@ -75,6 +79,11 @@ class TransformerConfig(BackboneConfig):
                          "expected None (language model) or a positive int (classifier).")
     if self.pool not in POOLS:
       raise config_error(owner, "pool", self.pool, f"expected one of {list(POOLS)}.")
+
+  @property
+  def sequence_length(self) -> int | None:
+    """max_len: the length the model is built (and trained) for."""
+    return self.max_len
 
   def _check_alibi(self, owner: str) -> None:
     if not attention.KINDS[self.attention].has_logits:
@@ -124,7 +133,7 @@ class Transformer(nnx.Module):
   logits [B, L, vocab_size] (LM) or [B, num_classes] (classifier).
 
   Parameters: token_embed.embedding (vocab, embed); pos_embedding (length,
-  embed) when positions="learned"; encoder (see `layers.Encoder`); lm_head
+  embed) when positions="learned"; encoder (see `attnlab.models.encoder.Encoder`); lm_head
   (embed, vocab) when not tied; classifier (embed, classes) + bias when
   num_classes is set.
   """
@@ -138,12 +147,12 @@ class Transformer(nnx.Module):
     embed_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
     self.token_embed = nnx.Embed(cfg.vocab_size, e, dtype=cfg.compute_dtype,
                                  param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs,
-                                 embedding_init=layers._param_init(embed_init, ("vocab", "embed")))
+                                 embedding_init=with_logical_axes(embed_init, ("vocab", "embed")))
     if cfg.positions == "learned":
-      self.pos_embedding = layers.named_param(jax.nn.initializers.normal(stddev=e ** -0.5),
-                                              (cfg.max_len, e), ("length", "embed"), cfg, rngs)
+      self.pos_embedding = named_param(jax.nn.initializers.normal(stddev=e ** -0.5),
+                                       (cfg.max_len, e), ("length", "embed"), cfg, rngs)
     self.dropout = layers.dropout(cfg.dropout_rate, rngs)
-    self.encoder = layers.Encoder(cfg, rngs=rngs)
+    self.encoder = Encoder(cfg, rngs=rngs)
     if cfg.num_classes is not None:
       self.classifier = layers.dense("BE,EC->BC", (e, cfg.num_classes), ("embed", "classes"),
                                      bias_axes=("classes",), cfg=cfg, rngs=rngs,
@@ -183,7 +192,7 @@ class Transformer(nnx.Module):
   def embed(self, tokens_BL: Array, *, deterministic: bool | None = None,
             rngs: nnx.Rngs | None = None) -> Array:
     """Token (+ learned position) embeddings [B, L, E]."""
-    layers.check_rank("tokens_BL", tokens_BL, 2, "[batch, length]")
+    check_rank("tokens_BL", tokens_BL, 2, "[batch, length]")
     if not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
       raise ValueError(f"tokens_BL must hold integer token ids; got dtype {tokens_BL.dtype}.")
     self._check_length(tokens_BL.shape[1])
@@ -201,7 +210,7 @@ class Transformer(nnx.Module):
     Exposed so a test or probe can differentiate through the embeddings.
     """
     cfg = self.cfg
-    layers.check_rank("x_BLE", x_BLE, 3, "[batch, length, width]")
+    check_rank("x_BLE", x_BLE, 3, "[batch, length, width]")
     b, length = x_BLE.shape[:2]
     self._check_length(length)
     if padding_mask_BL is not None:

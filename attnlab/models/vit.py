@@ -15,7 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab.models import layers
-from attnlab.models.layers import Array, BackboneConfig, config_error
+from attnlab.models.config import Array, BackboneConfig, check_rank, config_error, pairs
+from attnlab.models.encoder import Encoder
+from attnlab.models.params import named_param
 
 # name -> (width, depth, num_heads, mlp_dim). big_vision's table, plus tiny CPU sizes.
 VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -28,6 +30,8 @@ VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 POOLS = ("tok", "gap")
 POSEMBS = ("learned", "sincos2d")
+# The config fields a variant name sets: VIT_SIZES' four, then the patch size.
+VARIANT_FIELDS = ("width", "depth", "num_heads", "mlp_dim", "patch_size")
 
 
 def parse_variant(variant: str) -> dict[str, Any]:
@@ -37,9 +41,7 @@ def parse_variant(variant: str) -> dict[str, Any]:
     raise config_error("ViTConfig", "variant", variant,
                        f"expected '<size>/<patch>' with size one of {list(VIT_SIZES)} and a "
                        "positive patch size, e.g. 'S/16' or 'mu/2'.")
-  width, depth, num_heads, mlp_dim = VIT_SIZES[size]
-  return dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
-              patch_size=int(patch))
+  return dict(zip(VARIANT_FIELDS, (*VIT_SIZES[size], int(patch)), strict=True))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,13 +67,11 @@ class ViTConfig(BackboneConfig):
   posemb: str = "learned"
   head_zero_init: bool = True
 
-  def __post_init__(self):
-    super().__post_init__()
-    owner = type(self).__name__
+  def _check_model_fields(self, owner: str) -> None:
     for field in ("image_size", "patch_size"):
       value = getattr(self, field)
       try:
-        pair = layers.pairs(value)
+        pair = pairs(value)
       except TypeError:
         pair = ()
       if len(pair) != 2 or not all(isinstance(s, int) and s >= 1 for s in pair):
@@ -93,19 +93,33 @@ class ViTConfig(BackboneConfig):
   @classmethod
   def from_variant(cls, variant: str, *, num_classes: int, image_size: Any = 224,
                    **overrides: Any) -> "ViTConfig":
-    """A named size such as "S/16" or "mu/2"; `overrides` replace any field.
+    """A named size such as "S/16" or "mu/2", with `overrides` on top: the one place a
+    variant is resolved.
+
+    The variant sets `VARIANT_FIELDS` (width, depth, num_heads, mlp_dim,
+    patch_size). An override replaces the variant's value, except that an
+    override of None for one of those fields keeps the variant's value, so a
+    config that leaves e.g. `depth=None` gets the named size's depth. Any other
+    field (including None for e.g. num_kv_heads) is passed on as given.
 
     Example:
       >>> ViTConfig.from_variant("mu/2", num_classes=10, image_size=8, attention="sigmoid")
+      >>> ViTConfig.from_variant("S/16", num_classes=10, depth=None, width=512).depth
+      12
     """
     fields = parse_variant(variant)
-    fields.update(overrides)
+    fields.update({k: v for k, v in overrides.items() if v is not None or k not in fields})
     return cls(num_classes=num_classes, image_size=image_size, **fields)
 
   @property
   def grid(self) -> tuple[int, int]:
     """Patches along height and width."""
     return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
+  @property
+  def sequence_length(self) -> int:
+    """Tokens the encoder sees: one per patch, plus the CLS token with pool="tok"."""
+    return self.grid[0] * self.grid[1] + (1 if self.pool == "tok" else 0)
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> Array:
@@ -123,7 +137,7 @@ class ViT(nnx.Module):
 
   Parameters: patch_embed (patch_height, patch_width, channels, embed) + bias;
   pos_embedding (patches, embed) when posemb="learned"; cls (embed,) when
-  pool="tok"; encoder (see `layers.Encoder`); head (embed, classes) + bias.
+  pool="tok"; encoder (see `attnlab.models.encoder.Encoder`); head (embed, classes) + bias.
   """
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
@@ -137,12 +151,12 @@ class ViT(nnx.Module):
         kernel_init=jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3))
     num_patches = cfg.grid[0] * cfg.grid[1]
     if cfg.posemb == "learned":
-      self.pos_embedding = layers.named_param(jax.nn.initializers.normal(stddev=e ** -0.5),
+      self.pos_embedding = named_param(jax.nn.initializers.normal(stddev=e ** -0.5),
                                               (num_patches, e), ("patches", "embed"), cfg, rngs)
     if cfg.pool == "tok":
-      self.cls = layers.named_param(jax.nn.initializers.zeros, (e,), ("embed",), cfg, rngs)
+      self.cls = named_param(jax.nn.initializers.zeros, (e,), ("embed",), cfg, rngs)
     self.dropout = layers.dropout(cfg.dropout_rate, rngs)
-    self.encoder = layers.Encoder(cfg, rngs=rngs)
+    self.encoder = Encoder(cfg, rngs=rngs)
     head_init = jax.nn.initializers.zeros if cfg.head_zero_init else None
     self.head = layers.dense("BE,EC->BC", (e, cfg.num_classes), ("embed", "classes"),
                              bias_axes=("classes",), cfg=cfg, rngs=rngs, kernel_init=head_init)
@@ -176,7 +190,7 @@ class ViT(nnx.Module):
             rngs: nnx.Rngs | None = None) -> Array:
     """Patch tokens plus position embedding (and the CLS token first): [B, N(+1), E]."""
     cfg = self.cfg
-    layers.check_rank("images_BHWC", images_BHWC, 4, "[batch, height, width, channels]")
+    check_rank("images_BHWC", images_BHWC, 4, "[batch, height, width, channels]")
     expected = (*cfg.image_size, cfg.num_channels)
     if tuple(images_BHWC.shape[1:]) != expected:
       raise ValueError(f"images_BHWC must be [batch, {expected[0]}, {expected[1]}, {expected[2]}]"
