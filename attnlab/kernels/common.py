@@ -11,13 +11,13 @@ interpret mode alike.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attnlab.attention.kinds import SIGMOID_BIAS_FORMS, sigmoid_bias_logits
 from attnlab.kernels.capabilities import KINDS  # stated once there
 BACKENDS = ("gpu", "tpu")
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -39,7 +39,11 @@ class KernelConfig:
   backend: str
   interpret: bool
   scale: float
-  sigmoid_bias: float  # unused for softmax
+  # The sigmoid bias is data (a [B, H] float32 kernel input), not part of the config:
+  # a traced or learned bias needs no recompilation. `bias_grad`: the dQ kernel also
+  # writes the row sums of dS, from which d bias is summed (sigmoid with a bias that
+  # may be differentiated; False skips that work for a constant bias).
+  bias_grad: bool
   is_causal: bool
   q_len: int
   kv_len: int
@@ -136,7 +140,7 @@ def check_inputs(q: Any, k: Any, v: Any, q_segment_ids: Any, kv_segment_ids: Any
 
 
 def check_scalar(name: str, value: Any) -> float | None:
-  """Scalars become part of the static kernel config, so they must be concrete numbers."""
+  """`scale` becomes part of the static kernel config, so it must be a concrete number."""
   if value is None:
     return None
   try:
@@ -144,6 +148,35 @@ def check_scalar(name: str, value: Any) -> float | None:
   except (TypeError, jax.errors.ConcretizationTypeError) as e:
     raise ValueError(f"{name} must be a concrete Python number (it is compiled into the kernel); "
                      f"got {type(value).__name__}: {value!r}.") from e
+
+
+def bias_per_head(sigmoid_bias: Any, kv_len: int, batch: int, num_heads: int) -> jax.Array:
+  """The sigmoid bias as the kernels read it: float32 [B, H], one scalar per (batch, head).
+
+  Accepts what `attend` accepts (`attnlab.attention.kinds.SIGMOID_BIAS_FORMS`): None
+  (= `default_sigmoid_bias(Lk)`), a real scalar or 0-d array, [H] (or [1]), or rank 4
+  broadcastable to [B, H, 1, 1]; concrete or traced. The broadcast and the float32 cast
+  happen here, outside the custom_vjp, so autodiff sums d bias back to the shape and
+  dtype the caller passed.
+  """
+  if sigmoid_bias is not None:
+    try:
+      dtype, shape = jnp.result_type(sigmoid_bias), tuple(jnp.shape(sigmoid_bias))
+    except TypeError as e:
+      raise ValueError(f"sigmoid_bias must be None (= -log(Lk)) or {SIGMOID_BIAS_FORMS}; got "
+                       f"{type(sigmoid_bias).__name__}: {sigmoid_bias!r}.") from e
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+      raise ValueError(f"sigmoid_bias must be real-valued ({SIGMOID_BIAS_FORMS}); got dtype "
+                       f"{dtype}.")
+    per_head = len(shape) == 1 and shape[0] in (1, num_heads)
+    rank4 = (len(shape) == 4 and shape[0] in (1, batch) and shape[1] in (1, num_heads)
+             and shape[2:] == (1, 1))
+    if shape and not (per_head or rank4):
+      raise ValueError(f"sigmoid_bias has shape {shape}; for q with batch {batch} and "
+                       f"{num_heads} heads pass a scalar, [{num_heads}] (one bias per query "
+                       f"head) or an array broadcastable to [{batch}, {num_heads}, 1, 1].")
+  b = jnp.asarray(sigmoid_bias_logits(sigmoid_bias, kv_len), jnp.float32)
+  return jnp.broadcast_to(b.reshape(b.shape[:2]) if b.ndim == 4 else b, (batch, num_heads))
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -257,11 +290,14 @@ def needs_mask(cfg: KernelConfig, has_segments: bool) -> bool:
   return cfg.is_causal or cfg.kv_padded or has_segments
 
 
-def sigmoid_probs(s: jax.Array, cfg: KernelConfig,
+def sigmoid_probs(s: jax.Array, half_bias: Any, cfg: KernelConfig,
                   tanh: Callable[[jax.Array], jax.Array] = jnp.tanh) -> jax.Array:
-  """sigmoid(scale * s + b) through tanh: 0.5 * (1 + tanh(x / 2)) (one MUFU op on GPU)."""
-  half_x = s * (0.5 * cfg.scale) + 0.5 * cfg.sigmoid_bias
-  return 0.5 + 0.5 * tanh(half_x)
+  """sigmoid(scale * s + b) through tanh: 0.5 * (1 + tanh(x / 2)) (one MUFU op on GPU).
+
+  `half_bias` is b / 2 as read from the bias input (a scalar, or [1, 1] on TPU), so
+  x / 2 is still one fused multiply-add per element.
+  """
+  return 0.5 + 0.5 * tanh(s * (0.5 * cfg.scale) + half_bias)
 
 
 def score_grad(p_QK: jax.Array, dp_QK: jax.Array, delta_Q1: jax.Array | None,
@@ -279,11 +315,6 @@ def score_grad(p_QK: jax.Array, dp_QK: jax.Array, delta_Q1: jax.Array | None,
 def dot_precision(dtype: Any) -> Any:
   """float32 inputs get full-precision MXU/tensor-core passes (Triton defaults to TF32)."""
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-def default_sigmoid_bias(kv_len: int) -> float:
-  """b = -log(Lk) (Apple, arXiv 2409.04431): keeps the output norm independent of Lk."""
-  return -math.log(max(kv_len, 1))
 
 
 # ------------------------------------------------------------------- backward, outside

@@ -4,7 +4,8 @@ It validates the call, picks the backend and block sizes, pads every length to
 whole blocks (the padding is masked, never attended), and wraps the backend's
 forward and backward kernels in one `jax.custom_vjp`. Padding and slicing sit
 outside the custom_vjp, so autodiff routes zero cotangents to padded rows and
-the kernels only ever see block-aligned arrays.
+the kernels only ever see block-aligned arrays. The sigmoid bias enters as data, a
+[B, H] float32 array (one scalar per batch and query head), with its own cotangent.
 
 The kernels' plain jnp reference is `attnlab.attention.attend(impl="xla")`: the same
 semantics (segment ids there are a mask), which tests/test_kernels.py compares the
@@ -29,7 +30,7 @@ _BACKENDS = {"gpu": flash_gpu, "tpu": flash_tpu}
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "sigmoid",
-                    sigmoid_bias: float | None = None, scale: float | None = None,
+                    sigmoid_bias: Any = None, scale: float | None = None,
                     is_causal: bool = False, q_segment_ids: jax.Array | None = None,
                     kv_segment_ids: jax.Array | None = None, block_q: int | None = None,
                     block_k: int | None = None, backend: str | None = None,
@@ -46,7 +47,14 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "si
     v: [B, Lk, Hkv, Dv] values.
     kind: "sigmoid" (FlashSigmoid: sigmoid(scale * q.k + b), no normaliser) or
       "softmax" (FlashAttention-2 with the same tiling).
-    sigmoid_bias: b for kind="sigmoid"; default -log(Lk) with Lk the real key length.
+    sigmoid_bias: b for kind="sigmoid" (softmax ignores it): None (default) is
+      `attnlab.attention.default_sigmoid_bias(Lk)` = -log(Lk) with Lk the real key
+      length; otherwise a real scalar (Python, NumPy or a 0-d array of any float
+      dtype), an array [H] (one bias per query head), or an array broadcastable to
+      [B, H, 1, 1]. It may be traced (under jit) and is differentiable: d bias is the
+      sum of dS over the queries and keys of each head (and batch row), summed to
+      the shape and dtype given. A bias that varies over queries or keys is not
+      supported here (use `attend(impl="xla" or "chunked", bias=...)`).
     scale: logit scale; default 1 / sqrt(D).
     is_causal: query i sees keys j <= i + (Lk - Lq). Key blocks wholly above the
       diagonal are skipped, not masked.
@@ -68,14 +76,16 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "si
     with finite gradients.
 
   Raises:
-    ValueError: bad shapes or dtypes, an unknown kind or backend, invalid block
-      sizes for the backend, or a native backend requested on another platform.
+    ValueError: bad shapes or dtypes (of q, k, v, segment ids or sigmoid_bias), an
+      unknown kind or backend, invalid block sizes for the backend, or a native
+      backend requested on another platform.
   """
-  _, q_len, kv_len, num_heads, num_kv_heads, head_dim, value_dim = common.check_inputs(
+  batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, value_dim = common.check_inputs(
       q, k, v, q_segment_ids, kv_segment_ids, kind)
   backend, interpret = common.resolve_backend(backend, interpret)
   scale = common.check_scalar("scale", scale)
-  sigmoid_bias = common.check_scalar("sigmoid_bias", sigmoid_bias)
+  bias_BH = (common.bias_per_head(sigmoid_bias, kv_len, batch, num_heads)
+             if kind == "sigmoid" else None)
   module = _BACKENDS[backend]
   if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
     raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16 (Triton); got {num_warps!r}.")
@@ -99,8 +109,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "si
   cfg = KernelConfig(
       kind=kind, backend=backend, interpret=interpret,
       scale=head_dim ** -0.5 if scale is None else scale,
-      sigmoid_bias=(common.default_sigmoid_bias(kv_len) if sigmoid_bias is None
-                    else sigmoid_bias),
+      # Only a traced bias can be differentiated; a constant one skips the dS row sums.
+      bias_grad=kind == "sigmoid" and isinstance(sigmoid_bias, jax.core.Tracer),
       is_causal=bool(is_causal), q_len=q_len, kv_len=kv_len, q_len_padded=q_len_padded,
       kv_len_padded=kv_len_padded, block_q=bq, block_k=bk, block_q_bwd=bq_bwd,
       block_k_bwd=bk_bwd, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -115,27 +125,30 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "si
   if q_segment_ids is not None:
     q_seg = common.pad_axis(q_segment_ids.astype(jnp.int32), 1, q_len_padded)
     kv_seg = common.pad_axis(kv_segment_ids.astype(jnp.int32), 1, kv_len_padded)
-  out = _flash(q_p, k_p, v_p, q_seg, kv_seg, cfg)
+  out = _flash(q_p, k_p, v_p, bias_BH, q_seg, kv_seg, cfg)
   return out[:, :q_len, :, :value_dim]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
-  out, _ = _BACKENDS[cfg.backend].forward(q, k, v, q_seg, kv_seg, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
+  out, _ = _BACKENDS[cfg.backend].forward(q, k, v, bias, q_seg, kv_seg, cfg)
   return out
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
-  out, lse = _BACKENDS[cfg.backend].forward(q, k, v, q_seg, kv_seg, cfg)
-  # Sigmoid needs no row statistics: the backward recomputes P from q, k alone.
-  residuals = (q, k, v, q_seg, kv_seg, out if cfg.kind == "softmax" else None, lse)
+def _flash_fwd(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
+  out, lse = _BACKENDS[cfg.backend].forward(q, k, v, bias, q_seg, kv_seg, cfg)
+  # Sigmoid needs no row statistics: the backward recomputes P from q, k and the bias.
+  residuals = (q, k, v, bias, q_seg, kv_seg, out if cfg.kind == "softmax" else None, lse)
   return out, residuals
 
 
 def _flash_bwd(cfg: KernelConfig, residuals: Any, do):
-  q, k, v, q_seg, kv_seg, out, lse = residuals
-  dq, dk, dv = _BACKENDS[cfg.backend].backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg)
-  return dq, dk, dv, None, None  # integer segment ids have no cotangent
+  q, k, v, bias, q_seg, kv_seg, out, lse = residuals
+  dq, dk, dv, dbias = _BACKENDS[cfg.backend].backward(q, k, v, bias, q_seg, kv_seg, out, lse,
+                                                      do, cfg)
+  # dbias is None (a zero cotangent) for softmax and for a constant bias; integer
+  # segment ids have no cotangent.
+  return dq, dk, dv, dbias, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -12,9 +12,12 @@ index map, so K/V are never repeated in memory.
 Sigmoid (Apple's FlashSigmoid, arXiv 2409.04431): P = sigmoid(scale * QK^T + b) needs
 no row max and no row sum, so the forward is one accumulation and the backward is
   dV = P^T dO,  dP = dO V^T,  dS = dP * P * (1 - P),  dQ = scale dS K,  dK = scale dS^T Q
-with no delta pre-pass. Softmax uses the usual online normaliser, saves the
-log-sum-exp (base 2) and uses delta = rowsum(dO * O) (computed by XLA, it is one fused
-elementwise pass).
+with no delta pre-pass. The bias b is an input, [B, H] float32, of which each
+(batch, head) program reads its one scalar; d b = sum of dS over queries and keys:
+the dQ kernel, which already walks every key of its query block, writes the row
+sums of dS and XLA adds them up. Softmax uses the usual online normaliser, saves
+the log-sum-exp (base 2) and uses delta = rowsum(dO * O) (computed by XLA, it is
+one fused elementwise pass).
 """
 
 from __future__ import annotations
@@ -125,17 +128,22 @@ def _over_key_blocks(body, carry, q_block, cfg: KernelConfig, bq: int, bk: int,
   return carry
 
 
+def _half_bias(bias_ref, cfg: KernelConfig) -> jax.Array | None:
+  """b / 2 of this program's (batch, head), read once (the bias ref is a scalar block)."""
+  return 0.5 * bias_ref[...] if cfg.kind == "sigmoid" else None
+
+
 def _probs(s_QK: jax.Array, mask_QK: jax.Array | None, lse_Q1: jax.Array | None,
-           cfg: KernelConfig, tanh) -> jax.Array:
+           half_bias: jax.Array | None, cfg: KernelConfig, tanh) -> jax.Array:
   """Recomputes P for one tile in the backward pass (masked entries are exactly 0)."""
   if cfg.kind == "sigmoid":
-    p_QK = common.sigmoid_probs(s_QK, cfg, tanh)
+    p_QK = common.sigmoid_probs(s_QK, half_bias, cfg, tanh)
   else:
     p_QK = jnp.exp2(s_QK * (cfg.scale * _LOG2_E) - lse_Q1)
   return p_QK if mask_QK is None else jnp.where(mask_QK, p_QK, 0.0)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_refs,
+def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_refs,
                     cfg: KernelConfig):
   """One query block against its key blocks. Refs: q [bq, D], k/v [Lk, D] (whole row)."""
   bq, bk = cfg.block_q, cfg.block_k
@@ -154,9 +162,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_refs
                    preferred_element_type=jnp.float32)
 
   if cfg.kind == "sigmoid":
+    half_bias = _half_bias(bias_ref, cfg)
+
     def body(k_block, acc_QD, masked):
       _, v_KD, s_QK, mask_QK = load_tile(k_block, masked=masked)
-      p_QK = common.sigmoid_probs(s_QK, cfg, tanh)
+      p_QK = common.sigmoid_probs(s_QK, half_bias, cfg, tanh)
       if mask_QK is not None:
         p_QK = jnp.where(mask_QK, p_QK, 0.0)
       return acc_QD + pv(p_QK, v_KD)
@@ -192,7 +202,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_refs
     lse_refs[0][...] = jnp.where(empty_Q, jnp.inf, m_Q + jnp.log2(l_safe_Q))
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
+def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
                 dk_ref, dv_ref, *, cfg: KernelConfig):
   """dK, dV of one key block, accumulated over the query blocks that see it."""
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
@@ -203,6 +213,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, del
   precision = common.dot_precision(k_KD.dtype)
   has_segments = q_seg_ref is not None
   kv_seg_1K = kv_seg_ref[...][None, :] if has_segments else None
+  half_bias = _half_bias(bias_ref, cfg)
   tanh = _tanh_fn(cfg)
 
   def body(q_block, carry, masked):
@@ -218,7 +229,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, del
       q_seg_Q1 = q_seg_ref[rows][:, None] if has_segments else None
       mask_QK = common.tile_mask(q_start, k_start, (bq, bk), cfg, q_seg_Q1, kv_seg_1K)
     lse_Q1 = lse_ref[rows][:, None] if cfg.kind == "softmax" else None
-    p_QK = _probs(s_QK, mask_QK, lse_Q1, cfg, tanh)
+    p_QK = _probs(s_QK, mask_QK, lse_Q1, half_bias, cfg, tanh)
     dv_KD = dv_KD + lax.dot_general(p_QK.astype(do_QD.dtype), do_QD, _CONTRACT_FIRST,
                                     precision=precision, preferred_element_type=jnp.float32)
     dp_QK = _dot_t(do_QD, v_KD, precision)
@@ -241,9 +252,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, del
   dv_ref[...] = dv_KD.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, cfg: KernelConfig):
-  """dQ of one query block, accumulated over the key blocks it sees."""
+def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, *ds_sum_refs, cfg: KernelConfig):
+  """dQ of one query block, accumulated over the key blocks it sees.
+
+  With `cfg.bias_grad` it also writes the block's row sums of dS (`ds_sum_refs[0]`,
+  [bq] float32): the bias gradient before XLA sums it over rows.
+  """
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   q_block = pl.program_id(0)
   q_start = q_block * bq
@@ -254,26 +269,34 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delt
   q_seg_Q1 = q_seg_ref[...][:, None] if has_segments else None
   lse_Q1 = lse_ref[...][:, None] if cfg.kind == "softmax" else None
   delta_Q1 = delta_ref[...][:, None] if cfg.kind == "softmax" else None
+  half_bias = _half_bias(bias_ref, cfg)
   tanh = _tanh_fn(cfg)
   load_tile = functools.partial(_key_tile, k_ref, v_ref, kv_seg_ref, q_QD=q_QD, q_start=q_start,
                                 q_seg_Q1=q_seg_Q1, cfg=cfg, bk=bk)
 
-  def body(k_block, dq_QD, masked):
+  def body(k_block, carry, masked):
+    dq_QD, ds_sum_Q = carry
     k_KD, v_KD, s_QK, mask_QK = load_tile(k_block, masked=masked)
-    p_QK = _probs(s_QK, mask_QK, lse_Q1, cfg, tanh)
+    p_QK = _probs(s_QK, mask_QK, lse_Q1, half_bias, cfg, tanh)
     ds_QK = common.score_grad(p_QK, _dot_t(do_QD, v_KD, precision), delta_Q1, cfg)
-    return dq_QD + jnp.dot(ds_QK.astype(k_KD.dtype), k_KD, precision=precision,
-                           preferred_element_type=jnp.float32)
+    dq_QD = dq_QD + jnp.dot(ds_QK.astype(k_KD.dtype), k_KD, precision=precision,
+                            preferred_element_type=jnp.float32)
+    if cfg.bias_grad:
+      ds_sum_Q = ds_sum_Q + jnp.sum(ds_QK, axis=1)
+    return dq_QD, ds_sum_Q
 
-  dq_QD = jnp.zeros(dq_ref.shape, jnp.float32)
-  dq_QD = _over_key_blocks(body, dq_QD, q_block, cfg, bq, bk, has_segments)
+  carry = (jnp.zeros(dq_ref.shape, jnp.float32),
+           jnp.zeros((bq,), jnp.float32) if cfg.bias_grad else None)
+  dq_QD, ds_sum_Q = _over_key_blocks(body, carry, q_block, cfg, bq, bk, has_segments)
   dq_ref[...] = (dq_QD * cfg.scale).astype(dq_ref.dtype)
+  if cfg.bias_grad:
+    ds_sum_refs[0][...] = ds_sum_Q
 
 
 # ------------------------------------------------------------------------- pallas calls
 def _specs(cfg: KernelConfig, bq: int, bk: int, d: int, dv: int, has_segments: bool,
            q_blocked: bool):
-  """BlockSpecs for (q, k, v, q_seg, kv_seg, do, lse, delta) on a grid (block, b, h).
+  """BlockSpecs for (q, k, v, bias, q_seg, kv_seg, do, lse, delta) on a grid (block, b, h).
 
   `q_blocked`: the grid walks query blocks (forward, dQ) and sees whole K/V rows;
   otherwise it walks key blocks (dK/dV) and sees whole Q rows.
@@ -298,15 +321,19 @@ def _specs(cfg: KernelConfig, bq: int, bk: int, d: int, dv: int, has_segments: b
       q=pl.BlockSpec((None, q_rows, None, d), q_map),
       k=pl.BlockSpec((None, kv_rows, None, d), kv_map),
       v=pl.BlockSpec((None, kv_rows, None, dv), kv_map),
+      # One scalar per (batch, head) program of the [B, H] bias.
+      bias=pl.BlockSpec((None, None), lambda i, b, h: (b, h)) if cfg.kind == "sigmoid" else None,
       q_seg=q_seg if has_segments else None,
       kv_seg=kv_seg if has_segments else None,
       do=pl.BlockSpec((None, q_rows, None, dv), q_map),
       row_stat=row_stat if cfg.kind == "softmax" else None,
+      ds_sum=row_stat if cfg.bias_grad else None,
   )
 
 
-def forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
-  """Padded inputs -> (out [B, Lq, H, Dv], base-2 lse [B, H, Lq] float32; None for sigmoid)."""
+def forward(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
+  """Padded inputs and bias [B, H] float32 (None for softmax) -> (out [B, Lq, H, Dv],
+  base-2 lse [B, H, Lq] float32; None for sigmoid)."""
   b, lq, h, d = q.shape
   dv = v.shape[-1]
   has_segments = q_seg is not None
@@ -319,18 +346,22 @@ def forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
   outs = pl.pallas_call(
       functools.partial(_forward_kernel, cfg=cfg),
       grid=(lq // cfg.block_q, b, h),
-      in_specs=[sp["q"], sp["k"], sp["v"], sp["q_seg"], sp["kv_seg"]],
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["bias"], sp["q_seg"], sp["kv_seg"]],
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=_compiler_params(_num_warps(cfg, d), cfg.num_stages or 2),
       interpret=cfg.interpret,
       name=f"flash_{cfg.kind}_fwd",
-  )(q, k, v, q_seg, kv_seg)
+  )(q, k, v, bias, q_seg, kv_seg)
   return outs[0], (outs[1] if cfg.kind == "softmax" else None)
 
 
-def backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
-  """Padded inputs and dO -> (dq, dk, dv) in the inputs' shapes and dtypes."""
+def backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
+  """Padded inputs and dO -> (dq, dk, dv, dbias).
+
+  dq, dk, dv have the inputs' shapes and dtypes; dbias is [B, H] float32 with
+  `cfg.bias_grad`, else None.
+  """
   b, lq, h, d = q.shape
   lk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
@@ -345,7 +376,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
   dk, dv_ = pl.pallas_call(
       functools.partial(_dkv_kernel, cfg=cfg),
       grid=(lk // bk, b, h),
-      in_specs=[sp["q"], sp["k"], sp["v"], sp["q_seg"], sp["kv_seg"], sp["do"],
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["bias"], sp["q_seg"], sp["kv_seg"], sp["do"],
                 sp["row_stat"], sp["row_stat"]],
       out_specs=[pl.BlockSpec((None, bk, None, d), lambda i, b_, h_: (b_, i, h_, 0)),
                  pl.BlockSpec((None, bk, None, dv), lambda i, b_, h_: (b_, i, h_, 0))],
@@ -354,21 +385,28 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
       compiler_params=params,
       interpret=cfg.interpret,
       name=f"flash_{cfg.kind}_bwd_dkv",
-  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+  )(q, k, v, bias, q_seg, kv_seg, do, lse, delta)
 
   sp = _specs(cfg, bq, bk, d, dv, has_segments, q_blocked=True)
-  dq = pl.pallas_call(
+  out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0))]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  if cfg.bias_grad:
+    out_specs.append(sp["ds_sum"])
+    out_shape.append(jax.ShapeDtypeStruct((b, h, lq), jnp.float32))
+  dq, *ds_sum = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg),
       grid=(lq // bq, b, h),
-      in_specs=[sp["q"], sp["k"], sp["v"], sp["q_seg"], sp["kv_seg"], sp["do"],
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["bias"], sp["q_seg"], sp["kv_seg"], sp["do"],
                 sp["row_stat"], sp["row_stat"]],
-      out_specs=pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=params,
       interpret=cfg.interpret,
       name=f"flash_{cfg.kind}_bwd_dq",
-  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+  )(q, k, v, bias, q_seg, kv_seg, do, lse, delta)
 
   if cfg.group > 1:
     dk, dv_ = common.sum_kv_groups(dk, hkv, k.dtype), common.sum_kv_groups(dv_, hkv, v.dtype)
-  return dq, dk, dv_
+  # Padded rows and masked pairs have dS = 0, so the sum over all padded rows is exact.
+  dbias = ds_sum[0].sum(axis=2) if cfg.bias_grad else None
+  return dq, dk, dv_, dbias

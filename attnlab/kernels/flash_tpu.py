@@ -12,7 +12,11 @@ laid out the way Mosaic wants it:
     index map repeats the neighbouring needed block, and Pallas skips the DMA of
     an unchanged block;
   * row statistics (lse, delta) and q segment ids are [.., L, 1] columns, kv segment
-    ids [.., 1, L] rows, so a tile's mask is a plain broadcast compare.
+    ids [.., 1, L] rows, so a tile's mask is a plain broadcast compare;
+  * the sigmoid bias is a [B, H, 1, 1] float32 input of which each (batch, head)
+    reads its [1, 1] VMEM block (Pallas SMEM blocks must be whole arrays, and a whole
+    [B, H] in the small SMEM would grow with B * H); the dQ kernel also writes the
+    row sums of dS, [B, H, Lq, 1], which XLA sums into d bias.
 The `interpret` switch runs the kernels in TPU interpret mode on CPU.
 """
 
@@ -97,7 +101,12 @@ def _run_masked_and_unmasked(step, unmasked, in_range, needs_mask):
         functools.partial(step, masked=True))
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *rest,
+def _half_bias(bias_ref, cfg: KernelConfig) -> jax.Array | None:
+  """b / 2 of this program's (batch, head) as a [1, 1] tile (broadcast against [Q, K])."""
+  return 0.5 * bias_ref[...] if cfg.kind == "sigmoid" else None
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, o_ref, *rest,
                     cfg: KernelConfig):
   if cfg.kind == "softmax":
     lse_ref, acc_ref, m_ref, l_ref = rest
@@ -120,7 +129,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *rest,
     s_QK = _scores(q_QD, k_KD, cfg)
     mask_QK = _mask(q_block, k_block, bq, bk, cfg, q_seg_ref, kv_seg_ref, masked)
     if cfg.kind == "sigmoid":
-      p_QK = common.sigmoid_probs(s_QK, cfg)
+      p_QK = common.sigmoid_probs(s_QK, _half_bias(bias_ref, cfg), cfg)
       if mask_QK is not None:
         p_QK = jnp.where(mask_QK, p_QK, 0.0)
       acc_ref[...] += jnp.dot(p_QK.astype(v_KD.dtype), v_KD, precision=precision,
@@ -157,11 +166,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *rest,
     lse_ref[...] = jnp.where(empty_Q1, jnp.inf, m_ref[...] + jnp.log(l_safe_Q1))
 
 
-def _probs_and_ds(q_QD, k_KD, v_KD, do_QD, lse_ref, delta_ref, mask_QK, cfg):
+def _probs_and_ds(q_QD, k_KD, v_KD, do_QD, bias_ref, lse_ref, delta_ref, mask_QK, cfg):
   """Recomputes P of one tile and returns (P, dS) (masked entries exactly 0)."""
   s_QK = _scores(q_QD, k_KD, cfg)
   if cfg.kind == "sigmoid":
-    p_QK = common.sigmoid_probs(s_QK, cfg)
+    p_QK = common.sigmoid_probs(s_QK, _half_bias(bias_ref, cfg), cfg)
   else:
     p_QK = jnp.exp(s_QK * cfg.scale - lse_ref[...])
   if mask_QK is not None:
@@ -172,7 +181,7 @@ def _probs_and_ds(q_QD, k_KD, v_KD, do_QD, lse_ref, delta_ref, mask_QK, cfg):
   return p_QK, common.score_grad(p_QK, dp_QK, delta_Q1, cfg)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
+def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
                 dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, *, cfg: KernelConfig):
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   k_block, q_block = pl.program_id(2), pl.program_id(3)
@@ -187,7 +196,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, del
     q_QD, k_KD, v_KD, do_QD = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     precision = common.dot_precision(q_QD.dtype)
     mask_QK = _mask(q_block, k_block, bq, bk, cfg, q_seg_ref, kv_seg_ref, masked)
-    p_QK, ds_QK = _probs_and_ds(q_QD, k_KD, v_KD, do_QD, lse_ref, delta_ref, mask_QK, cfg)
+    p_QK, ds_QK = _probs_and_ds(q_QD, k_KD, v_KD, do_QD, bias_ref, lse_ref, delta_ref,
+                                mask_QK, cfg)
     dv_acc_ref[...] += lax.dot_general(p_QK.astype(do_QD.dtype), do_QD, _CONTRACT_FIRST,
                                        precision=precision, preferred_element_type=jnp.float32)
     dk_acc_ref[...] += lax.dot_general(ds_QK.astype(q_QD.dtype), q_QD, _CONTRACT_FIRST,
@@ -204,8 +214,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, del
     dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, dq_acc_ref, *, cfg: KernelConfig):
+def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, *rest, cfg: KernelConfig):
+  """dQ; with `cfg.bias_grad` also the row sums of dS ([bq, 1]: d bias before XLA's sum)."""
+  if cfg.bias_grad:
+    ds_sum_ref, dq_acc_ref, ds_sum_acc_ref = rest
+  else:
+    (dq_acc_ref,) = rest
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   q_block, k_block = pl.program_id(2), pl.program_id(3)
   has_segments = q_seg_ref is not None
@@ -213,14 +228,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delt
   @pl.when(k_block == 0)
   def _init():
     dq_acc_ref[...] = jnp.zeros(dq_acc_ref.shape, jnp.float32)
+    if cfg.bias_grad:
+      ds_sum_acc_ref[...] = jnp.zeros(ds_sum_acc_ref.shape, jnp.float32)
 
   def step(masked):
     q_QD, k_KD, v_KD, do_QD = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     mask_QK = _mask(q_block, k_block, bq, bk, cfg, q_seg_ref, kv_seg_ref, masked)
-    _, ds_QK = _probs_and_ds(q_QD, k_KD, v_KD, do_QD, lse_ref, delta_ref, mask_QK, cfg)
+    _, ds_QK = _probs_and_ds(q_QD, k_KD, v_KD, do_QD, bias_ref, lse_ref, delta_ref, mask_QK,
+                             cfg)
     dq_acc_ref[...] += jnp.dot(ds_QK.astype(k_KD.dtype), k_KD,
                                precision=common.dot_precision(k_KD.dtype),
                                preferred_element_type=jnp.float32)
+    if cfg.bias_grad:
+      ds_sum_acc_ref[...] += jnp.sum(ds_QK, axis=1, keepdims=True)
 
   n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
   n_unmasked = common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
@@ -230,10 +250,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delt
   @pl.when(k_block == pl.num_programs(3) - 1)
   def _finalize():
     dq_ref[...] = (dq_acc_ref[...] * cfg.scale).astype(dq_ref.dtype)
+    if cfg.bias_grad:
+      ds_sum_ref[...] = ds_sum_acc_ref[...]
 
 
 # ------------------------------------------------------------------------- pallas calls
 # Grids are (batch, head, outer block, inner block). The inner axis is the reduction.
+def _bias_spec(cfg: KernelConfig) -> pl.BlockSpec | None:
+  """The [1, 1] block of this (batch, head) of the [B, H, 1, 1] sigmoid bias (full minor dims)."""
+  if cfg.kind != "sigmoid":
+    return None
+  return pl.BlockSpec((None, None, 1, 1), lambda b, h, i, j: (b, h, 0, 0))
+
+
 def _q_major_specs(cfg: KernelConfig, bq: int, bk: int, d: int, dv: int, has_segments: bool):
   """Specs for grids whose outer axis walks query blocks (forward, dQ)."""
   g = cfg.group
@@ -249,6 +278,7 @@ def _q_major_specs(cfg: KernelConfig, bq: int, bk: int, d: int, dv: int, has_seg
       k=pl.BlockSpec((None, None, bk, d), kv_map),
       v=pl.BlockSpec((None, None, bk, dv), kv_map),
       do=pl.BlockSpec((None, None, bq, dv), q_map),
+      bias=_bias_spec(cfg),
       q_seg=pl.BlockSpec((None, bq, 1), lambda b, h, i, j: (b, i, 0)) if has_segments else None,
       kv_seg=(pl.BlockSpec((None, 1, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))
               if has_segments else None),
@@ -270,6 +300,7 @@ def _kv_major_specs(cfg: KernelConfig, bq: int, bk: int, d: int, dv: int, has_se
       k=pl.BlockSpec((None, None, bk, d), kv_map),
       v=pl.BlockSpec((None, None, bk, dv), kv_map),
       do=pl.BlockSpec((None, None, bq, dv), q_map),
+      bias=_bias_spec(cfg),
       q_seg=(pl.BlockSpec((None, bq, 1), lambda b, h, j, i: (b, q_block(j, i), 0))
              if has_segments else None),
       kv_seg=pl.BlockSpec((None, 1, bk), lambda b, h, j, i: (b, 0, j)) if has_segments else None,
@@ -281,14 +312,19 @@ def _to_bhld(x):
   return jnp.swapaxes(x, 1, 2)
 
 
+def _bias_layout(bias):
+  return None if bias is None else bias[:, :, None, None]
+
+
 def _segment_layout(q_seg, kv_seg):
   if q_seg is None:
     return None, None
   return q_seg[:, :, None], kv_seg[:, None, :]
 
 
-def forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
-  """Padded [B, L, H, D] inputs -> (out [B, Lq, H, Dv], lse [B, H, Lq, 1] float32 or None)."""
+def forward(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
+  """Padded [B, L, H, D] inputs and bias [B, H] float32 (None for softmax) ->
+  (out [B, Lq, H, Dv], lse [B, H, Lq, 1] float32 or None)."""
   b, lq, h, d = q.shape
   dv = v.shape[-1]
   bq, bk = cfg.block_q, cfg.block_k
@@ -305,26 +341,31 @@ def forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
   outs = pl.pallas_call(
       functools.partial(_forward_kernel, cfg=cfg),
       grid=(b, h, lq // bq, cfg.kv_len_padded // bk),
-      in_specs=[sp["q"], sp["k"], sp["v"], sp["q_seg"], sp["kv_seg"]],
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["bias"], sp["q_seg"], sp["kv_seg"]],
       out_specs=out_specs,
       out_shape=out_shape,
       scratch_shapes=scratch,
       compiler_params=_compiler_params(3),
       interpret=_interpret(cfg),
       name=f"flash_{cfg.kind}_fwd_tpu",
-  )(_to_bhld(q), _to_bhld(k), _to_bhld(v), q_seg, kv_seg)
+  )(_to_bhld(q), _to_bhld(k), _to_bhld(v), _bias_layout(bias), q_seg, kv_seg)
   return _to_bhld(outs[0]), (outs[1] if cfg.kind == "softmax" else None)
 
 
-def backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
-  """Padded inputs and dO -> (dq, dk, dv) in the inputs' [B, L, H, D] shapes and dtypes."""
+def backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
+  """Padded inputs and dO -> (dq, dk, dv, dbias).
+
+  dq, dk, dv have the inputs' [B, L, H, D] shapes and dtypes; dbias is [B, H]
+  float32 with `cfg.bias_grad`, else None.
+  """
   b, lq, h, d = q.shape
   lk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   has_segments = q_seg is not None
   delta = common.softmax_delta(out, do)[..., None] if cfg.kind == "softmax" else None
   q_seg, kv_seg = _segment_layout(q_seg, kv_seg)
-  args = (_to_bhld(q), _to_bhld(k), _to_bhld(v), q_seg, kv_seg, _to_bhld(do), lse, delta)
+  args = (_to_bhld(q), _to_bhld(k), _to_bhld(v), _bias_layout(bias), q_seg, kv_seg,
+          _to_bhld(do), lse, delta)
 
   # dK/dV per *query* head; GQA sums the group afterwards in float32.
   dkv_dtype = k.dtype if cfg.group == 1 else jnp.float32
@@ -333,7 +374,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
   dk, dv_ = pl.pallas_call(
       functools.partial(_dkv_kernel, cfg=cfg),
       grid=(b, h, lk // bk, lq // bq),
-      in_specs=[sp["q"], sp["k"], sp["v"], sp["q_seg"], sp["kv_seg"], sp["do"],
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["bias"], sp["q_seg"], sp["kv_seg"], sp["do"],
                 sp["row_stat"], sp["row_stat"]],
       out_specs=[pl.BlockSpec((None, None, bk, d), out_map),
                  pl.BlockSpec((None, None, bk, dv), out_map)],
@@ -346,14 +387,22 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
   )(*args)
 
   sp = _q_major_specs(cfg, bq, bk, d, dv, has_segments)
-  dq = pl.pallas_call(
+  q_map = lambda b_, h_, i, j: (b_, h_, i, 0)
+  out_specs = [pl.BlockSpec((None, None, bq, d), q_map)]
+  out_shape = [jax.ShapeDtypeStruct((b, h, lq, d), q.dtype)]
+  scratch = [pltpu.VMEM((bq, d), jnp.float32)]
+  if cfg.bias_grad:
+    out_specs.append(pl.BlockSpec((None, None, bq, 1), q_map))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, lq, 1), jnp.float32))
+    scratch.append(pltpu.VMEM((bq, 1), jnp.float32))
+  dq, *ds_sum = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg),
       grid=(b, h, lq // bq, lk // bk),
-      in_specs=[sp["q"], sp["k"], sp["v"], sp["q_seg"], sp["kv_seg"], sp["do"],
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["bias"], sp["q_seg"], sp["kv_seg"], sp["do"],
                 sp["row_stat"], sp["row_stat"]],
-      out_specs=pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, h, lq, d), q.dtype),
-      scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      scratch_shapes=scratch,
       compiler_params=_compiler_params(3),
       interpret=_interpret(cfg),
       name=f"flash_{cfg.kind}_bwd_dq_tpu",
@@ -362,4 +411,6 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
   dk, dv_ = _to_bhld(dk), _to_bhld(dv_)
   if cfg.group > 1:
     dk, dv_ = common.sum_kv_groups(dk, hkv, k.dtype), common.sum_kv_groups(dv_, hkv, v.dtype)
-  return _to_bhld(dq), dk, dv_
+  # Padded rows and masked pairs have dS = 0, so the sum over all padded rows is exact.
+  dbias = ds_sum[0].sum(axis=(2, 3)) if cfg.bias_grad else None
+  return _to_bhld(dq), dk, dv_, dbias
