@@ -234,9 +234,12 @@ def test_matches_numpy_float64_values_and_grads(case, kind, backend):
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
 def test_matches_attend_xla_with_equivalent_mask(kind, backend):
-  """Several TPU key blocks (Lk > 128), causal + segment ids vs attend(impl='xla', mask=...)."""
+  """Several TPU key blocks (Lk > 128), causal + segment ids vs attend(impl='xla', mask=...).
+
+  Sigmoid with a per-head bias: d bias sums dS row sums over several key blocks.
+  """
   case = Case("long", batch=1, q_len=150, kv_len=200, heads=2, kv_heads=1, head_dim=64,
-              is_causal=True, segments=True)
+              is_causal=True, segments=True, bias="per_head" if kind == "sigmoid" else "default")
   x = make_inputs(case, seed=1)
   blocks = dict(block_q=32, block_k=64) if backend == "gpu" else dict(block_q=64, block_k=128)
   got = kernel_value_and_grads(x, kind=kind, is_causal=True, q_segment_ids=x.q_seg,
@@ -244,13 +247,20 @@ def test_matches_attend_xla_with_equivalent_mask(kind, backend):
                                **blocks)
   seg_mask = (x.q_seg[:, None, :, None] == x.kv_seg[:, None, None, :])  # [B, 1, Lq, Lk]
 
-  def xla_loss(q, k, v):
-    out = attention.attend(q, k, v, kind=kind, is_causal=True, mask=seg_mask, impl="xla")
+  def xla_loss(q, k, v, bias):
+    out = attention.attend(q, k, v, kind=kind, is_causal=True, mask=seg_mask, impl="xla",
+                           **(dict(sigmoid_bias=bias) if kind == "sigmoid" else {}))
     return jnp.sum(out * x.w), out
 
-  (_, out), grads = jax.value_and_grad(xla_loss, argnums=(0, 1, 2), has_aux=True)(x.q, x.k, x.v)
+  (_, out), grads = jax.value_and_grad(xla_loss, argnums=(0, 1, 2, 3), has_aux=True)(
+      x.q, x.k, x.v, x.bias)
   for name, g, r in zip(("out", "dq", "dk", "dv"), got, (out, *grads)):
     assert_close(g, np.asarray(r, np.float64), TOL["float32"], f"{backend}/{kind}: {name}")
+  if kind == "sigmoid":  # attend(xla) and the kernel agree on d bias too ...
+    assert_close(got[4], np.asarray(grads[3], np.float64), dict(rtol=1e-4, atol=1e-4),
+                 f"{backend}/{kind}: d sigmoid_bias vs attend(xla)")
+    # ... and both are near the float64 one, within the error a sum of 30k dS terms can have.
+    check_against_reference(got, reference(case, kind, x), x, case, kind, f"{backend}/long")
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
