@@ -12,8 +12,10 @@ attention FLOPs = 4·B·H·Lq·Lk·D forward (halved when causal) and 3.5× that
 forward+backward; XLA's compiled temporaries (MiB, per implementation) and, on GPU, the
 process peak from device.memory_stats() after that implementation ran (monotonic);
 speedups of flash-sigmoid over flash-softmax (ours) and over cuDNN (time ratio
-reference / sigmoid, > 1 means sigmoid is faster). Interpret-mode (CPU) times say
-nothing about kernel speed.
+reference / sigmoid, > 1 means sigmoid is faster). `flash-sigmoid +dbias` passes the
+bias as a per-head array traced under jit (as a learned bias is), so its backward
+also computes d bias (the dQ kernel's dS row sums): its `f+b x` column is that
+cost. Interpret-mode (CPU) times say nothing about kernel speed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
+import math
 import statistics
 import sys
 import warnings
@@ -62,12 +65,20 @@ def _jax_pallas_softmax(interpret: bool) -> Callable | None:
   return run
 
 
+def _traced_bias(q: jax.Array, k: jax.Array) -> jax.Array:
+  """The default -log(Lk) as a per-head [H] array: built inside jit it is traced, like a
+  learned bias, so the kernels' backward computes its gradient."""
+  return jnp.full((q.shape[2],), -math.log(k.shape[1]), jnp.float32)
+
+
 def implementations(interpret: bool, xla_max_len: int, length: int, gqa: bool):
   """name -> fn(q, k, v, causal) -> out (None where unavailable, with the reason)."""
   ours = dict(interpret=True) if interpret else {}
   impls: dict[str, Callable | str] = {
       "flash-sigmoid (ours)": lambda q, k, v, c: flash_attention(q, k, v, kind="sigmoid",
                                                                  is_causal=c, **ours),
+      "flash-sigmoid +dbias": lambda q, k, v, c: flash_attention(
+          q, k, v, kind="sigmoid", sigmoid_bias=_traced_bias(q, k), is_causal=c, **ours),
       "flash-softmax (ours)": lambda q, k, v, c: flash_attention(q, k, v, kind="softmax",
                                                                  is_causal=c, **ours),
   }

@@ -35,8 +35,9 @@ fi
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== kernel tests (native kernels on GPU) =="
-# native_gpu: the gpu-marked tests; the others call the kernels with the default (native) backend.
-SELECT='native_gpu or default_blocks or dispatch or scale_and_bias or bad_'
+# native_gpu: the gpu-marked tests (per-head and [B, H, 1, 1] sigmoid biases with their
+# gradient among them); the others call the kernels with the default (native) backend.
+SELECT='native_gpu or default_blocks or dispatch or any_real_type or traced_bias or bad_'
 timeout 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
   -k "$SELECT" -rs 2>&1 | tee "$OUT/tests.txt" | tail -n 25
 echo "tests exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.txt"
