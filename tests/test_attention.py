@@ -92,7 +92,9 @@ def np_weights(q, k, kind, mask=None, is_causal=False, bias=None, scale=None, **
     return np.divide(e, tot, out=np.zeros_like(e), where=tot > 0)
   if base == "sigmoid":
     sb = opts.get("sigmoid_bias")
-    sb = -math.log(lk) if sb is None else sb
+    sb = -math.log(lk) if sb is None else np.asarray(sb, np.float64)
+    if np.ndim(sb) == 1:
+      sb = sb[None, :, None, None]  # [H]: one bias per query head
     return np.where(valid, np_sigmoid(s + sb), 0.0)
   if kind == "relu":
     w = np.where(valid, np.maximum(s, 0.0), 0.0)
@@ -160,14 +162,63 @@ def full_mask(shape, seed=2):
   return jnp.asarray(np.random.default_rng(seed).random((b, h, lq, lk)) < 0.7)
 
 
-TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=3e-2, rtol=3e-2)}
-# Polynomial weights grow like s^3: compare relative to the output scale.
-POLY_TOL = {jnp.float32: dict(atol=1e-4, rtol=1e-4), jnp.bfloat16: dict(atol=2e-1, rtol=5e-2)}
+# ----------------------------------------------------------------------------------------------
+# Tolerances: one rule for every comparison in this file.
+#
+#   |got - want| <= F32_ROUNDING_UNITS * cond * eps32 * magnitude  +  u(out_dtype) * |want|
+#
+# * magnitude: the size of the compared quantity, max |want| over the array (for a
+#   directional derivative, sum_i |g_i d_i|, the terms it adds up). Float32 rounding
+#   errors scale with the numbers a computation goes through, not with each element: a
+#   per-element rtol fails where a sum cancels, and a fixed atol is tuned to one output scale
+#   (polynomial outputs and gradients are ~50, softmax's ~1).
+# * F32_ROUNDING_UNITS = 128: each element goes through tens of float32 roundings and sums of
+#   <= 64 terms. The worst error measured when this was set was 11 units (relu's RMS
+#   normalisation of small rows); other block sizes or XLA optimisations off changed errors by
+#   < 4x, and the one report from another x86 CPU was 5.8x this machine's error. 128 units
+#   is 1.5e-5 of the magnitude (x cond), while a mask hiding one key moves outputs by > 0.17
+#   of it and a 1e-3 relative change of q by 6-140 tolerances (kinds not invariant to it):
+#   test_tolerances_reject_an_off_by_one_mask and the gradient tests check the first.
+# * cond: how much the kind amplifies a relative error of the scores: a power p (polynomial
+#   degree, softplus power) multiplies it by p; 1 otherwise.
+# * u(out_dtype): half an ulp, the rounding of the output to its dtype (2^-8 for bfloat16; the
+#   computation inside stays float32, which the first term covers).
+# ----------------------------------------------------------------------------------------------
+F32_EPS = float(np.finfo(np.float32).eps)
+F32_ROUNDING_UNITS = 128
 
 
-def assert_close(got, want, dtype, kind):
-  tol = (POLY_TOL if kind == "polynomial" else TOL)[dtype]
-  np.testing.assert_allclose(np.asarray(got, np.float64), want, **tol)
+def conditioning(kind, opts):
+  """The factor by which `kind` amplifies relative errors of its scores."""
+  if kind == "polynomial":
+    return opts.get("degree", 3)
+  if kind == "softplus" and opts.get("power") is not None:
+    return max(opts["power"], 1.0)
+  return 1.0
+
+
+def tolerance(want, kind, opts=None, out_dtype=jnp.float32, magnitude=None):
+  """assert_allclose's atol/rtol under the rule above."""
+  magnitude = float(np.max(np.abs(want))) if magnitude is None else magnitude
+  atol = F32_ROUNDING_UNITS * conditioning(kind, opts or {}) * F32_EPS * magnitude
+  return dict(atol=atol, rtol=float(jnp.finfo(out_dtype).eps) / 2)
+
+
+def assert_close(got, want, kind, opts=None, out_dtype=jnp.float32):
+  want = np.asarray(want, np.float64)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want,
+                             **tolerance(want, kind, opts, out_dtype))
+
+
+def off_by_one_mask(shape):
+  """A deliberately wrong key-padding mask [1, 1, 1, Lk]: it hides one key that matters.
+
+  The hidden key is the one bottom-right alignment puts on query 0's diagonal (key
+  max(Lk - Lq, 0)): every query at or after it sees it causally, and so does a local
+  window around it. The tests check that their tolerance fails on this mask.
+  """
+  _, lq, lk, *_ = SHAPES[shape]
+  return jnp.asarray(np.arange(lk) != max(lk - lq, 0))[None, None, None, :]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +241,7 @@ def test_values_float32(impl, kind, shape, causal, masking):
                          **opts, **impl_opts)
   assert got.shape == q.shape[:3] + v.shape[3:] and got.dtype == q.dtype
   want = np_attend(q, k, v, kind, mask=mask, is_causal=causal, **opts)
-  assert_close(got, want, jnp.float32, kind)
+  assert_close(got, want, kind, opts)
 
 
 @pytest.mark.parametrize("kind,opts", EXTRA_VARIANTS)
@@ -199,7 +250,7 @@ def test_option_variants(kind, opts, impl):
   q, k, v = make_inputs("gqa_odd", seed=3)
   impl_opts = {"block_k": 8} if impl == "chunked" else {}
   got = attention.attend(q, k, v, kind=kind, is_causal=True, impl=impl, **opts, **impl_opts)
-  assert_close(got, np_attend(q, k, v, kind, is_causal=True, **opts), jnp.float32, kind)
+  assert_close(got, np_attend(q, k, v, kind, is_causal=True, **opts), kind, opts)
 
 
 @pytest.mark.parametrize("impl", ["xla", "chunked"])
@@ -213,7 +264,7 @@ def test_values_bfloat16(impl, kind):
   # The reference sees the same bf16-rounded inputs, in float64.
   want = np_attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), kind,
                    is_causal=True, **opts)
-  assert_close(got.astype(jnp.float32), want, jnp.bfloat16, kind)
+  assert_close(got.astype(jnp.float32), want, kind, opts, out_dtype=jnp.bfloat16)
 
 
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "linear"])
@@ -224,7 +275,7 @@ def test_bias_is_added_to_logits(kind):
     got = attention.attend(q, k, v, kind=kind, bias=bias, impl=impl, **KIND_OPTIONS[kind],
                            **extra)
     want = np_attend(q, k, v, kind, bias=bias, **KIND_OPTIONS[kind])
-    assert_close(got, want, jnp.float32, kind)
+    assert_close(got, want, kind, KIND_OPTIONS[kind])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -234,11 +285,23 @@ def test_weights_match_reference_and_compose_to_attend(kind):
   mask = padding_mask("gqa_odd")
   w = attention.weights(q, k, kind=kind, mask=mask, is_causal=True, **opts)
   assert w.shape == (2, 4, 37, 53) and w.dtype == jnp.float32
-  np.testing.assert_allclose(w, np_weights(q, k, kind, mask=mask, is_causal=True, **opts),
-                             atol=1e-5, rtol=1e-4)
+  assert_close(w, np_weights(q, k, kind, mask=mask, is_causal=True, **opts), kind, opts)
   composed = attention.apply_weights(w, v, kind=kind, **opts)
   direct = attention.attend(q, k, v, kind=kind, mask=mask, is_causal=True, **opts)
-  np.testing.assert_allclose(composed, direct, atol=1e-5, rtol=1e-4)
+  assert_close(composed, direct, kind, opts)
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind,opts", [(k, KIND_OPTIONS[k]) for k in KINDS] + EXTRA_VARIANTS)
+def test_tolerances_reject_an_off_by_one_mask(kind, opts, out_dtype):
+  """The tolerance rule is not so loose that a mask hiding one key would pass (NumPy only)."""
+  q, k, v = make_inputs("gqa_odd", seed=3)
+  mask = padding_mask("gqa_odd")
+  want = np_attend(q, k, v, kind, mask=mask, is_causal=True, **opts)
+  wrong = np_attend(q, k, v, kind, mask=mask & off_by_one_mask("gqa_odd"), is_causal=True,
+                    **opts)
+  with pytest.raises(AssertionError):
+    assert_close(wrong, want, kind, opts, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,25 +329,46 @@ def test_gradients_against_float64_finite_differences(impl, kind, opts):
     return jnp.sum(out * cot)
 
   grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-  got = sum(float(np.sum(np.asarray(g, np.float64) * d)) for g, d in zip(grads, dirs))
-  ref = lambda *a: float(np.sum(np_attend(*a, kind, mask=mask, is_causal=True, **opts) * cot))
-  want = directional_fd(ref, [np.asarray(x, np.float64) for x in (q, k, v)], dirs)
   assert all(np.all(np.isfinite(g)) for g in grads)
-  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+  terms = [np.asarray(g, np.float64) * d for g, d in zip(grads, dirs)]
+  got = sum(float(np.sum(t)) for t in terms)
+  x64 = [np.asarray(x, np.float64) for x in (q, k, v)]
+
+  def fd(m):
+    ref = lambda *a: float(np.sum(np_attend(*a, kind, mask=m, is_causal=True, **opts) * cot))
+    return directional_fd(ref, x64, dirs)
+
+  # The magnitude of a directional derivative is that of the terms it sums.
+  tol = tolerance(None, kind, opts, magnitude=sum(float(np.sum(np.abs(t))) for t in terms))
+  np.testing.assert_allclose(got, fd(mask), **tol)
+  # The same tolerance rejects the gradient of a mask that is off by one key.
+  wrong = fd(mask & off_by_one_mask("mqa_long_q"))
+  assert abs(got - wrong) > tol["atol"] + tol["rtol"] * abs(wrong)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunked_and_xla_gradients_agree(kind):
   q, k, v = make_inputs("gqa_odd", seed=10)
   opts = KIND_OPTIONS[kind]
+  # A fixed random cotangent: the VJP is linear in it, so it tests the same map as any loss.
+  # (A loss like sum(sin(out)) would feed the outputs' rounding error into the cotangent,
+  # amplified by |out|, ~50 for polynomial: error of the test, not of attention.)
+  cot = jnp.asarray(np.random.default_rng(11).normal(size=q.shape[:3] + v.shape[3:]),
+                    jnp.float32)
 
-  def grads(impl, **extra):
-    f = lambda q, k, v: jnp.sum(jnp.sin(attention.attend(
-        q, k, v, kind=kind, is_causal=True, impl=impl, **opts, **extra)))
+  def grads(impl, mask=None, **extra):
+    f = lambda q, k, v: jnp.sum(cot * attention.attend(
+        q, k, v, kind=kind, mask=mask, is_causal=True, impl=impl, **opts, **extra))
     return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
 
-  for a, b in zip(grads("xla"), grads("chunked", block_k=16)):
-    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  want = grads("xla")
+  for name, a, b in zip("qkv", want, grads("chunked", block_k=16)):
+    assert_close(b, a, kind, opts), name
+  # The same tolerance rejects gradients of a mask that is off by one key.
+  wrong = grads("xla", mask=off_by_one_mask("gqa_odd"))
+  for a, b in zip(want, wrong):
+    with pytest.raises(AssertionError):
+      assert_close(b, a, kind, opts)
 
 
 # ----------------------------------------------------------------------------------------------

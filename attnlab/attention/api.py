@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,6 +22,19 @@ IMPL_OPTIONS: dict[str, dict[str, Any]] = {
     "xla": {},
     "chunked": {"block_k": chunked.DEFAULT_BLOCK_K},
     "pallas": dict(kernel_capabilities.OPTIONS),
+}
+
+
+def _check_block_k(block_k: Any) -> None:
+  if not isinstance(block_k, int) or isinstance(block_k, bool) or block_k < 1:
+    raise ValueError(f"impl='chunked': block_k must be a positive int; got {block_k!r}.")
+
+
+# Validators of the impl options' values, run by `check_options` so a config fails when it
+# is built, not at the first call. The fused kernels check theirs (block sizes depend on the
+# backend and dtype) when called.
+IMPL_OPTION_CHECKS: dict[str, dict[str, Callable[[Any], None]]] = {
+    "chunked": {"block_k": _check_block_k},
 }
 
 
@@ -78,7 +92,10 @@ def _split_options(mech: Mechanism, impl: str, options: dict[str, Any]):
         f"{sorted(impl_accepts) or 'none'}.")
   kind_options = {**mech.options, **kind_given}
   mech.check(kind_options)
-  return kind_options, {**impl_accepts, **impl_given}
+  impl_options = {**impl_accepts, **impl_given}
+  for name, check in IMPL_OPTION_CHECKS.get(impl, {}).items():
+    check(impl_options[name])
+  return kind_options, impl_options
 
 
 def _prepare(q, k, v, kind, mask, bias, scale, impl, options):
@@ -160,10 +177,8 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
   if mech.attend_override is not None:
     return mech.attend_override(q, k, v, mech, kind_options, **common)
   if impl == "chunked":
-    block_k = impl_options["block_k"]
-    if not isinstance(block_k, int) or block_k < 1:
-      raise ValueError(f"impl='chunked': block_k must be a positive int; got {block_k!r}.")
-    return chunked.attend(q, k, v, mech, kind_options, block_k=block_k, **common)
+    return chunked.attend(q, k, v, mech, kind_options, block_k=impl_options["block_k"],
+                          **common)
   w_BHQK = xla.attention_weights(q, k, mech, kind_options, **common)
   return xla.apply_weights(w_BHQK, v, mech, kind_options, q.dtype)
 
