@@ -13,7 +13,9 @@ A pure train step (jit- and vmap-friendly: nothing in the model is mutated):
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     def loss_fn(params, batch, key):
-      m = nnx.merge(graphdef, params, rest)
+      # copy=True: fresh variables in this trace; needed with scan_layers, whose scan
+      # threads the blocks' own RNG state through (harmless otherwise).
+      m = nnx.merge(graphdef, params, rest, copy=True)
       logits = m(batch["image"], deterministic=False, rngs=nnx.Rngs(dropout=key))
       ...
 
@@ -28,7 +30,9 @@ Attention maps for diagnostics come from the same forward pass:
 
 Every parameter carries logical axis names (`logical_axes(model)`), which
 `nnx.get_partition_spec` turns into mesh shardings under
-`flax.linen.logical_axis_rules`.
+`flax.linen.logical_axis_rules`. `scan_layers=True` stacks the blocks along a
+leading "layers" axis (`LAYERS_AXIS`) and compiles one block; `remat=True`
+recomputes each block in the backward pass (see `attnlab.models.encoder`).
 
 Layout: `config` (BackboneConfig and its checks), `params` (parameters with
 logical axis names), `layers` (projections, norms, attention, MLP), `encoder`
