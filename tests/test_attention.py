@@ -5,8 +5,8 @@ broadcasting (materialised [B, H, Lq, Lk], GQA by repeating kv heads); it never
 calls back into the library.
 """
 
-import itertools
 import math
+import re
 
 import chex
 import jax
@@ -396,6 +396,26 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients(impl, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("masking,causal", [("none", False), ("mask", False), ("none", True)])
+def test_chunked_single_key(kind, masking, causal):
+  """Lk = 1 (e.g. a one-token cache): k and v's key axis has size 1 without broadcasting."""
+  rng = np.random.default_rng(20)
+  b, lq, h, hkv, d, dv = 2, 5, 4, 2, 8, 4
+  q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
+             for s in ((b, lq, h, d), (b, 1, hkv, d), (b, 1, hkv, dv)))
+  mask = None
+  if masking == "mask" and kind == "linear":
+    mask = jnp.asarray([True, False])[:, None, None, None]  # batch row 1 sees no key
+  elif masking == "mask":
+    mask = jnp.asarray(rng.random((b, h, lq, 1)) < 0.5)  # some rows see the key, some none
+  opts = KIND_OPTIONS[kind]
+  got = attention.attend(q, k, v, kind=kind, mask=mask, is_causal=causal, impl="chunked",
+                         **opts)
+  assert got.shape == (b, lq, h, dv)
+  assert_close(got, np_attend(q, k, v, kind, mask=mask, is_causal=causal, **opts), kind, opts)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_masked_keys_get_exactly_zero_weight(kind):
   q, k, _ = make_inputs("mha_square", seed=12)
   mask = full_mask("mha_square") if kind != "linear" else padding_mask("mha_square")
@@ -415,15 +435,6 @@ def test_huge_bfloat16_logits_stay_finite(impl, kind):
   assert np.all(np.isfinite(np.asarray(f(q, k, v), np.float32)))
   grads = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
   assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
-
-
-def test_sigmoid_default_bias_is_minus_log_length():
-  q, k, v = make_inputs("gqa_odd", seed=14)
-  default = attention.attend(q, k, v, kind="sigmoid")
-  explicit = attention.attend(q, k, v, kind="sigmoid", sigmoid_bias=-math.log(53))
-  np.testing.assert_array_equal(default, explicit)
-  other = attention.attend(q, k, v, kind="sigmoid", sigmoid_bias=0.0)
-  assert not np.allclose(default, other)
 
 
 def test_local_window_and_dilation_pattern():
@@ -478,6 +489,198 @@ def test_one_trace_per_shape():
 
 
 # ----------------------------------------------------------------------------------------------
+# sigmoid_bias: the default, scalars of any float type, per-head arrays, traced and learned.
+# ----------------------------------------------------------------------------------------------
+SIGMOID_BIAS_KINDS = [("sigmoid", {}), ("local", {"window": 5, "base": "sigmoid"})]
+# Per-head bias shapes for gqa_odd (B = 2, H = 4 query heads, Hkv = 2).
+SIGMOID_BIAS_SHAPES = {"H": (4,), "BH11": (2, 4, 1, 1), "1H11": (1, 4, 1, 1),
+                       "B111": (2, 1, 1, 1)}
+
+
+def sigmoid_bias_array(shape, seed=21):
+  # Distinct per head (also within a GQA group), around the default -log(53) = -4.
+  return jnp.asarray(np.random.default_rng(seed).normal(-3.0, 1.5, size=shape), jnp.float32)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_sigmoid_default_bias_is_minus_log_length(impl):
+  assert attention.default_sigmoid_bias(53) == -math.log(53)
+  q, k, v = make_inputs("gqa_odd", seed=14)
+  impl_opts = {"block_k": 16} if impl == "chunked" else {}
+  run = lambda **o: attention.attend(q, k, v, kind="sigmoid", impl=impl, **o, **impl_opts)
+  default = run()
+  np.testing.assert_array_equal(default, run(sigmoid_bias=attention.default_sigmoid_bias(53)))
+  assert not np.allclose(default, run(sigmoid_bias=0.0))
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("kind,opts", SIGMOID_BIAS_KINDS)
+@pytest.mark.parametrize("form", sorted(SIGMOID_BIAS_SHAPES))
+def test_sigmoid_bias_per_head_values(form, kind, opts, impl):
+  q, k, v = make_inputs("gqa_odd", seed=22)
+  mask = full_mask("gqa_odd")
+  sb = sigmoid_bias_array(SIGMOID_BIAS_SHAPES[form])
+  impl_opts = {"block_k": 16} if impl == "chunked" else {}
+  got = attention.attend(q, k, v, kind=kind, mask=mask, is_causal=True, impl=impl,
+                         sigmoid_bias=sb, **opts, **impl_opts)
+  want = np_attend(q, k, v, kind, mask=mask, is_causal=True, sigmoid_bias=np.asarray(sb),
+                   **opts)
+  assert_close(got, want, kind, opts)
+
+
+@pytest.mark.parametrize("kind,opts", SIGMOID_BIAS_KINDS)
+def test_sigmoid_bias_gradient(kind, opts):
+  """d loss / d sigmoid_bias[H]: xla, chunked and float64 central differences agree."""
+  q, k, v = make_inputs("gqa_odd", seed=23)
+  mask = full_mask("gqa_odd")
+  sb_H = sigmoid_bias_array((4,))
+  cot = np.random.default_rng(24).normal(size=q.shape[:3] + v.shape[3:])
+
+  def grad(impl, **impl_opts):
+    f = lambda sb: jnp.sum(cot * attention.attend(
+        q, k, v, kind=kind, mask=mask, is_causal=True, impl=impl, sigmoid_bias=sb, **opts,
+        **impl_opts))
+    return jax.grad(f)(sb_H)
+
+  def ref(sb):
+    return float(np.sum(cot * np_attend(q, k, v, kind, mask=mask, is_causal=True,
+                                        sigmoid_bias=sb, **opts)))
+
+  sb64, eps = np.asarray(sb_H, np.float64), 1e-5
+  fd = np.array([(ref(sb64 + eps * e) - ref(sb64 - eps * e)) / (2 * eps) for e in np.eye(4)])
+  g_xla, g_chunked = grad("xla"), grad("chunked", block_k=16)
+  assert g_xla.shape == (4,) and g_xla.dtype == jnp.float32
+  assert_close(g_xla, fd, kind, opts)
+  assert_close(g_chunked, fd, kind, opts)
+  assert_close(g_chunked, g_xla, kind, opts)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_sigmoid_bias_traced_under_jit(impl):
+  q, k, v = make_inputs("gqa_odd", seed=25)
+  impl_opts = {"block_k": 16} if impl == "chunked" else {}
+  for shape in ((), (4,)):
+    traces = []
+
+    @jax.jit
+    def f(sb):
+      traces.append(sb)
+      return attention.attend(q, k, v, kind="sigmoid", impl=impl, sigmoid_bias=sb, **impl_opts)
+
+    for seed in (26, 27):
+      sb = sigmoid_bias_array(shape, seed)
+      want = np_attend(q, k, v, "sigmoid", sigmoid_bias=np.asarray(sb))
+      assert_close(f(sb), want, "sigmoid")
+    # One trace for both values: the bias is an argument, not a constant baked into the program.
+    assert len(traces) == 1 and isinstance(traces[0], jax.core.Tracer)
+
+
+@pytest.mark.parametrize("sb", [
+    np.float32(0.5), np.float16(0.5), np.float64(0.5), np.asarray(0.5, np.float32),
+    jnp.asarray(0.5), jnp.asarray(0.5, jnp.bfloat16), 1 / 2,
+], ids=["np.float32", "np.float16", "np.float64", "np-0d", "jnp-0d", "jnp-0d-bf16", "float"])
+def test_sigmoid_bias_scalars_of_any_float_type(sb):
+  assert attention.check_options("sigmoid", "xla", sigmoid_bias=sb)[0]["sigmoid_bias"] is sb
+  q, k, v = make_inputs("gqa_odd", seed=28)
+  want = attention.attend(q, k, v, kind="sigmoid", sigmoid_bias=0.5)
+  np.testing.assert_array_equal(attention.attend(q, k, v, kind="sigmoid", sigmoid_bias=sb), want)
+
+
+@pytest.mark.parametrize("kind,sb,pattern", [
+    ("sigmoid", "0.5", r"kind='sigmoid': sigmoid_bias must be None \(= -log\(Lk\)\) or a real "
+     r"number.*got '0.5' of type str"),
+    ("sigmoid", [0.1, 0.2], r"got \[0.1, 0.2\] of type list\. For per-head values pass an array"),
+    ("sigmoid", True, r"got True of type bool"),
+    ("sigmoid", np.zeros(4, bool), r"got an array of dtype bool"),
+    ("sigmoid", jnp.zeros((4, 3)), r"sigmoid_bias has shape \(4, 3\); it must be"),
+    ("sigmoid", jnp.zeros((1, 4, 37, 1)), r"shape \(1, 4, 37, 1\).*belongs in `bias`"),
+    ("local", "big", r"kind='local': sigmoid_bias must be None"),
+])
+def test_sigmoid_bias_junk_is_rejected_at_config_time(kind, sb, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    attention.check_options(kind, "chunked", sigmoid_bias=sb)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "pallas"])
+@pytest.mark.parametrize("shape,pattern", [
+    ((3,), r"sigmoid_bias has shape \(3,\) but q has num_heads=4 and batch=2; pass shape \[4\]"),
+    ((2,), r"shape \(2,\) but q has num_heads=4"),  # [Hkv] is not [H]: biases are per query head
+    ((3, 4, 1, 1), r"shape \(3, 4, 1, 1\).*pass shape broadcastable to \[2, 4, 1, 1\]"),
+])
+def test_sigmoid_bias_wrong_shape_is_rejected_at_call_time(impl, shape, pattern, fake_kernel):
+  # Without q there is no H to check against: the config-time check lets the shape through.
+  attention.check_options("sigmoid", impl, sigmoid_bias=jnp.zeros(shape))
+  with pytest.raises(ValueError, match=pattern):
+    _call(kind="sigmoid", impl=impl, sigmoid_bias=jnp.zeros(shape))
+  assert not fake_kernel  # the fused kernel was never called with it
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch):
+  """Replaces `kernels.flash_attention` (what impl="pallas" calls) by a recorder."""
+  from attnlab import kernels  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def flash_attention(q, k, v, **kwargs):
+    calls.append(kwargs)
+    return jnp.zeros(q.shape[:3] + v.shape[3:], q.dtype)
+
+  monkeypatch.setattr(kernels, "flash_attention", flash_attention)
+  return calls
+
+
+def test_pallas_passes_sigmoid_bias_through_unchanged(fake_kernel):
+  q, k, v = make_inputs("gqa_odd", seed=29)
+  for sb in (None, -2.0, np.float32(-2.0), sigmoid_bias_array((4,)),
+             sigmoid_bias_array((2, 4, 1, 1))):
+    attention.attend(q, k, v, kind="sigmoid", impl="pallas", sigmoid_bias=sb)
+    assert fake_kernel[-1]["sigmoid_bias"] is sb and fake_kernel[-1]["kind"] == "sigmoid"
+
+  def traced(sb):
+    out = attention.attend(q, k, v, kind="sigmoid", impl="pallas", sigmoid_bias=sb)
+    assert fake_kernel[-1]["sigmoid_bias"] is sb  # the tracer itself, not a concrete copy
+    return out
+
+  jax.jit(traced)(sigmoid_bias_array((4,)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Where attend deliberately differs from jax.nn.dot_product_attention (see attend's docstring).
+# ----------------------------------------------------------------------------------------------
+def test_causal_alignment_against_jax_dot_product_attention():
+  # Lq == Lk: both align the same way.
+  q, k, v = make_inputs("mha_square", seed=30)
+  assert_close(attention.attend(q, k, v, is_causal=True),
+               jax.nn.dot_product_attention(q, k, v, is_causal=True), "softmax")
+  # Lq < Lk (decoding with a cache; GQA): bottom-right here, top-left in jax.
+  q, k, v = make_inputs("gqa_odd", seed=30)
+  q, k = q[..., :8], k[..., :8]  # jax wants head_dim == value_dim
+  _, lq, lk, *_ = SHAPES["gqa_odd"]
+  i, j = np.arange(lq)[:, None], np.arange(lk)[None, :]
+  bottom_right = jnp.asarray(j <= i + (lk - lq))[None, None]
+  top_left = jnp.asarray(j <= i)[None, None]
+  ours = attention.attend(q, k, v, is_causal=True)
+  theirs = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  assert_close(ours, jax.nn.dot_product_attention(q, k, v, mask=bottom_right), "softmax")
+  assert_close(theirs, attention.attend(q, k, v, mask=top_left), "softmax")
+  # And they really differ: jax's query 0 sees only key 0, ours sees keys 0..Lk-Lq.
+  assert_close(theirs[:, 0], jnp.repeat(v[:, 0], 2, axis=1), "softmax")
+  assert np.max(np.abs(np.asarray(ours) - np.asarray(theirs))) > 0.1
+
+
+def test_fully_masked_row_zeros_where_jax_returns_mean_of_v():
+  q, k, v = make_inputs("mha_square", seed=31)  # H == Hkv
+  mask = jnp.ones((1, 2, 16, 16), bool).at[:, :, 3, :].set(False)
+  ours = np.asarray(attention.attend(q, k, v, mask=mask))
+  theirs = np.asarray(jax.nn.dot_product_attention(q, k, v, mask=mask))
+  live = np.arange(16) != 3
+  assert_close(ours[:, live], theirs[:, live], "softmax")
+  assert np.all(ours[:, 3] == 0.0)
+  # jax fills masked logits with a finite large negative number: uniform weights over all keys.
+  assert_close(theirs[:, 3], np.mean(np.asarray(v, np.float64), axis=1), "softmax")
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input: ValueError naming the argument, what was seen and what was expected.
 # ----------------------------------------------------------------------------------------------
 def _call(**over):
@@ -522,3 +725,42 @@ def test_bad_input_raises_clear_error(over, pattern):
 def test_registering_a_duplicate_kind_is_an_error():
   with pytest.raises(ValueError, match="already registered"):
     attention.register_kind(attention.KINDS["sigmoid"])
+
+
+def test_check_options_names_the_kinds_pallas_supports():
+  supported = attention.impl_kinds("pallas")
+  assert supported and "relu" not in supported
+  with pytest.raises(ValueError, match=re.escape(
+      f"impl='pallas' supports kinds {list(supported)}; got kind='relu'")):
+    attention.check_options("relu", "pallas")
+
+
+@pytest.mark.parametrize("kind,impl,options", [
+    ("sigmoid", "xla", {}),
+    ("sigmoid", "xla", {"sigmoid_bias": np.float32(-1.0)}),
+    ("sigmoid", "xla", {"sigmoid_bias": "big"}),
+    ("sigmoid", "xla", {"block_k": 8}),
+    ("softmax", "xla", {"sigmoid_bias": 1.0}),
+    ("relu", "xla", {"relu_normalization": "l2"}),
+    ("polynomial", "chunked", {"degree": 2, "block_k": 8}),
+    ("local", "chunked", {"window": 0}),
+    ("sigmoid", "chunked", {"block_k": 0}),
+    ("sigmoid", "chunked", {"block_k": 2.0}),
+    ("sigmoid", "pallas", {"block_q": 16, "sigmoid_bias": -1.0}),
+    ("softmax", "pallas", {"window": 3}),
+    ("relu", "pallas", {}),
+    ("linear", "pallas", {}),
+    ("sigmoid", "cuda", {}),
+    ("sigmod", "xla", {}),
+])
+def test_check_options_accepts_and_rejects_as_attend_does(kind, impl, options, fake_kernel):
+  def outcome(fn):
+    try:
+      fn()
+    except ValueError as e:
+      return str(e)
+    return "accepted"
+
+  config_time = outcome(lambda: attention.check_options(kind, impl, **options))
+  call_time = outcome(lambda: _call(kind=kind, impl=impl, **options))
+  assert config_time == call_time
