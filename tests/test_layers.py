@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from attnlab import attention
-from attnlab.models import config, encoder, layers
+from attnlab.models import TransformerConfig, config, encoder, inspection, layers
 
 WIDTH, HEADS, LEN = 16, 4, 5
 
@@ -26,6 +26,13 @@ def backbone(**overrides) -> config.BackboneConfig:
 
 def param_shapes(module: nnx.Module) -> dict[tuple, tuple[int, ...]]:
   return {path: tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def lm_backbone(**overrides) -> TransformerConfig:
+  """A config that fixes a sequence length (max_len = LEN), as a learned sigmoid bias needs."""
+  fields = dict(width=WIDTH, depth=1, num_heads=HEADS, vocab_size=8, max_len=LEN,
+                attention="sigmoid")
+  return TransformerConfig(**{**fields, **overrides})
 
 
 def x_input(seed: int = 0, batch: int = 2) -> jax.Array:
@@ -49,6 +56,13 @@ def x_input(seed: int = 0, batch: int = 2) -> jax.Array:
     (dict(attention_dropout_rate=0.1, attention_impl="chunked"), "attention_dropout_rate"),
     (dict(dtype="int32"), "dtype"),
     (dict(width=0), "width"),
+    (dict(remat=1), "remat"),
+    (dict(scan_layers="yes"), "scan_layers"),
+    # A learned sigmoid bias needs a kind that reads one ...
+    (dict(learn_sigmoid_bias=True), "learn_sigmoid_bias"),
+    (dict(learn_sigmoid_bias=True, attention="local"), "learn_sigmoid_bias"),  # softmax base
+    # ... and a sequence length to start from, which a bare backbone does not fix.
+    (dict(learn_sigmoid_bias=True, attention="sigmoid"), "learn_sigmoid_bias"),
 ])
 def test_bad_config_names_the_field(overrides, field):
   with pytest.raises(ValueError, match=rf"BackboneConfig\.{field}="):
@@ -67,6 +81,12 @@ def test_config_is_frozen_and_hashable_with_options_dict():
   # replace() re-validates, and derived sizes follow the new fields.
   c = dataclasses.replace(a, width=32)
   assert c.effective_mlp_dim == 128 and c.head_dim == 8
+
+
+def test_learned_and_fixed_sigmoid_bias_together_is_an_error_naming_both():
+  with pytest.raises(ValueError, match=r"TransformerConfig\.learn_sigmoid_bias=True .*"
+                                       r"attention_options\['sigmoid_bias'\]"):
+    lm_backbone(learn_sigmoid_bias=True, attention_options={"sigmoid_bias": -2.0})
 
 
 def test_every_registered_kind_is_a_valid_config():
@@ -180,6 +200,36 @@ def test_attention_dropout_uses_the_dropout_stream():
   np.testing.assert_array_equal(det1, det2)
   drop1, drop2 = mha(x, deterministic=False)[0], mha(x, deterministic=False)[0]
   assert not np.allclose(drop1, det1) and not np.allclose(drop1, drop2)
+
+
+# --- learned sigmoid bias ----------------------------------------------------------------------
+@pytest.mark.parametrize("kind_options", [
+    dict(attention="sigmoid", num_kv_heads=2),  # one bias per query head, also under GQA
+    dict(attention="local", attention_options={"base": "sigmoid", "window": 2}),
+])
+def test_learned_sigmoid_bias_param_and_fixed_bias_equivalence_at_init(kind_options):
+  learned = layers.MultiHeadAttention(lm_backbone(learn_sigmoid_bias=True, **kind_options),
+                                      rngs=nnx.Rngs(0))
+  options = dict(kind_options.pop("attention_options", {}))
+  fixed = layers.MultiHeadAttention(lm_backbone(**kind_options, attention_options=options),
+                                    rngs=nnx.Rngs(0))
+  # The bias draws no key: every other parameter is the fixed-bias model's, value for value.
+  base = nnx.to_pure_dict(nnx.state(fixed, nnx.Param))
+  mine = nnx.to_pure_dict(nnx.state(learned, nnx.Param))
+  assert set(mine) - set(base) == {"sigmoid_bias"}
+  chex.assert_trees_all_equal({k: v for k, v in mine.items() if k != "sigmoid_bias"}, base)
+  np.testing.assert_allclose(learned.sigmoid_bias[...], np.full(HEADS, -np.log(LEN)), rtol=1e-6)
+  assert inspection.logical_axes(learned)[("sigmoid_bias",)] == ("heads",)
+  # At init the learned model is the fixed-default model at its length L = LEN ...
+  x = x_input()
+  np.testing.assert_allclose(learned(x, is_causal=True)[0], fixed(x, is_causal=True)[0],
+                             rtol=1e-6, atol=1e-6)
+  # ... and each head reads its own entry: moving head 2's bias changes head 2 only.
+  learned.sigmoid_bias[...] = learned.sigmoid_bias[...].at[2].add(3.0)
+  _, w_moved = learned(x, is_causal=True, return_weights=True)
+  _, w_fixed = fixed(x, is_causal=True, return_weights=True)
+  changed = np.abs(np.asarray(w_moved - w_fixed)).max(axis=(0, 2, 3))
+  assert changed[2] > 1e-3 and np.all(changed[[0, 1, 3]] < 1e-6), changed
 
 
 # --- RoPE --------------------------------------------------------------------------------------

@@ -105,6 +105,24 @@ def test_tiny_vit_variants_run(variant, size):
   np.testing.assert_array_equal(logits, 0.0)
 
 
+def test_from_variant_none_keeps_the_variant_value_and_other_overrides_win():
+  """The one rule for named sizes: a None override of a field the variant sets keeps the
+  variant's value (a config leaving it unset); any other override replaces it."""
+  plain = ViTConfig.from_variant("S/16", num_classes=10)
+  unset = ViTConfig.from_variant("S/16", num_classes=10, width=None, depth=None,
+                                 num_heads=None, mlp_dim=None, patch_size=None)
+  assert unset == plain
+  assert (plain.width, plain.depth, plain.num_heads, plain.mlp_dim, plain.patch_size) == \
+      (384, 12, 6, 1536, (16, 16))
+  mixed = ViTConfig.from_variant("S/16", num_classes=10, width=768, depth=None, mlp_dim=None,
+                                 patch_size=8, num_kv_heads=None, qk_norm="rms")
+  # mlp_dim=None keeps the variant's 1536, not BackboneConfig's 4 * width = 3072.
+  assert (mixed.width, mixed.depth, mixed.mlp_dim, mixed.patch_size) == (768, 12, 1536, (8, 8))
+  assert mixed.num_heads == 6 and mixed.num_kv_heads is None and mixed.qk_norm == "rms"
+  # None for a field the variant does not set is passed on: layer_scale=None is "off".
+  assert ViTConfig.from_variant("mu/2", num_classes=3, layer_scale=None).layer_scale is None
+
+
 @pytest.mark.parametrize("overrides, shape", [
     (dict(), (2, LEN, VOCAB)),
     (dict(tie_embeddings=False), (2, LEN, VOCAB)),
@@ -138,7 +156,10 @@ FULL_OPTIONS = dict(qk_norm="layernorm", layer_scale=1e-4, output_gate="elementw
     lambda: Transformer(lm_cfg(positions="learned", max_len=LEN, tie_embeddings=False,
                                norm="rms", **FULL_OPTIONS), rngs=nnx.Rngs(0)),
     lambda: Transformer(lm_cfg(num_classes=3, use_bias=False), rngs=nnx.Rngs(0)),
-], ids=["vit_all_options", "vit_gap_sincos", "lm_learned_untied", "classifier_nobias"])
+    lambda: ViT(vit_cfg(**FULL_OPTIONS, attention="sigmoid", learn_sigmoid_bias=True,
+                        scan_layers=True), rngs=nnx.Rngs(0)),
+], ids=["vit_all_options", "vit_gap_sincos", "lm_learned_untied", "classifier_nobias",
+        "vit_scanned_learned_bias"])
 def test_every_parameter_has_logical_axes_of_its_rank(model_fn):
   model = model_fn()
   axes = logical_axes(model)
@@ -243,13 +264,16 @@ def assert_same_loss_logits_grads(cfg_a, cfg_b, toks, mask, tol):
 
 # Kind by kind, chunked == xla is attnlab.attention's own test; here: the model's plumbing
 # (padding mask, causal flag, GQA, QK-norm, options) reaches both implementations alike.
-@pytest.mark.parametrize("kind", ["sigmoid", "softmax", "softplus"])
-def test_chunked_matches_xla_logits_and_grads(kind):
+@pytest.mark.parametrize("kind, extra", [
+    ("sigmoid", {}), ("softmax", {}), ("softplus", {}),
+    ("sigmoid", dict(learn_sigmoid_bias=True, max_len=LEN)),  # a traced [H] bias, with grads
+], ids=["sigmoid", "softmax", "softplus", "sigmoid-learned-bias"])
+def test_chunked_matches_xla_logits_and_grads(kind, extra):
   mask = right_padding([LEN, 7])
   assert_same_loss_logits_grads(
-      lm_cfg(attention=kind, num_kv_heads=2, qk_norm="rms"),
+      lm_cfg(attention=kind, num_kv_heads=2, qk_norm="rms", **extra),
       lm_cfg(attention=kind, num_kv_heads=2, qk_norm="rms", attention_impl="chunked",
-             attention_impl_options={"block_k": 4}),  # 10 keys: two full blocks and a tail
+             attention_impl_options={"block_k": 4}, **extra),  # 10 keys: 2 blocks and a tail
       tokens(), mask, tol=2e-5)
 
 
@@ -268,11 +292,15 @@ def test_chunked_matches_xla_in_the_vit():
 
 @pytest.mark.skipif(importlib.util.find_spec("attnlab.kernels") is None,
                     reason="attnlab.kernels (the Pallas kernels) is not importable yet")
-@pytest.mark.parametrize("kind", ["sigmoid"])  # interpret mode is slow; softmax: kernel tests
-def test_pallas_interpret_matches_xla_logits_and_grads(kind):
+# Interpret mode is slow: sigmoid only (softmax: the kernel tests), with a fixed and a learned
+# per-head bias (a traced [H] array through the kernel, with its gradient).
+@pytest.mark.parametrize("learn_bias", [False, True], ids=["sigmoid", "sigmoid-learned-bias"])
+def test_pallas_interpret_matches_xla_logits_and_grads(learn_bias):
   length = 16
   mask = jnp.arange(length)[None, :] < jnp.array([[length], [11]])
-  small = dict(attention=kind, depth=1, num_kv_heads=2)
+  small = dict(attention="sigmoid", depth=1, num_kv_heads=2)
+  if learn_bias:
+    small.update(learn_sigmoid_bias=True, max_len=length)
   assert_same_loss_logits_grads(
       lm_cfg(**small),
       lm_cfg(**small, attention_impl="pallas",
@@ -321,17 +349,79 @@ def test_every_kind_trains_one_step_in_both_models(kind):
   np.testing.assert_allclose(vit_loss(vit), np.log(5), rtol=1e-6)  # zero head at init
 
 
+# --- learned sigmoid bias ----------------------------------------------------------------------
+def sigmoid_biases(tree) -> dict[tuple, jax.Array]:
+  """The learned sigmoid biases (or their gradients) of a model's state, by path."""
+  return {path: v[...] for path, v in nnx.to_flat_state(tree) if path[-1] == "sigmoid_bias"}
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_learned_sigmoid_bias_in_the_vit_starts_at_the_default_and_trains(scan):
+  x, labels = images(), jnp.array([1, 3])
+  learned = ViT(vit_cfg(attention="sigmoid", learn_sigmoid_bias=True, scan_layers=scan),
+                rngs=nnx.Rngs(0))
+  fixed = ViT(vit_cfg(attention="sigmoid", scan_layers=scan), rngs=nnx.Rngs(0))
+  tokens_per_image = 16 + 1  # 4x4 patches and the CLS token
+  assert learned.cfg.sequence_length == tokens_per_image
+  biases = sigmoid_biases(nnx.state(learned, nnx.Param))
+  axes = logical_axes(learned)
+  assert len(biases) == (1 if scan else 2)  # one per layer, or one stacked [depth, H]
+  for path, b in biases.items():
+    assert axes[path] == (("layers",) if scan else ()) + ("heads",)
+    assert b.shape == ((2,) if scan else ()) + (4,)
+    np.testing.assert_allclose(b, -np.log(tokens_per_image), rtol=1e-6)
+  # At init: the fixed-default model (same weights otherwise, the bias draws no key).
+  np.testing.assert_allclose(learned(x, deterministic=True), fixed(x, deterministic=True),
+                             rtol=1e-6, atol=1e-6)
+  loss = lambda m: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+      m(x, deterministic=True), labels))
+  before, grads, after = one_adamw_step(learned, loss)
+  assert after < before
+  for path, g in sigmoid_biases(grads).items():  # every layer's every head gets a gradient
+    assert np.all(np.abs(np.asarray(g)) > 0), (path, g)
+
+
+def test_learned_sigmoid_bias_in_the_lm_starts_at_minus_log_max_len():
+  short = 6
+  learned = Transformer(lm_cfg(attention="sigmoid", learn_sigmoid_bias=True, max_len=LEN),
+                        rngs=nnx.Rngs(0))
+  default = Transformer(lm_cfg(attention="sigmoid", max_len=LEN), rngs=nnx.Rngs(0))
+  at_max_len = Transformer(lm_cfg(attention="sigmoid", max_len=LEN,
+                                  attention_options={"sigmoid_bias": -float(np.log(LEN))}),
+                           rngs=nnx.Rngs(0))
+  # At L = max_len the default -log(L) is the learned init; on shorter inputs the learned
+  # bias stays at -log(max_len) (Apple's fixed-length recipe), unlike the default.
+  np.testing.assert_allclose(learned(tokens(), deterministic=True),
+                             default(tokens(), deterministic=True), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(learned(tokens(2, short), deterministic=True),
+                             at_max_len(tokens(2, short), deterministic=True),
+                             rtol=1e-6, atol=1e-6)
+  assert not np.allclose(learned(tokens(2, short), deterministic=True),
+                         default(tokens(2, short), deterministic=True), atol=1e-5)
+
+
 # --- jit, traces, vmap -------------------------------------------------------------------------
-@pytest.mark.parametrize("jit", [True, False], ids=["with_jit", "without_jit"])
-def test_jit_and_eager_agree(jit):
+@pytest.mark.parametrize("transform", ["jax_jit_of_split_model", "nnx_jit_of_module"])
+def test_jitted_forward_matches_eager(transform):
+  """A compiled forward (fused, reordered by XLA) equals the op-by-op eager one.
+
+  Two ways a trainer compiles the model: jax.jit of the pure function of its split
+  state, and nnx.jit of the module itself (NNX's graph handling in the loop).
+  """
   model = Transformer(lm_cfg(attention="sigmoid", positions="alibi"), rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-  forward = lambda s, t, m: nnx.merge(graphdef, s)(t, padding_mask_BL=m,  # noqa: E731
-                                                   deterministic=True)
-  forward = jax.jit(forward) if jit else forward
   mask = right_padding([LEN, 4])
-  reference = model(tokens(), padding_mask_BL=mask, deterministic=True)
-  np.testing.assert_allclose(forward(state, tokens(), mask), reference, rtol=1e-5, atol=1e-5)
+  eager = model(tokens(), padding_mask_BL=mask, deterministic=True)  # no jit: op by op
+  if transform == "jax_jit_of_split_model":
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, t, m: nnx.merge(graphdef, s)(t, padding_mask_BL=m,
+                                                             deterministic=True))
+    compiled = forward(state, tokens(), mask)
+  else:
+    forward = nnx.jit(lambda mod, t, m: mod(t, padding_mask_BL=m, deterministic=True))
+    compiled = forward(model, tokens(), mask)
+  assert not isinstance(eager, jax.core.Tracer)
+  np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(eager))) > 1e-3  # not a trivially equal all-zero output
 
 
 def test_one_trace_per_input_shape():
@@ -456,6 +546,9 @@ def test_sincos2d_posemb():
     (lambda: lm_cfg(positions="alibi", attention_impl="pallas", attention="sigmoid"),
      r"TransformerConfig\.positions=.*pallas"),
     (lambda: lm_cfg(positions="learned"), r"TransformerConfig\.max_len="),
+    (lambda: lm_cfg(attention="sigmoid", learn_sigmoid_bias=True), r"TransformerConfig\.max_len="),
+    (lambda: vit_cfg(attention="relu", learn_sigmoid_bias=True),
+     r"ViTConfig\.learn_sigmoid_bias=.*'relu'"),
     (lambda: lm_cfg(width=12, num_heads=4), r"TransformerConfig\.positions=.*even"),
     (lambda: lm_cfg(num_heads=5), r"TransformerConfig\.num_heads="),
     (lambda: lm_cfg(pool="max"), r"TransformerConfig\.pool="),
