@@ -407,6 +407,6 @@ def backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
 
   if cfg.group > 1:
     dk, dv_ = common.sum_kv_groups(dk, hkv, k.dtype), common.sum_kv_groups(dv_, hkv, v.dtype)
-  # Padded rows and masked pairs have dS = 0, so the sum over all padded rows is exact.
+  # Padded query rows (dO = 0) and masked pairs (P = 0) have dS = 0: summing all rows is exact.
   dbias = ds_sum[0].sum(axis=2) if cfg.bias_grad else None
   return dq, dk, dv_, dbias

@@ -14,9 +14,10 @@ laid out the way Mosaic wants it:
   * row statistics (lse, delta) and q segment ids are [.., L, 1] columns, kv segment
     ids [.., 1, L] rows, so a tile's mask is a plain broadcast compare;
   * the sigmoid bias is a [B, H, 1, 1] float32 input of which each (batch, head)
-    reads its [1, 1] VMEM block (Pallas SMEM blocks must be whole arrays, and a whole
-    [B, H] in the small SMEM would grow with B * H); the dQ kernel also writes the
-    row sums of dS, [B, H, Lq, 1], which XLA sums into d bias.
+    reads its [1, 1] VMEM block (a windowed SMEM block obeys the same (8, 128) rule,
+    so SMEM would have to hold the whole [B, H], which grows with B * H and SMEM is
+    small); the dQ kernel also writes the row sums of dS, [B, H, Lq, 1], which XLA
+    sums into d bias.
 The `interpret` switch runs the kernels in TPU interpret mode on CPU.
 """
 
@@ -411,6 +412,6 @@ def backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
   dk, dv_ = _to_bhld(dk), _to_bhld(dv_)
   if cfg.group > 1:
     dk, dv_ = common.sum_kv_groups(dk, hkv, k.dtype), common.sum_kv_groups(dv_, hkv, v.dtype)
-  # Padded rows and masked pairs have dS = 0, so the sum over all padded rows is exact.
+  # Padded query rows (dO = 0) and masked pairs (P = 0) have dS = 0: summing all rows is exact.
   dbias = ds_sum[0].sum(axis=(2, 3)) if cfg.bias_grad else None
   return _to_bhld(dq), dk, dv_, dbias
