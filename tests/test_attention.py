@@ -601,20 +601,6 @@ def test_sigmoid_bias_junk_is_rejected_at_config_time(kind, sb, pattern):
     attention.check_options(kind, "chunked", sigmoid_bias=sb)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked", "pallas"])
-@pytest.mark.parametrize("shape,pattern", [
-    ((3,), r"sigmoid_bias has shape \(3,\) but q has num_heads=4 and batch=2; pass shape \[4\]"),
-    ((2,), r"shape \(2,\) but q has num_heads=4"),  # [Hkv] is not [H]: biases are per query head
-    ((3, 4, 1, 1), r"shape \(3, 4, 1, 1\).*pass shape broadcastable to \[2, 4, 1, 1\]"),
-])
-def test_sigmoid_bias_wrong_shape_is_rejected_at_call_time(impl, shape, pattern, fake_kernel):
-  # Without q there is no H to check against: the config-time check lets the shape through.
-  attention.check_options("sigmoid", impl, sigmoid_bias=jnp.zeros(shape))
-  with pytest.raises(ValueError, match=pattern):
-    _call(kind="sigmoid", impl=impl, sigmoid_bias=jnp.zeros(shape))
-  assert not fake_kernel  # the fused kernel was never called with it
-
-
 @pytest.fixture
 def fake_kernel(monkeypatch):
   """Replaces `kernels.flash_attention` (what impl="pallas" calls) by a recorder."""
@@ -627,6 +613,20 @@ def fake_kernel(monkeypatch):
 
   monkeypatch.setattr(kernels, "flash_attention", flash_attention)
   return calls
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "pallas"])
+@pytest.mark.parametrize("shape,pattern", [
+    ((3,), r"sigmoid_bias has shape \(3,\) but q has num_heads=4 and batch=2; pass shape \[4\]"),
+    ((2,), r"shape \(2,\) but q has num_heads=4"),  # [Hkv] is not [H]: biases are per query head
+    ((3, 4, 1, 1), r"shape \(3, 4, 1, 1\).*pass shape broadcastable to \[2, 4, 1, 1\]"),
+])
+def test_sigmoid_bias_wrong_shape_is_rejected_at_call_time(impl, shape, pattern, fake_kernel):
+  # Without q there is no H to check against: the config-time check lets the shape through.
+  attention.check_options("sigmoid", impl, sigmoid_bias=jnp.zeros(shape))
+  with pytest.raises(ValueError, match=pattern):
+    _call(kind="sigmoid", impl=impl, sigmoid_bias=jnp.zeros(shape))
+  assert not fake_kernel  # the fused kernel was never called with it
 
 
 def test_pallas_passes_sigmoid_bias_through_unchanged(fake_kernel):
