@@ -47,6 +47,22 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return bool(self.every_steps) and step % self.every_steps == 0
 
+  def reached_preemption(self, step: int) -> bool:
+    """Whether every host of a preempted multi-host run has reached its save step.
+
+    Orbax's view of JAX's preemption sync point: after a preemption notice
+    reaches any host, this turns True at the same step on every host, so all
+    of them save that step. Always False in a single process. Call it at every
+    step (the sync protocol counts on it).
+    """
+    try:
+      return bool(self._manager.reached_preemption(step))
+    except RuntimeError:
+      # The preemption service is off (jax_enable_preemption_service=False):
+      # no sync point. Orbax >= 0.12 returns False itself; 0.11 lets JAX's
+      # error through.
+      return False
+
   def save(self, step: int, state: Any, data_state: dict[str, Any] | None) -> None:
     """Writes a checkpoint of `state` at `step` (asynchronously: call `wait`)."""
     self._manager.save(

@@ -15,6 +15,10 @@ evaluation split and measures what each layer's attention does:
 
 Writes <workdir>/eval_<step>.json and prints a table; optionally saves
 attention-map PNGs under <workdir>/attention_maps/.
+
+The experiment (data, model functions, state shapes, shardings, scoring of
+parameters) is assembled by `attnlab.experiment`, as the trainer's is; this
+module never imports the training loop (`attnlab.train`).
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ import numpy as np
 
 from attnlab import checkpoint as checkpoint_lib
 from attnlab import data as data_lib
+from attnlab import experiment
 from attnlab import models
-from attnlab import train as train_lib
 
 SMALL_WEIGHT = 1e-3
 
@@ -56,25 +60,27 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   Raises:
     FileNotFoundError: the workdir has no checkpoint (at that step).
   """
-  exp = train_lib.load_experiment(config)
-  fns = train_lib.experiment_fns(exp.model_cfg, exp.optim, exp.num_steps, config.label_smoothing)
-  abstract_state = jax.eval_shape(fns.init, config.seed)
-  shard = train_lib.Shardings.data_parallel(abstract_state, config.eval_batch_size)
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  exp = experiment.load(config)
+  fns = exp.fns()
+  abstract_state = experiment.abstract_state(fns, exp.trainer.seed)
+  shard = experiment.Shardings.data_parallel(abstract_state, exp.trainer.eval_batch_size,
+                                             batch_field="config.eval_batch_size")
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=exp.trainer.keep_checkpoints)
   state, _, step = ckpt.restore(checkpoint_lib.with_shardings(abstract_state, shard.state), step)
   ckpt.close()
 
-  eval_step = jax.jit(fns.eval_step, in_shardings=(shard.state.params, shard.batch))
-  scores = train_lib.evaluate_params(exp, eval_step, state.params, shard)
-  inputs = _diagnostic_inputs(exp, config.diagnostics_examples)
+  scores = experiment.evaluate_params(experiment.jit_eval_step(fns, shard), state.params,
+                                      exp.datasets.eval, batch_size=exp.trainer.eval_batch_size,
+                                      batch_sharding=shard.batch)
+  inputs = _diagnostic_inputs(exp, exp.trainer.diagnostics_examples)
   maps = jax.device_get(_attention_maps(fns, state.params, inputs))
-  causal = getattr(exp.model_cfg, "causal", False)
+  causal = getattr(exp.model, "causal", False)
   result = {
       "step": int(step),
       "split": exp.data.eval_split,
       "num_examples": exp.datasets.spec.num_eval_examples,
       **scores,
-      "attention_kind": exp.model_cfg.attention,
+      "attention_kind": exp.model.attention,
       "attention_examples": int(inputs.shape[0]),
       "attention": [{"layer": i, **attention_stats(np.asarray(w), causal=causal)}
                     for i, w in enumerate(maps)],
@@ -90,17 +96,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   return result
 
 
-def _diagnostic_inputs(exp: train_lib.Experiment, n: int) -> np.ndarray:
+def _diagnostic_inputs(exp: experiment.Experiment, n: int) -> np.ndarray:
   n = min(n, exp.datasets.spec.num_eval_examples)
   return next(data_lib.eval_batches(exp.datasets.eval, n))["inputs"]
 
 
-def _attention_maps(fns: train_lib.ModelFns, params, inputs):
+def _attention_maps(fns: experiment.ModelFns, params, inputs):
   return jax.jit(_maps_fn(fns))(params, inputs)
 
 
 @functools.lru_cache(maxsize=8)
-def _maps_fn(fns: train_lib.ModelFns):
+def _maps_fn(fns: experiment.ModelFns):
   # One function object per model, so jit compiles it once per process.
   return lambda params, inputs: models.attention_maps(fns.merge(params), inputs)
 

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import timing  # benchmarks/timing.py (this script runs as `python benchmarks/train_step.py`)
 
+from attnlab import experiment
 from attnlab import models
 from attnlab import optim
-from attnlab import train
 
 # (name, image size, channels, variant, batch): the default digits experiment and a CIFAR-sized one.
 SHAPES = (
@@ -65,7 +65,7 @@ def build_step(kind: str, image: int, channels: int, variant: str, batch: int):
                                       num_channels=channels, attention=kind, qk_norm="rms",
                                       pool="gap")
   tx, schedule = optim.make_optimizer(optim.OptimConfig(), 1000)
-  fns = train.make_model_fns(cfg, tx, schedule)
+  fns = experiment.make_model_fns(cfg, tx, schedule)
   rng = np.random.default_rng(0)
   batch_data = {
       "inputs": jnp.asarray(rng.uniform(-1, 1, (batch, image, image, channels)), jnp.float32),

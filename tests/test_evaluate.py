@@ -1,9 +1,25 @@
 """Unit tests of the attention diagnostics in attnlab.evaluate (end to end: test_train.py)."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from attnlab import evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_evaluator_builds_on_the_experiment_not_on_the_training_loop():
+  # A fresh interpreter: in this one, other tests may have imported the loop already.
+  code = ("import sys, attnlab.evaluate; "
+          "print(sorted(m for m in sys.modules if m in ('attnlab.train', 'attnlab.experiment')))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == "['attnlab.experiment']"
 
 
 def test_uniform_softmax_rows():

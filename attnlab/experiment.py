@@ -1,0 +1,533 @@
+"""Experiment assembly: a config becomes typed pieces, model functions, a state and shardings.
+
+Everything a run needs except its loop, in the order a caller uses it:
+
+  1. `ExperimentConfig.from_config(config)`: the ml_collections ConfigDict
+     (the command-line boundary: nothing below sees it) becomes frozen
+     dataclasses, `TrainerConfig` (the config's own top-level fields),
+     `DataConfig`, `OptimConfig` and the model section (field names checked),
+     without reading any data, so a typo fails at once.
+  2. `build(exp_cfg)` opens the data (a missing data set fails in seconds,
+     before any model is built) and completes what the data dictates: the
+     model config (classes, image size, vocabulary) and the number of steps
+     of the budget. The result is an `Experiment`; `load(config)` is 1 + 2.
+  3. `experiment_fns` / `make_model_fns`: the model's pure, unjitted
+     functions on a `TrainState` pytree (init, apply, loss, train_step,
+     eval_step, merge); the caller picks jit, vmap and shardings.
+  4. `abstract_state` (shapes from `jax.eval_shape`, nothing allocated),
+     `Shardings.data_parallel`, then `create_state` makes each array directly
+     where its sharding puts it.
+  5. `evaluate_params`: loss and accuracy of parameters on a whole split.
+
+`attnlab.train` (the single-run loop) and `attnlab.evaluate` (scoring a
+checkpoint) both build on this module and neither imports the other. A study
+that trains many (seed, subset-size) cells at once assembles the same way
+without the loop: `dataclasses.replace` the ExperimentConfig's data (or
+trainer) per cell group, `build` it, and `jax.vmap` `fns.init` over seeds and
+`fns.train_step` over (state, batch).
+
+The train state is a plain pytree (`TrainState`): the model's parameters split
+off its `nnx.GraphDef`, the optax state, the step and a PRNG key. Dropout keys
+are derived from (key, step) inside the step and passed to the model at call
+time, so the state holds no hidden RNG counters and a resumed run draws the
+same masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import grain.python as grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from attnlab import configlib
+from attnlab import data as data_lib
+from attnlab import metrics as metrics_lib
+from attnlab import models
+from attnlab import optim
+
+MODEL_NAMES = ("vit", "transformer")
+BUDGET_FIELDS = ("total_steps", "num_epochs", "total_examples")
+# Top-level sections that become their own dataclasses; every other top-level
+# field is a TrainerConfig field.
+SECTIONS = ("data", "model", "optim")
+# The fields of config.model that the data set decides (they override the config).
+_DATA_MODEL_FIELDS = {"vit": ("num_classes", "image_size", "num_channels"),
+                      "transformer": ("vocab_size", "max_len")}
+
+ModelConfig = models.ViTConfig | models.TransformerConfig
+
+# optax.tree.norm (optax >= 0.2.5) is the global L2 norm; optax 0.2.8 deprecates
+# optax.global_norm in its favour, and the floor (0.2.4) has only the latter.
+# Both sum the squares leaf by leaf in tree order: the same numbers.
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
+# ----------------------------------------------------------------------------
+# 1. Config -> typed pieces (no data read).
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+  """The config's own top-level fields (all but the data / model / optim sections).
+
+  Frozen and hashable. Invalid values raise `configlib.ConfigError` naming the
+  field, the value and the fix.
+
+  Attributes:
+    model_name: "vit" (image classification) or "transformer" (language
+      modelling); picks the class config.model is read into.
+    batch_size: training examples per step (split across the devices).
+    eval_batch_size: examples per evaluation batch (the last one is padded).
+    seed: the parameters, dropout masks and training order (and MQAR's data)
+      all derive from it.
+    total_steps: budget in optimizer steps.
+    num_epochs: budget in passes over the (sub)set trained on.
+    total_examples: budget in training examples seen. Exactly one of the
+      three budgets is set (`data.resolve_num_steps` turns it into steps).
+    label_smoothing: mass of the training targets spread uniformly over the
+      classes, in [0, 1); evaluation always scores the plain loss.
+    log_every_steps: write training metrics (and check for NaN) this often.
+    eval_every_steps: evaluate during training this often; None: at the end only.
+    checkpoint_every_steps: save this often; None: only at the end (and on
+      preemption).
+    keep_checkpoints: how many of the latest checkpoints to keep.
+    progress_bar: show a bar on a terminal (log lines otherwise); False: neither.
+    diagnostics_examples: evaluation: attention statistics on this many
+      evaluation examples.
+  """
+
+  model_name: str
+  batch_size: int
+  eval_batch_size: int
+  seed: int = 0
+  total_steps: int | None = None
+  num_epochs: float | None = None
+  total_examples: int | None = None
+  label_smoothing: float = 0.0
+  log_every_steps: int = 100
+  eval_every_steps: int | None = None
+  checkpoint_every_steps: int | None = None
+  keep_checkpoints: int = 3
+  progress_bar: bool = True
+  diagnostics_examples: int = 64
+
+  def __post_init__(self):
+    if self.model_name not in MODEL_NAMES:
+      hint = configlib.suggest(str(self.model_name), MODEL_NAMES)
+      raise _error("model_name", self.model_name, f"expected one of {MODEL_NAMES}.{hint}")
+    if not _is_int(self.seed):
+      raise _error("seed", self.seed, "expected an int.")
+    for field in ("batch_size", "eval_batch_size", "log_every_steps", "keep_checkpoints",
+                  "diagnostics_examples"):
+      _check_positive_int(field, getattr(self, field))
+    for field in ("eval_every_steps", "checkpoint_every_steps", "total_steps", "total_examples"):
+      _check_positive_int(field, getattr(self, field), or_none=True)
+    if self.num_epochs is not None and not (_is_number(self.num_epochs) and self.num_epochs > 0):
+      raise _error("num_epochs", self.num_epochs, "expected a positive number or None.")
+    budgets = {f: getattr(self, f) for f in BUDGET_FIELDS if getattr(self, f) is not None}
+    if len(budgets) != 1:
+      got = ", ".join(f"{k}={v}" for k, v in budgets.items()) or "none"
+      raise configlib.ConfigError(
+          f"Training budget: exactly one of config.total_steps, config.num_epochs, "
+          f"config.total_examples must be set; got {got}. Set one, and the others to None."
+      )
+    if not (_is_number(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
+      raise _error("label_smoothing", self.label_smoothing, "expected a number in [0, 1); 0: none.")
+    if not isinstance(self.progress_bar, bool):
+      raise _error("progress_bar", self.progress_bar, "expected True or False.")
+
+
+def _error(field: str, value: Any, fix: str) -> configlib.ConfigError:
+  return configlib.ConfigError(f"config.{field}={value!r}: {fix}")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return _is_int(value) or isinstance(value, (float, np.floating))
+
+
+def _check_positive_int(field: str, value: Any, *, or_none: bool = False) -> None:
+  if value is None and or_none:
+    return
+  if not (_is_int(value) and value >= 1):
+    raise _error(field, value, f"expected a positive int{' or None' if or_none else ''}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A config as typed pieces, before any data is read.
+
+  Attributes:
+    trainer: the top-level fields.
+    data: config.data.
+    optim: config.optim.
+    model_fields: config.model as given (names checked against the model
+      class; for the ViT also `variant`); `model_config` completes it with
+      what the data set dictates.
+  """
+
+  trainer: TrainerConfig
+  data: data_lib.DataConfig
+  optim: optim.OptimConfig
+  model_fields: Mapping[str, Any]
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> ExperimentConfig:
+    """Validates `config` and splits it into typed pieces.
+
+    Raises:
+      configlib.ConfigError: an unknown or missing field (the message names
+        the nearest valid one), or an invalid trainer value.
+      ValueError: an invalid data or optimizer value.
+    """
+    trainer = trainer_config(config)
+    return cls(
+        trainer=trainer,
+        data=configlib.to_dataclass(data_lib.DataConfig, config.data, where="config.data"),
+        optim=configlib.to_dataclass(optim.OptimConfig, config.optim, where="config.optim"),
+        model_fields=model_fields(trainer.model_name, config.model),
+    )
+
+  def num_steps(self, spec: data_lib.DataSpec) -> int:
+    """The budget in optimizer steps, for a data set of this size."""
+    t = self.trainer
+    return data_lib.resolve_num_steps(
+        batch_size=t.batch_size, num_train_examples=spec.num_train_examples,
+        total_steps=t.total_steps, num_epochs=t.num_epochs, total_examples=t.total_examples)
+
+  def model_config(self, spec: data_lib.DataSpec) -> ModelConfig:
+    """The model's frozen dataclass: config.model plus what the data set dictates.
+
+    For the ViT, `variant` (e.g. "mu/2") names a size and config.model fields
+    that are None take the variant's value; class count and image size come
+    from the data. For the Transformer, vocabulary and length do.
+    """
+    fields = dict(self.model_fields)
+    if self.trainer.model_name == "vit":
+      if spec.task != "classification":
+        raise ValueError(f"model_name='vit' needs an image data set; {self.data.name!r} is "
+                         f"{spec.task}.")
+      data_fields = dict(num_classes=spec.num_classes, image_size=tuple(spec.input_shape[:2]),
+                         num_channels=spec.input_shape[2])
+      variant = fields.pop("variant", None)
+      if variant is None:
+        return models.ViTConfig(**{**fields, **data_fields})
+      # The named size fills the fields the config leaves at None.
+      sized = models.parse_variant(variant)
+      fields = {k: v for k, v in fields.items() if v is not None or k not in sized}
+      return models.ViTConfig.from_variant(variant, **{**fields, **data_fields})
+    if spec.task != "lm":
+      raise ValueError(f"model_name='transformer' is set up here for language modelling; "
+                       f"{self.data.name!r} is {spec.task}.")
+    return models.TransformerConfig(**{**fields, "vocab_size": spec.num_classes,
+                                       "max_len": spec.input_shape[0]})
+
+
+def trainer_config(config: ml_collections.ConfigDict) -> TrainerConfig:
+  """The TrainerConfig of `config`'s top-level fields; rejects unknown and missing ones."""
+  trainer_fields = dataclasses.fields(TrainerConfig)
+  configlib.check_known(config.keys(), [f.name for f in trainer_fields] + list(SECTIONS),
+                        where="config")
+  required = [f.name for f in trainer_fields if f.default is dataclasses.MISSING]
+  missing = sorted(set(SECTIONS + tuple(required)) - set(config.keys()))
+  if missing:
+    raise configlib.ConfigError(f"Config lacks fields {missing}; start from a file in configs/.")
+  return configlib.to_dataclass(
+      TrainerConfig, {k: v for k, v in config.items() if k not in SECTIONS}, where="config")
+
+
+def model_fields(model_name: str, section: Mapping[str, Any]) -> Mapping[str, Any]:
+  """config.model as a read-only dict, its names checked against the model class."""
+  fields = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(section)
+  cls = models.ViTConfig if model_name == "vit" else models.TransformerConfig
+  valid = [f.name for f in dataclasses.fields(cls)] + (["variant"] if model_name == "vit" else [])
+  configlib.check_known(fields, valid, where="config.model")
+  for name in _DATA_MODEL_FIELDS[model_name]:
+    fields.pop(name, None)  # the data set decides these
+  return types.MappingProxyType(fields)
+
+
+# ----------------------------------------------------------------------------
+# 2. The data opened: the experiment.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """One run's typed pieces with its data opened: what the loop and evaluator work with.
+
+  Attributes:
+    trainer: the top-level fields.
+    data: the data config.
+    datasets: both splits, opened, and their spec.
+    model: the model's config (hashable: it keys `experiment_fns`).
+    optim: the optimizer's config (hashable, likewise).
+    num_steps: the budget in optimizer steps.
+  """
+
+  trainer: TrainerConfig
+  data: data_lib.DataConfig
+  datasets: data_lib.Datasets
+  model: ModelConfig
+  optim: optim.OptimConfig
+  num_steps: int
+
+  @property
+  def task(self) -> str:
+    return self.datasets.spec.task
+
+  def fns(self) -> ModelFns:
+    """The model functions of this experiment (memoised: see `experiment_fns`)."""
+    return experiment_fns(self.model, self.optim, self.num_steps, self.trainer.label_smoothing)
+
+
+def build(cfg: ExperimentConfig) -> Experiment:
+  """Opens the data of `cfg` and completes the model config and budget from it.
+
+  Raises:
+    DatasetNotPreparedError: the data set is missing (before any model is built).
+    ValueError: the model does not fit the data, or the budget gives no step.
+  """
+  datasets = data_lib.load(cfg.data, seed=cfg.trainer.seed)
+  num_steps = cfg.num_steps(datasets.spec)
+  return Experiment(trainer=cfg.trainer, data=cfg.data, datasets=datasets,
+                    model=cfg.model_config(datasets.spec), optim=cfg.optim, num_steps=num_steps)
+
+
+def load(config: ml_collections.ConfigDict) -> Experiment:
+  """`build(ExperimentConfig.from_config(config))`: validate, then open the data."""
+  return build(ExperimentConfig.from_config(config))
+
+
+# ----------------------------------------------------------------------------
+# 3. The model's pure functions on a train state.
+# ----------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as one pytree (vmap- and shard-able).
+
+  Attributes:
+    step: int32 [], number of updates applied.
+    params: the model's nnx.Param state.
+    opt_state: the optax state.
+    rng: uint32 key data; dropout at step s uses fold_in(rng, s).
+  """
+
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFns:
+  """The model's static structure and the pure functions built on it.
+
+  Attributes:
+    graphdef: the model's structure, parameters split off.
+    init: seed -> a fresh TrainState.
+    apply: (params, inputs, deterministic=, rngs=) -> logits ([B, C] or [B, L, V]).
+    loss: (params, batch, dropout_key) -> (mean training loss, weighted sums);
+      dropout_key None: deterministic (no dropout).
+    train_step: (state, batch) -> (state, metrics): one optimizer update.
+    eval_step: (params, batch) -> weighted sums of the plain loss and accuracy.
+    merge: params -> the nnx model (for diagnostics such as attention maps).
+  """
+
+  graphdef: nnx.GraphDef
+  init: Callable[[jax.Array], TrainState]
+  apply: Callable[..., jax.Array]
+  loss: Callable[[nnx.State, dict, jax.Array | None], tuple[jax.Array, dict]]
+  train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+  eval_step: Callable[[nnx.State, dict], dict]
+  merge: Callable[[nnx.State], nnx.Module]
+
+
+def build_model(model_cfg: ModelConfig, key: jax.Array) -> nnx.Module:
+  """The NNX model for `model_cfg`, its parameters and dropout streams seeded from `key`."""
+  rngs = nnx.Rngs(params=jax.random.fold_in(key, 0), dropout=jax.random.fold_in(key, 1))
+  if isinstance(model_cfg, models.ViTConfig):
+    return models.ViT(model_cfg, rngs=rngs)
+  return models.Transformer(model_cfg, rngs=rngs)
+
+
+def make_model_fns(model_cfg: ModelConfig, tx: optax.GradientTransformation,
+                   schedule: optax.Schedule, *, label_smoothing: float = 0.0) -> ModelFns:
+  """Builds the model's functions for a model config and optimizer.
+
+  All of them are pure and unjitted: the caller picks jit / vmap / shardings.
+  """
+  abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, jax.random.key(0)))
+  graphdef, _, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+  _check_only_rng_state(abstract_rest)
+  # The non-parameter state (if any) is the dropout streams the model was
+  # built with. Every call below passes its own dropout key instead, so those
+  # streams are never read or advanced: one concrete copy serves every state,
+  # step and vmapped cell, and the train state holds parameters only.
+  rest = jax.jit(lambda: nnx.split(build_model(model_cfg, jax.random.key(0)), nnx.Param, ...)[2])()
+
+  def init(seed: jax.Array) -> TrainState:
+    key = jax.random.key(seed)
+    params = nnx.state(build_model(model_cfg, jax.random.fold_in(key, 0)), nnx.Param)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+  def merge(params: nnx.State) -> nnx.Module:
+    # copy=True: fresh variables in the current trace, so that NNX never sees
+    # a variable created at another trace level.
+    return nnx.merge(graphdef, params, rest, copy=True)
+
+  def apply(params: nnx.State, inputs: jax.Array, *, deterministic: bool, rngs=None) -> jax.Array:
+    # Both model families take the inputs first.
+    return merge(params)(inputs, deterministic=deterministic, rngs=rngs)
+
+  def loss(params: nnx.State, batch: dict, dropout_key: jax.Array | None):
+    deterministic = dropout_key is None
+    logits = apply(params, batch["inputs"], deterministic=deterministic,
+                   rngs=None if deterministic else nnx.Rngs(dropout=dropout_key))
+    sums = metrics_lib.weighted_sums(logits, batch["targets"], batch["weights"],
+                                     label_smoothing=label_smoothing)
+    return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    (mean_loss, sums), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch,
+                                                                       dropout_key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    step_metrics = {
+        "loss": mean_loss,
+        "accuracy": sums["correct_sum"] / jnp.maximum(sums["weight_sum"], 1.0),
+        "grad_norm": _global_norm(grads),
+        "learning_rate": schedule(state.step),
+        "finite": jnp.isfinite(mean_loss) & _all_finite(params),
+    }
+    return new_state, step_metrics
+
+  def eval_step(params: nnx.State, batch: dict) -> dict:
+    logits = apply(params, batch["inputs"], deterministic=True)
+    return metrics_lib.weighted_sums(logits, batch["targets"], batch["weights"])
+
+  return ModelFns(graphdef=graphdef, init=init, apply=apply, loss=loss, train_step=train_step,
+                  eval_step=eval_step, merge=merge)
+
+
+@functools.lru_cache(maxsize=8)
+def experiment_fns(model_cfg: ModelConfig, optim_cfg: optim.OptimConfig, num_steps: int,
+                   label_smoothing: float = 0.0) -> ModelFns:
+  """`make_model_fns` with the experiment's optimizer, memoised.
+
+  The same experiment in one process (train then evaluate, repeated runs in
+  a notebook or tests) gets the same function objects, so jax.jit reuses the
+  compiled executables instead of compiling again.
+  """
+  tx, schedule = optim.make_optimizer(optim_cfg, num_steps)
+  return make_model_fns(model_cfg, tx, schedule, label_smoothing=label_smoothing)
+
+
+def _check_only_rng_state(rest: nnx.State) -> None:
+  for path, variable in nnx.to_flat_state(rest):
+    if not isinstance(variable, nnx.RngState):
+      raise NotImplementedError(
+          f"The model has non-parameter state {'/'.join(map(str, path))} "
+          f"({type(variable).__name__}); the train state carries parameters only."
+      )
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves))
+
+
+# ----------------------------------------------------------------------------
+# 4. State from shapes, and where it lives.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Shardings:
+  """Where the state and the batches live. Override to shard differently."""
+
+  mesh: jax.sharding.Mesh
+  state: Any  # pytree of shardings matching TrainState
+  batch: jax.sharding.Sharding
+
+  @classmethod
+  def data_parallel(cls, abstract_state: TrainState, batch_size: int, *,
+                    batch_field: str = "config.batch_size") -> Shardings:
+    """State replicated on every local device, batches split across them.
+
+    Args:
+      abstract_state: the state's shapes (`abstract_state`).
+      batch_size: the batch size these shardings will split.
+      batch_field: the config field that sets it (for the error message).
+    """
+    devices = np.asarray(jax.devices())
+    if batch_size % devices.size:
+      raise ValueError(
+          f"{batch_field}={batch_size} must be a multiple of the {devices.size} devices "
+          "(the batch is split across them)."
+      )
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return cls(mesh=mesh, state=jax.tree.map(lambda _: replicated, abstract_state),
+               batch=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+
+
+def abstract_state(fns: ModelFns, seed: int) -> TrainState:
+  """The train state's shapes and dtypes (jax.ShapeDtypeStruct leaves; nothing allocated)."""
+  return jax.eval_shape(fns.init, seed)
+
+
+def create_state(fns: ModelFns, seed: int, shardings: Shardings) -> TrainState:
+  """A fresh train state, each array created directly where `shardings` puts it."""
+  return jax.jit(fns.init, out_shardings=shardings.state)(seed)
+
+
+def jit_eval_step(fns: ModelFns, shardings: Shardings) -> Callable[[nnx.State, dict], dict]:
+  """`fns.eval_step` jitted for parameters and batches placed by `shardings`."""
+  return jax.jit(fns.eval_step, in_shardings=(shardings.state.params, shardings.batch))
+
+
+# ----------------------------------------------------------------------------
+# 5. Evaluating parameters on a split.
+# ----------------------------------------------------------------------------
+
+
+def evaluate_params(eval_step: Callable[[nnx.State, dict], dict], params: nnx.State,
+                    dataset: grain.MapDataset, *, batch_size: int,
+                    batch_sharding: jax.sharding.Sharding | None = None) -> dict[str, float]:
+  """Loss and accuracy of `params` on the whole of `dataset` (e.g. `exp.datasets.eval`).
+
+  Args:
+    eval_step: `fns.eval_step`, jitted or not (`jit_eval_step`).
+    params: the model's parameters.
+    dataset: unbatched examples; the last batch is padded with weight-0 examples.
+    batch_size: examples per batch.
+    batch_sharding: where to put each batch; None: where jit puts it.
+  """
+  totals = None
+  for batch in data_lib.eval_batches(dataset, batch_size):
+    if batch_sharding is not None:
+      batch = jax.device_put(batch, batch_sharding)
+    sums = eval_step(params, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  return metrics_lib.means(jax.device_get(totals))
