@@ -19,6 +19,7 @@ the same dropout of the same block, and every block a different one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,6 +30,8 @@ from attnlab.models.layers import Mlp, MultiHeadAttention, dropout, norm_layer
 from attnlab.models.params import LAYERS_AXIS, named_param
 
 Array = jax.Array
+# (block, x_BLE, rngs, traced attention inputs) -> (x_BLE, weights or None)
+BlockFn = Callable[..., tuple[Array, Array | None]]
 
 # nnx.List holds submodules as graph nodes (flax >= 0.12); a plain list did so before.
 _ModuleList = getattr(nnx, "List", list)
@@ -118,8 +121,6 @@ class Encoder(nnx.Module):
       (normed hidden states [B, L, E], per-layer weights: a tuple of `depth`
       arrays, or () unless return_weights).
     """
-    arrays = dict(kv_mask_BL=kv_mask_BL, bias=bias, rope=rope)
-
     def apply(block: EncoderBlock, x_BLE: Array, rngs: nnx.Rngs | None,
               arrays: dict[str, Any]) -> tuple[Array, Array | None]:
       # Traced inputs are arguments (remat must see them); Python settings are closed over.
@@ -131,17 +132,19 @@ class Encoder(nnx.Module):
       # CSE guard is unneeded there and only costs speed (jax.checkpoint's docs).
       apply = nnx.remat(apply, prevent_cse=not self.scan_layers)
     run = self._scan if self.scan_layers else self._loop
-    x_BLE, maps = run(apply, x_BLE, rngs, arrays)
+    x_BLE, maps = run(apply, x_BLE, rngs, dict(kv_mask_BL=kv_mask_BL, bias=bias, rope=rope))
     return self.encoder_norm(x_BLE), (maps if return_weights else ())
 
-  def _loop(self, apply, x_BLE, rngs, arrays) -> tuple[Array, tuple[Array, ...]]:
+  def _loop(self, apply: BlockFn, x_BLE: Array, rngs: nnx.Rngs | None,
+            arrays: dict[str, Any]) -> tuple[Array, tuple[Array | None, ...]]:
     maps = []
     for block in self.blocks:
       x_BLE, w = apply(block, x_BLE, rngs, arrays)
       maps.append(w)
     return x_BLE, tuple(maps)
 
-  def _scan(self, apply, x_BLE, rngs, arrays) -> tuple[Array, tuple[Array, ...]]:
+  def _scan(self, apply: BlockFn, x_BLE: Array, rngs: nnx.Rngs | None,
+            arrays: dict[str, Any]) -> tuple[Array, tuple[Array, ...]]:
     # The call's rngs travel in the carry, so each block draws after the previous one.
     @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0), transform_metadata=_STACKED)
     def body(carry, block):

@@ -104,7 +104,7 @@ class ViTConfig(BackboneConfig):
 
     Example:
       >>> ViTConfig.from_variant("mu/2", num_classes=10, image_size=8, attention="sigmoid")
-      >>> ViTConfig.from_variant("S/16", num_classes=10, depth=None, width=512).depth
+      >>> ViTConfig.from_variant("S/16", num_classes=10, depth=None, width=768).depth
       12
     """
     fields = parse_variant(variant)
