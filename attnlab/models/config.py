@@ -231,13 +231,18 @@ class BackboneConfig:
                          f"attention_impl={self.attention_impl!r} takes "
                          f"{sorted(impl_accepts) or 'no options'}; unknown: {unknown}. The "
                          "kind's own options go in attention_options.")
-    try:
-      attention.check_options(self.attention, self.attention_impl, **kind_options,
-                              **impl_options)
-    except ValueError as e:
-      if self.attention not in attention.impl_kinds(self.attention_impl):
-        raise config_error(owner, "attention_impl", self.attention_impl, str(e)) from None
-      raise config_error(owner, "attention_options", kind_options, str(e)) from None
+    if self.attention not in attention.impl_kinds(self.attention_impl):
+      raise config_error(owner, "attention_impl", self.attention_impl,
+                         f"it supports kinds {list(attention.impl_kinds(self.attention_impl))}; "
+                         f"got attention={self.attention!r}. Use attention_impl='xla' or "
+                         "'chunked' for it.")
+    # Checked one field at a time, so an error names the field that holds the bad value.
+    for field, options in (("attention_options", kind_options),
+                           ("attention_impl_options", impl_options)):
+      try:
+        attention.check_options(self.attention, self.attention_impl, **options)
+      except ValueError as e:
+        raise config_error(owner, field, options, str(e)) from None
     if self.attention_dropout_rate and self.attention_impl != "xla":
       raise config_error(owner, "attention_dropout_rate", self.attention_dropout_rate,
                          "dropout on attention weights needs the materialised weights; use "
