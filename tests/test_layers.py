@@ -2,6 +2,7 @@
 RoPE, the learned sigmoid bias."""
 
 import dataclasses
+import re
 
 import chex
 import jax
@@ -45,6 +46,11 @@ def x_input(seed: int = 0, batch: int = 2) -> jax.Array:
     (dict(num_kv_heads=3), "num_kv_heads"),  # does not divide 4 heads
     (dict(attention="softmaxx"), "attention"),
     (dict(attention_impl="cuda"), "attention_impl"),
+    (dict(attention="relu", attention_impl="pallas"), "attention_impl"),  # kernels: sigmoid, softmax
+    (dict(attention="sigmoid", attention_options={"block_k": 64}), "attention_options"),
+    (dict(attention_impl="chunked", attention_impl_options={"block_k": 0}),
+     "attention_impl_options"),
+    (dict(attention_impl_options={"sigmoid_bias": 1.0}), "attention_impl_options"),
     (dict(attention="sigmoid", attention_options={"window": 3}), "attention_options"),
     (dict(attention="local", attention_options={"window": 0}), "attention_options"),
     (dict(qk_norm="l2"), "qk_norm"),
@@ -67,6 +73,14 @@ def x_input(seed: int = 0, batch: int = 2) -> jax.Array:
 def test_bad_config_names_the_field(overrides, field):
   with pytest.raises(ValueError, match=rf"BackboneConfig\.{field}="):
     backbone(**overrides)
+
+
+def test_pallas_with_a_kind_the_kernels_lack_fails_when_built_naming_their_kinds():
+  kinds = attention.impl_kinds("pallas")
+  with pytest.raises(ValueError, match=re.escape(f"it supports kinds {list(kinds)}")):
+    backbone(attention="relu", attention_impl="pallas")
+  for kind in kinds:  # the kinds it names do build
+    backbone(attention=kind, attention_impl="pallas")
 
 
 def test_config_is_frozen_and_hashable_with_options_dict():
