@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -184,7 +183,7 @@ class ExperimentConfig:
   trainer: TrainerConfig
   data: data_lib.DataConfig
   optim: optim.OptimConfig
-  model_fields: Mapping[str, Any]
+  model_fields: dict[str, Any]
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> ExperimentConfig:
@@ -227,9 +226,6 @@ class ExperimentConfig:
       variant = fields.pop("variant", None)
       if variant is None:
         return models.ViTConfig(**{**fields, **data_fields})
-      # The named size fills the fields the config leaves at None.
-      sized = models.parse_variant(variant)
-      fields = {k: v for k, v in fields.items() if v is not None or k not in sized}
       return models.ViTConfig.from_variant(variant, **{**fields, **data_fields})
     if spec.task != "lm":
       raise ValueError(f"model_name='transformer' is set up here for language modelling; "
@@ -251,15 +247,15 @@ def trainer_config(config: ml_collections.ConfigDict) -> TrainerConfig:
       TrainerConfig, {k: v for k, v in config.items() if k not in SECTIONS}, where="config")
 
 
-def model_fields(model_name: str, section: Mapping[str, Any]) -> Mapping[str, Any]:
-  """config.model as a read-only dict, its names checked against the model class."""
+def model_fields(model_name: str, section: Mapping[str, Any]) -> dict[str, Any]:
+  """config.model as a dict, its names checked against the model class (and `variant`)."""
   fields = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(section)
   cls = models.ViTConfig if model_name == "vit" else models.TransformerConfig
   valid = [f.name for f in dataclasses.fields(cls)] + (["variant"] if model_name == "vit" else [])
   configlib.check_known(fields, valid, where="config.model")
   for name in _DATA_MODEL_FIELDS[model_name]:
     fields.pop(name, None)  # the data set decides these
-  return types.MappingProxyType(fields)
+  return fields
 
 
 # ----------------------------------------------------------------------------

@@ -154,22 +154,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 # Resuming: the same run only.
 # ----------------------------------------------------------------------------
 
-# Fields that may change when a run resumes: they do not change what is trained.
-_RESUMABLE_CHANGES = ("progress_bar", "log_every_steps", "eval_every_steps", "eval_batch_size",
-                      "checkpoint_every_steps", "keep_checkpoints", "diagnostics_examples",
-                      "data.data_dir")
-
-
 def _check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to resume a workdir's checkpoints under a config that trains something else."""
+  """Refuses to resume a workdir's checkpoints under a config that trains something else.
+
+  Fields that only change how a run is watched or stored
+  (`configlib.RUN_NEUTRAL_FIELDS`: log and checkpoint cadence, ...) may differ.
+  """
   path = os.path.join(workdir, "config.json")
   if not (os.path.exists(path) and checkpoint_lib.Checkpointer.exists(workdir)):
     return
+  # Both sides through JSON, so that tuples and lists compare equal.
   with open(path, encoding="utf-8") as f:
-    saved = _flatten(json.load(f))
-  current = _flatten(json.loads(config.to_json_best_effort()))
+    saved = configlib.flatten(json.load(f))
+  current = configlib.flatten(json.loads(config.to_json_best_effort()))
   differ = sorted(k for k in saved.keys() | current.keys()
-                  if saved.get(k) != current.get(k) and k not in _RESUMABLE_CHANGES)
+                  if saved.get(k) != current.get(k) and k not in configlib.RUN_NEUTRAL_FIELDS)
   if differ:
     raise configlib.ConfigError(
         f"{workdir} holds checkpoints of a run with another config (fields {differ} differ: "
@@ -183,16 +182,6 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
 
 
 # ----------------------------------------------------------------------------
