@@ -287,20 +287,3 @@ class _Preemption:
       previous = self._previous if self._previous is not None else signal.SIG_DFL
       signal.signal(signal.SIGTERM, previous)
     return False
-
-
-# ----------------------------------------------------------------------------
-# Transitional names: tests/test_configs.py (owned by the CLI work) calls these.
-# Remove once it uses attnlab.experiment directly.
-# ----------------------------------------------------------------------------
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Deprecated: `experiment.ExperimentConfig.from_config(config)` validates the whole config."""
-  experiment.ExperimentConfig.from_config(config)
-
-
-def model_config(config: ml_collections.ConfigDict,
-                 spec: data_lib.DataSpec) -> experiment.ModelConfig:
-  """Deprecated: `experiment.ExperimentConfig.from_config(config).model_config(spec)`."""
-  return experiment.ExperimentConfig.from_config(config).model_config(spec)

@@ -15,9 +15,9 @@ from absl import flags
 from attnlab import cli
 from attnlab import configlib
 from attnlab import data as data_lib
+from attnlab import experiment
 from attnlab import models
 from attnlab import optim
-from attnlab import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -52,10 +52,12 @@ def test_the_expected_experiments_exist():
 def test_every_config_builds_typed_configs(name, arg):
   config = configlib.load(f"configs/{name}" + (f":{arg}" if arg else ""))
   assert config.is_locked
-  train.check_config(config)
-  configlib.to_dataclass(data_lib.DataConfig, config.data, where="config.data")
-  configlib.to_dataclass(optim.OptimConfig, config.optim, where="config.optim")
-  model_cfg = train.model_config(config, _spec(config))
+  exp_cfg = experiment.ExperimentConfig.from_config(config)
+  assert exp_cfg.data == configlib.to_dataclass(data_lib.DataConfig, config.data,
+                                                where="config.data")
+  assert exp_cfg.optim == configlib.to_dataclass(optim.OptimConfig, config.optim,
+                                                 where="config.optim")
+  model_cfg = exp_cfg.model_config(_spec(config))
   assert model_cfg.attention == "sigmoid"  # every experiment defaults to the paper's subject
   with pytest.raises(AttributeError):
     config.not_a_field = 1
@@ -214,22 +216,12 @@ def _parse(*overrides: str, config: str | None = None):
 def _section_classes(config) -> dict[str, type]:
   """The dataclass each section of `config` is read into, by path ("" = the top level)."""
   model_cls = {"vit": models.ViTConfig, "transformer": models.TransformerConfig}[config.model_name]
-  sections = {"data": data_lib.DataConfig, "data.mqar": data_lib.MQARSpec,
-              "optim": optim.OptimConfig, "model": model_cls}
-  try:  # The top level's own dataclass, once the trainer has one (issue #8).
-    from attnlab.experiment import TrainerConfig  # pylint: disable=g-import-not-at-top
-    sections[""] = TrainerConfig
-  except ImportError:
-    pass
-  return sections
+  return {"": experiment.TrainerConfig, "data": data_lib.DataConfig,
+          "data.mqar": data_lib.MQARSpec, "optim": optim.OptimConfig, "model": model_cls}
 
 
 def _hints(config, section: str) -> dict[str, typing.Any]:
-  classes = _section_classes(config)
-  if section in classes:
-    return typing.get_type_hints(classes[section])
-  # Until the top level has a dataclass: the types the config file declares.
-  return {name: config.get_type(name) for name in config if name not in classes}
+  return typing.get_type_hints(_section_classes(config)[section])
 
 
 def _sub(config, section: str):
@@ -263,15 +255,10 @@ def _nullable_paths(spec: str) -> list[str]:
 
 def _build_typed(config) -> None:
   """Builds every typed piece the trainer makes of `config` (no data read)."""
-  train.check_config(config)
-  configlib.to_dataclass(data_lib.DataConfig, config.data, where="config.data")
-  configlib.to_dataclass(optim.OptimConfig, config.optim, where="config.optim")
+  exp_cfg = experiment.ExperimentConfig.from_config(config)
   spec = _spec(config)
-  train.model_config(config, spec)
-  data_lib.resolve_num_steps(
-      batch_size=config.batch_size, num_train_examples=spec.num_train_examples,
-      total_steps=config.total_steps, num_epochs=config.num_epochs,
-      total_examples=config.total_examples)
+  exp_cfg.model_config(spec)
+  exp_cfg.num_steps(spec)
 
 
 _NULLABLE_CASES = [(name, path) for name in CONFIG_FILES
@@ -337,9 +324,9 @@ def test_a_field_left_at_none_typed_any_takes_a_literal():
   """model.patch_size (typed Any, None = the variant's) takes an int or a pair."""
   config, _ = _parse("--config.model.patch_size=4")
   assert config.model.patch_size == 4
-  assert train.model_config(config, _spec(config)).patch_size == (4, 4)
+  assert experiment.ExperimentConfig.from_config(config).model_config(_spec(config)).patch_size == (4, 4)
   config, _ = _parse("--config.model.patch_size=(2, 4)")
-  assert train.model_config(config, _spec(config)).patch_size == (2, 4)
+  assert experiment.ExperimentConfig.from_config(config).model_config(_spec(config)).patch_size == (2, 4)
 
 
 def test_nullable_fields_keep_their_type():
@@ -388,15 +375,6 @@ def test_overrides_that_do_not_change_what_is_trained_keep_the_workdir(path):
 def test_an_override_to_the_files_own_value_keeps_the_workdir():
   _, workdir = _parse("--config.seed=0", "--config.data.train_examples=none")
   assert workdir == os.path.join("runs", "digits_vit_sigmoid")
-
-
-def test_run_neutral_fields_are_the_trainers_resumable_changes():
-  """The fields that name no workdir are those a resumed run may change (one list, two users).
-
-  When train.py imports configlib.RUN_NEUTRAL_FIELDS instead of keeping its
-  own _RESUMABLE_CHANGES, delete this test.
-  """
-  assert set(configlib.RUN_NEUTRAL_FIELDS) == set(train._RESUMABLE_CHANGES)  # pylint: disable=protected-access
 
 
 def test_run_dirname_is_sorted_sanitised_and_bounded():

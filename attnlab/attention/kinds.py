@@ -60,8 +60,7 @@ def dot_logits(q_BQHD: Array, k_BKhD: Array, scale: float) -> Array:
 
 def neg_sq_distance_logits(q_BQHD: Array, k_BKhD: Array, scale: float) -> Array:
   """-(scale / 2) * ||q_i - k_j||^2 in float32, expanded as a dot product plus norms."""
-  b, lq, h, _ = q_BQHD.shape
-  lk, hkv = k_BKhD.shape[1], k_BKhD.shape[2]
+  h, hkv = q_BQHD.shape[2], k_BKhD.shape[2]
   qq_BHQ1 = jnp.sum(jnp.square(q_BQHD.astype(jnp.float32)), -1).transpose(0, 2, 1)[..., None]
   kk_BhK = jnp.sum(jnp.square(k_BKhD.astype(jnp.float32)), -1).transpose(0, 2, 1)
   kk_BH1K = jnp.repeat(kk_BhK, h // hkv, axis=1)[:, :, None, :]
