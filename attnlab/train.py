@@ -21,7 +21,6 @@ resuming, preemption, the NaN guard and the config check that guards a resume.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -38,6 +37,7 @@ from attnlab import configlib
 from attnlab import data as data_lib
 from attnlab import experiment
 from attnlab import metrics as metrics_lib
+from attnlab import workdir as workdir_lib
 
 # Called after each step's checkpoint decision with (step, state). The state
 # is valid during the call only: the next step donates its buffers.
@@ -71,7 +71,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   # 1. Config -> typed experiment (the data opens first: fail fast).
   exp = experiment.load(config)
-  _check_same_run(config, workdir)
+  workdir_lib.check_same_run(config, workdir)
   _write_config(config, workdir)
   trainer = exp.trainer
 
@@ -154,33 +154,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 # Resuming: the same run only.
 # ----------------------------------------------------------------------------
 
-def _check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to resume a workdir's checkpoints under a config that trains something else.
-
-  Fields that only change how a run is watched or stored
-  (`configlib.RUN_NEUTRAL_FIELDS`: log and checkpoint cadence, ...) may differ.
-  """
-  path = os.path.join(workdir, "config.json")
-  if not (os.path.exists(path) and checkpoint_lib.Checkpointer.exists(workdir)):
-    return
-  # Both sides through JSON, so that tuples and lists compare equal.
-  with open(path, encoding="utf-8") as f:
-    saved = configlib.flatten(json.load(f))
-  current = configlib.flatten(json.loads(config.to_json_best_effort()))
-  differ = sorted(k for k in saved.keys() | current.keys()
-                  if saved.get(k) != current.get(k) and k not in configlib.RUN_NEUTRAL_FIELDS)
-  if differ:
-    raise configlib.ConfigError(
-        f"{workdir} holds checkpoints of a run with another config (fields {differ} differ: "
-        f"{[(saved.get(k), current.get(k)) for k in differ]}). Use a new --workdir, or the "
-        "run's own config to resume it."
-    )
-
-
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """<workdir>/config.json: what `_check_same_run` compares a resumed run's config with."""
+  """<workdir>/config.json: what `workdir.check_same_run` compares a resumed run's config with."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
 
 
