@@ -6,6 +6,9 @@ r"""Evaluates the latest (or --step) checkpoint of a run: loss, accuracy, attent
   python eval.py --config.data.train_examples=500   # runs/digits_vit_sigmoid/train_examples=500
 
 Writes <workdir>/eval_<step>.json (and attention_maps/*.png with --attention_png).
+Refuses a config that differs from the run's config.json in what is trained,
+and a workdir with no checkpoint (it is never created). Expected failures print
+one `Error: ...` line; ATTNLAB_TRACEBACK=1 shows the traceback.
 """
 
 from absl import app

@@ -13,6 +13,9 @@ checkpoint cadence, progress_bar and data.data_dir do not, so a run resumed
 with another cadence finds its checkpoints.
 
 Then: python eval.py with the same --config and overrides (or --workdir).
+
+An invalid config is refused before the workdir is written. Expected failures
+print one `Error: ...` line; ATTNLAB_TRACEBACK=1 shows the traceback.
 """
 
 from absl import app

@@ -6,6 +6,14 @@ field that does not exist is an error that names the nearest valid one. A
 field that may hold None takes `--config.a.b=none` (see attnlab.configlib).
 Overrides that change what is trained name the default workdir:
 `--config.data.train_examples=500` -> runs/digits_vit_sigmoid/train_examples=500.
+
+Expected failures (`EXPECTED_ERRORS`: a bad config or override, a missing
+config file, data set or run, a workdir that is a file or not writable, a
+NaN stop) end with exit status 1 and one line on stderr, `Error: <what,
+where, the fix>`, not a traceback. The traceback is still there for
+debugging: set the environment variable ATTNLAB_TRACEBACK=1 (or pass
+--verbosity=1, which also shows INFO logs). Any other exception is a bug
+and prints its traceback as usual.
 """
 
 from __future__ import annotations
@@ -25,6 +33,24 @@ from attnlab.data import DatasetNotPreparedError
 
 FLAGS = flags.FLAGS
 _CONFIG = "config"
+
+# Set (to anything but "" or "0") to see the traceback of an expected failure.
+TRACEBACK_ENV = "ATTNLAB_TRACEBACK"
+
+# Failures whose message says what went wrong and how to fix it, so the
+# command line prints that message alone. Config values that the typed
+# configs reject arrive as ConfigError (attnlab.experiment re-raises the
+# ValueErrors of config building as one); a bare ValueError is not listed,
+# so one from anywhere else (a bug) keeps its traceback. DatasetNotPreparedError
+# is a FileNotFoundError, listed for the reader.
+EXPECTED_ERRORS = (
+    configlib.ConfigError,
+    DatasetNotPreparedError,
+    FileNotFoundError,  # a config file, a run or a checkpoint that is not there
+    NotADirectoryError,  # a workdir below a file
+    PermissionError,  # a workdir that cannot be written
+    FloatingPointError,  # the NaN stop, naming the step
+)
 
 
 def define_flags(*, default_config: str, flag_values: flags.FlagValues = FLAGS,
@@ -60,6 +86,24 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
     sys.exit(f"{os.path.basename(argv[0])}: {e}")
   except (AttributeError, KeyError) as e:
     _exit_bad_override(e)
+  except OSError:
+    # A --config.x override applied to a config file that failed to load;
+    # the flag is not parsed yet, so its file is read off the command line.
+    spec = _config_spec(argv)
+    if spec is None or os.path.isfile(spec.partition(":")[0]) or traceback_wanted():
+      raise
+    sys.exit(error_line(_missing_config_file(spec)))
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of --config (last one wins, as in absl) on `argv`, or None."""
+  spec = None
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{_CONFIG}="):
+      spec = arg.partition("=")[2]
+    elif arg == f"--{_CONFIG}" and i + 1 < len(argv):
+      spec = argv[i + 1]
+  return spec
 
 
 def _exit_bad_override(e: BaseException) -> None:
@@ -69,12 +113,35 @@ def _exit_bad_override(e: BaseException) -> None:
 
 
 def config_and_workdir(flag_values: flags.FlagValues = FLAGS) -> tuple[Any, str]:
-  """The parsed config and the workdir (default: `default_workdir`)."""
+  """The parsed config and the workdir (default: `default_workdir`).
+
+  Raises:
+    FileNotFoundError: the --config file does not exist.
+    NotADirectoryError: --workdir names a file.
+  """
+  _check_config_file(flag_values[_CONFIG].config_filename)
   config = flag_values[_CONFIG].value
   workdir = flag_values.workdir
   if workdir is None:
     workdir = default_workdir(flag_values[_CONFIG].config_filename, config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir {workdir} is a file, not a directory; pass a directory "
+                             "(or a path that does not exist yet) as --workdir.")
   return config, workdir
+
+
+def _check_config_file(config_spec: str) -> None:
+  # config_flags keeps a load failure until the config is first read, then
+  # raises it as two chained OSErrors with the cause last; say it first.
+  if not os.path.isfile(config_spec.partition(":")[0]):
+    raise _missing_config_file(config_spec)
+
+
+def _missing_config_file(config_spec: str) -> FileNotFoundError:
+  return FileNotFoundError(
+      f"No config file {config_spec.partition(':')[0]!r} (--config {config_spec}, relative to "
+      f"{os.getcwd()}); the experiments are in configs/, e.g. --config "
+      "configs/digits_vit.py:sigmoid.")
 
 
 def default_workdir(config_spec: str, config: Any = None) -> str:
@@ -105,17 +172,43 @@ def default_workdir(config_spec: str, config: Any = None) -> str:
   return os.path.join(workdir, configlib.run_dirname(differences, configlib.flatten(config)))
 
 
-def run_main(argv: list[str], fn: Callable[[Any, str], None]) -> None:
-  """Calls fn(config, workdir); expected failures end with a message, not a traceback."""
+def run_main(argv: list[str], fn: Callable[[Any, str], None],
+             flag_values: flags.FlagValues = FLAGS) -> None:
+  """Calls fn(config, workdir); an expected failure exits with one `Error:` line.
+
+  Args:
+    argv: what absl's app.run passes (the program name, then unparsed words).
+    fn: the entry point's work, e.g. training then printing the summary.
+    flag_values: where --config and --workdir were defined.
+
+  Raises:
+    SystemExit(1): an `EXPECTED_ERRORS` failure, its message on one line
+      (unless a traceback is asked for: see `traceback_wanted`).
+  """
   if len(argv) > 1:
-    sys.exit(f"Unexpected arguments: {argv[1:]}")
+    sys.exit(f"Error: unexpected arguments {argv[1:]}; flags take the form --name=value.")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
-  config, workdir = config_and_workdir()
   try:
-    fn(config, workdir)
-  except (configlib.ConfigError, DatasetNotPreparedError, FloatingPointError) as e:
-    sys.exit(f"Error: {e}")
+    fn(*config_and_workdir(flag_values))
+  except EXPECTED_ERRORS as e:
+    if traceback_wanted():
+      raise
+    sys.exit(error_line(e))
+
+
+def traceback_wanted() -> bool:
+  """Whether an expected failure shows its traceback: $ATTNLAB_TRACEBACK set, or --verbosity>=1."""
+  if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+    return True
+  # absl defines --verbosity (on the global FLAGS) for every program.
+  return bool(FLAGS["verbosity"].present) and FLAGS["verbosity"].value >= 1
+
+
+def error_line(error: BaseException) -> str:
+  """`Error: <message>` on one line, with how to see the traceback."""
+  message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+  return f"Error: {message or type(error).__name__} ({TRACEBACK_ENV}=1 shows the traceback)"
 
 
 def report_training(summary: dict[str, Any]) -> None:

@@ -39,7 +39,14 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-  """A config names a field that does not exist (the message suggests the nearest)."""
+  """A config the run cannot use: an unknown field, or a value out of its range.
+
+  The message names the field and, for a typo, suggests the nearest valid
+  name; for a value, it names the value, what is valid and the fix.
+
+  An expected failure: the command line prints it as one line
+  (`attnlab.cli.run_main`).
+  """
 
 
 def suggest(name: str, valid: Iterable[str]) -> str:

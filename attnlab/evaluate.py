@@ -14,7 +14,10 @@ evaluation split and measures what each layer's attention does:
   below_1e-3   fraction of (allowed) weights below 1e-3 (sparsity).
 
 Writes <workdir>/eval_<step>.json and prints a table; optionally saves
-attention-map PNGs under <workdir>/attention_maps/.
+attention-map PNGs under <workdir>/attention_maps/. A workdir with no
+checkpoint, or whose config.json differs from `config` in what is trained
+(`workdir.check_same_run`, the check train.py makes before resuming), is
+refused before anything is read or written.
 
 The experiment (data, model functions, state shapes, shardings, scoring of
 parameters) is assembled by `attnlab.experiment`, as the trainer's is; this
@@ -36,6 +39,7 @@ from attnlab import checkpoint as checkpoint_lib
 from attnlab import data as data_lib
 from attnlab import experiment
 from attnlab import models
+from attnlab import workdir as workdir_lib
 
 SMALL_WEIGHT = 1e-3
 
@@ -58,8 +62,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     "path"}; also written to <workdir>/eval_<step>.json.
 
   Raises:
-    FileNotFoundError: the workdir has no checkpoint (at that step).
+    FileNotFoundError: the workdir does not exist (it is not created) or has
+      no checkpoint (at that step).
+    configlib.ConfigError: `config` is not the config the run was trained
+      with (`workdir.check_same_run`: the message names the fields that
+      differ), or is invalid.
   """
+  _check_has_checkpoint(workdir)
+  # Before the data opens: a model of another kind or shape would otherwise
+  # score untrained parameters or fail deep in the restore.
+  workdir_lib.check_same_run(config, workdir)
   exp = experiment.load(config)
   fns = exp.fns()
   abstract_state = experiment.abstract_state(fns, exp.trainer.seed)
@@ -94,6 +106,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   if verbose:
     print(format_table(result, workdir))
   return result
+
+
+def _check_has_checkpoint(workdir: str) -> None:
+  """Refuses a workdir that holds no run yet, without creating anything in it."""
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(
+        f"No run in {workdir}: the directory does not exist. Train it first with train.py and "
+        "the same --config, overrides and --workdir, or pass the --workdir of a trained run.")
+  if not checkpoint_lib.Checkpointer.exists(workdir):
+    raise FileNotFoundError(
+        f"No checkpoint in {checkpoint_lib.checkpoint_dir(workdir)}: the run in {workdir} has not "
+        "saved one yet. Train it first with train.py and the same --config, overrides and "
+        "--workdir.")
 
 
 def _diagnostic_inputs(exp: experiment.Experiment, n: int) -> np.ndarray:

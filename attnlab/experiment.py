@@ -35,9 +35,10 @@ same masks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax
@@ -49,6 +50,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from attnlab import attention as attention_lib
 from attnlab import configlib
 from attnlab import data as data_lib
 from attnlab import metrics as metrics_lib
@@ -87,8 +89,16 @@ class TrainerConfig:
   Attributes:
     model_name: "vit" (image classification) or "transformer" (language
       modelling); picks the class config.model is read into.
-    batch_size: training examples per step (split across the devices).
-    eval_batch_size: examples per evaluation batch (the last one is padded).
+    batch_size: training examples per step (split across the devices): a
+      multiple of the device count, at most the size of the (sub)set trained
+      on. A larger one is refused by `build`, not clipped: every batch
+      would hold some examples twice, and clipping it in silence would change
+      the batch size (and with it the step count and the gradient noise) of
+      one cell of a sample-efficiency study and not of the others. A study
+      with small subsets sets the batch size per subset, so that it is in
+      config.json and in the workdir's name.
+    eval_batch_size: examples per evaluation batch (the last one is padded);
+      a multiple of the device count when evaluating.
     seed: the parameters, dropout masks and training order (and MQAR's data)
       all derive from it.
     total_steps: budget in optimizer steps.
@@ -191,16 +201,15 @@ class ExperimentConfig:
 
     Raises:
       configlib.ConfigError: an unknown or missing field (the message names
-        the nearest valid one), or an invalid trainer value.
-      ValueError: an invalid data or optimizer value.
+        the nearest valid one), an unknown attention kind or impl (likewise),
+        or an invalid trainer, data or optimizer value.
     """
     trainer = trainer_config(config)
-    return cls(
-        trainer=trainer,
-        data=configlib.to_dataclass(data_lib.DataConfig, config.data, where="config.data"),
-        optim=configlib.to_dataclass(optim.OptimConfig, config.optim, where="config.optim"),
-        model_fields=model_fields(trainer.model_name, config.model),
-    )
+    with _as_config_error():
+      data = configlib.to_dataclass(data_lib.DataConfig, config.data, where="config.data")
+      optim_cfg = configlib.to_dataclass(optim.OptimConfig, config.optim, where="config.optim")
+    return cls(trainer=trainer, data=data, optim=optim_cfg,
+               model_fields=model_fields(trainer.model_name, config.model))
 
   def num_steps(self, spec: data_lib.DataSpec) -> int:
     """The budget in optimizer steps, for a data set of this size."""
@@ -253,9 +262,41 @@ def model_fields(model_name: str, section: Mapping[str, Any]) -> dict[str, Any]:
   cls = models.ViTConfig if model_name == "vit" else models.TransformerConfig
   valid = [f.name for f in dataclasses.fields(cls)] + (["variant"] if model_name == "vit" else [])
   configlib.check_known(fields, valid, where="config.model")
+  # The model config checks these too, but only once the data is open, and
+  # without a suggestion; a typo in an override should fail at once, like
+  # a typo in a field name.
+  _check_choice("model.attention", fields.get("attention"), attention_lib.KINDS, "attention kind")
+  _check_choice("model.attention_impl", fields.get("attention_impl"), attention_lib.IMPLS,
+                "attention impl")
   for name in _DATA_MODEL_FIELDS[model_name]:
     fields.pop(name, None)  # the data set decides these
   return fields
+
+
+def _check_choice(field: str, value: Any, choices: Iterable[str], what: str) -> None:
+  """Refuses a `value` of config.`field` that is not one of `choices` (None: the default)."""
+  choices = sorted(choices)
+  if value is None or value in choices:
+    return
+  hint = configlib.suggest(str(value), choices)
+  raise _error(field, value, f"not a known {what}.{hint} Expected one of {', '.join(choices)}.")
+
+
+@contextlib.contextmanager
+def _as_config_error():
+  """Re-raises a ValueError of config building as a ConfigError (its message unchanged).
+
+  The dataclasses of data, optimizer and model raise ValueError naming the
+  field; as a ConfigError it is an expected failure that the command line
+  prints as one line (`attnlab.cli.run_main`), while a ValueError from
+  anywhere else keeps its traceback.
+  """
+  try:
+    yield
+  except configlib.ConfigError:
+    raise
+  except ValueError as e:
+    raise configlib.ConfigError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------
@@ -295,14 +336,42 @@ class Experiment:
 def build(cfg: ExperimentConfig) -> Experiment:
   """Opens the data of `cfg` and completes the model config and budget from it.
 
+  Nothing is written (the digits data set aside, which prepares itself on
+  first use), so a caller that builds before it creates its workdir refuses
+  a bad config with nothing on disk.
+
   Raises:
     DatasetNotPreparedError: the data set is missing (before any model is built).
-    ValueError: the model does not fit the data, or the budget gives no step.
+    configlib.ConfigError: the model does not fit the data, the budget gives
+      no step, a split or subset does not exist, or the batch size is larger
+      than the training set.
   """
-  datasets = data_lib.load(cfg.data, seed=cfg.trainer.seed)
-  num_steps = cfg.num_steps(datasets.spec)
-  return Experiment(trainer=cfg.trainer, data=cfg.data, datasets=datasets,
-                    model=cfg.model_config(datasets.spec), optim=cfg.optim, num_steps=num_steps)
+  with _as_config_error():
+    datasets = data_lib.load(cfg.data, seed=cfg.trainer.seed)
+    check_batch_size(cfg.trainer, cfg.data, datasets.spec)
+    num_steps = cfg.num_steps(datasets.spec)
+    model = cfg.model_config(datasets.spec)
+  return Experiment(trainer=cfg.trainer, data=cfg.data, datasets=datasets, model=model,
+                    optim=cfg.optim, num_steps=num_steps)
+
+
+def check_batch_size(trainer: TrainerConfig, data: data_lib.DataConfig,
+                      spec: data_lib.DataSpec) -> None:
+  """Refuses a batch size larger than the training set (see `TrainerConfig.batch_size`).
+
+  Raises:
+    configlib.ConfigError: naming both numbers, the field that sets the
+      training set's size, and the fix.
+  """
+  n = spec.num_train_examples
+  if trainer.batch_size <= n:
+    return
+  source = (f"config.data.train_examples={data.train_examples}" if data.train_examples is not None
+            else f"config.data.train_split={data.train_split!r} of {data.name!r}")
+  raise _error("batch_size", trainer.batch_size,
+               f"larger than the {n} training examples ({source}), so every batch would "
+               f"repeat examples; refused rather than clipped. Set --config.batch_size to at "
+               f"most {n}, or train on at least {trainer.batch_size} examples.")
 
 
 def load(config: ml_collections.ConfigDict) -> Experiment:
@@ -478,7 +547,7 @@ class Shardings:
     """
     devices = np.asarray(jax.devices())
     if batch_size % devices.size:
-      raise ValueError(
+      raise configlib.ConfigError(
           f"{batch_field}={batch_size} must be a multiple of the {devices.size} devices "
           "(the batch is split across them)."
       )
