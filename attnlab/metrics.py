@@ -58,7 +58,9 @@ class MetricWriter:
 
   Each line is one JSON object with "step" and "split" ("train" / "eval").
   On resume from step k, lines after step k (written after the checkpoint
-  the run resumes from) are dropped, so the file reads as one run.
+  the run resumes from) are dropped, so the file reads as one run. Use it as
+  a context manager (or call `close`, which may be called again): an
+  unclosed TensorBoard writer reports errors from its thread at exit.
   """
 
   def __init__(self, workdir: str, *, resume_step: int | None = None):
@@ -88,6 +90,18 @@ class MetricWriter:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
+
+  @property
+  def closed(self) -> bool:
+    return self._file.closed
+
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc) -> bool:
+    self.close()
+    return False
 
 
 def _tensorboard_writer(logdir: str):

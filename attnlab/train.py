@@ -2,25 +2,29 @@
 
 Building the experiment (config -> typed pieces, data, model functions, train
 state, shardings, evaluation of parameters) is `attnlab.experiment`'s job;
-this module is the loop and what only the loop needs: checkpoint cadence,
-resuming, preemption, the NaN guard and the config check that guards a resume.
+what a workdir holds about its run (config, lock, finished marker) is
+`attnlab.workdir`'s; this module is the loop and what only the loop needs:
+checkpoint cadence, resuming, preemption and Ctrl-C, the NaN guard.
 `train_and_evaluate` reads top to bottom:
 
   1. Config -> `experiment.Experiment`. The data opens first, so a missing
-     data set fails in seconds with the command that prepares it; a workdir
-     whose checkpoints are of another config is refused.
+     data set fails in seconds with the command that prepares it. Then the
+     workdir: one whose checkpoints are of another config is refused, a
+     finished one is reported and left untouched, and one in use by another
+     live run is refused; otherwise this run holds its lock until it ends.
   2. Model functions, the state's shapes (`jax.eval_shape`) and shardings.
   3. Checkpoints: resume from the workdir if it has one, else a fresh state
      created directly with its shardings.
   4. The train step, a pure function (state, batch) -> (state, metrics),
      jitted once with the state donated.
   5. The loop: metrics and progress, NaN guard, checkpoints, the `on_step`
-     seam, preemption (SIGTERM, or Orbax's multi-host sync point).
-  6. Final evaluation on the evaluation split.
+     seam, preemption (SIGTERM, Ctrl-C, or Orbax's multi-host sync point).
+  6. Final evaluation on the evaluation split; the run is marked finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -33,15 +37,20 @@ import jax
 import ml_collections
 
 from attnlab import checkpoint as checkpoint_lib
-from attnlab import configlib
 from attnlab import data as data_lib
 from attnlab import experiment
 from attnlab import metrics as metrics_lib
+from attnlab import optim as optim_lib
 from attnlab import workdir as workdir_lib
 
 # Called after each step's checkpoint decision with (step, state). The state
 # is valid during the call only: the next step donates its buffers.
 OnStep = Callable[[int, experiment.TrainState], None]
+
+# Exit statuses of a run stopped by a signal after saving: 128 + the signal
+# number, as a shell reports a process killed by it.
+EXIT_CODES = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT,
+              "Preemption sync point": 128 + signal.SIGTERM}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -58,21 +67,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       a known point). The state must not be kept: the next step donates it.
 
   Returns:
-    {"step", "eval_loss", "eval_accuracy", "workdir", "checkpoint_dir",
-    "train_seconds"}.
+    {"step", "eval_loss", "eval_accuracy", "train_seconds", "workdir",
+    "checkpoint_dir", "already_finished"}. For a workdir whose run had already
+    finished: its recorded summary with "already_finished": True, after one
+    line on stderr; nothing is trained or written.
 
   Raises:
     DatasetNotPreparedError: the data set is missing (before any training).
-    ConfigError, ValueError: an invalid config.
+    ConfigError, ValueError: an invalid config, or a workdir whose checkpoints
+      were trained under another config.
+    WorkdirLockedError: another live process is running in `workdir`; the
+      message names it (pid, host). Nothing was written.
     FloatingPointError: the loss or the parameters became NaN/inf; the message
       names the step, and no checkpoint is written after it.
     SystemExit(143): preempted (SIGTERM, or every host reached Orbax's
       preemption sync point); a checkpoint of the last step was written first.
+    SystemExit(130): Ctrl-C (SIGINT), handled as SIGTERM.
   """
-  # 1. Config -> typed experiment (the data opens first: fail fast).
+  # 1. Config -> typed experiment (the data opens first: fail fast), then the workdir.
   exp = experiment.load(config)
-  workdir_lib.check_same_run(config, workdir)
-  _write_config(config, workdir)
+  # Read-only first, so that rerunning a finished run writes nothing, not even the lock.
+  if (finished := _finished_run(config, workdir)) is not None:
+    return finished
+  with _workdir_lock(workdir):
+    # Again under the lock: another run may have finished (or started) in between.
+    if (finished := _finished_run(config, workdir)) is not None:
+      return finished
+    workdir_lib.write_config(config, workdir)
+    return _train(exp, workdir, on_step)
+
+
+def _train(exp: experiment.Experiment, workdir: str, on_step: OnStep | None) -> dict[str, Any]:
+  """Sections 2-6 of `train_and_evaluate`, in a workdir this process holds."""
   trainer = exp.trainer
 
   # 2. Model functions, state shapes, shardings.
@@ -104,61 +130,82 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                       batch_size=trainer.eval_batch_size,
                                       batch_sharding=shard.batch)
 
-  # 5. The loop.
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
-  log = _TrainLog(writer, exp, start)
-  loop_start = time.perf_counter()
-  try:
-    with _Preemption(ckpt) as preemption:
-      for step in range(start + 1, exp.num_steps + 1):
-        state, step_metrics = train_step(state, jax.device_put(next(data_iter), shard.batch))
-        log.add(step, step_metrics)
-        must_save = ckpt.should_save(step) or step == exp.num_steps
-        if step % trainer.log_every_steps == 0 or must_save or step == start + 1:
-          log.sync(step)  # the only host sync: every pending step is checked before a checkpoint
-        if trainer.eval_every_steps and step % trainer.eval_every_steps == 0 and step != exp.num_steps:
-          writer.write(step, "eval", _prefixed(evaluate(state.params)))
-        if must_save:
-          ckpt.save(step, state, data_iter.get_state())
-        if on_step is not None:
-          on_step(step, state)
-        if preemption.reached(step):
-          if not must_save:
-            log.check_finite()
+  # 5. The loop. The writer closes on every way out (a NaN, a signal, an
+  # error), so no half-closed TensorBoard writer reports at interpreter exit.
+  with metrics_lib.MetricWriter(workdir, resume_step=start) as writer:
+    log = _TrainLog(writer, exp, start)
+    loop_start = time.perf_counter()
+    try:
+      with _Preemption(ckpt) as preemption:
+        for step in range(start + 1, exp.num_steps + 1):
+          state, step_metrics = train_step(state, jax.device_put(next(data_iter), shard.batch))
+          log.add(step, step_metrics)
+          must_save = ckpt.should_save(step) or step == exp.num_steps
+          if step % trainer.log_every_steps == 0 or must_save or step == start + 1:
+            log.sync(step)  # the only host sync: every pending step is checked before a checkpoint
+          if (trainer.eval_every_steps and step % trainer.eval_every_steps == 0
+              and step != exp.num_steps):
+            writer.write(step, "eval", _prefixed(evaluate(state.params)))
+          if must_save:
             ckpt.save(step, state, data_iter.get_state())
-          ckpt.wait()
-          print(f"{preemption.cause}: saved a checkpoint at step {step} in "
-                f"{checkpoint_lib.checkpoint_dir(workdir)}; exiting.", file=sys.stderr, flush=True)
-          raise SystemExit(143)
-  finally:
-    log.close()
-    ckpt.close()  # waits for checkpoints in flight (all of them finite)
-  train_seconds = time.perf_counter() - loop_start
+          if on_step is not None:
+            on_step(step, state)
+          if preemption.reached(step):
+            if not must_save:
+              log.check_finite()
+              ckpt.save(step, state, data_iter.get_state())
+            ckpt.wait()
+            print(f"{preemption.cause}: saved a checkpoint at step {step} in "
+                  f"{checkpoint_lib.checkpoint_dir(workdir)}; exiting.",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CODES[preemption.cause])
+    finally:
+      log.close()
+      ckpt.close()  # waits for checkpoints in flight (all of them finite)
+    train_seconds = time.perf_counter() - loop_start
 
-  # 6. Final evaluation.
-  final_step = int(jax.device_get(state.step))
-  result = evaluate(state.params)
-  writer.write(final_step, "eval", _prefixed(result))
-  writer.close()
-  return {
-      "step": final_step,
-      "eval_loss": result["loss"],
-      "eval_accuracy": result["accuracy"],
-      "workdir": os.path.abspath(workdir),
-      "checkpoint_dir": checkpoint_lib.checkpoint_dir(workdir),
-      "train_seconds": train_seconds,
-  }
+    # 6. Final evaluation; the finished marker is written last.
+    final_step = int(jax.device_get(state.step))
+    result = evaluate(state.params)
+    writer.write(final_step, "eval", _prefixed(result))
+    summary = {"step": final_step, "eval_loss": result["loss"],
+               "eval_accuracy": result["accuracy"], "train_seconds": train_seconds}
+    workdir_lib.write_finished(workdir, summary)
+  return _with_paths(summary, workdir, already_finished=False)
 
 
 # ----------------------------------------------------------------------------
-# Resuming: the same run only.
+# The workdir: finished runs and the lock.
 # ----------------------------------------------------------------------------
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """<workdir>/config.json: what `workdir.check_same_run` compares a resumed run's config with."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+
+def _finished_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+  """The recorded summary if `workdir` holds this config's finished run (saying so), else None.
+
+  Raises:
+    ConfigError: the workdir's checkpoints are of another config.
+  """
+  workdir_lib.check_same_run(config, workdir)
+  finished = workdir_lib.read_finished(workdir)
+  if finished is None:
+    return None
+  print(f"{os.path.abspath(workdir)} holds a finished run: step {finished['step']}, eval accuracy "
+        f"{finished['eval_accuracy']:.2%} (loss {finished['eval_loss']:.4f}); nothing to do. "
+        "To train again, use a new --workdir.", file=sys.stderr, flush=True)
+  return _with_paths(finished, workdir, already_finished=True)
+
+
+def _with_paths(summary: dict[str, Any], workdir: str, *, already_finished: bool) -> dict[str, Any]:
+  return {**summary, "workdir": os.path.abspath(workdir),
+          "checkpoint_dir": checkpoint_lib.checkpoint_dir(workdir),
+          "already_finished": already_finished}
+
+
+def _workdir_lock(workdir: str) -> contextlib.AbstractContextManager:
+  """The workdir's lock; in a multi-host run only process 0 takes it (they share the workdir)."""
+  if jax.process_index() != 0:
+    return contextlib.nullcontext()
+  return workdir_lib.WorkdirLock(workdir)
 
 
 # ----------------------------------------------------------------------------
@@ -170,7 +217,7 @@ class _TrainLog:
   """Step metrics kept on the device until a sync, then NaN-checked, written and shown."""
 
   def __init__(self, writer: metrics_lib.MetricWriter, exp: experiment.Experiment, start: int):
-    self._writer, self._num_steps = writer, exp.num_steps
+    self._writer, self._num_steps, self._optim = writer, exp.num_steps, exp.optim
     self._batch_size, self._log_every = exp.trainer.batch_size, exp.trainer.log_every_steps
     self._progress = metrics_lib.Progress(exp.num_steps, start, enabled=exp.trainer.progress_bar,
                                           log_every=self._log_every)
@@ -182,7 +229,7 @@ class _TrainLog:
 
   def check_finite(self) -> dict[str, float]:
     """Fetches the pending steps' metrics (raising on NaN); returns the last step's."""
-    values = _check_finite(self._pending)
+    values = _check_finite(self._pending, self._optim)
     self._pending.clear()
     return values
 
@@ -200,7 +247,8 @@ class _TrainLog:
     self._progress.close()
 
 
-def _check_finite(pending: list[tuple[int, dict]]) -> dict[str, float]:
+def _check_finite(pending: list[tuple[int, dict]], optim_cfg: optim_lib.OptimConfig
+                  ) -> dict[str, float]:
   """Fetches pending step metrics; raises on the first non-finite one; returns the last."""
   if not pending:
     return {}
@@ -210,10 +258,21 @@ def _check_finite(pending: list[tuple[int, dict]]) -> dict[str, float]:
       raise FloatingPointError(
           f"Non-finite training loss or parameters at step {step} (loss={float(values['loss'])}, "
           f"grad_norm={float(values['grad_norm'])}, learning_rate={float(values['learning_rate'])})."
-          " No checkpoint was written after the last finite step; lower the learning rate or "
-          "enable gradient clipping (config.optim.grad_clip_norm)."
+          f" No checkpoint was written after the last finite step. {_nan_advice(optim_cfg)}"
       )
   return {k: float(v) for k, v in fetched[-1].items() if k != "finite"}
+
+
+def _nan_advice(optim_cfg: optim_lib.OptimConfig) -> str:
+  """What to change after a NaN: clipping only if it is off; always a new workdir."""
+  # The workdir's checkpoints refuse a changed config (workdir.check_same_run).
+  where = "in a new --workdir (this one refuses a changed config)"
+  lr = f"config.optim.learning_rate (now {optim_cfg.learning_rate:g})"
+  if optim_cfg.grad_clip_norm is None:
+    return (f"Gradient clipping is off: set config.optim.grad_clip_norm (e.g. 1.0) or lower "
+            f"{lr}, {where}.")
+  return (f"Gradient clipping is already on (config.optim.grad_clip_norm="
+          f"{optim_cfg.grad_clip_norm:g}): lower {lr} {where}.")
 
 
 def _prefixed(values: dict[str, float]) -> dict[str, float]:
@@ -226,31 +285,35 @@ def _prefixed(values: dict[str, float]) -> dict[str, float]:
 
 
 class _Preemption:
-  """When a preempted run saves and stops: at the end of the step in flight.
+  """When a preempted or interrupted run saves and stops: at the end of the step in flight.
 
-  One process: a SIGTERM handler (main thread only) records the notice instead
-  of dying at once. Several processes (jax.distributed): JAX's preemption
-  service owns SIGTERM and passes the notice to every host, and Orbax's
-  `reached_preemption(step)` turns True at the same step on all of them, so
-  every host saves that one step (a checkpoint is a collective write). Our own
-  handler would replace JAX's there, so it is only installed in one process.
+  One process: SIGTERM and SIGINT (Ctrl-C) handlers (main thread only)
+  record the notice instead of dying at once; a second Ctrl-C interrupts at
+  once, as usual, for a user who will not wait for the save. Several processes
+  (jax.distributed): JAX's preemption service owns SIGTERM and passes the
+  notice to every host, and Orbax's `reached_preemption(step)` turns True at
+  the same step on all of them, so every host saves that one step (a
+  checkpoint is a collective write). Our own handlers would replace JAX's and
+  save on one host only there, so they are only installed in one process.
   """
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self, ckpt: checkpoint_lib.Checkpointer):
     self._ckpt = ckpt
     self.cause: str | None = None
-    self._previous = None
-    self._installed = False
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> _Preemption:
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-      self._installed = True
+      self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
     return self
 
   def _handle(self, signum, frame) -> None:
-    del signum, frame
-    self.cause = self.cause or "SIGTERM"
+    del frame
+    self.cause = self.cause or signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
 
   def reached(self, step: int) -> bool:
     """Whether to save and exit after `step`. Call it at every step (Orbax's sync needs that)."""
@@ -259,8 +322,7 @@ class _Preemption:
     return self.cause is not None
 
   def __exit__(self, *exc) -> bool:
-    if self._installed:
+    for signum, previous in self._previous.items():
       # A handler installed outside Python reads back as None: restore the default.
-      previous = self._previous if self._previous is not None else signal.SIG_DFL
-      signal.signal(signal.SIGTERM, previous)
+      signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
     return False

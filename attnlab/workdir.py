@@ -1,14 +1,21 @@
 """What a run directory holds about its run, and who may use it.
 
-A workdir belongs to one run: its config.json says which config trained the
-checkpoints next to it. `check_same_run` refuses a config that would train
-something else from those checkpoints; `train.py` and `eval.py` both ask it.
+A workdir belongs to one run:
+  config.json    which config trained the checkpoints next to it:
+                 `check_same_run` refuses a config that would train something
+                 else from them (`train.py` and `eval.py` both ask it);
+  .lock          held (flock) by the one live run: `WorkdirLock`;
+  finished.json  written last, with the final summary: `read_finished`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import time
+from typing import Any
 
 import ml_collections
 
@@ -60,3 +67,136 @@ def _saved_config(workdir: str) -> dict | None:
 def _flat_json(config: ml_collections.ConfigDict) -> dict:
   # Through JSON, as config.json was written, so that tuples and lists compare equal.
   return configlib.flatten(json.loads(config.to_json_best_effort()))
+
+
+# ----------------------------------------------------------------------------
+# One live run per workdir.
+# ----------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another live process holds the workdir's lock; the message names it (one line)."""
+
+
+class WorkdirLock:
+  """An exclusive lock on <workdir>/.lock, held by the live process for a whole run.
+
+  The lock is `fcntl.flock` on an open file, not the file's existence: the OS
+  releases it when the process exits in any way (SIGKILL and power loss
+  included), so a lock file left by a killed run is simply taken over, with
+  no pid guessing and no stale-lock timeout. The file itself is never removed
+  (removing it while another process waits on the old one would let two runs
+  hold "the" lock); it only records the holder (pid, host, start time) for the
+  message a second run prints.
+
+  NFS: Linux emulates flock with NFS byte-range locks (NFSv4, or v3 with the
+  lock daemon), so it holds across hosts there; on a mount with `nolock` or a
+  file system without locking it is only enforced within one host. Multi-host
+  runs (jax.distributed) share one workdir: only process 0 takes the lock.
+
+  Use as a context manager; `acquire` raises WorkdirLockedError at once
+  (never waits) if another process holds it.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd: int | None = None
+
+  def acquire(self) -> None:
+    """Creates the workdir if needed and takes the lock, or raises WorkdirLockedError."""
+    os.makedirs(self.workdir, exist_ok=True)
+    # os.open's descriptors are not inherited by child processes, so a child
+    # cannot keep the lock alive after this process dies.
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _read_holder(fd)
+      os.close(fd)
+      raise WorkdirLockedError(
+          f"{self.workdir} is in use by another run ({holder}); wait for it to end or stop it, "
+          "or use another --workdir.") from None
+    except BaseException:
+      os.close(fd)
+      raise
+    self._fd = fd
+    _write_holder(fd)
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing the descriptor releases the flock
+      self._fd = None
+
+  def __enter__(self) -> WorkdirLock:
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> bool:
+    self.release()
+    return False
+
+
+def _write_holder(fd: int) -> None:
+  record = {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+
+
+def _read_holder(fd: int) -> str:
+  """'pid 123 on host-a, started ...' from the lock file, as far as it says."""
+  try:
+    record = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+  except (OSError, ValueError):
+    record = {}
+  if "pid" not in record:
+    # The holder has the lock but has not written its name yet (it is starting).
+    return "a process that is starting"
+  return (f"pid {record['pid']} on {record.get('host', 'an unknown host')}, "
+          f"started {record.get('started', 'at an unknown time')}")
+
+
+# ----------------------------------------------------------------------------
+# A finished run.
+# ----------------------------------------------------------------------------
+
+FINISHED_FILE = "finished.json"
+
+
+def write_finished(workdir: str, summary: dict[str, Any]) -> None:
+  """Marks the run finished: <workdir>/finished.json with its final summary, written last.
+
+  A marker file rather than "metrics.jsonl ends with the final evaluation":
+  it is one small file written atomically (a reader sees all of it or none),
+  and a run killed before it (e.g. during the final evaluation) has none, so a
+  rerun completes that run instead of calling it finished.
+  """
+  _write_atomic(os.path.join(workdir, FINISHED_FILE), json.dumps(summary, indent=2) + "\n")
+
+
+def read_finished(workdir: str) -> dict[str, Any] | None:
+  """The summary `write_finished` recorded, or None if the run has not finished."""
+  path = os.path.join(workdir, FINISHED_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """<workdir>/config.json: what `check_same_run` compares a later run's config with.
+
+  Written atomically, so that a run checking the workdir at that moment never
+  reads half a file.
+  """
+  _write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)

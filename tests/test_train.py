@@ -3,7 +3,8 @@
 Each quick config trains a tiny model for a few steps; these tests check the
 plumbing (data -> train -> checkpoint -> resume -> evaluate), determinism, a
 golden loss, the purity of the train step, the typed trainer config, and the
-failure modes (NaN, SIGKILL, SIGTERM, a multi-host preemption sync point).
+failure modes (NaN, SIGKILL, SIGTERM, Ctrl-C, a multi-host preemption sync
+point, two runs on one workdir, rerunning a finished run).
 Interruptions go through the loop's public `on_step` seam.
 """
 
@@ -12,8 +13,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,7 @@ from attnlab import evaluate as evaluate_lib
 from attnlab import experiment
 from attnlab import metrics as metrics_lib
 from attnlab import train
+from attnlab import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,11 +188,23 @@ def test_train_step_is_pure(step_fns):
 # ----------------------------------------------------------------------------
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+    data_dir, tmp_path, monkeypatch):
+  writers = []
+
+  class RecordedWriter(metrics_lib.MetricWriter):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      writers.append(self)
+
+  monkeypatch.setattr(metrics_lib, "MetricWriter", RecordedWriter)
   config = quick_config("digits_vit.py:sigmoid,quick", data_dir, checkpoint_every_steps=1,
                         **{"optim.learning_rate": 1e38, "optim.warmup_steps": 1})
   with pytest.raises(FloatingPointError, match=r"at step \d+") as err:
     train.train_and_evaluate(config, str(tmp_path))
+  assert "\n" not in str(err.value)
+  # Closed on the error path too (an open TensorBoard writer reports from its thread at exit).
+  assert [w.closed for w in writers] == [True]
   bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
   saved = checkpoint_lib.Checkpointer(str(tmp_path)).all_steps()
   assert saved and max(saved) < bad_step
@@ -376,7 +392,7 @@ def on_step(step, state):
   if step == int(at_step):
     while not set(filter(None, saved.split(","))) <= written():
       time.sleep(0.02)
-    print(f"sending {signame} after step {step}", flush=True)
+    print(f"pid {os.getpid()} sending {signame} after step {step}", flush=True)
     os.kill(os.getpid(), getattr(signal, signame))
 
 train.train_and_evaluate(configlib.load(spec), workdir, on_step=on_step)
@@ -395,6 +411,15 @@ def _train_cmd(workdir, *flags):
           os.path.join(REPO, "configs/digits_vit.py:sigmoid,quick"), "--workdir", workdir, *flags]
 
 
+def _lock_holder(workdir):
+  with open(os.path.join(workdir, workdir_lib.LOCK_FILE), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _lines(text):
+  return [line for line in text.splitlines() if line.strip()]
+
+
 def _env(data_dir, **extra):
   return {**os.environ, "JAX_PLATFORMS": "cpu", "TFDS_DATA_DIR": data_dir, **extra}
 
@@ -405,11 +430,15 @@ def test_killed_run_resumes_bitwise_identical(data_dir, digits_run, tmp_path):
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   assert "sending SIGKILL after step 4" in proc.stdout
   assert checkpoint_lib.Checkpointer(killed).all_steps() == [2, 4]
+  # The killed run's lock file stays behind; the OS released its lock, so the resumed run takes it.
+  killed_pid = int(re.search(r"pid (\d+) sending", proc.stdout).group(1))
+  assert _lock_holder(killed)["pid"] == killed_pid
 
   resumed = subprocess.run(_train_cmd(killed), env=_env(data_dir), capture_output=True,
                            text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resuming from step 4" in resumed.stderr
+  assert _lock_holder(killed)["pid"] not in (killed_pid, os.getpid())
 
   # The uninterrupted run: the same config trained in this process.
   config, straight, _ = digits_run
@@ -433,3 +462,134 @@ def test_sigterm_saves_then_exits_and_another_device_count_restores(data_dir, tm
   config = quick_config("digits_vit.py:sigmoid,quick", data_dir)
   result = evaluate_lib.evaluate(config, workdir, verbose=False)
   assert result["step"] == 1 and np.isfinite(result["loss"])
+
+
+# ----------------------------------------------------------------------------
+# The workdir: one live run, a finished run, Ctrl-C, the NaN stop's message
+# ----------------------------------------------------------------------------
+
+# Runs train.train_and_evaluate(<config>, <workdir>) in a fresh process that,
+# after step <step> and once the checkpoints <saved> are written, creates
+# <flags>/paused and waits until <flags>/go exists.
+_PAUSED_RUN = r"""
+import os, sys, time
+from attnlab import checkpoint, configlib, train
+
+spec, workdir, at_step, saved, flags = sys.argv[1:]
+
+def on_step(step, state):
+  if step == int(at_step):
+    names = lambda: set(os.listdir(checkpoint.checkpoint_dir(workdir)))
+    while not set(saved.split(",")) <= names() or any(not n.isdigit() for n in names()):
+      time.sleep(0.02)
+    open(os.path.join(flags, "paused"), "w").close()
+    while not os.path.exists(os.path.join(flags, "go")):
+      time.sleep(0.02)
+
+train.train_and_evaluate(configlib.load(spec), workdir, on_step=on_step)
+"""
+
+# What train.py's cli.run_main does with an expected failure: one "Error: ..." line.
+# TODO(cli): run train.py itself once cli.run_main prints WorkdirLockedError so.
+_CLI_RUN = r"""
+import sys
+from attnlab import configlib, train, workdir
+
+try:
+  train.train_and_evaluate(configlib.load(sys.argv[1]), sys.argv[2])
+except (workdir.WorkdirLockedError, configlib.ConfigError, FloatingPointError) as e:
+  sys.exit(f"Error: {e}")
+"""
+
+_SPEC = "configs/digits_vit.py:sigmoid,quick"
+
+
+def _snapshot(workdir):
+  """{relative path: (bytes, mtime)} of every file under `workdir`."""
+  files = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, workdir)] = (f.read(), os.stat(path).st_mtime_ns)
+  return files
+
+
+def _wait_for(path, proc, timeout=240):
+  deadline = time.monotonic() + timeout
+  while not os.path.exists(path):
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.monotonic() < deadline, f"{path} did not appear"
+    time.sleep(0.05)
+
+
+def test_a_second_run_on_a_live_workdir_exits_at_once_naming_the_holder(
+    data_dir, digits_run, tmp_path):
+  workdir, flags = str(tmp_path / "run"), str(tmp_path)
+  first = subprocess.Popen([sys.executable, "-c", _PAUSED_RUN, _SPEC, workdir, "3", "2", flags],
+                           cwd=REPO, env=_env(data_dir), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for(os.path.join(flags, "paused"), first)
+    before = _snapshot(workdir)
+    second = subprocess.run([sys.executable, "-c", _CLI_RUN, _SPEC, workdir], cwd=REPO,
+                            env=_env(data_dir), capture_output=True, text=True, timeout=300)
+    # The first run is still paused: the second did not wait for it.
+    assert first.poll() is None
+    assert second.returncode == 1, second.stderr[-3000:]
+    (line,) = _lines(second.stderr)
+    assert line.startswith(f"Error: {workdir} is in use by another run (pid {first.pid} on "
+                           f"{socket.gethostname()}, started "), line
+    assert _snapshot(workdir) == before  # the second run wrote nothing
+  finally:
+    open(os.path.join(flags, "go"), "w").close()
+    _, first_err = first.communicate(timeout=300)
+  assert first.returncode == 0, first_err[-3000:]
+  # One run's metrics, as if it had been alone: no duplicated or reordered steps.
+  _, straight, _ = digits_run
+  assert train_metrics(workdir) == train_metrics(straight)
+
+
+def test_rerunning_a_finished_run_says_so_and_writes_nothing(digits_run, capfd):
+  config, workdir, summary = digits_run
+  before = _snapshot(workdir)
+  capfd.readouterr()
+  again = train.train_and_evaluate(config, workdir)
+  out, err = capfd.readouterr()
+  assert _lines(out + err) == [
+      f"{os.path.abspath(workdir)} holds a finished run: step 8, eval accuracy "
+      f"{summary['eval_accuracy']:.2%} (loss {summary['eval_loss']:.4f}); nothing to do. "
+      "To train again, use a new --workdir."]
+  assert again == {**summary, "already_finished": True}
+  assert _snapshot(workdir) == before  # metrics.jsonl too, byte for byte
+  assert summary["already_finished"] is False
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130_with_one_line(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = _interrupted_run(data_dir, workdir, step=3, saved=[2], signame="SIGINT")
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert _lines(proc.stderr) == [f"SIGINT: saved a checkpoint at step 3 in "
+                                 f"{checkpoint_lib.checkpoint_dir(workdir)}; exiting."]
+  assert checkpoint_lib.Checkpointer(workdir).all_steps() == [2, 3]
+  assert [r["step"] for r in metrics_lib.read_metrics(workdir)] == [2]
+  assert workdir_lib.read_finished(workdir) is None
+
+
+def test_nan_stop_is_one_line_with_advice_and_closes_the_writer(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = subprocess.run(
+      _train_cmd(workdir, "--config.optim.learning_rate=1e38", "--config.optim.warmup_steps=1",
+                 "--config.checkpoint_every_steps=1"),
+      env=_env(data_dir), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  # One line: no TensorBoard-writer traceback after it (the writer was closed).
+  (line,) = _lines(proc.stderr)
+  assert re.match(r"Error: Non-finite training loss or parameters at step \d+ ", line), line
+  assert ("Gradient clipping is already on (config.optim.grad_clip_norm=1): lower "
+          "config.optim.learning_rate (now 1e+38) in a new --workdir (this one refuses a "
+          "changed config).") in line
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert workdir_lib.read_finished(workdir) is None
+  with workdir_lib.WorkdirLock(workdir):  # released on the way out
+    pass

@@ -1,12 +1,23 @@
-"""attnlab.workdir: the same-run check (the lock and finished-run tests come with them)."""
+"""attnlab.workdir: the same-run check, the lock and the finished marker, without training.
 
+The end-to-end versions (two runs, a finished rerun) are in tests/test_train.py.
+"""
+
+import fcntl
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
 from attnlab import configlib
 from attnlab import workdir as workdir_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(spec="digits_vit.py:sigmoid,quick"):
@@ -42,3 +53,76 @@ def test_check_same_run_allows_run_neutral_fields_and_empty_workdirs(tmp_path):
   with open(tmp_path / "fresh" / "config.json", "w", encoding="utf-8") as f:
     json.dump(configlib.flatten(config), f)
   workdir_lib.check_same_run(_config("digits_vit.py:softmax,quick"), str(tmp_path / "fresh"))
+
+
+# ----------------------------------------------------------------------------
+# The workdir lock
+# ----------------------------------------------------------------------------
+
+# Takes the lock on argv[1], says so, and holds it until killed.
+_HOLDER = r"""
+import sys, time
+from attnlab import workdir
+lock = workdir.WorkdirLock(sys.argv[1])
+lock.acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _hold(path):
+  proc = subprocess.Popen([sys.executable, "-c", _HOLDER, path], cwd=REPO,
+                          stdout=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == "locked"
+  return proc
+
+
+def test_a_held_lock_refuses_at_once_naming_the_holder_and_a_killed_holders_lock_is_taken_over(
+    tmp_path):
+  workdir = str(tmp_path / "run")
+  holder = _hold(workdir)
+  try:
+    start = time.monotonic()
+    with pytest.raises(workdir_lib.WorkdirLockedError) as err:
+      workdir_lib.WorkdirLock(workdir).acquire()
+    assert time.monotonic() - start < 1.0  # no waiting
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{workdir} is in use by another run (pid {holder.pid} on "
+                              f"{socket.gethostname()}, started ")
+    assert message.endswith("; wait for it to end or stop it, or use another --workdir.")
+  finally:
+    holder.kill()
+    holder.wait()
+  assert holder.returncode == -signal.SIGKILL
+  # The killed holder's file is still there, naming it; its lock died with it.
+  with open(os.path.join(workdir, workdir_lib.LOCK_FILE), encoding="utf-8") as f:
+    assert json.load(f)["pid"] == holder.pid
+  with workdir_lib.WorkdirLock(workdir):
+    with open(os.path.join(workdir, workdir_lib.LOCK_FILE), encoding="utf-8") as f:
+      assert json.load(f)["pid"] == os.getpid()
+    # Within one process too: a second holder is refused.
+    with pytest.raises(workdir_lib.WorkdirLockedError, match=f"pid {os.getpid()} on "):
+      workdir_lib.WorkdirLock(workdir).acquire()
+  with workdir_lib.WorkdirLock(workdir):  # released on exit
+    pass
+
+
+def test_a_holder_that_has_not_written_its_name_yet_is_described(tmp_path):
+  workdir = str(tmp_path)
+  fd = os.open(os.path.join(workdir, workdir_lib.LOCK_FILE), os.O_RDWR | os.O_CREAT)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)  # locked, the file still empty
+    with pytest.raises(workdir_lib.WorkdirLockedError, match=r"\(a process that is starting\)"):
+      workdir_lib.WorkdirLock(workdir).acquire()
+  finally:
+    os.close(fd)
+
+
+def test_finished_marker_round_trips_and_config_is_written_whole(tmp_path):
+  assert workdir_lib.read_finished(str(tmp_path)) is None
+  summary = {"step": 8, "eval_loss": 2.25, "eval_accuracy": 0.125, "train_seconds": 1.5}
+  workdir_lib.write_finished(str(tmp_path), summary)
+  assert workdir_lib.read_finished(str(tmp_path)) == summary
+  workdir_lib.write_config(_config(), str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["config.json", "finished.json"]  # no temporary left
