@@ -8,8 +8,8 @@ Overrides that change what is trained name the default workdir:
 `--config.data.train_examples=500` -> runs/digits_vit_sigmoid/train_examples=500.
 
 Expected failures (`EXPECTED_ERRORS`: a bad config or override, a missing
-config file, data set or run, a workdir that is a file or not writable, a
-NaN stop) end with exit status 1 and one line on stderr, `Error: <what,
+config file, data set or run, a workdir that is a file, not writable or in
+use by another run, a NaN stop) end with exit status 1 and one line on stderr, `Error: <what,
 where, the fix>`, not a traceback. The traceback is still there for
 debugging: set the environment variable ATTNLAB_TRACEBACK=1 (or pass
 --verbosity=1, which also shows INFO logs). Any other exception is a bug
@@ -29,6 +29,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from attnlab import configlib
+from attnlab import workdir as workdir_lib
 from attnlab.data import DatasetNotPreparedError
 
 FLAGS = flags.FLAGS
@@ -50,6 +51,7 @@ EXPECTED_ERRORS = (
     NotADirectoryError,  # a workdir below a file
     PermissionError,  # a workdir that cannot be written
     FloatingPointError,  # the NaN stop, naming the step
+    workdir_lib.WorkdirLockedError,  # another live run holds the workdir (named)
 )
 
 
@@ -212,7 +214,13 @@ def error_line(error: BaseException) -> str:
 
 
 def report_training(summary: dict[str, Any]) -> None:
-  """Prints the end-of-training summary."""
+  """Prints the end-of-training summary (for a run that had already finished, nothing more).
+
+  `train_and_evaluate` has said in one line that such a run is finished;
+  repeating its old summary would read as if it had trained again.
+  """
+  if summary.get("already_finished"):
+    return
   print(
       f"\nTest accuracy {summary['eval_accuracy']:.2%} (loss {summary['eval_loss']:.4f}) after "
       f"{summary['step']} steps ({summary['train_seconds']:.0f} s of training).\n"

@@ -22,6 +22,7 @@ from attnlab import cli
 from attnlab import configlib
 from attnlab import data as data_lib
 from attnlab import experiment
+from attnlab import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "configs/digits_vit.py:sigmoid,quick"
@@ -170,6 +171,14 @@ def test_eval_of_the_runs_own_config_still_works(data_dir, trained_run):
   assert "eval_8.json" in _eval_files(trained_run)
 
 
+def test_rerunning_a_finished_run_prints_one_line_and_no_summary(data_dir, trained_run):
+  proc = _run("train.py", data_dir, "--workdir", trained_run)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip() == ""  # no second "Test accuracy ..." block
+  line = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+  assert "holds a finished run: step 8" in line and "nothing to do" in line
+
+
 def test_eval_of_a_missing_workdir_does_not_create_it(data_dir, tmp_path):
   workdir = tmp_path / "never_trained"
   line = _error_line(_run("eval.py", data_dir, "--workdir", str(workdir)))
@@ -234,6 +243,14 @@ def test_unwritable_workdir_is_one_line(data_dir, tmp_path):
   line = _error_line(_run("train.py", data_dir, "--workdir", workdir))
   assert workdir in line and ("Permission denied" in line or "not permitted" in line)
   assert not os.path.exists(workdir)
+
+
+def test_workdir_in_use_is_one_line(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  with workdir_lib.WorkdirLock(str(workdir)):  # this process stands in for a live run
+    line = _error_line(_run("train.py", data_dir, "--workdir", str(workdir)))
+  assert f"Error: {workdir} is in use by another run (pid {os.getpid()} " in line
+  assert os.listdir(workdir) == [workdir_lib.LOCK_FILE]  # no config.json, no checkpoints/
 
 
 def test_traceback_on_request(data_dir, tmp_path):
