@@ -27,8 +27,7 @@ sequences; chance is 1/32, guessing among the 4 values in context 1/4):
              2      46.1%       54.2%       54.3%
 
 Sigmoid solved the task with all 3 seeds by step 1,000; softmax with 1 of 3
-(the other two stay on the ~54% plateau: they locate the keys' values but not
-which one). Three seeds show the effect, not its rate: a claim needs the
+(the other two stay on a ~54% plateau to the end). Three seeds show the effect, not its rate: a claim needs the
 seed/subset study. About 2-4 minutes per run on 2 CPU cores, incl. compilation.
 """
 
