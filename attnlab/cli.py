@@ -9,7 +9,8 @@ Overrides that change what is trained name the default workdir:
 
 Expected failures (`EXPECTED_ERRORS`: a bad config or override, a missing
 config file, data set or run, a workdir that is a file, not writable or in
-use by another run, a NaN stop) end with exit status 1 and one line on stderr, `Error: <what,
+use by another run, a checkpoint that cannot be written or restored, a NaN
+stop) end with exit status 1 and one line on stderr, `Error: <what,
 where, the fix>`, not a traceback. The traceback is still there for
 debugging: set the environment variable ATTNLAB_TRACEBACK=1 (or pass
 --verbosity=1, which also shows INFO logs). Any other exception is a bug
@@ -28,6 +29,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from attnlab import checkpoint as checkpoint_lib
 from attnlab import configlib
 from attnlab import workdir as workdir_lib
 from attnlab.data import DatasetNotPreparedError
@@ -52,6 +54,7 @@ EXPECTED_ERRORS = (
     PermissionError,  # a workdir that cannot be written
     FloatingPointError,  # the NaN stop, naming the step
     workdir_lib.WorkdirLockedError,  # another live run holds the workdir (named)
+    checkpoint_lib.CheckpointError,  # a failed write, a damaged checkpoint (its directory)
 )
 
 

@@ -11,6 +11,7 @@ error keeps its traceback.
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ import pytest
 from absl import flags
 from absl import logging
 
+from attnlab import checkpoint as checkpoint_lib
 from attnlab import cli
 from attnlab import configlib
 from attnlab import data as data_lib
@@ -179,6 +181,19 @@ def test_rerunning_a_finished_run_prints_one_line_and_no_summary(data_dir, train
   assert "holds a finished run: step 8" in line and "nothing to do" in line
 
 
+def test_eval_of_a_damaged_checkpoint_is_one_line(data_dir, trained_run, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(trained_run, workdir)
+  step_dir = os.path.join(workdir, "checkpoints", "8")
+  files = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(step_dir, "state"))
+           for n in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+  line = _error_line(_run("eval.py", data_dir, "--workdir", workdir, "--step=8"))
+  assert f"{step_dir} is damaged" in line
+
+
 def test_eval_of_a_missing_workdir_does_not_create_it(data_dir, tmp_path):
   workdir = tmp_path / "never_trained"
   line = _error_line(_run("eval.py", data_dir, "--workdir", str(workdir)))
@@ -285,6 +300,9 @@ def _flag_values(*args):
     FileNotFoundError("No run in runs/x"),
     PermissionError(13, "Permission denied", "/ro/run"),
     FloatingPointError("Loss is NaN at step 3."),
+    workdir_lib.WorkdirLockedError("runs/x is in use by another run (pid 1)."),
+    checkpoint_lib.CheckpointWriteError("Cannot write a checkpoint in runs/x/checkpoints."),
+    checkpoint_lib.CheckpointDamagedError("runs/x/checkpoints/8 is damaged."),
 ])
 def test_run_main_turns_expected_failures_into_one_line(tmp_path, monkeypatch, absl_verbosity,
                                                         error):
