@@ -143,6 +143,7 @@ def _train(exp: experiment.Experiment, workdir: str, on_step: OnStep | None) -> 
           must_save = ckpt.should_save(step) or step == exp.num_steps
           if step % trainer.log_every_steps == 0 or must_save or step == start + 1:
             log.sync(step)  # the only host sync: every pending step is checked before a checkpoint
+            ckpt.check()  # a save that failed in the background stops the run here, not a save later
           if (trainer.eval_every_steps and step % trainer.eval_every_steps == 0
               and step != exp.num_steps):
             writer.write(step, "eval", _prefixed(evaluate(state.params)))
