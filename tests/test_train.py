@@ -583,8 +583,12 @@ def test_nan_stop_is_one_line_with_advice_and_closes_the_writer(data_dir, tmp_pa
                  "--config.checkpoint_every_steps=1"),
       env=_env(data_dir), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1, proc.stderr[-3000:]
-  # One line: no TensorBoard-writer traceback after it (the writer was closed).
-  (line,) = _lines(proc.stderr)
+  # One error line, last, with no traceback (e.g. the TensorBoard writer's) after it: the
+  # writer was closed. Lines before it may be the data set's first-use preparation notes.
+  lines = _lines(proc.stderr)
+  line = lines[-1]
+  assert [l for l in lines if l.startswith("Error:")] == [line], lines
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert re.match(r"Error: Non-finite training loss or parameters at step \d+ ", line), line
   assert ("Gradient clipping is already on (config.optim.grad_clip_norm=1): lower "
           "config.optim.learning_rate (now 1e+38) in a new --workdir (this one refuses a "
