@@ -8,11 +8,12 @@ checkpoint cadence, resuming, preemption and Ctrl-C, the NaN guard.
 `train_and_evaluate` reads top to bottom:
 
   1. Config -> `experiment.Experiment`. The data opens first, so a missing
-     data set fails in seconds with the command that prepares it. Then the
-     workdir: one whose checkpoints are of another config is refused, a
-     finished one is reported and left untouched, and one in use by another
-     live run is refused; otherwise this run holds its lock until it ends.
-  2. Model functions, the state's shapes (`jax.eval_shape`) and shardings.
+     data set fails in seconds with the command that prepares it.
+  2. Model functions, the state's shapes (`jax.eval_shape`) and shardings,
+     still before anything is written. Then the workdir: one whose
+     checkpoints are of another config is refused, a finished one is
+     reported and left untouched, and one in use by another live run is
+     refused; otherwise this run holds its lock until it ends.
   3. Checkpoints: resume from the workdir if it has one, else a fresh state
      created directly with its shardings.
   4. The train step, a pure function (state, batch) -> (state, metrics),
@@ -84,8 +85,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       preemption sync point); a checkpoint of the last step was written first.
     SystemExit(130): Ctrl-C (SIGINT), handled as SIGTERM.
   """
-  # 1. Config -> typed experiment (the data opens first: fail fast), then the workdir.
+  # 1. Config -> typed experiment (the data opens first: fail fast).
+  # 2. Model functions, state shapes and shardings (a batch the devices cannot split fails
+  # here, before any file is written); then the workdir.
   exp = experiment.load(config)
+  fns = exp.fns()
+  abstract_state = experiment.abstract_state(fns, exp.trainer.seed)
+  shard = experiment.Shardings.data_parallel(abstract_state, exp.trainer.batch_size)
   # Read-only first, so that rerunning a finished run writes nothing, not even the lock.
   if (finished := _finished_run(config, workdir)) is not None:
     return finished
@@ -94,17 +100,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if (finished := _finished_run(config, workdir)) is not None:
       return finished
     workdir_lib.write_config(config, workdir)
-    return _train(exp, workdir, on_step)
+    return _train(exp, fns, abstract_state, shard, workdir, on_step)
 
 
-def _train(exp: experiment.Experiment, workdir: str, on_step: OnStep | None) -> dict[str, Any]:
-  """Sections 2-6 of `train_and_evaluate`, in a workdir this process holds."""
+def _train(exp: experiment.Experiment, fns: experiment.ModelFns, abstract_state: Any,
+           shard: experiment.Shardings, workdir: str, on_step: OnStep | None) -> dict[str, Any]:
+  """Sections 3-6 of `train_and_evaluate`, in a workdir this process holds."""
   trainer = exp.trainer
-
-  # 2. Model functions, state shapes, shardings.
-  fns = exp.fns()
-  abstract_state = experiment.abstract_state(fns, trainer.seed)
-  shard = experiment.Shardings.data_parallel(abstract_state, trainer.batch_size)
 
   # 3. Checkpoints: resume or start.
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=trainer.keep_checkpoints,
