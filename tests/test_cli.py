@@ -80,6 +80,16 @@ def test_invalid_trainer_value_is_refused_before_the_workdir_exists(data_dir, tm
   assert not workdir.exists()  # no config.json, no checkpoints/
 
 
+def test_batch_the_devices_cannot_split_is_refused_before_the_workdir_exists(data_dir,
+                                                                             tmp_path):
+  # Three fake CPU devices cannot split the quick config's batch of 32.
+  workdir = tmp_path / "run"
+  line = _error_line(_run("train.py", data_dir, "--workdir", str(workdir),
+                          XLA_FLAGS="--xla_force_host_platform_device_count=3"))
+  assert "config.batch_size=32" in line and "3 devices" in line, line
+  assert not workdir.exists()
+
+
 @pytest.mark.parametrize("override, source", [
     ("--config.data.train_examples=10", "config.data.train_examples=10"),
     ("--config.data.train_split=train[:20]", "config.data.train_split='train[:20]' of 'digits'"),
