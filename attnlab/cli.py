@@ -189,6 +189,7 @@ def run_main(argv: list[str], fn: Callable[[Any, str], None],
   Raises:
     SystemExit(1): an `EXPECTED_ERRORS` failure, its message on one line
       (unless a traceback is asked for: see `traceback_wanted`).
+    SystemExit(130): Ctrl-C outside the training loop, after one line.
   """
   if len(argv) > 1:
     sys.exit(f"Error: unexpected arguments {argv[1:]}; flags take the form --name=value.")
@@ -200,6 +201,14 @@ def run_main(argv: list[str], fn: Callable[[Any, str], None],
     if traceback_wanted():
       raise
     sys.exit(error_line(e))
+  except KeyboardInterrupt:
+    # The training loop saves and exits 130 on Ctrl-C itself; this is Ctrl-C during set-up or
+    # the final evaluation, where there is nothing new to save.
+    if traceback_wanted():
+      raise
+    print("Interrupted (Ctrl-C) outside the training loop; checkpoints already written are "
+          "kept.", file=sys.stderr)
+    sys.exit(130)
 
 
 def traceback_wanted() -> bool:

@@ -336,3 +336,17 @@ def test_run_main_keeps_the_traceback_of_unexpected_errors(tmp_path, absl_verbos
 
   with pytest.raises(type(error)):
     cli.run_main(["train.py"], fail, _flag_values("--workdir", str(tmp_path)))
+
+
+def test_ctrl_c_outside_the_loop_is_one_line_and_exit_130(tmp_path, monkeypatch, absl_verbosity,
+                                                          capsys):
+  monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+
+  def interrupted(config, workdir):  # e.g. Ctrl-C while the data set is being prepared
+    raise KeyboardInterrupt
+
+  with pytest.raises(SystemExit) as exit_:
+    cli.run_main(["train.py"], interrupted, _flag_values("--workdir", str(tmp_path)))
+  assert exit_.value.code == 130
+  (line,) = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert line.startswith("Interrupted (Ctrl-C) outside the training loop")
