@@ -1,0 +1,289 @@
+"""Study analysis: t-intervals, paired differences, power-law fits, samples-to-target, report files.
+
+Expected values are computed by hand (in the comments) or come from synthetic curves with a
+known exponent and floor; bootstrap counts are small so the module runs in seconds.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from attnlab.studies import analysis
+from attnlab.studies.analysis import CellResult
+
+SIZES = (100, 300, 1000, 3000, 10000, 30000, 100000)
+
+
+def synthetic_cells(kind, a, b, c, *, seeds=5, noise=0.02, rng_seed=0, sizes=SIZES):
+  """Cells whose error is a * n^-b + c times (1 + noise * N(0, 1)), one per (n, seed)."""
+  rng = np.random.default_rng(rng_seed)
+  cells = []
+  for n in sizes:
+    for s in range(seeds):
+      err = (a * n ** -b + c) * (1 + noise * rng.standard_normal())
+      cells.append(CellResult(kind=kind, n=n, seed=s, test_error=float(err), test_loss=float(2 * err)))
+  return cells
+
+
+def cell(kind, n, seed, error, loss=None):
+  return CellResult(kind=kind, n=n, seed=seed, test_error=error,
+                    test_loss=2 * error if loss is None else loss)
+
+
+# --------------------------------------------------------------------------- t-intervals
+
+
+def test_t_interval_matches_a_hand_computation():
+  # mean 0.2; s = 0.1; se = 0.1 / sqrt(3) = 0.0577350; t(0.975, 2) = 4.3026527 -> half 0.2484138.
+  iv = analysis.t_interval([0.1, 0.2, 0.3])
+  assert iv.count == 3
+  assert iv.mean == pytest.approx(0.2)
+  assert iv.low == pytest.approx(0.2 - 0.2484138, abs=1e-6)
+  assert iv.high == pytest.approx(0.2 + 0.2484138, abs=1e-6)
+
+
+def test_t_interval_of_one_seed_has_no_width():
+  iv = analysis.t_interval([0.4])
+  assert iv.mean == 0.4 and iv.count == 1
+  assert math.isnan(iv.low) and math.isnan(iv.high)
+
+
+def test_summarize_per_kind_and_n_counts_failed_cells_apart():
+  cells = [cell("softmax", 100, 0, 0.1), cell("softmax", 100, 1, 0.2), cell("softmax", 100, 2, 0.3),
+           cell("softmax", 100, 3, math.nan), cell("sigmoid", 100, 0, 0.5), cell("sigmoid", 200, 0, 0.4)]
+  rows = analysis.summarize(cells)
+  assert [(r.kind, r.n, r.seeds, r.failed) for r in rows] == [
+      ("sigmoid", 100, 1, 0), ("sigmoid", 200, 1, 0), ("softmax", 100, 3, 1)]
+  softmax = rows[2]
+  # The NaN cell is left out: the interval is the hand-computed one of [0.1, 0.2, 0.3].
+  assert softmax.error.mean == pytest.approx(0.2)
+  assert softmax.error.high == pytest.approx(0.2 + 0.2484138, abs=1e-6)
+  assert softmax.loss.mean == pytest.approx(0.4)
+
+
+def test_duplicate_cells_are_refused():
+  with pytest.raises(ValueError, match=r"appears twice"):
+    analysis.summarize([cell("softmax", 100, 0, 0.1), cell("softmax", 100, 0, 0.2)])
+
+
+# --------------------------------------------------------------------------- paired differences
+
+
+def test_paired_difference_uses_only_seeds_both_kinds_finished():
+  cells = [
+      # sigmoid has seeds 0-3; softmax has 1-4 and seed 3 failed: only seeds 1 and 2 pair.
+      cell("sigmoid", 100, 0, 0.90), cell("sigmoid", 100, 1, 0.30), cell("sigmoid", 100, 2, 0.20),
+      cell("sigmoid", 100, 3, 0.10),
+      cell("softmax", 100, 1, 0.40), cell("softmax", 100, 2, 0.35), cell("softmax", 100, 3, math.nan),
+      cell("softmax", 100, 4, 0.00),
+  ]
+  (row,) = analysis.paired_differences(cells)
+  assert (row.n, row.kind_a, row.kind_b, row.pairs) == (100, "sigmoid", "softmax", 2)
+  # Differences -0.10, -0.15: mean -0.125, s = 0.0353553, se = 0.025, t(0.975, 1) = 12.7062047.
+  assert row.error.mean == pytest.approx(-0.125)
+  assert row.error.half_width == pytest.approx(12.7062047 * 0.025, rel=1e-6)
+  assert row.loss.mean == pytest.approx(-0.25)
+
+
+def test_paired_difference_direction_is_configurable_and_kinds_are_checked():
+  cells = [cell("sigmoid", 100, 0, 0.3), cell("softmax", 100, 0, 0.4)]
+  (row,) = analysis.paired_differences(cells, kinds=("softmax", "sigmoid"))
+  assert row.error.mean == pytest.approx(0.1)
+  with pytest.raises(ValueError, match=r"kinds present: \['sigmoid', 'softmax'\]"):
+    analysis.paired_differences(cells, kinds=("relu", "softmax"))
+
+
+def test_unpaired_size_has_no_pairs():
+  cells = [cell("sigmoid", 100, 0, 0.3), cell("softmax", 100, 1, 0.4)]
+  (row,) = analysis.paired_differences(cells)
+  assert row.pairs == 0 and math.isnan(row.error.mean)
+
+
+# --------------------------------------------------------------------------- power-law fit
+
+
+def fit_cells(cells, **kwargs):
+  return analysis.fit_power_law([c.n for c in cells], [c.test_error for c in cells], **kwargs)
+
+
+def test_fit_recovers_exponent_and_floor():
+  fit = fit_cells(synthetic_cells("softmax", a=2.0, b=0.5, c=0.05), floor="auto", n_boot=100)
+  assert fit.floor, fit.criterion
+  assert "kept" in fit.criterion
+  # Tolerances for 2% noise over 5 seeds and 7 sizes spanning three decades.
+  assert fit.b == pytest.approx(0.5, abs=0.05)
+  assert fit.c == pytest.approx(0.05, abs=0.005)
+  assert fit.a == pytest.approx(2.0, rel=0.3)
+  assert fit.boot_ok == 100
+  for value, (low, high) in ((fit.b, fit.b_ci), (fit.c, fit.c_ci), (fit.a, fit.a_ci)):
+    assert low < value < high
+
+
+def test_auto_drops_the_floor_when_there_is_none():
+  cells = synthetic_cells("softmax", a=2.0, b=0.5, c=0.0, rng_seed=0)
+  fit = fit_cells(cells, floor="auto", n_boot=50)
+  assert not fit.floor, fit.criterion
+  assert "dropped" in fit.criterion
+  assert fit.c == 0.0 and fit.c_ci == (0.0, 0.0)
+  assert fit.b == pytest.approx(0.5, abs=0.02)
+  assert fit.b_ci[0] < 0.5 < fit.b_ci[1]
+  # Without the F-test: floor=False on data with a floor is biased towards a smaller exponent.
+  forced = fit_cells(synthetic_cells("softmax", a=2.0, b=0.5, c=0.05), floor=False, n_boot=0)
+  assert forced.b < 0.4
+
+
+def test_auto_floor_false_positive_rate_is_small():
+  # The F-test at 5% on a boundary parameter (c >= 0) keeps a spurious floor about 2.5% of
+  # the time (measured: 5 of 200 datasets); 40 datasets should see 0-3, not a habit.
+  kept = sum(fit_cells(synthetic_cells("softmax", a=2.0, b=0.5, c=0.0, rng_seed=r), n_boot=0).floor
+             for r in range(40))
+  assert kept <= 3
+
+
+def test_fit_bootstrap_is_seeded():
+  cells = synthetic_cells("softmax", a=2.0, b=0.5, c=0.05)
+  first, again = (fit_cells(cells, floor=True, n_boot=30, seed=3) for _ in range(2))
+  other = fit_cells(cells, floor=True, n_boot=30, seed=4)
+  assert first == again
+  assert first.b_ci != other.b_ci
+
+
+def test_fit_refuses_what_it_cannot_fit():
+  with pytest.raises(analysis.FitError, match=r">= 3 distinct sizes"):
+    analysis.fit_power_law([100, 100, 1000], [0.3, 0.3, 0.1], floor=True, n_boot=0)
+  with pytest.raises(analysis.FitError, match=r"mean error is 0 at n=\[1000\]"):
+    analysis.fit_power_law([100, 1000], [0.3, 0.0], floor=False, n_boot=0)
+  with pytest.raises(ValueError, match=r"floor must be True, False or 'auto'"):
+    analysis.fit_power_law([100, 1000], [0.3, 0.1], floor="yes")
+
+
+# --------------------------------------------------------------------------- samples to target
+
+N3 = [100, 1000, 10000]
+
+
+def test_samples_to_target_interpolates_linearly_in_log_n():
+  # 0.2 lies halfway between 0.3 (n=1000) and 0.1 (n=10000): log10 n = 3.5, n = 3162.28.
+  s = analysis.samples_to_target(N3, [0.5, 0.3, 0.1], 0.2)
+  assert s.status == "interpolated"
+  assert s.value == pytest.approx(10 ** 3.5)
+  # Unsorted input is the same curve.
+  assert analysis.samples_to_target(N3[::-1], [0.1, 0.3, 0.5], 0.2) == s
+  # A non-monotone curve: the first crossing counts. (0.5 - 0.2) / (0.5 - 0.15) = 6/7 of a
+  # decade above 100: n = 100 * 10^(6/7) = 719.69.
+  s = analysis.samples_to_target([100, 1000, 3000, 10000], [0.5, 0.15, 0.3, 0.1], 0.2)
+  assert s.value == pytest.approx(100 * 10 ** (6 / 7))
+
+
+def test_samples_to_target_not_reached_and_at_most():
+  s = analysis.samples_to_target(N3, [0.5, 0.3, 0.1], 0.05)
+  assert (s.value, s.status, str(s)) == (None, "not_reached", "not reached")
+  s = analysis.samples_to_target(N3, [0.5, 0.3, 0.1], 0.6)
+  assert (s.value, s.status, str(s)) == (100.0, "at_most", "<= 100")
+  # Reaching the target exactly at a grid size is that size.
+  assert analysis.samples_to_target(N3, [0.5, 0.3, 0.1], 0.3).value == pytest.approx(1000)
+
+
+def ratio_cells(seed_spread=0.0):
+  """softmax mean curve [0.5, 0.3, 0.1], sigmoid [0.4, 0.2, 0.05] over N3, two paired seeds."""
+  cells = []
+  for kind, curve in (("softmax", [0.5, 0.3, 0.1]), ("sigmoid", [0.4, 0.2, 0.05])):
+    for n, e in zip(N3, curve):
+      spread = 0.0 if e <= 0.1 else seed_spread  # keep the last point's mean exact and positive
+      cells += [cell(kind, n, 0, e + spread), cell(kind, n, 1, e - spread)]
+  return cells
+
+
+def test_samples_ratio_on_hand_made_numbers():
+  # softmax reaches 0.2 at 10^3.5 (halfway between 0.3 and 0.1), sigmoid at 1000 exactly:
+  # ratio 10^0.5 = 3.1623. Identical seeds: every bootstrap draw gives the same ratio.
+  r = analysis.samples_ratio(ratio_cells(), 0.2, n_boot=20)
+  assert (r.kinds, r.pairs, r.bound) == (("softmax", "sigmoid"), 2, "=")
+  assert r.value == pytest.approx(10 ** 0.5)
+  assert r.ci == pytest.approx((10 ** 0.5, 10 ** 0.5))
+  assert r.boot_ok == 20
+  assert str(r).startswith("3.16 [3.16, 3.16]")
+
+
+def test_samples_ratio_bootstrap_interval_brackets_the_estimate_and_is_seeded():
+  cells = ratio_cells(seed_spread=0.05)
+  r = analysis.samples_ratio(cells, 0.2, n_boot=40, seed=1)
+  assert r.value == pytest.approx(10 ** 0.5)  # the means are the curves above
+  assert r.ci[0] <= r.value <= r.ci[1] and r.ci[0] < r.ci[1]
+  assert analysis.samples_ratio(cells, 0.2, n_boot=40, seed=1) == r
+
+
+def test_samples_ratio_not_reached_is_said_plainly():
+  # softmax never gets to 0.08 (its best is 0.1): no number, the reason instead.
+  r = analysis.samples_ratio(ratio_cells(), 0.08, n_boot=10)
+  assert r.value is None and r.ci is None
+  assert r.numerator.status == "not_reached"
+  assert str(r) == "not reached by softmax"
+  r = analysis.samples_ratio(ratio_cells(), 0.01, n_boot=10)
+  assert str(r) == "not reached by softmax and sigmoid"
+
+
+def test_samples_ratio_at_most_gives_a_bound():
+  # sigmoid is already at 0.4 <= 0.45 at n=100 (<= 100); softmax crosses 0.45 a quarter of a
+  # decade above 100: 10^2.25 = 177.83. The ratio is therefore at least 1.7783.
+  r = analysis.samples_ratio(ratio_cells(), 0.45, n_boot=10)
+  assert r.denominator.status == "at_most"
+  assert r.bound == ">="
+  assert r.value == pytest.approx(10 ** 0.25)
+  assert str(r).startswith(">= 1.78")
+
+
+# --------------------------------------------------------------------------- report files
+
+
+def test_write_report_writes_every_file_and_the_key_numbers(tmp_path):
+  cells = (synthetic_cells("softmax", a=2.0, b=0.4, c=0.05, seeds=3, rng_seed=2)
+           + synthetic_cells("sigmoid", a=2.0, b=0.5, c=0.05, seeds=3, rng_seed=3))
+  cells.append(CellResult("sigmoid", 100, 7, math.nan, math.nan, best_step=0, steps=10,
+                          wall_seconds=1.5, budget="steps=10"))
+  paths = analysis.write_report(cells, str(tmp_path / "report"), target=0.1, n_boot=20)
+  assert set(paths) == {"json", "csv", "report", "error_plot", "difference_plot"}
+
+  loaded = analysis.load_cells(paths["json"])
+  assert loaded[:-1] == cells[:-1]
+  assert loaded[-1].budget == "steps=10" and math.isnan(loaded[-1].test_error)
+  with open(paths["json"]) as f:
+    text = f.read()
+  assert "NaN" not in text  # strict JSON: the failed cell's metrics are null
+  assert len(json.loads(text)["cells"]) == len(cells)
+  with open(paths["csv"]) as f:
+    lines = f.read().splitlines()
+  assert lines[0].startswith("kind,n,seed,test_error,test_loss") and len(lines) == len(cells) + 1
+
+  text = open(paths["report"], encoding="utf-8").read()
+  rows = analysis.summarize(cells)
+  assert f"| sigmoid | 100 | 3 | 1 | {rows[0].error.mean:.4g} ±" in text
+  fit = analysis.fit_power_law([c.n for c in cells if c.kind == "sigmoid"],
+                               [c.test_error for c in cells if c.kind == "sigmoid"], n_boot=20)
+  assert f"{fit.b:.4g} [{fit.b_ci[0]:.4g}, {fit.b_ci[1]:.4g}]" in text
+  ratio = analysis.samples_ratio(cells, 0.1, n_boot=20)
+  assert f"**{ratio}**" in text
+  for diff in analysis.paired_differences(cells):
+    assert f"| {diff.n} | 3 | {diff.error.mean:.4g} ±" in text
+
+  for key in ("error_plot", "difference_plot"):
+    with open(paths[key], "rb") as f:
+      data = f.read()
+    assert data.startswith(b"\x89PNG") and len(data) > 1000
+
+
+def test_write_report_says_not_reached(tmp_path):
+  paths = analysis.write_report(ratio_cells(), str(tmp_path), target=0.08, n_boot=5)
+  text = open(paths["report"], encoding="utf-8").read()
+  assert "| softmax | not reached |" in text
+  assert "**not reached by softmax**" in text
+
+
+def test_load_cells_names_unknown_fields(tmp_path):
+  path = tmp_path / "results.json"
+  path.write_text(json.dumps({"cells": [{"kind": "softmax", "n": 1, "seed": 0, "test_error": 0.1,
+                                         "test_loss": 0.2, "accuracy": 0.9}]}))
+  with pytest.raises(ValueError, match=r"unknown fields \['accuracy'\]"):
+    analysis.load_cells(str(path))
