@@ -223,6 +223,13 @@ def test_samples_ratio_not_reached_is_said_plainly():
   assert str(r) == "not reached by softmax"
   r = analysis.samples_ratio(ratio_cells(), 0.01, n_boot=10)
   assert str(r) == "not reached by softmax and sigmoid"
+  # Seeds that differ: a resample could reach 0.2 by chance, yet the mean curve does not.
+  spread = [cell(k, n, s, e + (0.15 if s == 0 and k == "softmax" and n == 10000 else 0.0))
+            for k, curve in (("softmax", [0.5, 0.3, 0.2]), ("sigmoid", [0.4, 0.2, 0.05]))
+            for n, e in zip(N3, curve) for s in (0, 1)]
+  r = analysis.samples_ratio(spread, 0.2, n_boot=50)  # softmax mean at 10000: 0.275
+  assert r.value is None and r.ci is None and r.boot_ok == 0
+  assert str(r) == "not reached by softmax"
 
 
 def test_samples_ratio_at_most_gives_a_bound():

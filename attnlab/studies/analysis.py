@@ -547,7 +547,8 @@ def samples_ratio(cells: Sequence[CellResult], target: float,
   value, bound, note = _ratio(num, den, kinds)
   rng = np.random.default_rng(seed)
   boot = []
-  for _ in range(n_boot):
+  # No interval around a ratio that does not exist: resamples could only invent one.
+  for _ in range(n_boot if value is not None else 0):
     r, _, _ = _ratio(*crossings(rng.choice(seeds, size=len(seeds), replace=True)), kinds)
     if r is not None:
       boot.append(r)
