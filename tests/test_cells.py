@@ -202,3 +202,9 @@ def test_a_diverging_cell_is_frozen_and_recorded_and_the_others_finish(group, ba
   losses, test = train_alone(group.experiments[bad_cell], bad_step - 1)
   assert_matches_alone(result, losses, test)
   assert np.isfinite(result.test_loss)
+  # For the study's analysis the diverged cell is a failure (NaN), the others are results.
+  assert np.isnan(result.result().test_error) and np.isnan(result.result().test_loss)
+  kept = poisoned[0].result()
+  assert (kept.kind, kept.n, kept.seed, kept.steps) == (
+      group.cells[0].kind, group.cells[0].n, group.cells[0].seed, 8)
+  assert kept.test_error == poisoned[0].test_error

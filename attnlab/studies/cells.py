@@ -33,6 +33,7 @@ from attnlab import configlib
 from attnlab import data as data_lib
 from attnlab import experiment
 from attnlab import metrics as metrics_lib
+from attnlab.studies import analysis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Cell:
 
 
 @dataclasses.dataclass(frozen=True)
-class CellResult:
+class TrainedCell:
   """What one cell of a trained group gives.
 
   Attributes:
@@ -82,6 +83,21 @@ class CellResult:
 
   def __post_init__(self):
     object.__setattr__(self, "test_error", 1.0 - self.test_accuracy)
+
+  def result(self) -> analysis.CellResult:
+    """This cell as the study's analysis reads it (one result type for every study).
+
+    A diverged cell counts as failed (NaN metrics: the analysis counts it but
+    never averages it), not as its last finite parameters' scores.
+    """
+    if self.cell.n is None:
+      raise ValueError(f"{self.cell}: a study cell needs its training-set size n; set "
+                       "train_examples instead of training on the whole split.")
+    failed = self.diverged_at is not None
+    return analysis.CellResult(
+        kind=self.cell.kind, n=self.cell.n, seed=self.cell.seed,
+        test_error=float("nan") if failed else self.test_error,
+        test_loss=float("nan") if failed else self.test_loss, steps=self.steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,14 +209,14 @@ def _check_same_eval_split(cells: Sequence[Cell], exps: Sequence[experiment.Expe
 # ----------------------------------------------------------------------------
 
 
-def train_group(base_config: ml_collections.ConfigDict, cells: Sequence[Cell]) -> list[CellResult]:
+def train_group(base_config: ml_collections.ConfigDict, cells: Sequence[Cell]) -> list[TrainedCell]:
   """`train(build_group(base_config, cells))`; the wall time includes the build."""
   start = time.perf_counter()
   return train(build_group(base_config, cells), start_time=start)
 
 
 def train(group: Group, *, batches: grain.MapDataset | None = None,
-          start_time: float | None = None) -> list[CellResult]:
+          start_time: float | None = None) -> list[TrainedCell]:
   """Trains the group's cells together, then evaluates each on the evaluation split.
 
   Args:
@@ -282,10 +298,10 @@ def _evaluate(group: Group, params_C) -> list[dict[str, float]]:
 
 
 def _cell_result(group: Group, c: int, loss_S: np.ndarray, applied_S: np.ndarray,
-                 test: dict[str, float], seconds: float) -> CellResult:
+                 test: dict[str, float], seconds: float) -> TrainedCell:
   # `applied` only turns False, never back: the mask carries over steps.
   steps = int(applied_S.sum())
-  return CellResult(
+  return TrainedCell(
       cell=group.cells[c], num_steps=group.num_steps, steps=steps,
       diverged_at=None if steps == group.num_steps else steps + 1,
       train_loss=float(loss_S[steps - 1]) if steps else float("nan"),
