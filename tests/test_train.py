@@ -489,18 +489,6 @@ def on_step(step, state):
 train.train_and_evaluate(configlib.load(spec), workdir, on_step=on_step)
 """
 
-# What train.py's cli.run_main does with an expected failure: one "Error: ..." line.
-# TODO(cli): run train.py itself once cli.run_main prints WorkdirLockedError so.
-_CLI_RUN = r"""
-import sys
-from attnlab import configlib, train, workdir
-
-try:
-  train.train_and_evaluate(configlib.load(sys.argv[1]), sys.argv[2])
-except (workdir.WorkdirLockedError, configlib.ConfigError, FloatingPointError) as e:
-  sys.exit(f"Error: {e}")
-"""
-
 _SPEC = "configs/digits_vit.py:sigmoid,quick"
 
 
@@ -532,8 +520,8 @@ def test_a_second_run_on_a_live_workdir_exits_at_once_naming_the_holder(
   try:
     _wait_for(os.path.join(flags, "paused"), first)
     before = _snapshot(workdir)
-    second = subprocess.run([sys.executable, "-c", _CLI_RUN, _SPEC, workdir], cwd=REPO,
-                            env=_env(data_dir), capture_output=True, text=True, timeout=300)
+    second = subprocess.run(_train_cmd(workdir), cwd=REPO, env=_env(data_dir),
+                            capture_output=True, text=True, timeout=300)
     # The first run is still paused: the second did not wait for it.
     assert first.poll() is None
     assert second.returncode == 1, second.stderr[-3000:]
