@@ -359,9 +359,12 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def training_differences(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict
-                         ) -> dict[str, Any]:
-  """The fields of `config` that differ from `base` and change what is trained, by path."""
+def training_differences(config: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+  """The fields of `config` that differ from `base` and change what is trained, by path.
+
+  Either may be a ConfigDict, a nested dict (e.g. a saved config.json) or an
+  already `flatten`ed dict. The values are `config`'s.
+  """
   ours, theirs = flatten(config), flatten(base)
   return {path: ours.get(path) for path in sorted(ours.keys() | theirs.keys())
           if ours.get(path) != theirs.get(path) and path not in RUN_NEUTRAL_FIELDS}

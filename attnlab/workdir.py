@@ -45,8 +45,7 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if saved is None or not checkpoint_lib.Checkpointer.exists(workdir):
     return
   current = _flat_json(config)
-  differ = sorted(k for k in saved.keys() | current.keys()
-                  if saved.get(k) != current.get(k) and k not in configlib.RUN_NEUTRAL_FIELDS)
+  differ = sorted(configlib.training_differences(current, saved))
   if differ:
     raise configlib.ConfigError(
         f"{workdir} holds checkpoints of a run with another config (fields {differ} differ: "
