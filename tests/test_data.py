@@ -130,6 +130,151 @@ def test_eval_batches_cover_the_split_once_with_zero_weight_padding(digits_sets)
   assert weights.sum() == 297 and np.all(weights[297:] == 0)
 
 
+# ----------------------------------------------------------------------------
+# Validation split, in-memory arrays, study training order
+# ----------------------------------------------------------------------------
+
+
+def _digits(data_dir, seed=0, **fields):
+  return data.load(data.DataConfig(name="digits", data_dir=data_dir, **fields), seed=seed)
+
+
+def _ids(dataset):
+  """Each formatted digits example as bytes, so sets of examples can be compared."""
+  return [dataset[i]["inputs"].tobytes() + dataset[i]["targets"].tobytes()
+          for i in range(len(dataset))]
+
+
+def test_subsets_without_validation_are_the_permutation_prefix(data_dir, digits_sets):
+  sets = _digits(data_dir, train_examples=40, subset_seed=5)
+  chosen = np.random.default_rng(5).permutation(1500)[:40]
+  assert _ids(sets.train) == [_ids(digits_sets.train[int(i):int(i) + 1])[0] for i in chosen]
+  assert sets.validation is None and sets.spec.num_validation_examples == 0
+  assert _digits(data_dir).validation is None
+
+
+def test_validation_split_is_the_permutation_suffix_and_leaves_subsets_unchanged(data_dir,
+                                                                                  digits_sets):
+  plain = _digits(data_dir, train_examples=40, subset_seed=5)
+  sets = _digits(data_dir, train_examples=40, subset_seed=5, validation_examples=30)
+  assert _ids(sets.train) == _ids(plain.train)  # bitwise the same subset, same order
+  suffix = np.random.default_rng(5).permutation(1500)[-30:]
+  assert _ids(sets.validation) == [_ids(digits_sets.train[int(i):int(i) + 1])[0] for i in suffix]
+  assert sets.spec.num_validation_examples == 30 and sets.spec.num_train_examples == 40
+  example = sets.validation[0]  # formatted like the other splits
+  assert example["inputs"].dtype == np.float32 and example["inputs"].shape == (8, 8, 1)
+
+
+def test_validation_split_is_fixed_and_disjoint_from_nested_subsets(data_dir):
+  # The 1500 digits training images are distinct, so examples compare by content.
+  validation, subsets = None, []
+  for n, seed in [(10, 0), (100, 1), (1400, 2), (None, 3)]:
+    sets = _digits(data_dir, seed=seed, train_examples=n, validation_examples=100)
+    validation = validation or _ids(sets.validation)
+    assert _ids(sets.validation) == validation  # independent of the subset size and the seed
+    subsets.append(_ids(sets.train))
+    assert not set(subsets[-1]) & set(validation)
+  for small, large in zip(subsets, subsets[1:]):
+    assert large[:len(small)] == small  # nested
+  order = np.random.default_rng(0).permutation(1500)
+  digits_all = _ids(_digits(data_dir).train)
+  assert subsets[-1] == [digits_all[i] for i in order[:1400]]  # None: all but validation
+  assert validation == [digits_all[i] for i in order[1400:]]
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(validation_examples=0), "validation_examples=0: expected >= 1"),
+    (dict(validation_examples=1500), "validation_examples=1500 leaves no training.*< 1500"),
+    (dict(validation_examples=100, train_examples=1401),
+     r"train_examples=1401 \+ validation_examples=100 exceeds the 1500.*<= 1400"),
+])
+def test_bad_validation_split_is_a_clear_error(data_dir, fields, match):
+  with pytest.raises(ValueError, match=match):
+    _digits(data_dir, **fields)
+
+
+def test_mqar_validation_split_is_cut_from_the_train_split():
+  cfg = data.DataConfig(name="mqar", train_split="train[:40]", train_size=100, eval_size=30,
+                        mqar=MQAR, train_examples=8, validation_examples=10)
+  sets = data.load(cfg, seed=0)
+  assert sets.spec.num_validation_examples == 10 and sets.spec.num_train_examples == 8
+  source = sources.MQARSource(data.MQARSpec(**MQAR), split="train", size=100, seed=0)
+  order = np.random.default_rng(0).permutation(40)
+  np.testing.assert_array_equal(sets.validation[3]["inputs"], source[int(order[33])]["inputs"])
+  np.testing.assert_array_equal(sets.train[2]["inputs"], source[int(order[2])]["inputs"])
+
+
+def test_text_windows_get_a_validation_split(tmp_path):
+  with tfds.testing.mock_data(num_examples=3):
+    sets = data.load(data.DataConfig(name="tiny_shakespeare", data_dir=str(tmp_path), seq_len=8,
+                                     eval_split="validation", validation_examples=2), seed=0)
+  assert sets.spec.num_validation_examples == 2
+  assert sets.validation[1]["inputs"].shape == (8,)
+
+
+def _mqar_sets(seed, synthetic_seed):
+  cfg = data.DataConfig(name="mqar", train_size=20, eval_size=10, mqar=MQAR,
+                        synthetic_seed=synthetic_seed)
+  return data.load(cfg, seed=seed)
+
+
+def test_synthetic_seed_makes_mqar_splits_independent_of_the_run_seed():
+  a, b = _mqar_sets(seed=0, synthetic_seed=7), _mqar_sets(seed=1, synthetic_seed=7)
+  for split in ("train", "eval"):
+    np.testing.assert_array_equal(data.to_arrays(getattr(a, split))["inputs"],
+                                  data.to_arrays(getattr(b, split))["inputs"])
+  c, d = _mqar_sets(seed=0, synthetic_seed=None), _mqar_sets(seed=1, synthetic_seed=None)
+  assert not np.array_equal(c.train[0]["inputs"], d.train[0]["inputs"])  # None: the run's seed
+  np.testing.assert_array_equal(_mqar_sets(seed=7, synthetic_seed=None).eval[4]["inputs"],
+                                a.eval[4]["inputs"])
+
+
+def test_synthetic_seed_for_real_data_is_a_clear_error():
+  with pytest.raises(ValueError, match="synthetic_seed=3 has no meaning for data set 'digits'"):
+    data.DataConfig(name="digits", synthetic_seed=3)
+
+
+def test_to_arrays_stacks_every_example(digits_sets):
+  arrays = data.to_arrays(digits_sets.eval)
+  assert set(arrays) == {"inputs", "targets", "weights"}
+  for key, value in arrays.items():
+    expected = np.stack([digits_sets.eval[i][key] for i in range(297)])
+    np.testing.assert_array_equal(value, expected)
+    assert value.dtype == expected.dtype
+
+
+def test_epoch_batches_covers_each_epoch_once_and_straddles():
+  batches = data.epoch_batches(10, 4, seed=3, start_step=0, stop_step=5)  # 20 = two epochs
+  assert batches.shape == (5, 4) and batches.dtype == np.int32
+  flat = batches.reshape(-1)
+  np.testing.assert_array_equal(flat[:10], np.random.default_rng([3, 0]).permutation(10))
+  np.testing.assert_array_equal(flat[10:], np.random.default_rng([3, 1]).permutation(10))
+  assert not np.array_equal(flat[:10], flat[10:])  # reshuffled each epoch
+  np.testing.assert_array_equal(batches[2], flat[8:12])  # step 2 straddles epochs 0 and 1
+  assert not np.array_equal(batches, data.epoch_batches(10, 4, 4, 0, 5))
+
+
+@pytest.mark.parametrize("start, stop", [(0, 0), (0, 9), (3, 4), (2, 7), (5, 9), (9, 9)])
+def test_epoch_batches_of_a_range_equal_those_rows_of_a_longer_range(start, stop):
+  whole = data.epoch_batches(7, 3, seed=11, start_step=0, stop_step=9)
+  part = data.epoch_batches(7, 3, seed=11, start_step=start, stop_step=stop)
+  assert part.shape == (stop - start, 3)
+  np.testing.assert_array_equal(part, whole[start:stop])
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(batch_size=0), "batch_size=0: expected >= 1"),
+    (dict(batch_size=11), "batch_size=11 exceeds num_examples=10"),
+    (dict(start_step=-1), "start_step=-1, stop_step=4: expected 0 <= start_step <= stop_step"),
+    (dict(start_step=5), "start_step=5, stop_step=4"),
+    (dict(seed=-1), "seed=-1: expected >= 0"),
+])
+def test_epoch_batches_bad_arguments_are_clear_errors(args, match):
+  kwargs = dict(num_examples=10, batch_size=2, seed=0, start_step=0, stop_step=4)
+  with pytest.raises(ValueError, match=match):
+    data.epoch_batches(**{**kwargs, **args})
+
+
 @pytest.mark.parametrize("budget, expected", [
     (dict(total_steps=7), 7),
     (dict(num_epochs=2), 30),  # 2 * 1500 / 100

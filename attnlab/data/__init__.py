@@ -5,10 +5,12 @@ from attnlab.data.pipeline import (
     DataConfig,
     Datasets,
     DataSpec,
+    epoch_batches,
     eval_batches,
     load,
     resolve_num_steps,
     train_batches,
+    to_arrays,
     train_iterator,
 )
 from attnlab.data.sources import DatasetNotPreparedError, MQARSpec
@@ -20,9 +22,11 @@ __all__ = [
     "DatasetNotPreparedError",
     "Datasets",
     "MQARSpec",
+    "epoch_batches",
     "eval_batches",
     "load",
     "resolve_num_steps",
     "train_batches",
+    "to_arrays",
     "train_iterator",
 ]

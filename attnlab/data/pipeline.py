@@ -13,6 +13,11 @@ repeated MapDataset is random access, and its iterator's state (the next
 index) is what checkpoints store. Subsets (`train_examples`) are the first n
 of a fixed permutation drawn with `subset_seed`, so growing n only adds
 examples (nested subsets), and the evaluation split never depends on them.
+A validation split (`validation_examples`, for model selection) is the last k
+of the same permutation, so no training subset ever overlaps it.
+
+Studies, which train many small cells at once, hold the data in memory
+(`to_arrays`) and draw their training order with `epoch_batches` instead.
 """
 
 from __future__ import annotations
@@ -47,11 +52,19 @@ class DataConfig:
     eval_split: split spec to evaluate on; never affected by train_examples.
     train_examples: if set, train on the first n examples of a fixed
       permutation (drawn with subset_seed) of train_split.
+    validation_examples: if set to k, hold out the last k examples of that
+      same permutation as a validation split (for model selection). Training
+      subsets stay the first n, so they are unchanged by k and never overlap
+      it; with train_examples None, training uses all but those k. Requires
+      1 <= k < the size of train_split and train_examples <= size - k.
     random_shift: image data sets: translate each training image by up to
       this many pixels (uniform per axis, background fill), a fresh draw per
       epoch from (seed, position in the run); 0: no augmentation.
     subset_seed: seed of that permutation; keep it fixed across training seeds
       so that subsets are nested and shared.
+    synthetic_seed: synthetic data sets (MQAR): draw the sequences of both
+      splits from this seed; None: from the run's seed. Set it when runs with
+      different seeds must share one training pool and one evaluation split.
     seq_len: tokens per training window (tiny_shakespeare).
     train_size: number of examples in the synthetic "train" split (MQAR).
     eval_size: number of examples in the synthetic "test" split (MQAR).
@@ -69,6 +82,8 @@ class DataConfig:
   train_size: int | None = None
   eval_size: int | None = None
   mqar: dict[str, Any] | None = None
+  validation_examples: int | None = None
+  synthetic_seed: int | None = None
 
   def __post_init__(self):
     if self.name not in DATASETS:
@@ -85,6 +100,14 @@ class DataConfig:
       raise ValueError(f"config.data.random_shift={self.random_shift}: expected >= 0.")
     if self.train_examples is not None and self.train_examples < 1:
       raise ValueError(f"config.data.train_examples={self.train_examples}: expected >= 1 or None.")
+    if self.validation_examples is not None and self.validation_examples < 1:
+      raise ValueError(f"config.data.validation_examples={self.validation_examples}: expected >= 1 "
+                       "or None (no validation split).")
+    if self.synthetic_seed is not None and self.name not in SYNTHETIC_DATASETS:
+      raise ValueError(
+          f"config.data.synthetic_seed={self.synthetic_seed!r} has no meaning for data set "
+          f"{self.name!r} (only for {', '.join(SYNTHETIC_DATASETS)}); remove it."
+      )
     needs = {"seq_len": self.name in TEXT_DATASETS, "mqar": self.name in SYNTHETIC_DATASETS,
              "train_size": self.name in SYNTHETIC_DATASETS, "eval_size": self.name in SYNTHETIC_DATASETS}
     for field, needed in needs.items():
@@ -107,6 +130,7 @@ class DataSpec:
     input_shape: shape of one example's inputs (no batch dimension).
     num_train_examples: examples in the (sub)set trained on.
     num_eval_examples: examples in the evaluation split.
+    num_validation_examples: examples in the validation split (0: none).
   """
 
   task: str
@@ -114,33 +138,40 @@ class DataSpec:
   input_shape: tuple[int, ...]
   num_train_examples: int
   num_eval_examples: int
+  num_validation_examples: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Datasets:
-  """Unbatched, formatted examples of both splits, their spec, and the training augmentation."""
+  """Unbatched, formatted examples of the splits, their spec, and the training augmentation.
+
+  `validation` is None unless config.data.validation_examples is set.
+  """
 
   spec: DataSpec
   train: grain.MapDataset
   eval: grain.MapDataset
   augment: Callable[[Batch, np.random.Generator], Batch] | None = None
+  validation: grain.MapDataset | None = None
 
 
 def load(config: DataConfig, *, seed: int) -> Datasets:
-  """Opens both splits (preparing `digits` if needed) and formats their examples.
+  """Opens the splits (preparing `digits` if needed) and formats their examples.
 
   Fails here, before any model is built, when a TFDS data set is missing.
 
   Args:
     config: the data config.
-    seed: the run's seed (used by the synthetic data: its train split is the
-      same for every run with this seed).
+    seed: the run's seed (used by the synthetic data unless
+      config.synthetic_seed is set: its splits are the same for every run
+      with this seed).
 
   Raises:
     sources.DatasetNotPreparedError: a TFDS data set is not prepared.
   """
   if config.name in SYNTHETIC_DATASETS:
-    train_src, eval_src, spec = _mqar_sources(config, seed)
+    synthetic_seed = seed if config.synthetic_seed is None else config.synthetic_seed
+    train_src, eval_src, spec = _mqar_sources(config, synthetic_seed)
   elif config.name in TEXT_DATASETS:
     train_src = sources.TextWindows(
         sources.tfds_source(config.name, config.train_split, config.data_dir), seq_len=config.seq_len)
@@ -153,15 +184,16 @@ def load(config: DataConfig, *, seed: int) -> Datasets:
     spec = dict(task="classification", num_classes=_num_classes(train_src),
                 input_shape=tuple(np.shape(train_src[0]["image"])))
 
-  train = grain.MapDataset.source(train_src)
-  if config.train_examples is not None:
-    train = _subset(train, config.train_examples, config.subset_seed)
+  train, validation = _split_train(grain.MapDataset.source(train_src), config)
   evaluation = grain.MapDataset.source(eval_src)
   if spec["task"] == "classification":
     train, evaluation = train.map(format_image_example), evaluation.map(format_image_example)
-  spec = DataSpec(**spec, num_train_examples=len(train), num_eval_examples=len(evaluation))
+    if validation is not None:
+      validation = validation.map(format_image_example)
+  spec = DataSpec(**spec, num_train_examples=len(train), num_eval_examples=len(evaluation),
+                  num_validation_examples=0 if validation is None else len(validation))
   augment = functools.partial(random_shift, max_shift=config.random_shift) if config.random_shift else None
-  return Datasets(spec=spec, train=train, eval=evaluation, augment=augment)
+  return Datasets(spec=spec, train=train, eval=evaluation, augment=augment, validation=validation)
 
 
 def _mqar_sources(config: DataConfig, seed: int):
@@ -196,13 +228,50 @@ def _num_classes(source) -> int:
   raise ValueError("Image data set has no ClassLabel feature named 'label'.")
 
 
+def _split_train(dataset: grain.MapDataset, config: DataConfig):
+  """(training (sub)set, validation split or None), both cut from one fixed permutation.
+
+  The training subset is the first n positions of the permutation and the
+  validation split the last k, so they never overlap and the subsets are the
+  same with or without a validation split.
+  """
+  n, k = config.train_examples, config.validation_examples
+  if k is None:
+    # Unpermuted when no subset is asked for: the order of runs before
+    # validation splits existed, kept as it was.
+    return (dataset if n is None else _subset(dataset, n, config.subset_seed)), None
+  size = len(dataset)
+  if k >= size:
+    raise ValueError(
+        f"config.data.validation_examples={k} leaves no training examples: the training split "
+        f"has {size}; expected validation_examples < {size}."
+    )
+  if n is not None and n > size - k:
+    raise ValueError(
+        f"config.data.train_examples={n} + validation_examples={k} exceeds the {size} examples "
+        f"of the training split; expected train_examples <= {size - k} (lower either one)."
+    )
+  order = _subset_order(size, config.subset_seed)
+  train = _take(dataset, order[: size - k if n is None else n])
+  return train, _take(dataset, order[size - k :])
+
+
 def _subset(dataset: grain.MapDataset, n: int, subset_seed: int) -> grain.MapDataset:
   if n > len(dataset):
     raise ValueError(
         f"config.data.train_examples={n} exceeds the {len(dataset)} examples of the training split."
     )
-  chosen = np.random.default_rng(subset_seed).permutation(len(dataset))[:n]
-  return grain.MapDataset.range(n).map(lambda i: dataset[int(chosen[i])])
+  return _take(dataset, _subset_order(len(dataset), subset_seed)[:n])
+
+
+def _subset_order(size: int, subset_seed: int) -> np.ndarray:
+  """The fixed permutation that training subsets and the validation split are cut from."""
+  return np.random.default_rng(subset_seed).permutation(size)
+
+
+def _take(dataset: grain.MapDataset, indices: np.ndarray) -> grain.MapDataset:
+  """The examples of `dataset` at `indices`, in that order."""
+  return grain.MapDataset.range(len(indices)).map(lambda i: dataset[int(indices[i])])
 
 
 def format_image_example(example: dict[str, Any]) -> Batch:
@@ -282,6 +351,66 @@ def train_batches(datasets: Datasets, *, batch_size: int, num_steps: int, seed: 
   return examples.batch(batch_size, drop_remainder=True)
 
 
+def epoch_batches(num_examples: int, batch_size: int, seed: int, start_step: int,
+                  stop_step: int) -> np.ndarray:
+  """Example indices of training steps [start_step, stop_step), reshuffled every epoch.
+
+  This is the training order of studies, which hold their (small) data sets
+  in memory (`to_arrays`) and gather each batch by index. It differs from
+  `train_batches`' grain order used by single runs: grain's per-index shuffle
+  costs ~37 us per example, too slow for studies that draw millions of
+  indices, while one NumPy permutation per epoch is cheap.
+
+  Epoch e is `np.random.default_rng([seed, e]).permutation(num_examples)`;
+  epochs are concatenated and cut into consecutive batches, which may straddle
+  epochs (as in `train_batches`). The result is a pure function of the
+  arguments, so any step range (e.g. after resuming) can be computed alone
+  and equals those rows of a longer range; only the epochs it touches are
+  drawn.
+
+  Args:
+    num_examples: examples in the set trained on.
+    batch_size: examples per step, 1 <= batch_size <= num_examples.
+    seed: the run's data-order seed, >= 0.
+    start_step: first step of the range, >= 0.
+    stop_step: one past the last step, >= start_step.
+
+  Returns:
+    int32 [stop_step - start_step, batch_size]: row s - start_step holds the
+    example indices of step s.
+  """
+  _check_epoch_batches_args(num_examples, batch_size, seed, start_step, stop_step)
+  first, stop = start_step * batch_size, stop_step * batch_size
+  indices = np.empty(stop - first, np.int32)
+  position = first  # Flat position in the run of the next index to fill.
+  while position < stop:
+    epoch, offset = divmod(position, num_examples)
+    take = min(num_examples - offset, stop - position)
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    indices[position - first : position - first + take] = order[offset : offset + take]
+    position += take
+  return indices.reshape(stop_step - start_step, batch_size)
+
+
+def _check_epoch_batches_args(num_examples, batch_size, seed, start_step, stop_step):
+  if batch_size < 1:
+    raise ValueError(f"epoch_batches: batch_size={batch_size}: expected >= 1.")
+  if batch_size > num_examples:
+    raise ValueError(
+        f"epoch_batches: batch_size={batch_size} exceeds num_examples={num_examples}; expected "
+        "batch_size <= num_examples (use a smaller batch or more training examples)."
+    )
+  if num_examples >= 2**31:
+    raise ValueError(f"epoch_batches: num_examples={num_examples} does not fit int32 indices.")
+  if seed < 0:
+    raise ValueError(f"epoch_batches: seed={seed}: expected >= 0 (NumPy seeds are non-negative).")
+  if not 0 <= start_step <= stop_step:
+    raise ValueError(
+        f"epoch_batches: start_step={start_step}, stop_step={stop_step}: expected "
+        "0 <= start_step <= stop_step."
+    )
+
+
 def train_iterator(batches: grain.MapDataset, state: dict[str, Any] | None = None):
   """A checkpointable iterator over `batches`; `state` is a previous `get_state()`."""
   iterator = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
@@ -297,3 +426,14 @@ def eval_batches(dataset: grain.MapDataset, batch_size: int) -> Iterator[Batch]:
     pad = batch_size - len(examples)
     examples += [{k: np.zeros_like(v) for k, v in examples[0].items()}] * pad
     yield {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def to_arrays(dataset: grain.MapDataset) -> dict[str, np.ndarray]:
+  """Every example of a formatted `dataset`, stacked along a new leading axis.
+
+  For holding small data sets in memory (studies); reads each example once.
+  """
+  if len(dataset) == 0:
+    raise ValueError("to_arrays: the data set has no examples, so there is nothing to stack.")
+  examples = [dataset[i] for i in range(len(dataset))]
+  return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
