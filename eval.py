@@ -1,14 +1,19 @@
-r"""Evaluates the latest (or --step) checkpoint of a run: loss, accuracy, attention diagnostics.
+r"""Evaluates a run's checkpoint, or re-renders a study's report from its recorded cells.
 
-  python eval.py                                     # the default run (runs/digits_vit_sigmoid)
+  python eval.py                                     # the default study's report (runs/sample_efficiency_digits)
+  python eval.py --config configs/sample_efficiency/digits.py --config.study.target_error=0.05
   python eval.py --config configs/digits_vit.py:softmax --workdir runs/digits_vit_softmax
   python eval.py --config configs/mqar_transformer.py:sigmoid --workdir runs/mqar --attention_png
-  python eval.py --config.data.train_examples=500   # runs/digits_vit_sigmoid/train_examples=500
+  python eval.py --config configs/digits_vit.py --config.data.train_examples=500
 
-Writes <workdir>/eval_<step>.json (and attention_maps/*.png with --attention_png).
+A single run: writes <workdir>/eval_<step>.json (and attention_maps/*.png with
+--attention_png) from the latest (or --step) checkpoint. A study: rewrites
+report.md, results.json/csv and the plots from <workdir>/cells/ without
+training (report settings such as study.target_error may differ from the
+training run's).
 Refuses a config that differs from the run's config.json in what is trained,
-and a workdir with no checkpoint (it is never created). Expected failures print
-one `Error: ...` line; ATTNLAB_TRACEBACK=1 shows the traceback.
+and a workdir with nothing to evaluate (it is never created). Expected failures
+print one `Error: ...` line; ATTNLAB_TRACEBACK=1 shows the traceback.
 """
 
 from absl import app
@@ -16,16 +21,22 @@ from absl import flags
 
 from attnlab import cli
 from attnlab import evaluate
+from attnlab.studies import study
 
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
 _PNG = flags.DEFINE_bool("attention_png", False, "Also save attention maps as PNG files.")
 
 
 def main(argv):
-  cli.run_main(argv, lambda config, workdir: evaluate.evaluate(
-      config, workdir, _STEP.value, attention_pngs=_PNG.value))
+  def run(config, workdir):
+    if study.is_study(config):
+      cli.report_study(study.render(config, workdir))
+    else:
+      evaluate.evaluate(config, workdir, _STEP.value, attention_pngs=_PNG.value)
+
+  cli.run_main(argv, run)
 
 
 if __name__ == "__main__":
-  cli.define_flags(default_config="configs/digits_vit.py:sigmoid")
+  cli.define_flags(default_config="configs/sample_efficiency/digits.py")
   app.run(main, flags_parser=cli.parse_flags)

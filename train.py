@@ -1,11 +1,17 @@
-r"""Trains an attnlab experiment; resumes from the checkpoints in --workdir.
+r"""Trains an attnlab experiment or sample-efficiency study; resumes from what --workdir holds.
 
-  python train.py                                   # ViT, sigmoid attention, bundled digits
-  python train.py --config configs/digits_vit.py:softmax
+  python train.py                      # the digits study: softmax vs sigmoid, 6 sizes x 3 seeds
+  python train.py --config configs/sample_efficiency/digits.py:quick   # the same in seconds
+  python train.py --config configs/digits_vit.py:softmax               # one run -> runs/digits_vit_softmax
   python train.py --config configs/mqar_transformer.py:sigmoid --config.optim.learning_rate=1e-3
-  python train.py --config configs/digits_vit.py:sigmoid --workdir runs/mine --config.seed=1
-  python train.py --config.data.train_examples=500  # -> runs/digits_vit_sigmoid/train_examples=500
-  python train.py --config.model.qk_norm=none       # any field that may hold None takes none
+  python train.py --config configs/digits_vit.py --workdir runs/mine --config.seed=1
+  python train.py --config configs/digits_vit.py --config.data.train_examples=500
+  python train.py --config configs/digits_vit.py --config.model.qk_norm=none   # =none: None
+
+A config with a `study` section (configs/sample_efficiency/) runs a study: every
+(kind, training-set size, seed) cell, trained in vmapped groups, then the
+report (report.md, results.json/csv, plots) in the workdir. A rerun skips the
+cells already recorded and resumes an unfinished group from its checkpoint.
 
 Overrides that change what is trained name the default workdir (sorted
 name=value pairs one level below runs/<config>_<arg>); log, eval and
@@ -22,13 +28,19 @@ from absl import app
 
 from attnlab import cli
 from attnlab import train
+from attnlab.studies import study
 
 
 def main(argv):
-  cli.run_main(argv, lambda config, workdir: cli.report_training(
-      train.train_and_evaluate(config, workdir)))
+  def run(config, workdir):
+    if study.is_study(config):
+      cli.report_study(study.run(config, workdir))
+    else:
+      cli.report_training(train.train_and_evaluate(config, workdir))
+
+  cli.run_main(argv, run)
 
 
 if __name__ == "__main__":
-  cli.define_flags(default_config="configs/digits_vit.py:sigmoid")
+  cli.define_flags(default_config="configs/sample_efficiency/digits.py")
   app.run(main, flags_parser=cli.parse_flags)

@@ -152,6 +152,9 @@ def _missing_config_file(config_spec: str) -> FileNotFoundError:
 def default_workdir(config_spec: str, config: Any = None) -> str:
   """runs/<config file stem>[_<arg>][/<overrides>], e.g. runs/digits_vit_sigmoid/train_examples=500.
 
+  A config in a folder below configs/ is prefixed with the folder's name:
+  configs/sample_efficiency/digits.py:quick -> runs/sample_efficiency_digits_quick.
+
   Each (config, arg) gets its own directory, so a softmax run never resumes
   from a sigmoid run's checkpoints. A `config` that differs from what
   `config_spec` loads (--config.x=y overrides) goes one level down, in a
@@ -167,6 +170,10 @@ def default_workdir(config_spec: str, config: Any = None) -> str:
   """
   path, _, arg = config_spec.partition(":")
   stem = os.path.splitext(os.path.basename(path))[0]
+  parent = os.path.basename(os.path.dirname(os.path.normpath(path)))
+  if parent not in ("", ".", "configs"):
+    # configs/sample_efficiency/digits.py -> runs/sample_efficiency_digits
+    stem = f"{parent}_{stem}"
   suffix = re.sub(r"[^A-Za-z0-9.]+", "_", arg).strip("_")
   workdir = os.path.join("runs", f"{stem}_{suffix}" if suffix else stem)
   if config is None:
@@ -240,3 +247,18 @@ def report_training(summary: dict[str, Any]) -> None:
       f"  metrics:     {os.path.join(summary['workdir'], 'metrics.jsonl')}\n"
       f"  evaluate:    python eval.py --config <same config> --workdir {summary['workdir']}"
   )
+
+
+def report_study(summary: dict[str, Any]) -> None:
+  """Prints a study's summary: its report's table, the plot's path and the samples ratio."""
+  paths = summary["paths"]
+  with open(paths["report"], encoding="utf-8") as f:
+    print("\n" + f.read().rstrip())
+  if summary.get("missing_cells"):
+    print(f"\nNot yet trained ({len(summary['missing_cells'])} cells): the report covers the "
+          "others; rerun train.py to finish the study.")
+  print(f"\n  report: {paths['report']}\n  plot:   {paths['error_plot']}\n"
+        f"  cells:  {paths['json']}")
+  if "seconds" in summary:
+    print(f"  {summary['trained_cells']} cells trained, {summary['skipped_cells']} already "
+          f"recorded, in {summary['seconds']:.0f} s.")

@@ -341,6 +341,9 @@ def load(spec: str) -> ml_collections.ConfigDict:
 RUN_NEUTRAL_FIELDS = (
     "progress_bar", "log_every_steps", "eval_every_steps", "eval_batch_size",
     "checkpoint_every_steps", "keep_checkpoints", "diagnostics_examples", "data.data_dir",
+    # A study's report settings and bookkeeping: its cells train the same.
+    "study.checkpoint_every_steps", "study.progress_bar", "study.target_error", "study.compare",
+    "study.bootstrap",
 )
 
 # Longest directory name `run_dirname` makes; longer ones end with a hash.

@@ -122,8 +122,10 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 class Progress:
   """A progress bar with loss and ETA on a terminal; periodic log lines otherwise."""
 
-  def __init__(self, total: int, initial: int, *, enabled: bool = True, log_every: int = 100):
-    self.total, self.log_every = total, log_every
+  def __init__(self, total: int, initial: int, *, enabled: bool = True, log_every: int = 100,
+               unit: str = "step"):
+    self.total, self.log_every, self.unit = total, log_every, unit
+    self._last_log = initial
     self._bar = None
     self._start, self._start_step = time.perf_counter(), initial
     if enabled and sys.stderr.isatty():
@@ -134,20 +136,24 @@ class Progress:
         sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
       except OSError:
         sized = False
-      self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=sized,
+      self._bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=sized,
                        ncols=None if sized else 100)
     self.enabled = enabled
 
-  def update(self, step: int, values: dict[str, float]) -> None:
+  def update(self, step: int, values: dict[str, float], *, describe: str | None = None) -> None:
+    """Moves to `step` of `total`, showing `values` (and `describe`, e.g. the current group)."""
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
+      if describe is not None:
+        self._bar.set_description(describe, refresh=False)
       self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
-    elif self.enabled and (step % self.log_every == 0 or step == self.total):
+    elif self.enabled and (step // self.log_every > self._last_log // self.log_every or step == self.total):
+      self._last_log = step
       elapsed = time.perf_counter() - self._start
       rate = (step - self._start_step) / max(elapsed, 1e-9)
       eta = (self.total - step) / max(rate, 1e-9)
-      shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-      print(f"step {step}/{self.total} {shown} ({rate:.1f} steps/s, ETA {eta:.0f}s)",
+      shown = " ".join(([describe] if describe else []) + [f"{k}={v:.4g}" for k, v in values.items()])
+      print(f"{self.unit} {step}/{self.total} {shown} ({rate:.1f} {self.unit}s/s, ETA {eta:.0f}s)",
             file=sys.stderr, flush=True)
 
   def close(self) -> None:

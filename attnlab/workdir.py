@@ -25,7 +25,8 @@ from attnlab import configlib
 CONFIG_FILE = "config.json"
 
 
-def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_same_run(config: ml_collections.ConfigDict, workdir: str, *,
+                   trained: bool | None = None) -> None:
   """Refuses a workdir whose checkpoints were trained under another config.
 
   Fields that only change how a run is watched or stored
@@ -36,13 +37,17 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
   Args:
     config: the config about to train or evaluate in `workdir`.
     workdir: the run directory (not created here).
+    trained: whether the workdir holds anything trained under its config;
+      None: whether it holds a checkpoint (a single run's).
 
   Raises:
     configlib.ConfigError: the saved config differs in fields that change what
       is trained; the message names them, both values, and the fix.
   """
   saved = _saved_config(workdir)
-  if saved is None or not checkpoint_lib.Checkpointer.exists(workdir):
+  if trained is None:
+    trained = checkpoint_lib.Checkpointer.exists(workdir)
+  if saved is None or not trained:
     return
   current = _flat_json(config)
   differ = sorted(configlib.training_differences(current, saved))

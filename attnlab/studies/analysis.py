@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -58,6 +59,8 @@ class CellResult:
     steps: steps trained (the budget the rule gave this n).
     wall_seconds: training wall time attributed to the cell.
     budget: the budget rule in words, e.g. "epochs=100, min_steps=500".
+    diverged_at: the step whose update was non-finite (the cell failed); None: it trained.
+    train_loss: training loss of the cell's last applied update.
   """
   kind: str
   n: int
@@ -70,6 +73,8 @@ class CellResult:
   steps: int | None = None
   wall_seconds: float | None = None
   budget: str | None = None
+  diverged_at: int | None = None
+  train_loss: float | None = None
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -275,6 +280,16 @@ def _curve_fit_from(x: np.ndarray, log_e: np.ndarray, start: tuple[float, float,
   """(log A, b, c) from one start, or None where curve_fit fails from there."""
   log_A0, b0, c0 = start
   b0 = max(b0, 1e-3)  # strictly inside b >= 0, where trf starts best
+  # Only the point estimate is used (intervals come from the bootstrap), so
+  # curve_fit's warning that it cannot estimate the covariance (e.g. from
+  # two sizes) is noise.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optimize.OptimizeWarning)
+    return _curve_fit_unwarned(x, log_e, (log_A0, b0, c0), floor, c_max)
+
+
+def _curve_fit_unwarned(x, log_e, start, floor: bool, c_max: float) -> np.ndarray | None:
+  log_A0, b0, c0 = start
   try:
     if floor:
       c0 = min(max(c0, 0.0), 0.99 * c_max)

@@ -1,19 +1,34 @@
 """A group of study cells trained together: one jitted, vmapped program for all of them.
 
-A cell is one (attention kind, training-set size, seed) run of the base
-experiment. Cells that compile to the same program (same model config,
-optimizer, budget in steps, batch sizes) form a group: their train states are
-stacked on a leading cell axis, each step stacks the cells' own batches
-(every cell keeps its own subset and training order), and one
-`jax.jit(jax.vmap(train_step))` advances all of them at once. The attention
-kind is part of the model config (a static choice), so a group holds one kind.
+A cell is one (attention kind, training-set size n, seed) run of a study's base
+experiment. The cells of a group share one model config (the kind is a static
+choice, so a group holds one kind), optimizer and batch size, and may have
+different budgets in steps (a fixed-epochs budget gives a larger n more steps):
 
-  group = cells.build_group(config, [Cell("sigmoid", 100, s) for s in range(3)])
-  results = cells.train(group)      # or cells.train_group(config, cells_list)
+  * Their train states are stacked on a leading cell axis, and one
+    `jax.jit(jax.vmap(train_step))` advances all of them by one step. Each
+    cell's batch is gathered on the device from the study's training pool
+    (`StudyData`) by its own example indices, so every cell keeps its own
+    subset (the first n of the pool) and its own training order
+    (`data.epoch_batches(n, batch, seed, ...)`), and no batch crosses from
+    the host per step.
+  * Each cell follows its own learning-rate schedule (its budget is a traced
+    input of `train_step`), and a cell leaves the stack when its budget is
+    spent, so finished cells stop costing work (the program is compiled once
+    per stack size).
+  * Model selection: every `eval_every_steps` steps and at its last step each
+    cell is scored on the validation split; its best parameters (lowest
+    validation error, ties to the lower loss, then the earlier step) are
+    kept and scored once on the test split when it leaves the stack.
+  * A cell whose update turns non-finite (a NaN loss or parameter) is frozen
+    at its last finite state and reported as diverged (failed) at that step;
+    the others train on.
+  * With a `checkpoint.Checkpointer`, the whole group's state is saved every
+    `checkpointer.every_steps` steps and a rerun resumes from it. The stack at
+    a step is a function of that step (cells with a larger budget), so a
+    checkpoint needs no other bookkeeping.
 
-A cell whose update turns non-finite (a NaN loss or parameter) is frozen at
-its last finite state by a per-cell mask and reported as diverged at that
-step; the other cells of the group train on unaffected.
+  results = cells.train_group(spec, setup)      # one analysis.CellResult per cell
 """
 
 from __future__ import annotations
@@ -21,187 +36,146 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import grain.python as grain
+import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from attnlab import configlib
+from attnlab import checkpoint as checkpoint_lib
 from attnlab import data as data_lib
 from attnlab import experiment
 from attnlab import metrics as metrics_lib
 from attnlab.studies import analysis
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, order=True)
 class Cell:
   """One run of a study.
 
   Attributes:
     kind: the attention kind (config.model.attention).
-    n: training examples (config.data.train_examples): the first n of the
-      fixed permutation, so smaller cells' examples are in larger ones'.
-      None: the whole training split.
-    seed: config.seed (initialisation, dropout, training order).
+    n: training examples: the first n of the study's fixed permutation, so
+      smaller cells' examples are in larger ones'.
+    seed: the parameters' initialisation, dropout masks and training order.
+      The same seed in two kinds: the same initial key and order (paired).
   """
 
   kind: str
-  n: int | None
+  n: int
   seed: int
 
+  @property
+  def name(self) -> str:
+    return f"{self.kind}_n{self.n}_seed{self.seed}"
+
+
+# ----------------------------------------------------------------------------
+# The data, in memory.
+# ----------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
-class TrainedCell:
-  """What one cell of a trained group gives.
+class StudyData:
+  """A study's splits as arrays on the device, loaded once for every cell.
 
   Attributes:
-    cell: the cell.
-    num_steps: the budget in steps (the group's).
-    steps: updates applied: num_steps, or fewer if the cell diverged.
-    diverged_at: the step whose update was non-finite (and not applied);
-      None: trained to the end.
-    train_loss: the training loss of the last applied step (NaN if none was).
-    test_loss: loss on the evaluation split, of the last finite parameters.
-    test_accuracy: accuracy on the evaluation split.
-    test_error: 1 - test_accuracy.
-    group_seconds: wall time of the whole group (set-up, compile, training,
-      evaluation): cells of a group share it, so it is not a per-cell cost.
+    train: the training pool, the first `max n` examples of the fixed
+      permutation ({key: [N, ...]}); a cell of size n trains on pool[:n].
+    validation: the validation split carved from the training split (the end
+      of the same permutation: disjoint from every subset), or None.
+    test: the evaluation split, padded with weight-0 examples to a multiple
+      of the evaluation batch size.
+    spec: the data set's spec (its num_train_examples is the pool's size).
   """
 
-  cell: Cell
-  num_steps: int
-  steps: int
-  diverged_at: int | None
-  train_loss: float
-  test_loss: float
-  test_accuracy: float
-  group_seconds: float
-  test_error: float = dataclasses.field(init=False)
+  train: dict[str, jax.Array]
+  validation: dict[str, jax.Array] | None
+  test: dict[str, jax.Array]
+  spec: data_lib.DataSpec
+
+  @classmethod
+  def load(cls, datasets: data_lib.Datasets, eval_batch_size: int) -> StudyData:
+    """From a study's opened data (`train_examples` = the largest n)."""
+    if datasets.augment is not None:
+      raise NotImplementedError(
+          "Studies hold their data in memory and do not augment it: set "
+          "config.data.random_shift=0 for a study.")
+    validation = datasets.validation
+    return cls(
+        train=jax.device_put(data_lib.to_arrays(datasets.train)),
+        validation=None if validation is None else _padded(validation, eval_batch_size),
+        test=_padded(datasets.eval, eval_batch_size), spec=datasets.spec)
+
+
+def _padded(dataset, batch_size: int) -> dict[str, jax.Array]:
+  """All of `dataset` in memory, padded with weight-0 examples to a multiple of batch_size."""
+  arrays = data_lib.to_arrays(dataset)
+  pad = -len(dataset) % batch_size
+  return jax.device_put({k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
+                         for k, v in arrays.items()})
+
+
+# ----------------------------------------------------------------------------
+# A group and what it is trained with.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+  """Cells of one kind trained together, each with its budget in steps.
+
+  Attributes:
+    name: names the group's checkpoint directory, e.g. "sigmoid".
+    cells: the cells, in the order of the stacked cell axis.
+    budgets: each cell's number of steps.
+    budget_rule: the rule that gave the budgets, in words (recorded per cell).
+  """
+
+  name: str
+  cells: tuple[Cell, ...]
+  budgets: tuple[int, ...]
+  budget_rule: str = ""
 
   def __post_init__(self):
-    object.__setattr__(self, "test_error", 1.0 - self.test_accuracy)
-
-  def result(self) -> analysis.CellResult:
-    """This cell as the study's analysis reads it (one result type for every study).
-
-    A diverged cell counts as failed (NaN metrics: the analysis counts it but
-    never averages it), not as its last finite parameters' scores.
-    """
-    if self.cell.n is None:
-      raise ValueError(f"{self.cell}: a study cell needs its training-set size n; set "
-                       "train_examples instead of training on the whole split.")
-    failed = self.diverged_at is not None
-    return analysis.CellResult(
-        kind=self.cell.kind, n=self.cell.n, seed=self.cell.seed,
-        test_error=float("nan") if failed else self.test_error,
-        test_loss=float("nan") if failed else self.test_loss, steps=self.steps)
-
-
-@dataclasses.dataclass(frozen=True)
-class Group:
-  """Cells that share one compiled program, with their experiments built.
-
-  Attributes:
-    cells: the cells, in the order of the stacked cell axis.
-    experiments: each cell's experiment (its own data subset and seed).
-  """
-
-  cells: tuple[Cell, ...]
-  experiments: tuple[experiment.Experiment, ...]
+    if not self.cells or len(self.cells) != len(self.budgets):
+      raise ValueError(f"Group {self.name!r}: {len(self.cells)} cells and {len(self.budgets)} "
+                       "budgets; expected one budget per cell, and at least one cell.")
+    if len({c.kind for c in self.cells}) != 1:
+      raise ValueError(f"Group {self.name!r} mixes attention kinds {sorted({c.kind for c in self.cells})}; "
+                       "a group holds one kind (it is compiled into the program).")
+    if len(set(self.cells)) != len(self.cells):
+      raise ValueError(f"Group {self.name!r} holds a cell twice.")
 
   @property
   def num_steps(self) -> int:
-    return self.experiments[0].num_steps
+    return max(self.budgets)
 
-  @property
-  def fns(self) -> experiment.ModelFns:
-    # Memoised on (model, optim, num_steps, label smoothing), which
-    # `build_group` checked are the same: one object for every cell.
-    return self.experiments[0].fns()
-
-  def batches(self) -> grain.MapDataset:
-    """Element s: every cell's batch of step s, stacked ({key: [cells, batch, ...]})."""
-    per_cell = [data_lib.train_batches(e.datasets, batch_size=e.trainer.batch_size,
-                                       num_steps=e.num_steps, seed=e.trainer.seed)
-                for e in self.experiments]
-    return grain.MapDataset.range(self.num_steps).map(
-        lambda s: _stack([batches[s] for batches in per_cell]))
+  def alive_at(self, step: int) -> list[int]:
+    """Positions of the cells still training after `step` steps (budget > step)."""
+    return [i for i, b in enumerate(self.budgets) if b > step]
 
 
-def cell_config(exp_cfg: experiment.ExperimentConfig, cell: Cell) -> experiment.ExperimentConfig:
-  """The base experiment with the cell's attention kind, subset size and seed."""
-  return dataclasses.replace(
-      exp_cfg,
-      trainer=dataclasses.replace(exp_cfg.trainer, seed=cell.seed),
-      data=dataclasses.replace(exp_cfg.data, train_examples=cell.n),
-      model_fields={**exp_cfg.model_fields, "attention": cell.kind})
+@dataclasses.dataclass(frozen=True)
+class GroupSetup:
+  """What every cell of a group shares.
 
-
-def build_group(base_config: ml_collections.ConfigDict, cells: Sequence[Cell]) -> Group:
-  """Builds every cell's experiment and checks that they can share one program.
-
-  Raises:
-    configlib.ConfigError: no cells, a cell's config is invalid (e.g. n larger
-      than the training split, or below the batch size), or two cells differ
-      in what the compiled program depends on (the message names the field).
+  Attributes:
+    fns: the model functions (their train_step takes each cell's budget).
+    data: the study's data in memory.
+    batch_size: training examples per step and cell.
+    eval_batch_size: examples per evaluation batch.
+    eval_every_steps: score the validation split this often (and at each
+      cell's last step); None: only at the last step (no selection).
   """
-  if not cells:
-    raise configlib.ConfigError("A group needs at least one cell; got none.")
-  exp_cfg = experiment.ExperimentConfig.from_config(base_config)
-  exps = tuple(experiment.build(cell_config(exp_cfg, cell)) for cell in cells)
-  for cell, exp in zip(cells[1:], exps[1:]):
-    _check_same_program(cells[0], exps[0], cell, exp)
-  _check_same_eval_split(cells, exps)
-  return Group(cells=tuple(cells), experiments=exps)
 
-
-def _program_key(exp: experiment.Experiment) -> dict[str, object]:
-  """What the group's jitted programs are specialised to (shapes and static choices)."""
-  return {"num_steps": exp.num_steps, "model": exp.model, "optim": exp.optim,
-          "batch_size": exp.trainer.batch_size, "eval_batch_size": exp.trainer.eval_batch_size,
-          "label_smoothing": exp.trainer.label_smoothing}
-
-
-def _check_same_program(first: Cell, first_exp: experiment.Experiment, cell: Cell,
-                        exp: experiment.Experiment) -> None:
-  want, got = _program_key(first_exp), _program_key(exp)
-  for name in want:
-    if want[name] == got[name]:
-      continue
-    detail = f"{name}={got[name]!r} vs {want[name]!r}"
-    if dataclasses.is_dataclass(want[name]):
-      differ = [f.name for f in dataclasses.fields(want[name])
-                if getattr(want[name], f.name) != getattr(got[name], f.name)]
-      detail = ", ".join(f"{name}.{f}={getattr(got[name], f)!r} vs {getattr(want[name], f)!r}"
-                         for f in differ)
-    raise configlib.ConfigError(
-        f"Cells {cell} and {first} cannot share a group: they differ in {detail}. A group "
-        "trains under one compiled program; put cells with another attention kind, budget "
-        "in steps (e.g. a fixed-epochs budget at another n) or batch size in their own group.")
-
-
-def _check_same_eval_split(cells: Sequence[Cell], exps: Sequence[experiment.Experiment]) -> None:
-  """Refuses cells whose evaluation splits differ: their test numbers would not compare.
-
-  The first evaluation batch stands for the split: a split that depends on a
-  cell's seed or subset differs there already, and reading it is cheap.
-  """
-  def first_batch(exp):
-    return next(data_lib.eval_batches(exp.datasets.eval, exp.trainer.eval_batch_size))
-
-  reference = first_batch(exps[0])
-  for cell, exp in zip(cells[1:], exps[1:]):
-    same = (len(exp.datasets.eval) == len(exps[0].datasets.eval) and
-            all(np.array_equal(v, reference[k]) for k, v in first_batch(exp).items()))
-    if not same:
-      raise configlib.ConfigError(
-          f"Cells {cell} and {cells[0]} have different evaluation splits "
-          f"(data set {exp.data.name!r}), so their test numbers would not compare. The "
-          "evaluation split must not depend on the seed or the subset size; fix the data "
-          "set's split (attnlab/data) rather than the study.")
+  fns: experiment.ModelFns
+  data: StudyData
+  batch_size: int
+  eval_batch_size: int
+  eval_every_steps: int | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -209,49 +183,215 @@ def _check_same_eval_split(cells: Sequence[Cell], exps: Sequence[experiment.Expe
 # ----------------------------------------------------------------------------
 
 
-def train_group(base_config: ml_collections.ConfigDict, cells: Sequence[Cell]) -> list[TrainedCell]:
-  """`train(build_group(base_config, cells))`; the wall time includes the build."""
-  start = time.perf_counter()
-  return train(build_group(base_config, cells), start_time=start)
+@flax.struct.dataclass
+class _Stack:
+  """The group's per-cell arrays along a leading cell axis (one pytree: it is checkpointed)."""
+
+  state: experiment.TrainState
+  best_params: Any
+  best_error: jax.Array  # [C] float32: validation error of best_params (inf: none yet)
+  best_loss: jax.Array  # [C] float32
+  best_step: jax.Array  # [C] int32
+  applied: jax.Array  # [C] int32: updates applied (stops growing when a cell diverges)
+  alive: jax.Array  # [C] bool: False once an update was non-finite (the cell is frozen)
+  last_loss: jax.Array  # [C] float32: training loss of the last applied update
+
+  def tree(self) -> dict[str, Any]:
+    # Not dataclasses.asdict: it would turn the TrainState into a dict too.
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  def take(self, positions: Sequence[int]) -> _Stack:
+    index = np.asarray(positions)
+    return _Stack(**jax.tree.map(lambda x: x[index], self.tree()))
 
 
-def train(group: Group, *, batches: grain.MapDataset | None = None,
-          start_time: float | None = None) -> list[TrainedCell]:
-  """Trains the group's cells together, then evaluates each on the evaluation split.
+def train_group(spec: GroupSpec, setup: GroupSetup, *,
+                checkpointer: checkpoint_lib.Checkpointer | None = None,
+                on_cell_done: Callable[[analysis.CellResult], None] | None = None,
+                on_step: Callable[[int, int], None] | None = None) -> list[analysis.CellResult]:
+  """Trains the group's cells together, each to its budget, and scores each on the test split.
 
   Args:
-    group: from `build_group`.
-    batches: the stacked training batches, element s for step s; None:
-      `group.batches()`. Another source (e.g. one that corrupts a cell's
-      batch to test divergence) must keep its shapes.
-    start_time: `time.perf_counter()` at which the group's wall time starts;
-      None: now.
+    spec: the cells and their budgets.
+    setup: model functions, data, batch sizes, validation cadence.
+    checkpointer: saves the group every `every_steps` steps; a checkpoint it
+      holds is resumed from. None: no checkpoints.
+    on_cell_done: called with each cell's result as soon as the cell leaves
+      the stack (before any later checkpoint), e.g. to record it on disk.
+    on_step: called after every step with (step, cells still training).
 
   Returns:
-    One result per cell, in the group's order.
+    One result per cell of the group that trained in this call, in the
+    group's order (cells finished before a resumed checkpoint are not
+    repeated: `on_cell_done` had them).
   """
-  start_time = time.perf_counter() if start_time is None else start_time
-  fns, num_cells = group.fns, len(group.cells)
-  batches = group.batches() if batches is None else batches
+  step, stack, seconds = 0, None, {}
+  if checkpointer is not None and checkpointer.all_steps():
+    step, stack, seconds = _restore(spec, setup, checkpointer)
+  if stack is None:
+    stack = _init_stack(spec, setup)
+  alive = spec.alive_at(step)
+  seconds = {i: seconds.get(spec.cells[i].name, 0.0) for i in range(len(spec.cells))}
+  results: dict[int, analysis.CellResult] = {}
+  train_step, score = _group_step(setup.fns), _group_score(setup.fns)
+  while alive:
+    start = time.perf_counter()
+    segment_end = _segment_end(spec, setup, alive, step, checkpointer)
+    indices_SCB = _batch_indices(spec, setup, alive, step, segment_end)
+    budgets_C = jnp.asarray([spec.budgets[i] for i in alive], jnp.int32)
+    for indices_CB in indices_SCB:
+      stack = train_step(stack, setup.data.train, indices_CB, budgets_C)
+      step += 1
+      if on_step is not None:
+        on_step(step, len(alive))
+    due = [_selection_due(setup, step) or spec.budgets[i] == step for i in alive]
+    if any(due):
+      stack = _select(stack, setup, score, jnp.asarray(due))
+    finished = [p for p, i in enumerate(alive) if spec.budgets[i] == step]
+    tests = _score_split(setup, score, stack.best_params, setup.data.test) if finished else None
+    jax.block_until_ready(stack)
+    # The segment's wall time (compile included), shared equally by the cells it trained.
+    for i in alive:
+      seconds[i] += (time.perf_counter() - start) / len(alive)
+    for p in finished:
+      results[alive[p]] = _cell_result(spec, setup, alive[p], stack, tests, p, seconds[alive[p]])
+      if on_cell_done is not None:
+        on_cell_done(results[alive[p]])
+    if finished:
+      keep = [p for p in range(len(alive)) if p not in finished]
+      alive = [alive[p] for p in keep]
+      stack = stack.take(keep) if alive else stack
+    if checkpointer is not None and alive and checkpointer.should_save(step):
+      checkpointer.save(step, stack.tree(), {"step": step, "cells": [spec.cells[i].name for i in alive],
+                                             "seconds": {spec.cells[i].name: seconds[i] for i in alive}})
+  if checkpointer is not None:
+    checkpointer.wait()
+  return [results[i] for i in sorted(results)]
 
+
+def _init_stack(spec: GroupSpec, setup: GroupSetup) -> _Stack:
   # One compiled init called per seed, then stacked: vmapping init compiles
   # the model's construction under vmap, measured 5.2 s against 2.9 s for
   # the quick digits model (more than the vmapped train step's 5 s).
-  init = _jit_init(fns)
-  state_C = jax.tree.map(lambda *xs: jnp.stack(xs), *[init(cell.seed) for cell in group.cells])
-  alive_C = jnp.ones((num_cells,), bool)
-  step = _group_step(fns)
-  history = []  # per step: (loss_C, applied_C), left on the device until the end
-  data_iter = data_lib.train_iterator(batches)
-  for _ in range(group.num_steps):
-    state_C, alive_C, loss_C = step(state_C, next(data_iter), alive_C)
-    history.append((loss_C, alive_C))
-  loss_SxC, applied_SxC = (np.stack(h) for h in zip(*jax.device_get(history)))
+  init = _jit_init(setup.fns)
+  state = jax.tree.map(lambda *xs: jnp.stack(xs), *[init(c.seed) for c in spec.cells])
+  num = len(spec.cells)
+  # A copy: the stack is donated to each step, and one buffer must not be donated twice.
+  return _Stack(state=state, best_params=_copy(state.params),
+                best_error=jnp.full((num,), jnp.inf, jnp.float32),
+                best_loss=jnp.full((num,), jnp.inf, jnp.float32),
+                best_step=jnp.zeros((num,), jnp.int32), applied=jnp.zeros((num,), jnp.int32),
+                alive=jnp.ones((num,), bool), last_loss=jnp.full((num,), jnp.nan, jnp.float32))
 
-  test = _evaluate(group, state_C.params)
-  seconds = time.perf_counter() - start_time
-  return [_cell_result(group, c, loss_SxC[:, c], applied_SxC[:, c], test[c], seconds)
-          for c in range(num_cells)]
+
+def _restore(spec: GroupSpec, setup: GroupSetup,
+             checkpointer: checkpoint_lib.Checkpointer) -> tuple[int, _Stack, dict[str, float]]:
+  """The group's latest checkpoint that restores: its step, its stack and the cells' wall times.
+
+  The stack at a step holds the cells whose budget is larger, so each saved
+  step has its own shapes: a damaged latest step falls back to the one
+  before it with that step's shapes.
+  """
+  full = jax.eval_shape(lambda: _init_stack(spec, setup).tree())
+  damaged = []
+  for step in reversed(checkpointer.all_steps()):
+    alive = spec.alive_at(step)
+    abstract = jax.tree.map(lambda x, n=len(alive): jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype),
+                            full)
+    try:
+      tree, data_state, step = checkpointer.restore(abstract, step)
+    except checkpoint_lib.CheckpointDamagedError as e:
+      damaged.append(e)
+      continue
+    names = [spec.cells[i].name for i in alive]
+    if data_state.get("cells") != names:
+      raise checkpoint_lib.CheckpointError(
+          f"The checkpoint at step {step} holds cells {data_state.get('cells')}, but this group "
+          f"trains {names} at that step: it was written by another study plan. Delete "
+          f"{checkpointer.step_dir(step)} (or use a new workdir).")
+    return step, _Stack(**tree), dict(data_state.get("seconds", {}))
+  raise damaged[-1]
+
+
+def _segment_end(spec: GroupSpec, setup: GroupSetup, alive: Sequence[int], step: int,
+                 checkpointer: checkpoint_lib.Checkpointer | None) -> int:
+  """The next step at which something besides training happens (select, finish, save)."""
+  ends = [min(spec.budgets[i] for i in alive)]
+  for every in (setup.eval_every_steps, checkpointer.every_steps if checkpointer else None):
+    if every:
+      ends.append((step // every + 1) * every)
+  return min(ends)
+
+
+def _selection_due(setup: GroupSetup, step: int) -> bool:
+  return bool(setup.eval_every_steps) and step % setup.eval_every_steps == 0
+
+
+def _batch_indices(spec: GroupSpec, setup: GroupSetup, alive: Sequence[int], start: int,
+                   stop: int) -> np.ndarray:
+  """[steps, cells, batch] example indices of steps start..stop-1, each cell in its own order."""
+  per_cell = [data_lib.epoch_batches(spec.cells[i].n, setup.batch_size, spec.cells[i].seed,
+                                     start, stop) for i in alive]
+  return np.stack(per_cell, axis=1)
+
+
+def _copy(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _select(stack: _Stack, setup: GroupSetup, score, due_C: jax.Array) -> _Stack:
+  """Keeps each due cell's parameters if they beat its best on the validation split.
+
+  `due_C` marks the cells for which `step` is a selection point (a multiple
+  of eval_every_steps, or their last step): another cell's last step must not
+  add a selection point to a cell, or its result would depend on its group.
+  """
+  if setup.data.validation is None:
+    # No validation split: the last parameters are the selected ones.
+    return stack.replace(best_params=_copy(stack.state.params), best_step=stack.applied)
+  val = _score_split(setup, score, stack.state.params, setup.data.validation)
+  error, loss = 1.0 - jnp.asarray(val["accuracy"]), jnp.asarray(val["loss"])
+  # A diverged cell's state is its last finite one, already scored: no update.
+  better = due_C & ((error < stack.best_error) | ((error == stack.best_error) & (loss < stack.best_loss)))
+  pick = lambda new, old: jax.vmap(jnp.where)(better, new, old)  # noqa: E731
+  return stack.replace(
+      best_params=jax.tree.map(pick, stack.state.params, stack.best_params),
+      best_error=jnp.where(better, error, stack.best_error),
+      best_loss=jnp.where(better, loss, stack.best_loss),
+      best_step=jnp.where(better, stack.applied, stack.best_step))
+
+
+def _score_split(setup: GroupSetup, score, params_C, split: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+  """Loss and accuracy ([C] each) of every cell's parameters on a padded split in memory."""
+  batch = setup.eval_batch_size
+  size = split["weights"].shape[0]
+  totals = None
+  for start in range(0, size, batch):
+    sums = score(params_C, {k: v[start:start + batch] for k, v in split.items()})
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  per_cell = [metrics_lib.means({k: v[c] for k, v in totals.items()})
+              for c in range(totals["weight_sum"].shape[0])]
+  return {k: np.asarray([m[k] for m in per_cell]) for k in ("loss", "accuracy")}
+
+
+def _cell_result(spec: GroupSpec, setup: GroupSetup, i: int, stack: _Stack,
+                 tests: dict[str, np.ndarray], p: int, seconds: float) -> analysis.CellResult:
+  cell, budget = spec.cells[i], spec.budgets[i]
+  applied = int(stack.applied[p])
+  diverged = applied < budget
+  has_val = setup.data.validation is not None
+  return analysis.CellResult(
+      kind=cell.kind, n=cell.n, seed=cell.seed,
+      # A diverged cell failed: NaN metrics are counted by the analysis, never averaged.
+      test_error=float("nan") if diverged else float(1.0 - tests["accuracy"][p]),
+      test_loss=float("nan") if diverged else float(tests["loss"][p]),
+      val_error=float(stack.best_error[p]) if has_val and not diverged else None,
+      val_loss=float(stack.best_loss[p]) if has_val and not diverged else None,
+      best_step=int(stack.best_step[p]), steps=budget,
+      wall_seconds=round(seconds, 3), budget=spec.budget_rule,
+      diverged_at=applied + 1 if diverged else None,
+      train_loss=float(stack.last_loss[p]) if applied else None)
 
 
 @functools.lru_cache(maxsize=8)
@@ -261,52 +401,31 @@ def _jit_init(fns: experiment.ModelFns):
 
 @functools.lru_cache(maxsize=8)
 def _group_step(fns: experiment.ModelFns):
-  """`fns.train_step` over stacked cells, a cell frozen once an update is non-finite.
+  """One step of every cell in the stack: batches gathered on the device, each cell its schedule.
 
-  Memoised per `fns` (itself memoised per model, optimizer and budget), so
-  groups with the same program reuse one compiled executable.
+  Memoised per `fns`, so groups of the same model and optimizer reuse one
+  compiled executable per stack size.
   """
 
-  def masked_step(state, batch, alive):
-    new_state, step_metrics = fns.train_step(state, batch)
-    applied = alive & step_metrics["finite"]
-    # Keeps the last finite state of a diverged cell: its parameters still
-    # evaluate, and NaN never reaches its optimizer state.
-    state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), new_state, state)
-    return state, applied, step_metrics["loss"]
+  def cell_step(state, pool, indices_B, budget, alive, applied, last_loss):
+    batch = {k: v[indices_B] for k, v in pool.items()}
+    new_state, step_metrics = fns.train_step(state, batch, budget)
+    # A cell whose update is non-finite stays frozen at its last finite state
+    # from then on: its parameters still evaluate, and NaN never reaches its
+    # optimizer state.
+    ok = alive & step_metrics["finite"]
+    state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    return state, ok, applied + ok, jnp.where(ok, step_metrics["loss"], last_loss)
 
-  return jax.jit(jax.vmap(masked_step), donate_argnums=0)
+  def step(stack: _Stack, pool, indices_CB, budgets_C) -> _Stack:
+    state, alive, applied, last_loss = jax.vmap(cell_step, in_axes=(0, None, 0, 0, 0, 0, 0))(
+        stack.state, pool, indices_CB, budgets_C, stack.alive, stack.applied, stack.last_loss)
+    return stack.replace(state=state, alive=alive, applied=applied, last_loss=last_loss)
+
+  return jax.jit(step, donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=8)
-def _group_eval_step(fns: experiment.ModelFns):
-  """`fns.eval_step` of stacked parameters on one (shared) evaluation batch."""
+def _group_score(fns: experiment.ModelFns):
+  """`fns.eval_step` of stacked parameters on one (shared) batch."""
   return jax.jit(jax.vmap(fns.eval_step, in_axes=(0, None)))
-
-
-def _evaluate(group: Group, params_C) -> list[dict[str, float]]:
-  """Loss and accuracy of each cell's parameters on the (shared) evaluation split."""
-  exp = group.experiments[0]
-  eval_step = _group_eval_step(group.fns)
-  totals_C = None
-  for batch in data_lib.eval_batches(exp.datasets.eval, exp.trainer.eval_batch_size):
-    sums_C = eval_step(params_C, batch)
-    totals_C = sums_C if totals_C is None else jax.tree.map(jnp.add, totals_C, sums_C)
-  totals_C = jax.device_get(totals_C)
-  return [metrics_lib.means({k: v[c] for k, v in totals_C.items()})
-          for c in range(len(group.cells))]
-
-
-def _cell_result(group: Group, c: int, loss_S: np.ndarray, applied_S: np.ndarray,
-                 test: dict[str, float], seconds: float) -> TrainedCell:
-  # `applied` only turns False, never back: the mask carries over steps.
-  steps = int(applied_S.sum())
-  return TrainedCell(
-      cell=group.cells[c], num_steps=group.num_steps, steps=steps,
-      diverged_at=None if steps == group.num_steps else steps + 1,
-      train_loss=float(loss_S[steps - 1]) if steps else float("nan"),
-      test_loss=test["loss"], test_accuracy=test["accuracy"], group_seconds=seconds)
-
-
-def _stack(batches: Sequence[data_lib.Batch]) -> data_lib.Batch:
-  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}

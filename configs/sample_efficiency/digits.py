@@ -1,0 +1,96 @@
+r"""Sample efficiency of sigmoid vs softmax attention: a ViT on the bundled digits (the main job).
+
+Every (kind, n, seed) cell trains the same small ViT on the first n of one
+fixed permutation of the 1,200 digits training images left after a fixed
+300-image validation split (nested subsets), selects its best step on that
+validation split, and is scored on the fixed 297-image test split. Seeds are
+paired across kinds (same subset, initial key and order). Cells of one kind
+train together in one vmapped program (attnlab/studies/cells.py).
+
+  python train.py                                   # = this file: -> runs/sample_efficiency_digits
+  python train.py --config configs/sample_efficiency/digits.py:quick   # seconds (tests, CI)
+  python train.py --config configs/sample_efficiency/digits.py:all     # every attention kind
+  python eval.py  --config configs/sample_efficiency/digits.py         # re-render the report
+
+Argument (after the colon, comma-separated):
+  quick   2 sizes x 2 seeds of a tiny model for a few steps (seconds)
+  all     every registered attention kind, not only sigmoid and softmax
+
+Budget rule: 30 epochs of each subset, at least 500 steps (batch 64), so that
+small subsets train to convergence (see docs/results.md for the check that
+doubling the budget changes the error by less than the seed spread).
+
+Expected: see docs/results.md (measured table, plots, runtime); the report
+(report.md) in the workdir gives the same tables for your run.
+"""
+
+import ml_collections
+
+from attnlab import configlib
+from attnlab.data import DataConfig
+from attnlab.models import ViTConfig
+from attnlab.optim import OptimConfig
+from attnlab.studies.study import StudyConfig
+
+# Every kind that runs with its default options (`local` needs a window).
+ALL_KINDS = ("sigmoid", "softmax", "relu", "softplus", "linear", "polynomial", "gaussian")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = configlib.parse_arg(arg, quick=False, all=False)
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # unused: every cell takes its seed from study.seeds
+
+  config.study = configlib.from_dataclass(
+      StudyConfig,
+      kinds=ALL_KINDS if args.all else ("sigmoid", "softmax"),
+      train_sizes=(64, 128, 256, 512, 1024, 1200),
+      seeds=(0, 1, 2),
+      min_steps=500,
+      eval_every_steps=50,
+      checkpoint_every_steps=100,
+      target_error=0.05,
+      compare=("sigmoid", "softmax"),
+  )
+
+  config.data = configlib.from_dataclass(
+      DataConfig, name="digits", train_split="train", eval_split="test",
+      validation_examples=300,  # carved once from the training split; never trained on
+  )
+
+  config.model_name = "vit"
+  config.model = configlib.from_dataclass(
+      ViTConfig, exclude=("num_classes", "image_size", "num_channels"), patch_size=None,
+      attention="sigmoid",  # each cell sets its kind
+      qk_norm="rms",  # Apple's recipe for stable sigmoid attention; kept for softmax
+      pool="gap", dropout_rate=0.1,
+      width=None, depth=2, num_heads=None, mlp_dim=None,
+  )
+  config.model.variant = "mu/2"  # width 64, 4 heads, MLP 256; 2x2 patches: 16 tokens
+
+  config.batch_size = 64
+  config.num_epochs = configlib.nullable(30, float)
+  config.total_steps = configlib.nullable(None, int)
+  config.total_examples = configlib.nullable(None, int)
+
+  config.optim = configlib.from_dataclass(OptimConfig, learning_rate=3e-3, weight_decay=0.05)
+  config.label_smoothing = 0.1
+
+  config.log_every_steps = 50
+  config.eval_every_steps = configlib.nullable(None, int)
+  config.eval_batch_size = 300
+  config.checkpoint_every_steps = configlib.nullable(None, int)
+  config.keep_checkpoints = 2
+  config.progress_bar = True
+  config.diagnostics_examples = 64
+
+  if args.quick:
+    config.study.update(train_sizes=(32, 64), seeds=(0, 1), min_steps=6, eval_every_steps=3,
+                        checkpoint_every_steps=3, bootstrap=50, progress_bar=False)
+    config.model.variant = "mu/4"
+    config.model.update(depth=1, width=32, num_heads=2, mlp_dim=64)
+    config.batch_size = 16
+    config.num_epochs = 2.0  # 32 -> 6 steps (the floor), 64 -> 8 steps: two budgets
+    config.eval_batch_size = 100
+    config.progress_bar = False
+  return config.lock()
