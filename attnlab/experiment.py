@@ -411,7 +411,11 @@ class ModelFns:
     apply: (params, inputs, deterministic=, rngs=) -> logits ([B, C] or [B, L, V]).
     loss: (params, batch, dropout_key) -> (mean training loss, weighted sums);
       dropout_key None: deterministic (no dropout).
-    train_step: (state, batch) -> (state, metrics): one optimizer update.
+    train_step: (state, batch, total_steps=None) -> (state, metrics): one
+      optimizer update, at the learning rate of a run of `total_steps` steps
+      (None: the experiment's budget). A (traced) int array gives each cell
+      of a vmapped study the schedule of its own budget; the metrics hold the
+      "learning_rate" used.
     eval_step: (params, batch) -> weighted sums of the plain loss and accuracy.
     merge: params -> the nnx model (for diagnostics such as attention maps).
   """
@@ -420,7 +424,7 @@ class ModelFns:
   init: Callable[[jax.Array], TrainState]
   apply: Callable[..., jax.Array]
   loss: Callable[[nnx.State, dict, jax.Array | None], tuple[jax.Array, dict]]
-  train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+  train_step: Callable[..., tuple[TrainState, dict]]
   eval_step: Callable[[nnx.State, dict], dict]
   merge: Callable[[nnx.State], nnx.Module]
 
@@ -433,12 +437,19 @@ def build_model(model_cfg: ModelConfig, key: jax.Array) -> nnx.Module:
   return models.Transformer(model_cfg, rngs=rngs)
 
 
-def make_model_fns(model_cfg: ModelConfig, tx: optax.GradientTransformation,
-                   schedule: optax.Schedule, *, label_smoothing: float = 0.0) -> ModelFns:
+def make_model_fns(model_cfg: ModelConfig, optim_cfg: optim.OptimConfig, num_steps: int, *,
+                   label_smoothing: float = 0.0) -> ModelFns:
   """Builds the model's functions for a model config and optimizer.
 
   All of them are pure and unjitted: the caller picks jit / vmap / shardings.
+
+  Args:
+    model_cfg: the model.
+    optim_cfg: the optimizer and its learning-rate schedule.
+    num_steps: the budget whose schedule `train_step` follows by default.
+    label_smoothing: of the training targets (see `TrainerConfig`).
   """
+  tx = optim.make_optimizer(optim_cfg)
   abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, jax.random.key(0)))
   graphdef, _, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
   _check_only_rng_state(abstract_rest)
@@ -471,18 +482,21 @@ def make_model_fns(model_cfg: ModelConfig, tx: optax.GradientTransformation,
                                      label_smoothing=label_smoothing)
     return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: dict,
+                 total_steps: int | jax.Array | None = None) -> tuple[TrainState, dict]:
     dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (mean_loss, sums), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch,
                                                                        dropout_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    total = num_steps if total_steps is None else total_steps
+    lr = optim.learning_rate(optim_cfg, state.step, total)
+    params = optax.apply_updates(state.params, optim.scale_by_learning_rate(updates, lr))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     step_metrics = {
         "loss": mean_loss,
         "accuracy": sums["correct_sum"] / jnp.maximum(sums["weight_sum"], 1.0),
         "grad_norm": _global_norm(grads),
-        "learning_rate": schedule(state.step),
+        "learning_rate": lr,
         "finite": jnp.isfinite(mean_loss) & _all_finite(params),
     }
     return new_state, step_metrics
@@ -504,8 +518,7 @@ def experiment_fns(model_cfg: ModelConfig, optim_cfg: optim.OptimConfig, num_ste
   a notebook or tests) gets the same function objects, so jax.jit reuses the
   compiled executables instead of compiling again.
   """
-  tx, schedule = optim.make_optimizer(optim_cfg, num_steps)
-  return make_model_fns(model_cfg, tx, schedule, label_smoothing=label_smoothing)
+  return make_model_fns(model_cfg, optim_cfg, num_steps, label_smoothing=label_smoothing)
 
 
 def _check_only_rng_state(rest: nnx.State) -> None:

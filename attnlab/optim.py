@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -47,21 +51,95 @@ class OptimConfig:
       raise ValueError(f"config.optim.grad_clip_norm={self.grad_clip_norm}: expected > 0 or None.")
 
 
+def learning_rate(cfg: OptimConfig, step: ArrayLike, total_steps: ArrayLike) -> jax.Array:
+  """Linear warmup to cfg.learning_rate, then cfg.schedule down to the end value.
+
+  `step` and `total_steps` may be Python ints or (traced) int arrays, e.g.
+  one total per cell of a vmapped study, so that cells of different budgets
+  train in one step function. The arithmetic is optax's own, op for op
+  (`join_schedules` of `linear_schedule` warmup and `cosine_decay_schedule` /
+  `linear_schedule` / `constant_schedule` decay), so a run gets the float32
+  learning rates that those schedules gave (tests check every step).
+
+  A traced `total_steps` can differ from a Python int one in the last bit:
+  XLA turns a division by a compile-time constant into a multiplication by
+  its float32 reciprocal, while a traced total divides at run time. With
+  `cfg.warmup_steps` None, a traced total costs one scalar host call per
+  step (see `_warmup_steps`).
+
+  Args:
+    cfg: the optimizer config.
+    step: updates applied so far (the schedule's count).
+    total_steps: the run's budget in steps (>= 1).
+
+  Returns:
+    The float32 learning rate at `step`.
+  """
+  warmup = _warmup_steps(cfg, total_steps)
+  decay_steps = jnp.maximum(total_steps - warmup, 1)
+  peak = cfg.learning_rate
+  # Warmup: optax.linear_schedule(0.0, peak, warmup). For warmup 0 its 0/0 is
+  # never selected below (step >= 0), as join_schedules then drops it.
+  frac = 1 - jnp.clip(step, 0, warmup) / warmup
+  warming = (0.0 - peak) * frac + peak
+  decaying = _DECAYS[cfg.schedule](cfg, step - warmup, decay_steps)
+  return jnp.where(step < warmup, warming, decaying).astype(jnp.float32)
+
+
+def _cosine_decay(cfg: OptimConfig, count: jax.Array, decay_steps: ArrayLike) -> jax.Array:
+  """optax.cosine_decay_schedule(peak, decay_steps, alpha=end fraction)."""
+  alpha = cfg.end_learning_rate_fraction
+  # optax turns an int decay_steps into a float before the ops below; the
+  # same float32 for a traced one (exact below 2**24 steps).
+  decay_steps = jnp.asarray(decay_steps, jnp.float32)
+  count = jnp.minimum(count, decay_steps)
+  cosine = 0.5 * (1 + jnp.cos(jnp.pi * count / decay_steps))
+  # optax's `cosine ** exponent` (exponent 1.0) is left out: XLA folds x**1 to x.
+  return cfg.learning_rate * ((1 - alpha) * cosine + alpha)
+
+
+def _linear_decay(cfg: OptimConfig, count: jax.Array, decay_steps: ArrayLike) -> jax.Array:
+  """optax.linear_schedule(peak, end, decay_steps)."""
+  peak = cfg.learning_rate
+  end = peak * cfg.end_learning_rate_fraction
+  frac = 1 - jnp.clip(count, 0, decay_steps) / decay_steps
+  # (peak - end) is a Python float, rounded once to float32, as in optax.
+  return (peak - end) * frac + end
+
+
+def _constant(cfg: OptimConfig, count: jax.Array, decay_steps: ArrayLike) -> jax.Array:
+  del count, decay_steps
+  return jnp.asarray(cfg.learning_rate, jnp.float32)
+
+
+_DECAYS = {"cosine": _cosine_decay, "linear": _linear_decay, "constant": _constant}
+
+
+def _warmup_steps(cfg: OptimConfig, total_steps: ArrayLike) -> ArrayLike:
+  """min(warmup_steps or round(warmup_fraction * total_steps), total_steps)."""
+  if cfg.warmup_steps is not None:
+    return jnp.minimum(cfg.warmup_steps, total_steps)
+  if isinstance(total_steps, (int, np.integer)):
+    return min(round(cfg.warmup_fraction * int(total_steps)), int(total_steps))
+  # A traced total: Python rounds the float64 product, and at nominal ties
+  # (0.15 * 190 = 28.5) its float64 rounding decides the step, which a float32
+  # product does not reproduce (it gives 29 there, Python 28). The host does
+  # the same float64 arithmetic, so a cell of a vmapped study gets the warmup
+  # of the same run trained alone (at the cost of a scalar host round trip;
+  # a study that minds it sets warmup_steps).
+  def host_round(total):
+    total = np.asarray(total)
+    return np.minimum(np.round(cfg.warmup_fraction * total.astype(np.float64)),
+                      total).astype(total.dtype)
+
+  total_steps = jnp.asarray(total_steps)
+  return jax.pure_callback(host_round, jax.ShapeDtypeStruct(total_steps.shape, total_steps.dtype),
+                           total_steps, vmap_method="expand_dims")
+
+
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-  """Linear warmup to cfg.learning_rate, then cfg.schedule down to the end value."""
-  warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_fraction * total_steps)
-  warmup = min(int(warmup), total_steps)
-  peak, end = cfg.learning_rate, cfg.learning_rate * cfg.end_learning_rate_fraction
-  decay_steps = max(total_steps - warmup, 1)
-  if cfg.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.end_learning_rate_fraction)
-  elif cfg.schedule == "linear":
-    decay = optax.linear_schedule(peak, end, decay_steps)
-  else:
-    decay = optax.constant_schedule(peak)
-  if warmup == 0:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+  """`learning_rate` of a fixed budget as an optax schedule (step -> rate), for logging."""
+  return functools.partial(learning_rate, cfg, total_steps=total_steps)
 
 
 def decay_mask(params):
@@ -83,11 +161,23 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optax transformation and its learning-rate schedule (for logging)."""
-  schedule = make_schedule(cfg, total_steps)
-  adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=decay_mask)
-  if cfg.grad_clip_norm is None:
-    return adamw, schedule
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw), schedule
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  """optax.adamw's chain without its learning rate, after optional gradient clipping.
+
+  The caller multiplies the updates by `-learning_rate(cfg, step, total)`
+  (`scale_by_learning_rate`), so the budget is an argument of the step, not
+  a constant of the optimizer, and one optimizer serves cells of different
+  budgets. Clipping, Adam and masked weight decay are optax.adamw's own
+  transformations in its order, so the numbers are those of optax.adamw.
+  """
+  clip = [] if cfg.grad_clip_norm is None else [optax.clip_by_global_norm(cfg.grad_clip_norm)]
+  return optax.chain(
+      *clip,
+      optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+      optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+  )
+
+
+def scale_by_learning_rate(updates, lr: jax.Array):
+  """`updates` times -lr, leaf by leaf: optax.scale_by_learning_rate's own ops."""
+  return jax.tree.map(lambda u: jnp.array(-lr, dtype=u.dtype) * u, updates)

@@ -1,4 +1,5 @@
-"""Tests of attnlab.optim: schedule shape, weight-decay mask, clipping."""
+"""Tests of attnlab.optim: schedule shape and its identity with optax's, weight-decay mask,
+clipping, and the train step's per-call (per-cell under vmap) budget."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
+from attnlab import experiment
 from attnlab import models
 from attnlab import optim
 
@@ -41,13 +43,119 @@ def test_weight_decay_applies_to_matmul_kernels_only():
 
 def test_gradients_are_clipped_before_adam_sees_them():
   cfg = optim.OptimConfig(grad_clip_norm=1.0, b1=0.9)
-  tx, _ = optim.make_optimizer(cfg, total_steps=10)
+  tx = optim.make_optimizer(cfg)
   params = {"w": {"kernel": jnp.zeros((2, 2))}}
   grads = {"w": {"kernel": jnp.full((2, 2), 100.0)}}  # global norm 200
   _, state = tx.update(grads, tx.init(params), params)
   mu = optax.tree_utils.tree_get(state, "mu")  # (1 - b1) * clipped gradient
   np.testing.assert_allclose(jnp.linalg.norm(mu["w"]["kernel"]), 0.1, rtol=1e-5)
-  unclipped, _ = optim.make_optimizer(optim.OptimConfig(grad_clip_norm=None), total_steps=10)
+  unclipped = optim.make_optimizer(optim.OptimConfig(grad_clip_norm=None))
   _, state = unclipped.update(grads, unclipped.init(params), params)
   np.testing.assert_allclose(jnp.linalg.norm(optax.tree_utils.tree_get(state, "mu")["w"]["kernel"]),
                              20.0, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# learning_rate is optax's schedule, with the budget a (traced) argument
+# ----------------------------------------------------------------------------
+
+
+def optax_schedule(cfg: optim.OptimConfig, total_steps: int) -> optax.Schedule:
+  """The optax-built schedule that `optim.learning_rate` replaced (the reference)."""
+  warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_fraction * total_steps)
+  warmup = min(int(warmup), total_steps)
+  peak, end = cfg.learning_rate, cfg.learning_rate * cfg.end_learning_rate_fraction
+  decay_steps = max(total_steps - warmup, 1)
+  if cfg.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.end_learning_rate_fraction)
+  elif cfg.schedule == "linear":
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  else:
+    decay = optax.constant_schedule(peak)
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+SCHEDULE_CASES = [
+    dict(schedule=s, warmup_steps=w, end_learning_rate_fraction=e, learning_rate=3e-3)
+    for s in optim.SCHEDULES for w in (None, 0, 5) for e in (0.0, 0.1)
+] + [dict(warmup_fraction=0.15, learning_rate=1e-3),  # 0.15 * 190: a float64 tie
+     dict(warmup_fraction=1.0, schedule="linear")]
+
+
+@pytest.mark.parametrize("fields", SCHEDULE_CASES)
+def test_learning_rate_is_the_optax_schedule_bit_for_bit(fields):
+  cfg = optim.OptimConfig(**fields)
+  # In the train step both the step and (for a vmapped study) the total are
+  # traced int32; a single run's total is a Python int closed over.
+  traced = jax.jit(jax.vmap(lambda s, t: optim.learning_rate(cfg, s, t), in_axes=(0, None)))
+  for total in (1, 2, 7, 100, 190, 1172):
+    steps = jnp.arange(total + 3, dtype=jnp.int32)
+    want = np.asarray(jax.jit(jax.vmap(optax_schedule(cfg, total)))(steps), np.float32)
+    closed = jax.jit(jax.vmap(lambda s, t=total: optim.learning_rate(cfg, s, t)))(steps)
+    np.testing.assert_array_equal(np.asarray(closed), want, err_msg=f"total={total}")
+    # XLA turns a division by a compile-time constant (the closed-over
+    # total) into a multiplication by its float32 reciprocal; a traced total
+    # divides at run time, so step / total may differ in the last bit (and
+    # 1 + cos(pi * step / total) near the end of a cosine carries it over).
+    np.testing.assert_allclose(traced(steps, jnp.int32(total)), want, rtol=0,
+                               atol=4e-7 * cfg.learning_rate, err_msg=f"traced total={total}")
+    # Eagerly (op by op, no constant folding) too.
+    assert optim.make_schedule(cfg, total)(steps[-1]) == optax_schedule(cfg, total)(steps[-1])
+
+
+def test_traced_warmup_fraction_rounds_like_python():
+  cfg = optim.OptimConfig(warmup_fraction=0.15)
+  totals = np.array([190, 350, 10, 1172], np.int32)
+  warmups = jax.jit(jax.vmap(lambda t: optim._warmup_steps(cfg, t)))(totals)
+  np.testing.assert_array_equal(warmups, [round(0.15 * int(t)) for t in totals])
+
+
+# ----------------------------------------------------------------------------
+# train_step: the budget per call, and per cell under vmap
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_fns():
+  cfg = models.ViTConfig.from_variant("mu/4", num_classes=10, image_size=8, num_channels=1,
+                                      depth=1)
+  fns = experiment.make_model_fns(cfg, optim.OptimConfig(learning_rate=1e-2, warmup_steps=2),
+                                  num_steps=10)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32),
+           "targets": jnp.asarray([0, 3, 5, 9], jnp.int32),
+           "weights": jnp.ones((4,), jnp.float32)}
+  state = jax.jit(fns.init)(0)
+  for _ in range(3):  # past warmup, so that the budgets' schedules differ
+    state, _ = jax.jit(fns.train_step)(state, batch)
+  return fns, state, batch
+
+
+def test_vmapped_cells_follow_their_own_budgets(tiny_fns):
+  fns, state, batch = tiny_fns
+  totals = jnp.array([10, 20], jnp.int32)
+  stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+  batched = jax.jit(jax.vmap(fns.train_step))(jax.tree.map(stack, state, state),
+                                              jax.tree.map(stack, batch, batch), totals)
+  step = jax.jit(fns.train_step)
+  singles = [step(state, batch, t) for t in (10, 20)]
+  for i, single in enumerate(singles):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x[i], y, rtol=1e-6, atol=1e-7),
+                 batched, single)
+  lrs = [float(single[1]["learning_rate"]) for single in singles]
+  assert lrs[0] < lrs[1]  # the shorter budget has decayed further
+
+
+def test_train_step_defaults_to_the_experiment_budget(tiny_fns):
+  fns, state, batch = tiny_fns
+  step = jax.jit(fns.train_step)
+  default = step(state, batch)
+  jax.tree.map(np.testing.assert_array_equal, default,
+               jax.jit(lambda s, b: fns.train_step(s, b, 10))(state, batch))
+  # A traced 10 divides at run time (see the schedule test): equal to a float32 ulp.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+               default, step(state, batch, jnp.int32(10)))
+  other = step(state, batch, 20)
+  assert float(other[1]["learning_rate"]) != float(default[1]["learning_rate"])
