@@ -1,15 +1,19 @@
-r"""Study cells trained batched (one vmapped group) vs one after another: wall time and ratio.
+r"""A study's cells trained batched (vmapped groups) vs one after another: wall time and ratio.
 
-  python benchmarks/sweep.py                                  # 3 seeds of the quick digits ViT
-  python benchmarks/sweep.py --config configs/digits_vit.py:sigmoid --seeds 3 --n 256 --steps 100
+  python benchmarks/sweep.py                       # the default digits study's sigmoid cells, short budgets
+  python benchmarks/sweep.py --kinds sigmoid,softmax --min_steps 500 --epochs 30   # the study's own budgets
+  python benchmarks/sweep.py --config configs/sample_efficiency/mqar.py --min_steps 100 --steps 100
 
-Both modes train the same cells (one kind, one subset size n, seeds 0..k-1)
-with `attnlab.studies.cells`, compile included:
+Both modes train the same cells (the study config's sizes and seeds, for the
+kinds asked) with the same budgets, with `attnlab.studies.cells`, compile and
+model selection included:
 
-  batched     one group of k cells: one jitted vmap over the stacked states;
-  sequential  k groups of one cell, one after another in the same process, so
-              the compiled programs of the first are reused by the others
-              (an honest baseline: what a loop of single runs costs).
+  batched     the study's plan: one group per kind, every size and seed
+              stacked under one jitted vmap, finished cells leaving the stack;
+  sequential  every cell as a group of one, one after another in the same
+              process, so the compiled programs of the first cell are reused by
+              all the others (an honest baseline: a loop of single runs that
+              pays no compile or data loading twice).
 
 Each measurement runs in a fresh process (nothing compiled is shared between
 modes), the modes alternate, and the table gives medians over --repeats
@@ -29,76 +33,90 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cells(args):
-  from attnlab.studies import cells as cells_lib  # pylint: disable=import-outside-toplevel
+def _study(args):
+  # pylint: disable=import-outside-toplevel
+  from attnlab import configlib
+  from attnlab.studies import study as study_lib
 
-  return [cells_lib.Cell(kind=args.kind, n=args.n, seed=s) for s in range(args.seeds)]
-
-
-def _config(args):
-  from attnlab import configlib  # pylint: disable=import-outside-toplevel
-
-  config = configlib.load(args.config)
-  config.total_steps, config.num_epochs, config.total_examples = args.steps, None, None
-  config.progress_bar = False
-  return config
+  config = configlib.load(args.config).unlock()
+  config.study.kinds = tuple(args.kinds.split(","))
+  config.study.compare = tuple(config.study.kinds[:2]) * (2 if len(config.study.kinds) == 1 else 1)
+  if args.min_steps is not None:
+    config.study.min_steps = args.min_steps
+  if args.epochs is not None:
+    config.num_epochs, config.total_steps, config.total_examples = args.epochs, None, None
+  if args.steps is not None:
+    config.num_epochs, config.total_steps, config.total_examples = None, args.steps, None
+  config.study.progress_bar = False
+  return study_lib, config
 
 
 def measure(args) -> dict:
-  """One measurement of one mode, in this process: seconds and the cells' test losses."""
+  """One measurement of one mode, in this process: seconds and every cell's test loss."""
   from attnlab.studies import cells as cells_lib  # pylint: disable=import-outside-toplevel
 
-  config, cells = _config(args), _cells(args)
+  study_lib, config = _study(args)
   start = time.perf_counter()
-  if args.mode == "batched":
-    results = cells_lib.train_group(config, cells)
-  else:
-    results = [r for cell in cells for r in cells_lib.train_group(config, [cell])]
+  study, exp_cfg = study_lib.split_config(config)
+  _, setups = study_lib._open(study, exp_cfg)  # pylint: disable=protected-access
+  groups = study_lib.plan(study, exp_cfg)
+  if args.mode == "sequential":
+    groups = [cells_lib.GroupSpec(name=c.name, cells=(c,), budgets=(b,))
+              for g in groups for c, b in zip(g.cells, g.budgets)]
+  results = [r for g in groups for r in cells_lib.train_group(g, setups[g.cells[0].kind])]
   seconds = time.perf_counter() - start
-  return {"seconds": seconds, "test_loss": [r.test_loss for r in results]}
+  results.sort(key=lambda r: (r.kind, r.n, r.seed))
+  return {"seconds": seconds, "test_loss": [r.test_loss for r in results],
+          "cells": len(results), "cell_steps": sum(r.steps for r in results)}
 
 
 def _run_child(args, mode: str) -> dict:
   argv = [sys.executable, os.path.abspath(__file__), "--child", "--mode", mode,
-          "--config", args.config, "--kind", args.kind, "--n", str(args.n),
-          "--seeds", str(args.seeds), "--steps", str(args.steps)]
+          "--config", args.config, "--kinds", args.kinds]
+  for name in ("min_steps", "epochs", "steps"):
+    if getattr(args, name) is not None:
+      argv += [f"--{name}", str(getattr(args, name))]
   out = subprocess.run(argv, cwd=REPO, check=True, capture_output=True, text=True).stdout
   return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="configs/digits_vit.py:sigmoid,quick")
-  parser.add_argument("--kind", default="sigmoid")
-  parser.add_argument("--n", type=int, default=256, help="training examples per cell")
-  parser.add_argument("--seeds", type=int, default=3, help="cells (seeds 0..k-1)")
-  parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--config", default="configs/sample_efficiency/digits.py")
+  parser.add_argument("--kinds", default="sigmoid", help="comma-separated attention kinds")
+  parser.add_argument("--min_steps", type=int, default=100, help="study.min_steps (None: the config's)")
+  parser.add_argument("--epochs", type=float, default=6.0, help="budget in epochs (or use --steps)")
+  parser.add_argument("--steps", type=int, default=None, help="fixed budget in steps instead")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--mode", choices=("batched", "sequential"))
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.steps is not None:
+    args.epochs = None
   if args.child:
     print(json.dumps(measure(args)))
     return
 
   times = {"batched": [], "sequential": []}
-  losses = {}
+  results = {}
   for r in range(args.repeats):
     order = ("batched", "sequential") if r % 2 == 0 else ("sequential", "batched")
     for mode in order:
-      result = _run_child(args, mode)
-      times[mode].append(result["seconds"])
-      losses[mode] = result["test_loss"]
-  worst = max(abs(a - b) for a, b in zip(losses["batched"], losses["sequential"]))
+      results[mode] = _run_child(args, mode)
+      times[mode].append(results[mode]["seconds"])
+  worst = max(abs(a - b) for a, b in zip(results["batched"]["test_loss"],
+                                         results["sequential"]["test_loss"]))
   if worst > 1e-4:
     raise SystemExit(f"batched and sequential cells disagree (test loss differs by {worst:.2e})")
 
   import jax  # pylint: disable=import-outside-toplevel
 
   batched, sequential = (statistics.median(times[m]) for m in ("batched", "sequential"))
-  print(f"{args.seeds} cells ({args.config}, kind={args.kind}, n={args.n}, {args.steps} steps), "
-        f"compile included; median of {args.repeats}; jax {jax.__version__} on "
-        f"{jax.devices()[0].platform}, {os.cpu_count()} CPUs")
+  budget = f"{args.steps} steps" if args.steps else f"{args.epochs:g} epochs, >= {args.min_steps} steps"
+  print(f"{results['batched']['cells']} cells, {results['batched']['cell_steps']} cell-steps "
+        f"({args.config}, kinds {args.kinds}, {budget}), compile and selection included; "
+        f"median of {args.repeats}; jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"{os.cpu_count()} CPUs")
   print(f"  {'mode':<12}{'seconds':>10}   runs")
   for mode in ("batched", "sequential"):
     runs = " ".join(f"{t:.1f}" for t in times[mode])

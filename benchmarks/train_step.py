@@ -64,8 +64,7 @@ def build_step(kind: str, image: int, channels: int, variant: str, batch: int):
   cfg = models.ViTConfig.from_variant(variant, num_classes=10, image_size=image,
                                       num_channels=channels, attention=kind, qk_norm="rms",
                                       pool="gap")
-  tx, schedule = optim.make_optimizer(optim.OptimConfig(), 1000)
-  fns = experiment.make_model_fns(cfg, tx, schedule)
+  fns = experiment.make_model_fns(cfg, optim.OptimConfig(), 1000)
   rng = np.random.default_rng(0)
   batch_data = {
       "inputs": jnp.asarray(rng.uniform(-1, 1, (batch, image, image, channels)), jnp.float32),

@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
-import math
 import os
 import shutil
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -206,12 +203,19 @@ def plan(study: StudyConfig, exp_cfg: experiment.ExperimentConfig) -> list[cells
 # ----------------------------------------------------------------------------
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        on_step: Callable[[str, int], None] | None = None) -> dict[str, Any]:
   """Trains every cell of the study not yet recorded in `workdir`, then writes the report.
+
+  Args:
+    config: a study config (`is_study`).
+    workdir: where cells, checkpoints and the report go.
+    on_step: called with (group name, step) after every step of a group: a
+      seam for notebooks and tests (e.g. to kill the process mid-group).
 
   Returns:
     The summary: report paths, the samples ratio, cells trained / skipped,
-    wall seconds.
+    the groups resumed from a checkpoint ({name: step}), wall seconds.
 
   Raises:
     configlib.ConfigError: a bad config, or `workdir` holds another study.
@@ -231,12 +235,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     total = sum(sum(g.budgets) for g in groups)
     progress = _StudyProgress(total, total - sum(sum(g.budgets) for g in todo), len(study.cells),
                               sum(c.name in done for c in study.cells), enabled=study.progress_bar)
+    resumed = {}
     for group in todo:
-      _train_group(group, setups[group.cells[0].kind], workdir, study, progress)
+      step = _train_group(group, setups[group.cells[0].kind], workdir, study, progress, on_step)
+      if step:
+        resumed[group.name] = step
     progress.close()
     summary = _report(study, exp_cfg, workdir)
     summary.update(trained_cells=sum(len(g.cells) for g in todo),
                    skipped_cells=len(study.cells) - sum(len(g.cells) for g in todo),
+                   resumed_groups=resumed,
                    seconds=time.perf_counter() - start)
     workdir_lib.write_finished(workdir, summary)
   return summary
@@ -279,19 +287,29 @@ def _open(study: StudyConfig, exp_cfg: experiment.ExperimentConfig):
 
 
 def _train_group(group: cells_lib.GroupSpec, setup: cells_lib.GroupSetup, workdir: str,
-                 study: StudyConfig, progress: _StudyProgress) -> None:
+                 study: StudyConfig, progress: _StudyProgress,
+                 on_step: Callable[[str, int], None] | None) -> int | None:
+  """Trains (or resumes) one group, recording each cell as it finishes; returns the resumed step."""
   group_dir = os.path.join(workdir, GROUPS_DIR, group.name)
   checkpointer = checkpoint_lib.Checkpointer(group_dir, keep=2,
                                              every_steps=study.checkpoint_every_steps)
-  progress.start_group(group, checkpointer.latest_step() or 0)
+  resumed = checkpointer.latest_step()
+  progress.start_group(group, resumed or 0)
+
+  def step_done(step: int, alive: int) -> None:
+    progress.step(step, alive)
+    if on_step is not None:
+      on_step(group.name, step)
+
   try:
     cells_lib.train_group(group, setup, checkpointer=checkpointer,
                           on_cell_done=lambda r: (_record_cell(workdir, r), progress.cell_done(r)),
-                          on_step=progress.step)
+                          on_step=step_done)
   finally:
     checkpointer.close()
   # Every cell is recorded: the group's checkpoints have served.
   shutil.rmtree(group_dir, ignore_errors=True)
+  return resumed
 
 
 # ----------------------------------------------------------------------------

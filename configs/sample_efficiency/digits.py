@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       min_steps=500,
       eval_every_steps=50,
       checkpoint_every_steps=100,
-      target_error=0.05,
+      target_error=0.1,
       compare=("sigmoid", "softmax"),
   )
 

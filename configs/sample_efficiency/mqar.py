@@ -1,0 +1,94 @@
+r"""Sample efficiency of sigmoid vs softmax attention on multi-query associative recall (MQAR).
+
+A 2-layer Transformer LM (configs/mqar_transformer.py's model) trained on the
+first n of a fixed permutation of 100,000 synthetic training sequences; sizes
+count sequences (each holds 4 queried key-value pairs). The sequences, the
+1,000-sequence validation split (carved from the training split) and the
+1,000-sequence test split are drawn once from `data.synthetic_seed`, so every
+cell sees the same data whatever its seed. Error = 1 - answer accuracy.
+
+  python train.py --config configs/sample_efficiency/mqar.py        # -> runs/sample_efficiency_mqar
+  python train.py --config configs/sample_efficiency/mqar.py:quick  # seconds (tests)
+  python eval.py  --config configs/sample_efficiency/mqar.py        # re-render the report
+
+Argument: quick (tiny model, 2 sizes x 2 seeds, a few steps); all (every kind).
+
+Budget rule: fixed steps (1,000 at batch 64) for every size: a small set is
+seen many times, a large one about once, so a cell's error measures what n
+examples can teach, not how many updates it got.
+
+Expected: see docs/results.md (measured table, plot and runtime).
+"""
+
+import ml_collections
+
+from attnlab import configlib
+from attnlab.data import DataConfig
+from attnlab.data import MQARSpec
+from attnlab.models import TransformerConfig
+from attnlab.optim import OptimConfig
+from attnlab.studies.study import StudyConfig
+
+ALL_KINDS = ("sigmoid", "softmax", "relu", "softplus", "linear", "polynomial", "gaussian")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = configlib.parse_arg(arg, quick=False, all=False)
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # unused: every cell takes its seed from study.seeds
+
+  config.study = configlib.from_dataclass(
+      StudyConfig,
+      kinds=ALL_KINDS if args.all else ("sigmoid", "softmax"),
+      train_sizes=(500, 1000, 2000, 4000, 8000),
+      seeds=(0, 1, 2),
+      min_steps=1,
+      eval_every_steps=100,
+      checkpoint_every_steps=200,
+      target_error=0.1,
+      compare=("sigmoid", "softmax"),
+  )
+
+  config.data = configlib.from_dataclass(
+      DataConfig, name="mqar", train_size=100_000, eval_size=1_000,
+      validation_examples=1_000,  # carved from the training split: never trained on
+      synthetic_seed=0,  # the same sequences for every cell
+      mqar=configlib.from_dataclass(MQARSpec, vocab_size=64, num_kv_pairs=4, num_queries=4,
+                                    seq_len=32),
+  )
+
+  config.model_name = "transformer"
+  config.model = configlib.from_dataclass(
+      TransformerConfig, exclude=("vocab_size", "max_len", "num_classes"),
+      width=64, depth=2, num_heads=2, attention="sigmoid", positions="rope", causal=True,
+      qk_norm="rms",
+  )
+
+  config.batch_size = 64
+  config.total_steps = configlib.nullable(1_000, int)
+  config.num_epochs = configlib.nullable(None, float)
+  config.total_examples = configlib.nullable(None, int)
+
+  config.optim = configlib.from_dataclass(OptimConfig, learning_rate=3e-3, weight_decay=0.1,
+                                          warmup_fraction=0.1)
+  config.label_smoothing = 0.0
+
+  config.log_every_steps = 100
+  config.eval_every_steps = configlib.nullable(None, int)
+  config.eval_batch_size = 250
+  config.checkpoint_every_steps = configlib.nullable(None, int)
+  config.keep_checkpoints = 2
+  config.progress_bar = True
+  config.diagnostics_examples = 16
+
+  if args.quick:
+    config.study.update(train_sizes=(32, 64), seeds=(0, 1), eval_every_steps=3,
+                        checkpoint_every_steps=3, bootstrap=50, progress_bar=False)
+    config.data.update(train_size=512, eval_size=64, validation_examples=64)
+    config.data.mqar.update(vocab_size=32, num_kv_pairs=4, num_queries=4, seq_len=16)
+    config.model.update(width=32, num_heads=2, depth=1)
+    config.batch_size = 16
+    config.total_steps = 6
+    config.eval_batch_size = 32
+    config.progress_bar = False
+  return config.lock()

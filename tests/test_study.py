@@ -1,0 +1,185 @@
+"""Tests of attnlab.studies.study: a whole study from its config, killed and resumed, re-rendered.
+
+The quick digits study (2 kinds x 2 sizes x 2 seeds, budgets of 6 and 8
+steps, checkpoints every 3) runs in fresh processes through train.py, as a
+researcher runs it; every process uses the same XLA settings, so reruns are
+bitwise comparable.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from attnlab import configlib
+from attnlab.studies import analysis
+from attnlab.studies import study as study_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = "configs/sample_efficiency/digits.py:quick"
+# Unoptimised XLA halves compile time; set in every process of this module,
+# so the runs compared are the same programs.
+ENV = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "JAX_PLATFORMS": "cpu"}
+
+
+def run_python(*args, check=True):
+  result = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600, check=False)
+  if check and result.returncode != 0:
+    raise AssertionError(f"exit {result.returncode}:\n{result.stdout}\n{result.stderr}")
+  return result
+
+
+def cells_without_times(workdir):
+  cells = analysis.load_cells(os.path.join(workdir, "results.json"))
+  return [{k: v for k, v in c.to_dict().items() if k != "wall_seconds"} for c in cells]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("study"))
+  result = run_python("train.py", f"--config={QUICK}", f"--workdir={workdir}")
+  return workdir, result.stdout
+
+
+def test_the_quick_study_runs_end_to_end_and_writes_its_report(uninterrupted):
+  workdir, stdout = uninterrupted
+  for name in ("results.json", "results.csv", "report.md", "error_vs_n.png",
+               "paired_difference.png", "config.json", "finished.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  cells = analysis.load_cells(os.path.join(workdir, "results.json"))
+  assert sorted((c.kind, c.n, c.seed) for c in cells) == sorted(
+      (k, n, s) for k in ("sigmoid", "softmax") for n in (32, 64) for s in (0, 1))
+  for c in cells:
+    assert c.steps == (6 if c.n == 32 else 8)  # 2 epochs at batch 16, at least 6 steps
+    assert c.budget == "epochs=2, min_steps=6, batch=16"
+    assert 1 <= c.best_step <= c.steps and c.best_step % 3 == 0 or c.best_step == c.steps
+    assert 0.0 <= c.test_error <= 1.0 and 0.0 <= c.val_error <= 1.0 and c.wall_seconds > 0
+  # The printed summary: the report's tables, the plot's path, the ratio.
+  assert "Samples to target error 0.05" in stdout
+  assert os.path.join(workdir, "error_vs_n.png") in stdout
+  assert "8 cells trained, 0 already recorded" in stdout
+  # Paired seeds: a sigmoid and a softmax cell of the same (n, seed) start
+  # from the same key and order, yet their kinds make them differ.
+  by_key = {(c.kind, c.n, c.seed): c for c in cells}
+  assert by_key["sigmoid", 64, 0].test_loss != by_key["softmax", 64, 0].test_loss
+
+
+def test_a_rerun_skips_recorded_cells_and_eval_rerenders_without_training(uninterrupted, tmp_path):
+  workdir, _ = uninterrupted
+  before = cells_without_times(workdir)
+  again = run_python("train.py", f"--config={QUICK}", f"--workdir={workdir}")
+  assert "0 cells trained, 8 already recorded" in again.stdout
+  assert cells_without_times(workdir) == before
+  # eval.py with another target (a report setting): the report changes, the cells do not.
+  rendered = run_python("eval.py", f"--config={QUICK}", f"--workdir={workdir}",
+                        "--config.study.target_error=0.9")
+  assert "Samples to target error 0.9" in rendered.stdout
+  with open(os.path.join(workdir, "report.md"), encoding="utf-8") as f:
+    assert "Samples to target error 0.9" in f.read()
+  assert cells_without_times(workdir) == before
+  # A config that trains something else is refused, naming the field.
+  refused = run_python("eval.py", f"--config={QUICK}", f"--workdir={workdir}",
+                       "--config.optim.learning_rate=0.1", check=False)
+  assert refused.returncode == 1 and "optim.learning_rate" in refused.stderr
+  # Nothing recorded: a clear error, and the workdir is not created.
+  empty = run_python("eval.py", f"--config={QUICK}", f"--workdir={tmp_path / 'none'}", check=False)
+  assert empty.returncode == 1 and "No cell of this study is recorded" in empty.stderr
+
+
+def test_a_study_killed_mid_group_resumes_and_gives_the_uninterrupted_results(uninterrupted, tmp_path):
+  workdir = str(tmp_path / "killed")
+  # SIGKILL in the second group (softmax) after its step-3 checkpoint: no
+  # handler runs, as when a machine is lost.
+  script = textwrap.dedent(f"""
+      import os, signal
+      from attnlab import configlib
+      from attnlab.studies import study
+      def kill(group, step):
+        if group == "softmax" and step == 5:
+          os.kill(os.getpid(), signal.SIGKILL)
+      study.run(configlib.load({QUICK!r}), {workdir!r}, on_step=kill)
+      """)
+  killed = run_python("-c", script, check=False)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr
+  recorded = sorted(os.listdir(os.path.join(workdir, "cells")))
+  assert recorded == sorted(f"sigmoid_n{n}_seed{s}.json" for n in (32, 64) for s in (0, 1))
+  sigmoid_mtimes = {name: os.path.getmtime(os.path.join(workdir, "cells", name)) for name in recorded}
+
+  resumed = run_python("train.py", f"--config={QUICK}", f"--workdir={workdir}")
+  assert "4 cells trained, 4 already recorded" in resumed.stdout
+  summary = json.load(open(os.path.join(workdir, "finished.json"), encoding="utf-8"))
+  assert summary["resumed_groups"] == {"softmax": 3}
+  # The finished group was not retrained, and the group's checkpoints are gone.
+  assert {name: os.path.getmtime(os.path.join(workdir, "cells", name))
+          for name in recorded} == sigmoid_mtimes
+  assert not os.listdir(os.path.join(workdir, "groups"))
+  assert cells_without_times(workdir) == cells_without_times(uninterrupted[0])
+
+
+# ----------------------------------------------------------------------------
+# The config and the plan
+# ----------------------------------------------------------------------------
+
+
+def quick_config():
+  return configlib.load(QUICK)
+
+
+def test_the_plan_puts_each_kind_in_one_group_with_each_cells_budget():
+  study, exp_cfg = study_lib.split_config(quick_config())
+  groups = study_lib.plan(study, exp_cfg)
+  assert [g.name for g in groups] == ["sigmoid", "softmax"]
+  for g in groups:
+    assert [(c.n, c.seed) for c in g.cells] == [(32, 0), (32, 1), (64, 0), (64, 1)]
+    assert g.budgets == (6, 6, 8, 8)
+
+
+def test_big_kinds_are_split_into_groups_of_at_most_max_cells():
+  config = quick_config().unlock()
+  config.study.max_cells_per_group = 3
+  study, exp_cfg = study_lib.split_config(config)
+  groups = study_lib.plan(study, exp_cfg)
+  assert [(g.name, len(g.cells)) for g in groups] == [
+      ("sigmoid.0", 3), ("sigmoid.1", 1), ("softmax.0", 3), ("softmax.1", 1)]
+
+
+def test_the_budget_rule_floors_small_subsets_and_fixed_steps_are_the_same_for_all():
+  study, exp_cfg = study_lib.split_config(quick_config())
+  assert [study_lib.cell_budget(study, exp_cfg, n) for n in (16, 48, 64, 160)] == [6, 6, 8, 20]
+  config = quick_config().unlock()
+  config.num_epochs, config.total_steps = None, 11
+  study, exp_cfg = study_lib.split_config(config)
+  assert {study_lib.cell_budget(study, exp_cfg, n) for n in (32, 64, 1000)} == {11}
+  assert study_lib.budget_rule(study, exp_cfg) == "steps=11, min_steps=6, batch=16"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("kinds", ("sigmoid", "sigmod"), r"'sigmod' is not a registered attention kind\. Did you mean 'sigmoid'"),
+    ("train_sizes", (64, 32), "increasing order"),
+    ("seeds", (0, 0), "each once"),
+    ("compare", ("sigmoid", "relu"), "two different kinds of study.kinds"),
+    ("target_error", 1.5, r"in \(0, 1\)"),
+    ("min_steps", 0, "positive int"),
+])
+def test_a_bad_study_field_is_refused_naming_it(field, value, message):
+  config = quick_config().unlock()
+  config.study[field] = value
+  with pytest.raises(configlib.ConfigError, match=rf"config\.study\.{field}=.*{message}"):
+    study_lib.split_config(config)
+
+
+def test_a_study_with_a_fixed_subset_or_a_batch_larger_than_a_subset_is_refused(tmp_path):
+  config = quick_config().unlock()
+  config.data.train_examples = 100
+  with pytest.raises(configlib.ConfigError, match="study.train_sizes; set train_examples=none"):
+    study_lib.split_config(config)
+  config = quick_config().unlock()
+  config.batch_size = 48
+  with pytest.raises(configlib.ConfigError, match=r"batch_size=48 is larger than the smallest"):
+    study_lib.run(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")  # refused before anything is written
