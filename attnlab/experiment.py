@@ -21,10 +21,11 @@ Everything a run needs except its loop, in the order a caller uses it:
 
 `attnlab.train` (the single-run loop) and `attnlab.evaluate` (scoring a
 checkpoint) both build on this module and neither imports the other. A study
-that trains many (seed, subset-size) cells at once assembles the same way
-without the loop: `dataclasses.replace` the ExperimentConfig's data (or
-trainer) per cell group, `build` it, and `jax.vmap` `fns.init` over seeds and
-`fns.train_step` over (state, batch).
+(`attnlab.studies`) that trains many (kind, subset-size, seed) cells at once
+assembles the same way without the loop: it `build`s the experiment once with
+the largest subset, `dataclasses.replace`s the model fields per kind, and
+`jax.vmap`s `fns.train_step` over (state, batch, total_steps), each cell with
+its own budget and so its own learning-rate schedule.
 
 The train state is a plain pytree (`TrainState`): the model's parameters split
 off its `nnx.GraphDef`, the optax state, the step and a PRNG key. Dropout keys
@@ -205,7 +206,7 @@ class ExperimentConfig:
         or an invalid trainer, data or optimizer value.
     """
     trainer = trainer_config(config)
-    with _as_config_error():
+    with as_config_error():
       data = configlib.to_dataclass(data_lib.DataConfig, config.data, where="config.data")
       optim_cfg = configlib.to_dataclass(optim.OptimConfig, config.optim, where="config.optim")
     return cls(trainer=trainer, data=data, optim=optim_cfg,
@@ -283,7 +284,7 @@ def _check_choice(field: str, value: Any, choices: Iterable[str], what: str) -> 
 
 
 @contextlib.contextmanager
-def _as_config_error():
+def as_config_error():
   """Re-raises a ValueError of config building as a ConfigError (its message unchanged).
 
   The dataclasses of data, optimizer and model raise ValueError naming the
@@ -346,7 +347,7 @@ def build(cfg: ExperimentConfig) -> Experiment:
       no step, a split or subset does not exist, or the batch size is larger
       than the training set.
   """
-  with _as_config_error():
+  with as_config_error():
     datasets = data_lib.load(cfg.data, seed=cfg.trainer.seed)
     check_batch_size(cfg.trainer, cfg.data, datasets.spec)
     num_steps = cfg.num_steps(datasets.spec)

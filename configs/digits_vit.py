@@ -1,9 +1,10 @@
 r"""ViT on the bundled `digits` data set (8x8 images, 1,500 train / 297 test): sigmoid vs softmax.
 
-The default experiment of attnlab: runs offline on a laptop CPU; the data set
-is prepared from scikit-learn on first use.
+One run on the whole training split (the study over subset sizes is
+configs/sample_efficiency/digits.py, the default job); runs offline on a
+laptop CPU; the data set is prepared from scikit-learn on first use.
 
-  python train.py                                   # = configs/digits_vit.py:sigmoid
+  python train.py --config configs/digits_vit.py:sigmoid      # -> runs/digits_vit_sigmoid
   python train.py --config configs/digits_vit.py:softmax      # -> runs/digits_vit_softmax
   python eval.py  --config configs/digits_vit.py:sigmoid --workdir runs/digits_vit_sigmoid
 

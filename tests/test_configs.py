@@ -21,6 +21,9 @@ from attnlab import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
+STUDY_CONFIG_FILES = sorted(
+    os.path.join("sample_efficiency", os.path.basename(p))
+    for p in glob.glob(os.path.join(REPO, "configs", "sample_efficiency", "*.py")))
 
 # The shape of each data set, so that model configs build without the data.
 SPECS = {
@@ -105,7 +108,26 @@ def test_the_expected_section_rule(doc, problem):
   assert (found is None) if problem is None else (problem in found)
 
 
-@pytest.mark.parametrize("name", CONFIG_FILES)
+@pytest.mark.parametrize("name", STUDY_CONFIG_FILES)
+@pytest.mark.parametrize("arg", [None, "quick", "all"])
+def test_every_study_config_builds_its_study_and_base_experiment(name, arg):
+  from attnlab.studies import study as study_lib  # pylint: disable=g-import-not-at-top
+
+  config = configlib.load(f"configs/{name}" + (f":{arg}" if arg else ""))
+  assert config.is_locked
+  study, exp_cfg = study_lib.split_config(config)
+  assert set(study.compare) <= set(study.kinds) and len(study.kinds) >= (7 if arg == "all" else 2)
+  assert exp_cfg.data.validation_examples  # model selection on a split carved from training
+  groups = study_lib.plan(study, exp_cfg)
+  assert sorted(c for g in groups for c in g.cells) == sorted(study.cells)
+  assert min(study.train_sizes) >= exp_cfg.trainer.batch_size
+
+
+def test_the_expected_study_configs_exist():
+  assert {"sample_efficiency/digits.py", "sample_efficiency/mqar.py"} <= set(STUDY_CONFIG_FILES)
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES + STUDY_CONFIG_FILES)
 def test_every_config_documents_its_command_and_expected_result(name):
   with open(os.path.join(REPO, "configs", name), encoding="utf-8") as f:
     module_doc = ast.get_docstring(ast.parse(f.read()))
@@ -155,6 +177,9 @@ def test_default_workdir_is_per_config_and_argument():
   assert cli.default_workdir("/x/configs/mqar_transformer.py:softmax,train_examples=100") == (
       os.path.join("runs", "mqar_transformer_softmax_train_examples_100"))
   assert cli.default_workdir("configs/digits_vit.py") == os.path.join("runs", "digits_vit")
+  # A config in a folder below configs/ is named after the folder too.
+  assert cli.default_workdir("configs/sample_efficiency/digits.py:quick") == os.path.join(
+      "runs", "sample_efficiency_digits_quick")
 
 
 @pytest.mark.parametrize("flags", [
@@ -361,15 +386,19 @@ def test_the_section_prefix_stays_where_a_name_is_ambiguous():
 
 @pytest.mark.parametrize("path", configlib.RUN_NEUTRAL_FIELDS)
 def test_overrides_that_do_not_change_what_is_trained_keep_the_workdir(path):
+  # A study's report settings live in study configs; every other field in the single-run one.
+  spec, expected = (("sample_efficiency/digits.py", "sample_efficiency_digits")
+                    if path.startswith("study.") else ("digits_vit.py:sigmoid", "digits_vit_sigmoid"))
   section, _, field = path.rpartition(".")
-  holder = _sub(configlib.load("configs/digits_vit.py:sigmoid"), section)
+  holder = _sub(configlib.load(f"configs/{spec}"), section)
   value, field_type = holder[field], holder.get_type(field)
   field_type = next((t for t in typing.get_args(field_type) if t is not type(None)), field_type)
-  other = {bool: lambda: not value, int: lambda: (value or 0) + 7,
-           str: lambda: "/tmp/elsewhere"}[field_type]()
-  config, workdir = _parse(f"--config.{path}={other}")
+  other, flag = {bool: lambda: (not value,) * 2, int: lambda: ((value or 0) + 7,) * 2,
+                 float: lambda: (value / 2,) * 2, str: lambda: ("/tmp/elsewhere",) * 2,
+                 tuple: lambda: (value[::-1], f"({','.join(map(repr, value[::-1]))})")}[field_type]()
+  config, workdir = _parse(f"--config.{path}={flag}", config=spec)
   assert configlib.flatten(config)[path] == other  # the override took effect...
-  assert workdir == os.path.join("runs", "digits_vit_sigmoid")  # ...and names no directory
+  assert workdir == os.path.join("runs", expected)  # ...and names no directory
 
 
 def test_an_override_to_the_files_own_value_keeps_the_workdir():

@@ -277,7 +277,7 @@ def _open(study: StudyConfig, exp_cfg: experiment.ExperimentConfig):
   setups = {}
   for kind in study.kinds:
     kind_cfg = dataclasses.replace(exp_cfg, model_fields={**exp_cfg.model_fields, "attention": kind})
-    with experiment._as_config_error():  # pylint: disable=protected-access
+    with experiment.as_config_error():
       model = kind_cfg.model_config(exp.datasets.spec)
     fns = experiment.experiment_fns(model, exp_cfg.optim, num_steps, exp_cfg.trainer.label_smoothing)
     setups[kind] = cells_lib.GroupSetup(

@@ -20,8 +20,17 @@ Budget rule: 30 epochs of each subset, at least 500 steps (batch 64), so that
 small subsets train to convergence (see docs/results.md for the check that
 doubling the budget changes the error by less than the seed spread).
 
-Expected: see docs/results.md (measured table, plots, runtime); the report
-(report.md) in the workdir gives the same tables for your run.
+Expected (measured, seeds 0-2, 2 CPU cores, jax 0.12.0.1; 7 min 51 s for the 36
+cells, compile included): test error, mean ± half-width of the 95% t-interval:
+
+  n          64         128        256        512       1024       1200
+  sigmoid  44.0±8.9%  29.1±8.9%  14.0±2.7%  7.6±2.1%  6.2±1.3%  4.4±2.9%
+  softmax  44.7±15%   29.2±11%   15.8±4.7%  7.1±1.4%  4.9±2.1%  5.6±3.5%
+
+Samples to 10% test error: sigmoid 396, softmax 406; softmax/sigmoid ratio 1.02
+[0.985, 1.09] (bootstrap over seeds). Power-law exponents b = 0.77 [0.72, 0.84]
+and 0.78 [0.72, 0.84]. On this task the two kinds are level at every size;
+docs/results.md has the plots and the budget-convergence check.
 """
 
 import ml_collections
