@@ -294,3 +294,19 @@ def test_load_cells_names_unknown_fields(tmp_path):
                                          "test_loss": 0.2, "accuracy": 0.9}]}))
   with pytest.raises(ValueError, match=r"unknown fields \['accuracy'\]"):
     analysis.load_cells(str(path))
+
+
+def test_budget_check_compares_the_change_with_the_seed_spread():
+  def cells(errors_by_n):
+    return [CellResult("sigmoid", n, s, e, 0.1) for n, errors in errors_by_n.items()
+            for s, e in enumerate(errors)]
+
+  base = cells({100: [0.30, 0.34, 0.32], 200: [0.10, 0.11, 0.12]})
+  larger = cells({100: [0.31, 0.33, 0.33], 200: [0.05, 0.06, 0.07]})
+  rows = analysis.budget_check(base, larger)
+  assert [(r.n, r.converged) for r in rows] == [(100, True), (200, False)]
+  assert rows[0].seed_spread == pytest.approx(0.02) and rows[0].change == pytest.approx(0.0033333, abs=1e-6)
+  assert rows[1].change == pytest.approx(-0.05)
+  assert "| sigmoid | 200 |" in analysis.budget_check_markdown(rows)
+  with pytest.raises(ValueError, match="differ in their"):
+    analysis.budget_check(base, cells({100: [0.3, 0.3]}))

@@ -573,6 +573,69 @@ def samples_ratio(cells: Sequence[CellResult], target: float,
                       boot_ok=len(boot), pairs=len(seeds))
 
 
+# --------------------------------------------------------------------------- budget check
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetCheckRow:
+  """One (kind, n) trained under a budget and under a larger one (e.g. doubled).
+
+  Attributes:
+    kind, n: the cell group.
+    base, larger: mean test error over seeds under each budget.
+    change: larger - base.
+    seed_spread: standard deviation of the test error over seeds under the base budget.
+    converged: |change| < seed_spread: more training moves the error by less
+      than the seeds do, so the base budget measures the data, not the optimiser.
+  """
+
+  kind: str
+  n: int
+  base: float
+  larger: float
+  change: float
+  seed_spread: float
+  converged: bool
+
+
+def budget_check(base: Sequence[CellResult], larger: Sequence[CellResult]) -> list[BudgetCheckRow]:
+  """Whether a study's budget has converged: the same cells under a larger budget.
+
+  Args:
+    base: the study's cells.
+    larger: the same (kind, n, seed) cells trained with a larger budget.
+
+  Raises:
+    ValueError: the two studies do not hold the same (kind, n) groups.
+  """
+  def errors(cells):
+    out: dict[tuple[str, int], list[float]] = {}
+    for c in _finite(_check_cells(cells)):
+      out.setdefault((c.kind, c.n), []).append(c.test_error)
+    return out
+
+  ours, theirs = errors(base), errors(larger)
+  if set(ours) != set(theirs):
+    raise ValueError(f"The studies differ in their (kind, n) groups: {sorted(set(ours) ^ set(theirs))}.")
+  rows = []
+  for kind, n in sorted(ours):
+    spread = float(np.std(ours[kind, n], ddof=1)) if len(ours[kind, n]) > 1 else math.nan
+    change = float(np.mean(theirs[kind, n]) - np.mean(ours[kind, n]))
+    rows.append(BudgetCheckRow(kind, n, float(np.mean(ours[kind, n])),
+                               float(np.mean(theirs[kind, n])), change, spread,
+                               bool(abs(change) < spread)))
+  return rows
+
+
+def budget_check_markdown(rows: Sequence[BudgetCheckRow]) -> str:
+  """The rows of `budget_check` as a markdown table."""
+  lines = ["| kind | n | test error | larger budget | change | seed std | converged |",
+           "|---|---|---|---|---|---|---|"]
+  lines += [f"| {r.kind} | {r.n} | {_fmt(r.base)} | {_fmt(r.larger)} | {r.change:+.4f} | "
+            f"{_fmt(r.seed_spread)} | {'yes' if r.converged else 'no'} |" for r in rows]
+  return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- files
 
 
