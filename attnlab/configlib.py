@@ -344,6 +344,9 @@ RUN_NEUTRAL_FIELDS = (
     # A study's report settings and bookkeeping: its cells train the same.
     "study.checkpoint_every_steps", "study.progress_bar", "study.target_error", "study.compare",
     "study.bootstrap",
+    # How a group's cells are laid out in its program (side by side or in
+    # turn): the same numbers to float rounding, as any change of group does.
+    "study.vmap_cells",
 )
 
 # Longest directory name `run_dirname` makes; longer ones end with a hash.

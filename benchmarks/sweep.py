@@ -4,12 +4,17 @@ r"""A study's cells trained batched (vmapped groups) vs one after another: wall 
   python benchmarks/sweep.py --kinds sigmoid,softmax --min_steps 500 --epochs 30   # the study's own budgets
   python benchmarks/sweep.py --config configs/sample_efficiency/mqar.py --min_steps 100 --steps 100
 
-Both modes train the same cells (the study config's sizes and seeds, for the
+All modes train the same cells (the study config's sizes and seeds, for the
 kinds asked) with the same budgets, with `attnlab.studies.cells`, compile and
 model selection included:
 
-  batched     the study's plan: one group per kind, every size and seed
-              stacked under one jitted vmap, finished cells leaving the stack;
+  batched     the study's plan and settings: one group per kind, every size
+              and seed in one jitted program, finished cells leaving the stack
+              (on CPU the cells run one after another inside the program:
+              study.vmap_cells=None picks 1 there);
+  vmapped     the same with every cell of the stack side by side under
+              jax.vmap (study.vmap_cells = the group's size: what accelerators
+              get);
   sequential  every cell as a group of one, one after another in the same
               process, so the compiled programs of the first cell are reused by
               all the others (an honest baseline: a loop of single runs that
@@ -17,12 +22,13 @@ model selection included:
 
 Each measurement runs in a fresh process (nothing compiled is shared between
 modes), the modes alternate, and the table gives medians over --repeats
-(shared CPUs are noisy). The results of both modes are checked equal first.
+(shared CPUs are noisy). The results of the modes are checked equal first.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -30,6 +36,7 @@ import subprocess
 import sys
 import time
 
+MODES = ("batched", "vmapped", "sequential")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -60,6 +67,8 @@ def measure(args) -> dict:
   # The study's own plan, for the kinds asked (a study compares two kinds; the
   # benchmark may time one).
   groups = [g for g in study_lib.plan(study, exp_cfg) if g.cells[0].kind in args.kinds.split(",")]
+  if args.mode == "vmapped":
+    setups = {k: dataclasses.replace(s, vmap_cells=None) for k, s in setups.items()}
   if args.mode == "sequential":
     groups = [cells_lib.GroupSpec(name=c.name, cells=(c,), budgets=(b,))
               for g in groups for c, b in zip(g.cells, g.budgets)]
@@ -88,7 +97,7 @@ def main() -> None:
   parser.add_argument("--epochs", type=float, default=6.0, help="budget in epochs (or use --steps)")
   parser.add_argument("--steps", type=int, default=None, help="fixed budget in steps instead")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--mode", choices=("batched", "sequential"))
+  parser.add_argument("--mode", choices=MODES)
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.steps is not None:
@@ -97,31 +106,31 @@ def main() -> None:
     print(json.dumps(measure(args)))
     return
 
-  times = {"batched": [], "sequential": []}
+  times = {mode: [] for mode in MODES}
   results = {}
   for r in range(args.repeats):
-    order = ("batched", "sequential") if r % 2 == 0 else ("sequential", "batched")
-    for mode in order:
+    for mode in MODES if r % 2 == 0 else MODES[::-1]:
       results[mode] = _run_child(args, mode)
       times[mode].append(results[mode]["seconds"])
-  worst = max(abs(a - b) for a, b in zip(results["batched"]["test_loss"],
-                                         results["sequential"]["test_loss"]))
+  worst = max(abs(a - b) for mode in MODES[1:] for a, b in zip(
+      results["batched"]["test_loss"], results[mode]["test_loss"]))
   if worst > 1e-4:
-    raise SystemExit(f"batched and sequential cells disagree (test loss differs by {worst:.2e})")
+    raise SystemExit(f"the modes' cells disagree (test loss differs by {worst:.2e})")
 
   import jax  # pylint: disable=import-outside-toplevel
 
-  batched, sequential = (statistics.median(times[m]) for m in ("batched", "sequential"))
+  median = {m: statistics.median(times[m]) for m in MODES}
   budget = f"{args.steps} steps" if args.steps else f"{args.epochs:g} epochs, >= {args.min_steps} steps"
   print(f"{results['batched']['cells']} cells, {results['batched']['cell_steps']} cell-steps "
         f"({args.config}, kinds {args.kinds}, {budget}), compile and selection included; "
         f"median of {args.repeats}; jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"{os.cpu_count()} CPUs")
   print(f"  {'mode':<12}{'seconds':>10}   runs")
-  for mode in ("batched", "sequential"):
+  for mode in MODES:
     runs = " ".join(f"{t:.1f}" for t in times[mode])
-    print(f"  {mode:<12}{statistics.median(times[mode]):>10.1f}   {runs}")
-  print(f"  sequential / batched = {sequential / batched:.2f}x  "
+    print(f"  {mode:<12}{median[mode]:>10.1f}   {runs}")
+  print(f"  sequential / batched = {median['sequential'] / median['batched']:.2f}x, "
+        f"sequential / vmapped = {median['sequential'] / median['vmapped']:.2f}x  "
         f"(max |test loss| difference between modes {worst:.1e})")
 
 

@@ -111,6 +111,16 @@ def test_a_batched_group_equals_each_cell_trained_alone(spec, setup, batched):
   assert min(abs(a - b) for i, a in enumerate(test_losses) for b in test_losses[i + 1:]) > 1e-3
 
 
+@pytest.mark.parametrize("vmap_cells", [None, 3])
+def test_cells_side_by_side_or_in_chunks_give_the_same_results(spec, setup, batched, vmap_cells):
+  # The CPU default computes one cell at a time inside the program (lax.map);
+  # None vmaps all four, 3 vmaps a chunk of three and then the fourth alone.
+  assert setup.vmap_cells == 1
+  other = cells_lib.train_group(spec, dataclasses.replace(setup, vmap_cells=vmap_cells))
+  for result, reference in zip(other, batched):
+    assert_same(result, reference)
+
+
 def test_the_engine_equals_the_plainest_loop(setup, batched):
   for c in (0, 1):  # one cell of each budget
     test, best_step, last_loss, (val_error, val_loss) = train_by_hand(setup, CELLS[c], BUDGETS[c])

@@ -169,6 +169,14 @@ class GroupSetup:
     eval_batch_size: examples per evaluation batch.
     eval_every_steps: score the validation split this often (and at each
       cell's last step); None: only at the last step (no selection).
+    vmap_cells: how many cells the group's program computes side by side
+      (`jax.vmap`); the rest of the stack runs one chunk after another inside
+      the same program (`jax.lax.map(..., batch_size=vmap_cells)`), so a step
+      is still one dispatch and one compile. None: the whole stack side by side
+      (accelerators, where C cells fill the device). On CPU a C-cell vmap costs
+      what a C-times-larger batch costs, which is more per example than a small
+      batch once activations leave the cache: `vmap_cells=1` was 1.75x faster
+      for the digits study on 2 cores (benchmarks/sweep.py).
   """
 
   fns: experiment.ModelFns
@@ -176,6 +184,7 @@ class GroupSetup:
   batch_size: int
   eval_batch_size: int
   eval_every_steps: int | None = None
+  vmap_cells: int | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -233,7 +242,8 @@ def train_group(spec: GroupSpec, setup: GroupSetup, *,
   alive = spec.alive_at(step)
   seconds = {i: seconds.get(spec.cells[i].name, 0.0) for i in range(len(spec.cells))}
   results: dict[int, analysis.CellResult] = {}
-  train_step, score = _group_step(setup.fns), _group_score(setup.fns)
+  train_step = _group_step(setup.fns, setup.vmap_cells)
+  score = _group_score(setup.fns, setup.vmap_cells)
   while alive:
     start = time.perf_counter()
     segment_end = _segment_end(spec, setup, alive, step, checkpointer)
@@ -399,12 +409,30 @@ def _jit_init(fns: experiment.ModelFns):
   return jax.jit(fns.init)
 
 
-@functools.lru_cache(maxsize=8)
-def _group_step(fns: experiment.ModelFns):
+def _over_cells(fn, in_axes, vmap_cells: int | None):
+  """`fn` mapped over the stacked cell axis: vmapped, or vmapped in chunks of `vmap_cells`."""
+  if vmap_cells is None:
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def chunked(*args):
+    mapped = [a for a, axis in zip(args, in_axes) if axis == 0]
+    shared = [a for a, axis in zip(args, in_axes) if axis is None]
+
+    def one(xs):
+      it_x, it_s = iter(xs), iter(shared)
+      return fn(*[next(it_x) if axis == 0 else next(it_s) for axis in in_axes])
+
+    return jax.lax.map(one, mapped, batch_size=vmap_cells)
+
+  return chunked
+
+
+@functools.lru_cache(maxsize=16)
+def _group_step(fns: experiment.ModelFns, vmap_cells: int | None = None):
   """One step of every cell in the stack: batches gathered on the device, each cell its schedule.
 
-  Memoised per `fns`, so groups of the same model and optimizer reuse one
-  compiled executable per stack size.
+  Memoised per (`fns`, vmap_cells), so groups of the same model and optimizer
+  reuse one compiled executable per stack size.
   """
 
   def cell_step(state, pool, indices_B, budget, alive, applied, last_loss):
@@ -417,15 +445,17 @@ def _group_step(fns: experiment.ModelFns):
     state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
     return state, ok, applied + ok, jnp.where(ok, step_metrics["loss"], last_loss)
 
+  over_cells = _over_cells(cell_step, (0, None, 0, 0, 0, 0, 0), vmap_cells)
+
   def step(stack: _Stack, pool, indices_CB, budgets_C) -> _Stack:
-    state, alive, applied, last_loss = jax.vmap(cell_step, in_axes=(0, None, 0, 0, 0, 0, 0))(
+    state, alive, applied, last_loss = over_cells(
         stack.state, pool, indices_CB, budgets_C, stack.alive, stack.applied, stack.last_loss)
     return stack.replace(state=state, alive=alive, applied=applied, last_loss=last_loss)
 
   return jax.jit(step, donate_argnums=0)
 
 
-@functools.lru_cache(maxsize=8)
-def _group_score(fns: experiment.ModelFns):
+@functools.lru_cache(maxsize=16)
+def _group_score(fns: experiment.ModelFns, vmap_cells: int | None = None):
   """`fns.eval_step` of stacked parameters on one (shared) batch."""
-  return jax.jit(jax.vmap(fns.eval_step, in_axes=(0, None)))
+  return jax.jit(_over_cells(fns.eval_step, (0, None), vmap_cells))

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
 
 from attnlab import attention as attention_lib
@@ -68,6 +69,10 @@ class StudyConfig:
     checkpoint_every_steps: save the group being trained this often; None:
       never (a killed group restarts).
     max_cells_per_group: most cells trained together (memory).
+    vmap_cells: cells computed side by side in a group's program, the rest one
+      chunk after another in the same program (`cells.GroupSetup.vmap_cells`);
+      None: by platform, 1 on CPU (where side by side is slower per cell),
+      the whole group on GPU and TPU.
     target_error: test error at which samples-to-target is measured.
     compare: the two kinds of the paired difference (compare[0] - compare[1])
       and of the samples ratio (compare[1] / compare[0]: how many times more
@@ -83,6 +88,7 @@ class StudyConfig:
   eval_every_steps: int | None = 100
   checkpoint_every_steps: int | None = 200
   max_cells_per_group: int = 64
+  vmap_cells: int | None = None
   target_error: float = 0.1
   compare: tuple[str, str] = ("sigmoid", "softmax")
   bootstrap: int = 1000
@@ -108,7 +114,7 @@ class StudyConfig:
     for name in ("min_steps", "max_cells_per_group", "bootstrap"):
       if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
         raise _error(name, getattr(self, name), "expected a positive int.")
-    for name in ("eval_every_steps", "checkpoint_every_steps"):
+    for name in ("eval_every_steps", "checkpoint_every_steps", "vmap_cells"):
       value = getattr(self, name)
       if value is not None and (not _is_int(value) or value < 1):
         raise _error(name, value, "expected a positive int or None.")
@@ -282,8 +288,16 @@ def _open(study: StudyConfig, exp_cfg: experiment.ExperimentConfig):
     fns = experiment.experiment_fns(model, exp_cfg.optim, num_steps, exp_cfg.trainer.label_smoothing)
     setups[kind] = cells_lib.GroupSetup(
         fns=fns, data=data, batch_size=exp_cfg.trainer.batch_size,
-        eval_batch_size=exp_cfg.trainer.eval_batch_size, eval_every_steps=study.eval_every_steps)
+        eval_batch_size=exp_cfg.trainer.eval_batch_size, eval_every_steps=study.eval_every_steps,
+        vmap_cells=vmap_cells(study))
   return data, setups
+
+
+def vmap_cells(study: StudyConfig) -> int | None:
+  """The study's vmap_cells, or the platform's choice when it is None (see StudyConfig)."""
+  if study.vmap_cells is not None:
+    return study.vmap_cells
+  return 1 if jax.default_backend() == "cpu" else None
 
 
 def _train_group(group: cells_lib.GroupSpec, setup: cells_lib.GroupSetup, workdir: str,
