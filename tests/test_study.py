@@ -188,3 +188,20 @@ def test_a_study_with_a_fixed_subset_or_a_batch_larger_than_a_subset_is_refused(
   with pytest.raises(configlib.ConfigError, match=r"batch_size=48 is larger than the smallest"):
     study_lib.run(config, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")  # refused before anything is written
+
+
+@pytest.mark.usefixtures("fast_xla_compile")
+@pytest.mark.parametrize("spec", ["sample_efficiency/mnist.py:quick", "sample_efficiency/cifar10.py:quick",
+                                  "sample_efficiency/mqar.py:quick"])
+def test_the_other_quick_studies_run_end_to_end(spec, tmp_path):
+  """MNIST and CIFAR-10 on TFDS's mocked data (the real data is not on CI machines); MQAR synthetic."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  config = configlib.load(f"configs/{spec}")
+  config.data.data_dir = str(tmp_path / "tfds")
+  with tfds.testing.mock_data(num_examples=40):
+    summary = study_lib.run(config, str(tmp_path / "run"))
+  cells = analysis.load_cells(summary["paths"]["json"])
+  assert len(cells) == 8 and summary["trained_cells"] == 8
+  assert all(0.0 <= c.test_error <= 1.0 for c in cells)
+  assert os.path.getsize(summary["paths"]["error_plot"]) > 0
