@@ -21,9 +21,9 @@ Argument (after the colon, comma-separated):
 Budget rule: 30 epochs of each subset, at least 500 steps (batch 64), chosen
 to fit the 10-minute CPU budget of the main job. It has NOT converged at every
 size: doubling it (`:long`) lowers softmax's error at n >= 256 by more than
-the seed spread (docs/results.md), so for claims use `:long` (about 16 min).
+the seed spread (docs/results.md), so for claims use `:long` (about 11 min).
 
-Expected (measured, seeds 0-2, 2 CPU cores, jax 0.12.0.1; 7 min 51 s for the 36
+Expected (measured, seeds 0-2, 2 CPU cores, jax 0.12.0.1; 5 min 18 s for the 36
 cells, compile included): test error, mean ± half-width of the 95% t-interval:
 
   n          64         128        256        512       1024       1200
@@ -34,7 +34,7 @@ Samples to 10% test error: sigmoid 396, softmax 406; softmax/sigmoid ratio 1.02
 [0.985, 1.09] (bootstrap over seeds). Power-law exponents b = 0.77 [0.72, 0.84]
 and 0.78 [0.72, 0.84]. On this task the two kinds are level at every size;
 docs/results.md has the plots and the budget-convergence check. With `:long`
-(23 min on a busy machine) softmax improves more than sigmoid at large n:
+(23 min on a machine busy with tests) softmax improves more than sigmoid at large n:
 10% test error at n = 332 (softmax) vs 409 (sigmoid), ratio 0.81 [0.77, 0.87].
 """
 
