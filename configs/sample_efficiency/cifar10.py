@@ -38,7 +38,6 @@ ALL_KINDS = ("sigmoid", "softmax", "relu", "softplus", "linear", "polynomial", "
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_arg(arg, quick=False, all=False)
   config = ml_collections.ConfigDict()
-  config.seed = 0  # unused: every cell takes its seed from study.seeds
 
   config.study = configlib.from_dataclass(
       StudyConfig, kinds=ALL_KINDS if args.all else ("sigmoid", "softmax"),
@@ -64,13 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=1e-3, weight_decay=0.05)
   config.label_smoothing = 0.1
 
-  config.log_every_steps = 100
-  config.eval_every_steps = configlib.nullable(None, int)
+  # The single run's log, eval and checkpoint cadence do not apply: a study
+  # sets its own in config.study.
   config.eval_batch_size = 500
-  config.checkpoint_every_steps = configlib.nullable(None, int)
-  config.keep_checkpoints = 2
-  config.progress_bar = True
-  config.diagnostics_examples = 64
 
   if args.quick:
     config.study.update(train_sizes=(8, 16), seeds=(0, 1), min_steps=4, eval_every_steps=2,
@@ -81,5 +76,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 8
     config.num_epochs = 1.0
     config.eval_batch_size = 8
-    config.progress_bar = False
   return config.lock()

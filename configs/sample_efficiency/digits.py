@@ -53,7 +53,6 @@ ALL_KINDS = ("sigmoid", "softmax", "relu", "softplus", "linear", "polynomial", "
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_arg(arg, quick=False, all=False, long=False)
   config = ml_collections.ConfigDict()
-  config.seed = 0  # unused: every cell takes its seed from study.seeds
 
   config.study = configlib.from_dataclass(
       StudyConfig,
@@ -93,13 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=3e-3, weight_decay=0.05)
   config.label_smoothing = 0.1
 
-  config.log_every_steps = 50
-  config.eval_every_steps = configlib.nullable(None, int)
+  # The single run's log, eval and checkpoint cadence do not apply: a study
+  # sets its own in config.study.
   config.eval_batch_size = 300
-  config.checkpoint_every_steps = configlib.nullable(None, int)
-  config.keep_checkpoints = 2
-  config.progress_bar = True
-  config.diagnostics_examples = 64
 
   if args.quick:
     config.study.update(train_sizes=(32, 64), seeds=(0, 1), min_steps=6, eval_every_steps=3,
@@ -109,5 +104,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 16
     config.num_epochs = 2.0  # 32 -> 6 steps (the floor), 64 -> 8 steps: two budgets
     config.eval_batch_size = 100
-    config.progress_bar = False
   return config.lock()

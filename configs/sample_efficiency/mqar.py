@@ -47,7 +47,6 @@ ALL_KINDS = ("sigmoid", "softmax", "relu", "softplus", "linear", "polynomial", "
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_arg(arg, quick=False, all=False)
   config = ml_collections.ConfigDict()
-  config.seed = 0  # unused: every cell takes its seed from study.seeds
 
   config.study = configlib.from_dataclass(
       StudyConfig,
@@ -85,13 +84,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                           warmup_fraction=0.1)
   config.label_smoothing = 0.0
 
-  config.log_every_steps = 100
-  config.eval_every_steps = configlib.nullable(None, int)
+  # The single run's log, eval and checkpoint cadence do not apply: a study
+  # sets its own in config.study.
   config.eval_batch_size = 250
-  config.checkpoint_every_steps = configlib.nullable(None, int)
-  config.keep_checkpoints = 2
-  config.progress_bar = True
-  config.diagnostics_examples = 16
 
   if args.quick:
     config.study.update(train_sizes=(32, 64), seeds=(0, 1), eval_every_steps=3,
@@ -102,5 +97,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 16
     config.total_steps = 6
     config.eval_batch_size = 32
-    config.progress_bar = False
   return config.lock()
