@@ -230,7 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """
   start = time.perf_counter()
   study, exp_cfg = split_config(config)
-  data, setups = _open(study, exp_cfg)
+  _, setups = prepare(study, exp_cfg)
   groups = plan(study, exp_cfg)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.WorkdirLock(workdir):
@@ -268,8 +268,13 @@ def render(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return _report(study, exp_cfg, workdir)
 
 
-def _open(study: StudyConfig, exp_cfg: experiment.ExperimentConfig):
-  """The data in memory and, per kind, what its groups share (model functions compiled lazily)."""
+def prepare(study: StudyConfig, exp_cfg: experiment.ExperimentConfig
+            ) -> tuple[cells_lib.StudyData, dict[str, cells_lib.GroupSetup]]:
+  """Opens the data (in memory) and builds, per kind, what its groups share.
+
+  For callers that train groups themselves (benchmarks, notebooks, tests);
+  `run` uses it. Raises before anything is written, like `run`.
+  """
   largest = max(study.train_sizes)
   exp = experiment.build(dataclasses.replace(
       exp_cfg, data=dataclasses.replace(exp_cfg.data, train_examples=largest)))
