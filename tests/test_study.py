@@ -188,6 +188,13 @@ def test_a_study_with_a_fixed_subset_or_a_batch_larger_than_a_subset_is_refused(
   with pytest.raises(configlib.ConfigError, match=r"batch_size=48 is larger than the smallest"):
     study_lib.run(config, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")  # refused before anything is written
+  # A size larger than the training split (less the validation split) names the study's field.
+  config = quick_config().unlock()
+  config.study.train_sizes = (32, 1300)
+  with pytest.raises(configlib.ConfigError, match=r"config\.study\.train_sizes: the largest size, "
+                     r"1300.*expected train_examples <= 1200"):
+    study_lib.run(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
 
 
 @pytest.mark.usefixtures("fast_xla_compile")

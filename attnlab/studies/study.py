@@ -276,8 +276,14 @@ def prepare(study: StudyConfig, exp_cfg: experiment.ExperimentConfig
   `run` uses it. Raises before anything is written, like `run`.
   """
   largest = max(study.train_sizes)
-  exp = experiment.build(dataclasses.replace(
-      exp_cfg, data=dataclasses.replace(exp_cfg.data, train_examples=largest)))
+  try:
+    exp = experiment.build(dataclasses.replace(
+        exp_cfg, data=dataclasses.replace(exp_cfg.data, train_examples=largest)))
+  except configlib.ConfigError as e:
+    # The data names train_examples, which the study sets from its largest size.
+    raise configlib.ConfigError(
+        f"config.study.train_sizes: the largest size, {largest}, is the training pool the "
+        f"study opens (as data.train_examples), and the data refuses it: {e}") from e
   if exp_cfg.trainer.batch_size > min(study.train_sizes):
     raise configlib.ConfigError(
         f"config.batch_size={exp_cfg.trainer.batch_size} is larger than the smallest training "
