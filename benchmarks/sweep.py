@@ -63,7 +63,7 @@ def measure(args) -> dict:
   study_lib, config = _study(args)
   start = time.perf_counter()
   study, exp_cfg = study_lib.split_config(config)
-  _, setups = study_lib.prepare(study, exp_cfg)
+  setups = study_lib.prepare(study, exp_cfg)
   # The study's own plan, for the kinds asked (a study compares two kinds; the
   # benchmark may time one).
   groups = [g for g in study_lib.plan(study, exp_cfg) if g.cells[0].kind in args.kinds.split(",")]

@@ -43,7 +43,7 @@ BUDGETS = (6, 8, 6, 8)
 @pytest.fixture(scope="module")
 def setup():
   study, exp_cfg = study_lib.split_config(configlib.load("configs/sample_efficiency/digits.py:quick"))
-  _, setups = study_lib.prepare(study, exp_cfg)
+  setups = study_lib.prepare(study, exp_cfg)
   return setups["sigmoid"]
 
 

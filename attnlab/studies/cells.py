@@ -88,13 +88,11 @@ class StudyData:
       of the same permutation: disjoint from every subset), or None.
     test: the evaluation split, padded with weight-0 examples to a multiple
       of the evaluation batch size.
-    spec: the data set's spec (its num_train_examples is the pool's size).
   """
 
   train: dict[str, jax.Array]
   validation: dict[str, jax.Array] | None
   test: dict[str, jax.Array]
-  spec: data_lib.DataSpec
 
   @classmethod
   def load(cls, datasets: data_lib.Datasets, eval_batch_size: int) -> StudyData:
@@ -107,7 +105,7 @@ class StudyData:
     return cls(
         train=jax.device_put(data_lib.to_arrays(datasets.train)),
         validation=None if validation is None else _padded(validation, eval_batch_size),
-        test=_padded(datasets.eval, eval_batch_size), spec=datasets.spec)
+        test=_padded(datasets.eval, eval_batch_size))
 
 
 def _padded(dataset, batch_size: int) -> dict[str, jax.Array]:
@@ -148,10 +146,6 @@ class GroupSpec:
                        "a group holds one kind (it is compiled into the program).")
     if len(set(self.cells)) != len(self.cells):
       raise ValueError(f"Group {self.name!r} holds a cell twice.")
-
-  @property
-  def num_steps(self) -> int:
-    return max(self.budgets)
 
   def alive_at(self, step: int) -> list[int]:
     """Positions of the cells still training after `step` steps (budget > step)."""

@@ -230,7 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """
   start = time.perf_counter()
   study, exp_cfg = split_config(config)
-  _, setups = prepare(study, exp_cfg)
+  setups = prepare(study, exp_cfg)
   groups = plan(study, exp_cfg)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.WorkdirLock(workdir):
@@ -269,8 +269,8 @@ def render(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def prepare(study: StudyConfig, exp_cfg: experiment.ExperimentConfig
-            ) -> tuple[cells_lib.StudyData, dict[str, cells_lib.GroupSetup]]:
-  """Opens the data (in memory) and builds, per kind, what its groups share.
+            ) -> dict[str, cells_lib.GroupSetup]:
+  """Opens the data (in memory) and builds, per kind, what its groups share (data included).
 
   For callers that train groups themselves (benchmarks, notebooks, tests);
   `run` uses it. Raises before anything is written, like `run`.
@@ -301,7 +301,7 @@ def prepare(study: StudyConfig, exp_cfg: experiment.ExperimentConfig
         fns=fns, data=data, batch_size=exp_cfg.trainer.batch_size,
         eval_batch_size=exp_cfg.trainer.eval_batch_size, eval_every_steps=study.eval_every_steps,
         vmap_cells=vmap_cells(study))
-  return data, setups
+  return setups
 
 
 def vmap_cells(study: StudyConfig) -> int | None:
