@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -117,6 +118,19 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The records of <workdir>/metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def curve(workdir: str, name: str, *, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+  """(steps, values) of `name` over the `split` records of <workdir>/metrics.jsonl that
+  hold it, as int64 and float64 arrays in step order: a learning curve to plot.
+
+  Training records hold "loss", "accuracy", "grad_norm", "learning_rate",
+  "examples_per_sec"; evaluation records (split "eval") "eval_loss", "eval_accuracy".
+  """
+  records = sorted((r for r in read_metrics(workdir) if r["split"] == split and name in r),
+                   key=lambda r: r["step"])
+  return (np.array([r["step"] for r in records], np.int64),
+          np.array([r[name] for r in records], np.float64))
 
 
 class Progress:

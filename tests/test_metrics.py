@@ -6,6 +6,7 @@ import os
 import struct
 import sys
 
+import numpy as np
 from tensorboardX.proto import event_pb2  # the 'test' extra installs tensorboardX
 
 from attnlab import metrics
@@ -40,6 +41,18 @@ def test_jsonl_records_and_resume_truncation(tmp_path):
   records = metrics.read_metrics(str(tmp_path))
   assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 0.5), (3, 0.25)]
 
+
+def test_curve_reads_one_split_and_name_in_step_order(tmp_path):
+  with metrics.MetricWriter(str(tmp_path)) as writer:
+    writer.write(4, "train", {"loss": 0.5, "accuracy": 0.7})
+    writer.write(4, "eval", {"eval_loss": 0.6})
+    writer.write(2, "train", {"loss": 1.0})  # no accuracy: left out of that curve
+  steps, values = metrics.curve(str(tmp_path), "loss")
+  assert steps.dtype == np.int64 and values.dtype == np.float64
+  assert steps.tolist() == [2, 4] and values.tolist() == [1.0, 0.5]
+  assert [a.tolist() for a in metrics.curve(str(tmp_path), "accuracy")] == [[4], [0.7]]
+  assert [a.tolist() for a in metrics.curve(str(tmp_path), "eval_loss", split="eval")] == [[4], [0.6]]
+  assert [a.tolist() for a in metrics.curve(str(tmp_path), "loss", split="eval")] == [[], []]
 
 def test_tensorboard_events_hold_the_same_scalars(tmp_path):
   writer = metrics.MetricWriter(str(tmp_path))
