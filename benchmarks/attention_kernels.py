@@ -15,7 +15,13 @@ speedups of flash-sigmoid over flash-softmax (ours) and over cuDNN (time ratio
 reference / sigmoid, > 1 means sigmoid is faster). `flash-sigmoid +dbias` passes the
 bias as a per-head array traced under jit (as a learned bias is), so its backward
 also computes d bias (the dQ kernel's dS row sums): its `f+b x` column is that
-cost. Interpret-mode (CPU) times say nothing about kernel speed.
+cost. Interpret-mode (CPU) times say nothing about kernel speed. `--plot chart.png` adds a
+bar chart of TFLOP/s per implementation and shape.
+
+As a library (colab/03_flash_sigmoid_kernel.ipynb, with benchmarks/ on sys.path):
+`run(parse_args([...]))` prints the table and returns it as records (`speed_rows`),
+`plot_tflops(rows)` draws the chart, `reference_errors(kind, length=...)` says how far
+the kernel is from the jnp reference, values and gradients.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import math
 import statistics
 import sys
 import warnings
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +132,77 @@ def attention_flops(b, h, lq, lk, d, causal) -> float:
   return 4.0 * b * h * lq * lk * d * (0.5 if causal else 1.0)
 
 
-def run(args) -> None:
+REFERENCE = "flash-sigmoid (ours)"  # the speedup columns divide by this implementation's time
+# The bar chart's implementations (those measured): the two fused kernels, cuDNN's softmax
+# (GPU) and jax's own Pallas flash softmax (Triton on GPU, Mosaic on TPU).
+CHART_IMPLS = ("flash-sigmoid (ours)", "flash-softmax (ours)", "jax.nn.dpa (cudnn)",
+               "jax pallas softmax")
+
+
+def random_inputs(key: jax.Array, b: int, length: int, h: int, hkv: int, d: int, dtype):
+  """q, k, v and an output cotangent do, standard normal, [B, L, heads, D]."""
+  kq, kk, kv, kd = jax.random.split(key, 4)
+  return (jax.random.normal(kq, (b, length, h, d), dtype),
+          jax.random.normal(kk, (b, length, hkv, d), dtype),
+          jax.random.normal(kv, (b, length, hkv, d), dtype),
+          jax.random.normal(kd, (b, length, h, d), dtype))
+
+
+def speed_rows(args) -> Iterator[dict[str, Any]]:
+  """The table as data: one record per (length, head dim, mask, implementation).
+
+  `args` as `parse_args` returns them. Every record has "length", "head_dim", "mask"
+  ("causal" / "full") and "impl"; a measured one adds `measure`'s fields, "fwd_tflops"
+  and "fwdbwd_tflops" (attention TFLOP/s, see the module docstring) and the speedups
+  "fwd_x" / "fwdbwd_x" (time / time of `REFERENCE`); one that was not measured adds
+  "note" (unavailable, skipped, or the error it raised). Records come group by group as
+  each (length, head dim, mask) group is measured.
+  """
+  dtype = jnp.dtype(args.dtype)
+  for length in args.lengths:
+    for d in args.head_dims:
+      b, h = max(1, args.tokens // length), max(1, args.model_dim // d)
+      hkv = max(1, h // args.gqa)
+      q, k, v, do = random_inputs(jax.random.PRNGKey(0), b, length, h, hkv, d, dtype)
+      for causal in args.masks:
+        flops = attention_flops(b, h, length, length, d, causal)
+        results = {}
+        for name, fn in implementations(args.interpret, args.xla_max_len, length,
+                                        hkv != h).items():
+          if isinstance(fn, str):
+            results[name] = fn
+            continue
+          try:
+            results[name] = measure(fn, q, k, v, do, causal, args.repeats)
+          except Exception as e:  # pylint: disable=broad-except
+            # A missing cuDNN, an OOM, an unsupported shape: report it in the table.
+            results[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        ref = results.get(REFERENCE)
+        for name, r in results.items():
+          row = {"length": length, "head_dim": d, "mask": "causal" if causal else "full",
+                 "impl": name}
+          if isinstance(r, str):
+            yield {**row, "note": r}
+            continue
+          ratio = lambda key: (r[key] / ref[key]) if isinstance(ref, dict) else float("nan")
+          yield {**row, **r, "fwd_tflops": flops / r["fwd_ms"] / 1e9,
+                 "fwdbwd_tflops": 3.5 * flops / r["fwdbwd_ms"] / 1e9,
+                 "fwd_x": ratio("fwd_ms"), "fwdbwd_x": ratio("fwdbwd_ms")}
+
+
+def format_row(r: dict[str, Any]) -> str:
+  """One line of the markdown table (TF/s columns in GFLOP/s off an accelerator)."""
+  lead = f"| {r['length']:>6} | {r['head_dim']:>4} | {r['mask']:6} | {r['impl']:24} |"
+  if "note" in r:
+    return f"{lead} {r['note']} |"
+  scale = 1.0 if (ON_GPU or ON_TPU) else 1e3
+  return (f"{lead} {r['fwd_ms']:9.3f} | {r['fwd_tflops'] * scale:8.2f} | {r['fwdbwd_ms']:9.3f} "
+          f"| {r['fwdbwd_tflops'] * scale:8.2f} | {r['fwd_tmp']:8.1f} | {r['fwdbwd_tmp']:8.1f} "
+          f"| {r['fwdbwd_peak']:8.0f} | {r['fwd_x']:6.2f} | {r['fwdbwd_x']:6.2f} |")
+
+
+def run(args) -> list[dict[str, Any]]:
+  """Prints the table (and writes it to args.out, args.plot); returns `speed_rows`."""
   # Lines go to the --out file as they are produced: a run cut short by a timeout keeps
   # every row it finished.
   out = open(args.out, "w") if args.out else io.StringIO()
@@ -135,16 +211,14 @@ def run(args) -> None:
     print(line, file=out, flush=True)
     print(line, flush=True)
 
-  interpret = args.interpret
-  dtype = jnp.dtype(args.dtype)
   emit(f"# attention kernels benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
   emit(f"jax {jax.__version__}, platform {PLATFORM}, device {jax.devices()[0].device_kind}, "
-       f"dtype {dtype.name}, interpret={interpret}, repeats={args.repeats}")
+       f"dtype {jnp.dtype(args.dtype).name}, interpret={args.interpret}, repeats={args.repeats}")
   emit(f"shapes: B = max(1, {args.tokens} // L), H = {args.model_dim} // D, "
        f"Hkv = H // {args.gqa}; lengths {args.lengths}; head dims {args.head_dims}")
   emit("units: ms = median wall time; TF/s = attention TFLOP/s (GF/s on CPU); tmp = XLA "
        "temporaries MiB; peak = process peak MiB (GPU only, monotonic)")
-  if interpret:
+  if args.interpret:
     emit("NOTE: Pallas kernels run in INTERPRET mode here: their times are meaningless; this "
          "run only proves the script works.")
   header = (f"| {'L':>6} | {'D':>4} | {'mask':6} | {'impl':24} | {'fwd ms':>9} | {'fwd TF/s':>8} "
@@ -154,55 +228,82 @@ def run(args) -> None:
   emit("speedup columns `fwd x` / `f+b x` = time(this impl) / time(flash-sigmoid) in the same row group")
   emit(header)
   emit("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-  unit = 1e12 if (ON_GPU or ON_TPU) else 1e9
-  summary = []
-  key = jax.random.PRNGKey(0)
-  for length in args.lengths:
-    for d in args.head_dims:
-      b, h = max(1, args.tokens // length), max(1, args.model_dim // d)
-      hkv = max(1, h // args.gqa)
-      kq, kk, kv, kd = jax.random.split(key, 4)
-      q = jax.random.normal(kq, (b, length, h, d), dtype)
-      k = jax.random.normal(kk, (b, length, hkv, d), dtype)
-      v = jax.random.normal(kv, (b, length, hkv, d), dtype)
-      do = jax.random.normal(kd, (b, length, h, d), dtype)
-      for causal in args.masks:
-        flops = attention_flops(b, h, length, length, d, causal)
-        rows = {}
-        for name, fn in implementations(interpret, args.xla_max_len, length,
-                                        hkv != h).items():
-          if isinstance(fn, str):
-            rows[name] = fn
-            continue
-          try:
-            rows[name] = measure(fn, q, k, v, do, causal, args.repeats)
-          except Exception as e:  # pylint: disable=broad-except
-            # A missing cuDNN, an OOM, an unsupported shape: report it in the table.
-            rows[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
-        ref = rows.get("flash-sigmoid (ours)")
-        for name, r in rows.items():
-          mask = "causal" if causal else "full"
-          if isinstance(r, str):
-            emit(f"| {length:>6} | {d:>4} | {mask:6} | {name:24} | {r} |")
-            continue
-          ratio = lambda key: (r[key] / ref[key]) if isinstance(ref, dict) else float("nan")
-          emit(f"| {length:>6} | {d:>4} | {mask:6} | {name:24} | {r['fwd_ms']:9.3f} "
-               f"| {flops / r['fwd_ms'] / 1e-3 / unit:8.2f} | {r['fwdbwd_ms']:9.3f} "
-               f"| {3.5 * flops / r['fwdbwd_ms'] / 1e-3 / unit:8.2f} | {r['fwd_tmp']:8.1f} "
-               f"| {r['fwdbwd_tmp']:8.1f} | {r['fwdbwd_peak']:8.0f} | {ratio('fwd_ms'):6.2f} "
-               f"| {ratio('fwdbwd_ms'):6.2f} |")
-          if isinstance(ref, dict) and name != "flash-sigmoid (ours)":
-            summary.append((length, d, mask, name, ratio("fwd_ms"), ratio("fwdbwd_ms")))
+  rows = []
+  for row in speed_rows(args):
+    rows.append(row)
+    emit(format_row(row))
   emit()
   emit("## flash-sigmoid speedup (time of reference / time of flash-sigmoid; > 1 = sigmoid faster)")
   for ref_name in ("flash-softmax (ours)", "jax.nn.dpa (cudnn)" if ON_GPU else "jax.nn.dpa (xla)"):
-    picked = [s for s in summary if s[3] == ref_name]
+    picked = [r for r in rows if r["impl"] == ref_name and not math.isnan(r.get("fwd_x", math.nan))]
     if picked:
-      fwd = statistics.median(s[4] for s in picked)
-      fb = statistics.median(s[5] for s in picked)
+      fwd = statistics.median(r["fwd_x"] for r in picked)
+      fb = statistics.median(r["fwdbwd_x"] for r in picked)
       emit(f"vs {ref_name}: median over {len(picked)} shapes: forward x{fwd:.3f}, "
            f"forward+backward x{fb:.3f}")
   out.close()
+  if args.plot:
+    plot_tflops(rows, title=f"{jax.devices()[0].device_kind}, {args.dtype}"
+                + (", INTERPRET mode: times mean nothing" if args.interpret else "")
+                ).savefig(args.plot, dpi=100, bbox_inches="tight")
+  return rows
+
+
+def plot_tflops(rows: list[dict[str, Any]], *, impls: tuple[str, ...] = CHART_IMPLS,
+                title: str = ""):
+  """Bar chart of attention TFLOP/s, forward and forward+backward, per implementation
+  (those of `impls` that were measured) and shape group; returns the matplotlib Figure.
+
+  A group is labelled by its length, and by head dim and mask where the rows hold more
+  than one of them.
+  """
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  measured = [r for r in rows if "fwd_tflops" in r and r["impl"] in impls]
+  names = [name for name in impls if any(r["impl"] == name for r in measured)]
+  varies = [f for f in ("head_dim", "mask") if len({r[f] for r in measured}) > 1]
+  groups = list(dict.fromkeys((r["length"], r["head_dim"], r["mask"]) for r in measured))
+  label = lambda g: "\n".join([f"L={g[0]}"] + [f"D={g[1]}"] * ("head_dim" in varies)
+                              + [g[2]] * ("mask" in varies))
+  width = 0.8 / max(1, len(names))
+  fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), squeeze=False)
+  for ax, field, what in zip(axes[0], ("fwd_tflops", "fwdbwd_tflops"),
+                             ("forward", "forward + backward")):
+    for i, name in enumerate(names):
+      values = {(r["length"], r["head_dim"], r["mask"]): r[field]
+                for r in measured if r["impl"] == name}
+      xs = [j + (i - (len(names) - 1) / 2) * width for j, g in enumerate(groups) if g in values]
+      ax.bar(xs, [values[g] for g in groups if g in values], width, label=name)
+    ax.set_xticks(range(len(groups)), [label(g) for g in groups])
+    ax.set_ylabel("attention TFLOP/s")
+    ax.set_title(what)
+  axes[0][0].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
+def reference_errors(kind: str, *, length: int, head_dim: int = 64, heads: int = 2,
+                     batch: int = 1, is_causal: bool = True, seed: int = 0) -> dict[str, float]:
+  """How far the fused kernel is from the jnp reference, float32, default sigmoid bias.
+
+  `attend(impl="pallas")` (interpret mode off an accelerator) against
+  `attend(impl="xla")` computed in full float32 precision (XLA's default on GPU is
+  TF32, which the kernels do not use). Returns max |kernel - reference| / max
+  |reference| for "out" and the gradients "dq", "dk", "dv" of <out, do>.
+  """
+  q, k, v, do = random_inputs(jax.random.PRNGKey(seed), batch, length, heads, heads, head_dim,
+                              jnp.float32)
+  attend = lambda impl: lambda q, k, v: attention.attend(q, k, v, kind=kind, impl=impl,
+                                                          is_causal=is_causal)
+  got, pullback = jax.vjp(attend("pallas"), q, k, v)
+  got = (got, *pullback(do))
+  with jax.default_matmul_precision("highest"):
+    want, pullback = jax.vjp(attend("xla"), q, k, v)
+    want = (want, *pullback(do))
+  return {name: float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+          for name, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
 
 
 def parse_args(argv=None):
@@ -223,6 +324,7 @@ def parse_args(argv=None):
   parser.add_argument("--quick", action="store_true",
                       help="tiny shapes in interpret mode (the default on CPU)")
   parser.add_argument("--out", default=None, help="also write the table to this file")
+  parser.add_argument("--plot", default=None, help="also save the TFLOP/s bar chart here (PNG)")
   args = parser.parse_args(argv)
   args.interpret = not (ON_GPU or ON_TPU)
   if args.quick or args.interpret:
