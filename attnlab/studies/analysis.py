@@ -424,6 +424,60 @@ def _percentiles(x: np.ndarray) -> tuple[float, float]:
   return float(np.percentile(x, tail)), float(np.percentile(x, 100 - tail))
 
 
+# --------------------------------------------------------------------------- log-log slope
+
+
+@dataclasses.dataclass(frozen=True)
+class LogLogSlope:
+  """log(mean value) = intercept + slope * log(n), least squares over the per-n means.
+
+  Unlike `PowerLawFit` the slope is not bounded: a metric that levels off or grows with n
+  (a misspecified fit's error) shows it as a slope near or above 0. slope_ci is the 95%
+  bootstrap percentile interval (seeds resampled within each n), (NaN, NaN) without one.
+  """
+  slope: float
+  intercept: float
+  slope_ci: tuple[float, float]
+  sizes: int
+  n_boot: int
+
+  def predict(self, n: Any) -> np.ndarray:
+    return np.exp(self.intercept + self.slope * np.log(np.asarray(n, dtype=np.float64)))
+
+
+def loglog_slope(n: Sequence[float], value: Sequence[float], *, n_boot: int = 1000,
+                 seed: int = 0) -> LogLogSlope:
+  """The empirical convergence rate of `value` in n: the slope of the log-log line.
+
+  Args:
+    n: sample size of each result (repeated once per seed).
+    value: the metric of each result (e.g. an estimation loss); NaN results are left out.
+    n_boot: bootstrap replicates; 0 skips the interval.
+    seed: seed of the bootstrap's NumPy generator.
+
+  Raises:
+    FitError: fewer than 2 distinct sizes, or a mean value <= 0 (no logarithm).
+  """
+  sizes, groups = _group_by_n(n, value)
+  if sizes.size < 2:
+    raise FitError(f"a log-log slope needs results at >= 2 distinct sizes; got {sizes.astype(int).tolist()}.")
+
+  def fit(means: np.ndarray) -> np.ndarray:
+    if np.any(means <= 0):
+      raise FitError(f"mean value <= 0 at n={sizes[means <= 0].astype(int).tolist()}: no logarithm.")
+    return np.polyfit(np.log(sizes), np.log(means), 1)
+
+  slope, intercept = fit(np.array([g.mean() for g in groups]))
+  rng = np.random.default_rng(seed)
+  boot = []
+  for _ in range(n_boot):
+    means = np.array([rng.choice(g, size=g.size, replace=True).mean() for g in groups])
+    if np.all(means > 0):
+      boot.append(fit(means)[0])
+  ci = _percentiles(np.array(boot)) if len(boot) >= 2 else (math.nan, math.nan)
+  return LogLogSlope(float(slope), float(intercept), ci, int(sizes.size), n_boot)
+
+
 # --------------------------------------------------------------------------- samples to target
 
 

@@ -1,0 +1,682 @@
+r"""The seed paper's synthetic estimation study: sigmoid- vs softmax-gated experts fitted by least squares.
+
+Yan et al. (arXiv 2502.00281) read a row of self-attention as a mixture of
+experts with quadratic gating scores and prove that least-squares estimates of
+sigmoid-gated experts converge faster in the sample size n than softmax-gated
+ones. This module measures that: ground truths, students fitted to the same
+data, Voronoi losses and test MSE against n, and their log-log slopes.
+
+The model (family "moe"), K experts, x in R^d:
+
+  s_k(x) = x^T A_k x + b_k^T x + c_k        (score="full"; "partial" drops b_k)
+  g(x)   = sigmoid(s(x)) elementwise, or softmax(s(x)) over k
+  f(x)   = sum_k g_k(x) * h(a_k^T x + e_k)  h = EXPERTS[expert]: identity
+           ("linear"), ReLU, GELU (exact), or z + z^2/2 ("polynomial")
+
+Only the symmetric part of A_k enters x^T A_k x, so A is compared as
+(A + A^T) / 2. The attention-level version (family "attention") is one head
+over N tokens X in R^{N x d}: s_ij = x_i^T W x_j (+ c for sigmoid), row i's
+output sum_j g_ij(X) V^T x_j, softmax over j or sigmoid per j.
+
+Ground truth and data. The truth's parameters are drawn once from
+`truth_seed` (k* = true_experts atoms; regime "sparse" sets the first atom's
+gate slopes A_0, b_0 to zero, "dense" keeps every slope non-zero: our reading
+of the two regimes of arXiv 2405.13997, whose text was not available here).
+A repetition (seed) draws a pool X of max(train_sizes) Gaussian inputs and
+Gaussian noise of std `noise_std`; size n uses the first n (nested subsets),
+and both truths share X and the noise. Y = f*(X) + noise.
+
+Students. Both gates, with k = fitted_experts > k* atoms of the truth's
+expert type, are fitted to the same data from both truths: full-batch mean
+squared error, `adam_steps` of Adam then `lbfgs_steps` of L-BFGS (optax, zoom
+line search; if L-BFGS ends worse or non-finite, Adam's end point is kept),
+from `restarts` random initialisations; the restart with the lowest training
+loss is kept. One jitted program per (expert, n) fits every truth x
+repetition x restart (vmapped) for both students.
+
+Metrics, per (truth, expert, student, n, seed):
+  * test_mse: mean of (f_hat(x) - f*(x))^2 over `test_examples` fresh inputs
+    (the excess risk: noise-free, so it tends to 0 for a well-specified fit
+    and to the approximation error for a misspecified one);
+  * voronoi: the Voronoi loss between the fitted and the true mixing measure,
+    defined when the student's gate is the truth's (the other gate cannot
+    express the truth's mixing measure, so it is NaN there and test_mse is
+    the comparison). For the attention family (no over-specification) it is
+    the first-order parameter distance |W - W*| + |V - V*| (+ |c - c*| for
+    sigmoid), Frobenius norms.
+
+The Voronoi loss (family "moe"). Atom i of a measure has a gate mass m_i
+(a vector) and a location theta_i (flattened; sym(A) = (A + A^T) / 2, b absent
+for a partial score); what is identifiable differs by gate:
+  * softmax: invariant to adding one (A, b, c) to every atom, so the measure
+    is first put in canonical form: c_i -> c_i - logsumexp(c),
+    (A_i, b_i) -> (A_i, b_i) - sum_l w_l (A_l, b_l) with w = softmax(c); then
+    m_i = exp(c_i) (the masses sum to 1; an over-fitted cell splits its mass)
+    and theta_i = (sym(A_i), b_i, a_i, e_i);
+  * sigmoid: gates are not normalised, so an over-fitted cell keeps the true
+    gate in every member and splits the expert instead (exactly for linear
+    experts, and for ReLU by positive homogeneity); an atom is switched off
+    by a vanishing gate or a vanishing expert. So m_i = sigmoid(c_i) (a_i, e_i)
+    (the expert scaled by the gate at x = 0) and theta_i = (sym(A_i), b_i, c_i).
+Each fitted atom i joins the cell V_j of its nearest true atom j (Euclidean
+distance of theta, ties to the lower j). Then
+
+  D(G, G*) = sum_j | sum_{i in V_j} m_i - m*_j |
+           + sum_{j : |V_j| = 1} sum_{i in V_j} |m_i| |theta_i - theta*_j|
+           + sum_{j : |V_j| > 1} sum_{i in V_j} |m_i| |theta_i - theta*_j|^2
+
+with |.| the Euclidean norm: cells of one fitted atom count first-order
+differences, cells of several second-order ones, plus the gate-mass mismatch.
+D is 0 at the truth, invariant to permuting atoms and (softmax) to the gate
+translation, and 0 at the exact over-specified solutions above. These are our
+definitions (the papers' own were not available here): the sigmoid one
+follows where an exact over-specified sigmoid fit can put its extra atom.
+
+Rates: per (truth, expert, student, metric), `analysis.loglog_slope` fits
+log(mean over seeds) against log n and bootstraps seeds within each n.
+
+  results = run(config, workdir)    # resumable: <workdir>/cells/<expert>_n<n>.json per group
+  render(config, workdir)           # report.md, results.json, rates.png from recorded groups
+  python -m attnlab.studies.moe_estimation --config configs/sample_efficiency/moe_synthetic.py:quick
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from attnlab import configlib
+from attnlab import workdir as workdir_lib
+from attnlab.studies import analysis
+
+GROUPS_DIR = "cells"
+SECTION = "moe"
+
+GATES: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "sigmoid": jax.nn.sigmoid,
+    "softmax": lambda s: jax.nn.softmax(s, axis=-1),
+}
+
+# Expert activations h(a^T x + e): ReLU/GELU are the papers' strongly identifiable
+# experts, linear and polynomial the weakly identifiable ones.
+EXPERTS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "linear": lambda z: z,
+    "relu": jax.nn.relu,
+    "gelu": lambda z: jax.nn.gelu(z, approximate=False),
+    "polynomial": lambda z: z + 0.5 * z * z,
+}
+
+FAMILIES = ("moe", "attention")
+METRICS = ("voronoi", "test_mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEStudyConfig:
+  """What `config.moe` may hold.
+
+  Attributes:
+    family: "moe" (quadratic-gating mixture of experts) or "attention" (one head).
+    truths: gates of the ground truths.
+    students: gates of the fitted models; every student is fitted to every truth.
+    experts: expert types (EXPERTS); the attention family has linear values only.
+    score: "full" (x^T A x + b^T x + c) or "partial" (no linear term).
+    regime: "dense" (every true gate slope non-zero) or "sparse" (the first
+      true atom's A and b are zero); see the module docstring.
+    dim: input dimension d.
+    tokens: tokens N per example (attention family).
+    true_experts: k*, atoms of the truth.
+    fitted_experts: k, atoms of each student (k > k*: over-specified).
+    truth_seed: seed of the ground truth's parameters.
+    noise_std: standard deviation of the Gaussian noise added to f*(X).
+    train_sizes: sample sizes n, increasing.
+    seeds: repetitions: each draws its own inputs, noise and initialisations.
+    restarts: random initialisations per fit; the lowest training loss is kept.
+    adam_steps, learning_rate: full-batch Adam phase.
+    lbfgs_steps: full-batch L-BFGS phase after Adam (0: none).
+    init_scale: standard deviation of the students' initial parameters.
+    test_examples: fresh inputs of the test MSE (one fixed draw).
+    bootstrap: bootstrap replicates of the slopes.
+  """
+
+  family: str = "moe"
+  truths: tuple[str, ...] = ("sigmoid", "softmax")
+  students: tuple[str, ...] = ("sigmoid", "softmax")
+  experts: tuple[str, ...] = ("linear", "relu")
+  score: str = "full"
+  regime: str = "dense"
+  dim: int = 2
+  tokens: int = 4
+  true_experts: int = 2
+  fitted_experts: int = 3
+  truth_seed: int = 0
+  noise_std: float = 0.1
+  train_sizes: tuple[int, ...] = (100, 1000, 10000)
+  seeds: tuple[int, ...] = (0, 1, 2)
+  restarts: int = 4
+  adam_steps: int = 1000
+  learning_rate: float = 0.02
+  lbfgs_steps: int = 300
+  init_scale: float = 1.0
+  test_examples: int = 10000
+  bootstrap: int = 1000
+
+  def __post_init__(self):
+    for name in ("truths", "students", "experts", "train_sizes", "seeds"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    _choice("family", self.family, FAMILIES)
+    _choice("score", self.score, ("full", "partial"))
+    _choice("regime", self.regime, ("dense", "sparse"))
+    for name, known in (("truths", GATES), ("students", GATES), ("experts", EXPERTS)):
+      values = getattr(self, name)
+      if not values or len(set(values)) != len(values):
+        raise _error(name, values, "expected at least one name, each once.")
+      for v in values:
+        if v not in known:
+          raise _error(name, values, f"{v!r} is unknown.{configlib.suggest(v, known)} "
+                       f"Known: {', '.join(known)}.")
+    if self.family == "attention" and self.experts != ("linear",):
+      raise _error("experts", self.experts, "the attention family mixes linear values: "
+                   "set experts=('linear',).")
+    sizes = self.train_sizes
+    if not sizes or any(not _is_int(n) or n < 2 for n in sizes) or list(sizes) != sorted(set(sizes)):
+      raise _error("train_sizes", sizes, "expected ints >= 2 in increasing order, each once.")
+    if not self.seeds or any(not _is_int(s) or s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+      raise _error("seeds", self.seeds, "expected non-negative ints, each once.")
+    for name in ("dim", "tokens", "true_experts", "restarts", "test_examples", "bootstrap"):
+      if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+        raise _error(name, getattr(self, name), "expected a positive int.")
+    for name in ("adam_steps", "lbfgs_steps", "truth_seed"):
+      if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+        raise _error(name, getattr(self, name), "expected a non-negative int.")
+    if self.fitted_experts < self.true_experts:
+      raise _error("fitted_experts", self.fitted_experts,
+                   f"expected >= true_experts={self.true_experts} (an over-specified fit).")
+    if self.adam_steps + self.lbfgs_steps == 0:
+      raise _error("adam_steps", self.adam_steps, "no optimiser step at all: set adam_steps "
+                   "or lbfgs_steps > 0.")
+    for name in ("noise_std", "learning_rate", "init_scale"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or value < 0 or (name != "noise_std" and value == 0):
+        raise _error(name, value, "expected a positive number (noise_std may be 0).")
+
+
+def _error(field: str, value: Any, fix: str) -> configlib.ConfigError:
+  return configlib.ConfigError(f"config.{SECTION}.{field}={value!r}: {fix}")
+
+
+def _choice(field: str, value: str, known: tuple[str, ...]) -> None:
+  if value not in known:
+    raise _error(field, value, f"expected one of {known}.{configlib.suggest(value, known)}")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_moe_study(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config` describes this study (a `moe` section) rather than a run or attention study."""
+  return SECTION in config
+
+
+def study_config(config: ml_collections.ConfigDict) -> MoEStudyConfig:
+  """The typed `config.moe` section. Raises configlib.ConfigError naming a bad field."""
+  if not is_moe_study(config):
+    raise configlib.ConfigError(f"The config has no `{SECTION}` section; start from "
+                                "configs/sample_efficiency/moe_synthetic.py.")
+  return configlib.to_dataclass(MoEStudyConfig, config[SECTION], where=f"config.{SECTION}")
+
+
+# ----------------------------------------------------------------------------
+# Models: parameters are dicts of arrays with the atom axis first.
+# ----------------------------------------------------------------------------
+
+
+def init_params(key: jax.Array, cfg: MoEStudyConfig, atoms: int, scale: float) -> dict[str, jax.Array]:
+  """Random parameters of `atoms` atoms (ignored by the attention family: one head)."""
+  d = cfg.dim
+  keys = jax.random.split(key, 5)
+  if cfg.family == "attention":
+    return {"W": scale * jax.random.normal(keys[0], (d, d)) / math.sqrt(d),
+            "V": scale * jax.random.normal(keys[1], (d, d)),
+            "c": scale * jax.random.normal(keys[2], ())}
+  p = {"A": 0.5 * scale * jax.random.normal(keys[0], (atoms, d, d)),
+       "c": 0.5 * scale * jax.random.normal(keys[2], (atoms,)),
+       "a": scale * jax.random.normal(keys[3], (atoms, d)),
+       "e": 0.5 * scale * jax.random.normal(keys[4], (atoms,))}
+  if cfg.score == "full":
+    p["b"] = scale * jax.random.normal(keys[1], (atoms, d))
+  return p
+
+
+def predict(params: dict[str, jax.Array], x: jax.Array, gate: str, expert: str,
+            family: str = "moe") -> jax.Array:
+  """f(x): [n, d] -> [n] (moe), or [n, N, d] -> [n, N, d] (attention)."""
+  if family == "attention":
+    s = jnp.einsum("mid,de,mje->mij", x, params["W"], x)
+    if gate == "sigmoid":
+      s = s + params["c"]
+    return jnp.einsum("mij,mjd,de->mie", GATES[gate](s), x, params["V"])
+  s = jnp.einsum("nd,kde,ne->nk", x, params["A"], x) + params["c"][None, :]
+  if "b" in params:
+    s = s + x @ params["b"].T
+  h = EXPERTS[expert](x @ params["a"].T + params["e"][None, :])
+  return jnp.sum(GATES[gate](s) * h, axis=-1)
+
+
+def ground_truth(cfg: MoEStudyConfig) -> dict[str, np.ndarray]:
+  """The truth's parameters (float64 NumPy), the same for both gates and every expert type."""
+  p = init_params(jax.random.key(cfg.truth_seed), cfg, cfg.true_experts, 1.0)
+  p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+  if cfg.family == "moe" and cfg.regime == "sparse":
+    p["A"][0] = 0.0
+    if "b" in p:
+      p["b"][0] = 0.0
+  return p
+
+
+def draw_inputs(key: jax.Array, cfg: MoEStudyConfig, n: int) -> jax.Array:
+  shape = (n, cfg.tokens, cfg.dim) if cfg.family == "attention" else (n, cfg.dim)
+  return jax.random.normal(key, shape)
+
+
+def draw_data(cfg: MoEStudyConfig, seed: int, n: int) -> tuple[jax.Array, jax.Array]:
+  """(X, noise) of repetition `seed`: the first n of its pool (nested in n, shared by truths)."""
+  pool = max(cfg.train_sizes)
+  kx, kn = jax.random.split(jax.random.fold_in(jax.random.key(cfg.truth_seed), 1 + seed))
+  x = draw_inputs(kx, cfg, pool)[:n]
+  noise = cfg.noise_std * jax.random.normal(kn, x.shape[:-1] + ((cfg.dim,) if cfg.family == "attention" else ()))
+  return x, noise[:n]
+
+
+def test_inputs(cfg: MoEStudyConfig) -> jax.Array:
+  """The fixed test draw (its own key, disjoint from every repetition's)."""
+  return draw_inputs(jax.random.fold_in(jax.random.key(cfg.truth_seed), 0), cfg, cfg.test_examples)
+
+
+# ----------------------------------------------------------------------------
+# Least squares: Adam, then L-BFGS, vmapped over problems and restarts.
+# ----------------------------------------------------------------------------
+
+
+def fit_one(params, x, y, *, gate: str, expert: str, family: str, adam_steps: int,
+            learning_rate: float, lbfgs_steps: int):
+  """Fits one student to (x, y) by least squares; returns (params, training MSE)."""
+  def loss(p):
+    return jnp.mean((predict(p, x, gate, expert, family) - y) ** 2)
+
+  value_and_grad = jax.value_and_grad(loss)
+  adam = optax.adam(learning_rate)
+
+  def adam_step(carry, _):
+    p, state = carry
+    _, g = value_and_grad(p)
+    updates, state = adam.update(g, state, p)
+    return (optax.apply_updates(p, updates), state), None
+
+  (p_adam, _), _ = jax.lax.scan(adam_step, (params, adam.init(params)), None, length=adam_steps)
+  if lbfgs_steps == 0:
+    return p_adam, loss(p_adam)
+  lbfgs = optax.lbfgs()
+  cached = optax.value_and_grad_from_state(loss)
+
+  def lbfgs_step(carry, _):
+    p, state = carry
+    value, g = cached(p, state=state)
+    updates, state = lbfgs.update(g, state, p, value=value, grad=g, value_fn=loss)
+    return (optax.apply_updates(p, updates), state), None
+
+  (p_lb, _), _ = jax.lax.scan(lbfgs_step, (p_adam, lbfgs.init(p_adam)), None, length=lbfgs_steps)
+  l_adam, l_lb = loss(p_adam), loss(p_lb)
+  take_lb = jnp.isfinite(l_lb) & (l_lb <= l_adam)
+  best = jax.tree.map(lambda a, b: jnp.where(take_lb, b, a), p_adam, p_lb)
+  return best, jnp.where(take_lb, l_lb, l_adam)
+
+
+@functools.lru_cache(maxsize=None)
+def _fit_program(cfg: MoEStudyConfig, expert: str):
+  """jit: ({student: params [P, R, ...]}, x [P, n, ...], y [P, n, ...]) -> best per problem.
+
+  P problems (truth x repetition) share nothing; R restarts share their problem's
+  data. Returns {student: (params [P, ...], train MSE [P])}, the lowest-loss restart.
+  """
+  def best_of(params_PR, x_P, y_P, student):
+    fit = functools.partial(fit_one, gate=student, expert=expert, family=cfg.family,
+                            adam_steps=cfg.adam_steps, learning_rate=cfg.learning_rate,
+                            lbfgs_steps=cfg.lbfgs_steps)
+    over_restarts = jax.vmap(fit, in_axes=(0, None, None))
+    params, loss = jax.vmap(over_restarts)(params_PR, x_P, y_P)
+    loss = jnp.where(jnp.isfinite(loss), loss, jnp.inf)
+    pick = jnp.argmin(loss, axis=1)
+    take = lambda v: jnp.take_along_axis(  # noqa: E731
+        v, pick.reshape((-1,) + (1,) * (v.ndim - 1)), axis=1)[:, 0]
+    return jax.tree.map(take, params), take(loss)
+
+  def program(params_by_student, x_P, y_P):
+    return {s: best_of(p, x_P, y_P, s) for s, p in params_by_student.items()}
+
+  return jax.jit(program)
+
+
+@functools.lru_cache(maxsize=None)
+def _predict_program(family: str, gate: str, expert: str):
+  return jax.jit(jax.vmap(lambda p, x: predict(p, x, gate, expert, family), in_axes=(0, None)))
+
+
+# ----------------------------------------------------------------------------
+# The Voronoi loss (float64 NumPy).
+# ----------------------------------------------------------------------------
+
+
+def _canonical(params: dict[str, np.ndarray], gate: str) -> tuple[np.ndarray, np.ndarray]:
+  """(masses [K, m], locations theta [K, p]) of a moe measure (module docstring)."""
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  A = (p["A"] + np.swapaxes(p["A"], 1, 2)) / 2
+  slopes = [A.reshape(len(A), -1)] + ([p["b"]] if "b" in p else [])
+  experts = np.concatenate([p["a"], p["e"][:, None]], axis=1)
+  c = p["c"]
+  if gate == "softmax":
+    c = c - (c.max() + np.log(np.sum(np.exp(c - c.max()))))
+    w = np.exp(c)
+    slopes = [s - w @ s for s in slopes]
+    return w[:, None], np.concatenate(slopes + [experts], axis=1)
+  gate_at_0 = 1.0 / (1.0 + np.exp(-c))
+  return gate_at_0[:, None] * experts, np.concatenate(slopes + [c[:, None]], axis=1)
+
+
+def voronoi_loss(fitted: dict[str, np.ndarray], truth: dict[str, np.ndarray], gate: str) -> float:
+  """D(G, G*) of the module docstring, for a moe fit and truth with the same gate."""
+  m, theta = _canonical(fitted, gate)
+  m_true, theta_true = _canonical(truth, gate)
+  dist = np.linalg.norm(theta[:, None, :] - theta_true[None, :, :], axis=-1)  # [k, k*]
+  cell = np.argmin(dist, axis=1)
+  weight = np.linalg.norm(m, axis=1)
+  loss = 0.0
+  for j in range(len(m_true)):
+    members = np.flatnonzero(cell == j)
+    loss += float(np.linalg.norm(m[members].sum(axis=0) - m_true[j]))
+    power = 1 if len(members) == 1 else 2
+    loss += float(np.sum(weight[members] * dist[members, j] ** power))
+  return float(loss)
+
+
+def parameter_loss(fitted: dict[str, np.ndarray], truth: dict[str, np.ndarray], gate: str,
+                   family: str) -> float:
+  """The estimation loss of a student whose gate is the truth's (`voronoi` in the records)."""
+  if family == "moe":
+    return voronoi_loss(fitted, truth, gate)
+  names = ("W", "V", "c") if gate == "sigmoid" else ("W", "V")
+  return float(sum(np.linalg.norm(np.asarray(fitted[k], np.float64) - truth[k]) for k in names))
+
+
+# ----------------------------------------------------------------------------
+# One group: every truth, repetition and restart of one (expert, n), both students.
+# ----------------------------------------------------------------------------
+
+
+def fit_group(cfg: MoEStudyConfig, expert: str, n: int) -> dict[str, Any]:
+  """Fits every student to every truth and repetition at size n; returns the group's record."""
+  start = time.perf_counter()
+  truth = ground_truth(cfg)
+  truth_j = {k: jnp.asarray(v, jnp.float32) for k, v in truth.items()}
+  xs, ys = [], []
+  data = [draw_data(cfg, seed, n) for seed in cfg.seeds]
+  for gate in cfg.truths:
+    f_star = _predict_program(cfg.family, gate, expert)
+    for x, noise in data:
+      xs.append(x)
+      ys.append(f_star(jax.tree.map(lambda v: v[None], truth_j), x)[0] + noise)
+  x_P, y_P = jnp.stack(xs), jnp.stack(ys)
+  problems = [(gate, seed) for gate in cfg.truths for seed in cfg.seeds]
+  inits = {}
+  for s_index, student in enumerate(cfg.students):
+    keys = [jax.random.fold_in(jax.random.key(1_000_003 * (1 + seed) + n), s_index)
+            for _, seed in problems]
+    inits[student] = jax.vmap(lambda k: jax.vmap(
+        lambda r: init_params(r, cfg, cfg.fitted_experts, cfg.init_scale))(jax.random.split(k, cfg.restarts)))(
+            jnp.stack(keys))
+  fitted = jax.block_until_ready(_fit_program(cfg, expert)(inits, x_P, y_P))
+
+  x_test = test_inputs(cfg)
+  targets = {g: np.asarray(_predict_program(cfg.family, g, expert)(
+      jax.tree.map(lambda v: v[None], truth_j), x_test)[0], np.float64) for g in cfg.truths}
+  cells = []
+  for student, (params, train_mse) in fitted.items():
+    preds = np.asarray(_predict_program(cfg.family, student, expert)(params, x_test), np.float64)
+    for i, (gate, seed) in enumerate(problems):
+      p_i = {k: np.asarray(v[i], np.float64) for k, v in params.items()}
+      mse = float(np.mean((preds[i] - targets[gate]) ** 2))
+      loss = parameter_loss(p_i, truth, gate, cfg.family) if gate == student else math.nan
+      cells.append({"truth": gate, "student": student, "seed": seed,
+                    "voronoi": loss, "test_mse": mse, "train_mse": float(train_mse[i]),
+                    "params": {k: v.tolist() for k, v in p_i.items()}})
+  return {"expert": expert, "n": n, "seconds": time.perf_counter() - start, "cells": cells}
+
+
+def _group_name(expert: str, n: int) -> str:
+  return f"{expert}_n{n}"
+
+
+def _groups(cfg: MoEStudyConfig) -> list[tuple[str, int]]:
+  return [(e, n) for n in cfg.train_sizes for e in cfg.experts]
+
+
+# ----------------------------------------------------------------------------
+# Running, resumably, and the report.
+# ----------------------------------------------------------------------------
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        on_group: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Fits every (expert, n) group not yet recorded in `workdir`, then writes the report.
+
+  Each group is written to <workdir>/cells/<expert>_n<n>.json as soon as it is
+  fitted; a rerun skips recorded groups. The workdir lock, the config check
+  and finished.json are the engine's (`attnlab.workdir`).
+
+  Raises:
+    configlib.ConfigError: a bad config, or `workdir` holds another study.
+    workdir_lib.WorkdirLockedError: another live process uses `workdir`.
+  """
+  start = time.perf_counter()
+  cfg = study_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.WorkdirLock(workdir):
+    workdir_lib.check_same_run(config, workdir, trained=bool(_recorded(workdir)))
+    workdir_lib.write_config(config, workdir)
+    done = _recorded(workdir)
+    todo = [g for g in _groups(cfg) if _group_name(*g) not in done]
+    for expert, n in todo:
+      record = fit_group(cfg, expert, n)
+      _write_json(os.path.join(workdir, GROUPS_DIR, f"{_group_name(expert, n)}.json"), record)
+      print(f"moe_estimation: {_group_name(expert, n)} fitted in {record['seconds']:.1f} s", flush=True)
+      if on_group is not None:
+        on_group(_group_name(expert, n))
+    summary = _report(cfg, workdir)
+    summary.update(fitted_groups=len(todo), skipped_groups=len(_groups(cfg)) - len(todo),
+                   seconds=time.perf_counter() - start)
+    workdir_lib.write_finished(workdir, summary)
+  return summary
+
+
+def render(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Rewrites the report of `workdir` from its recorded groups, without fitting."""
+  cfg = study_config(config)
+  workdir_lib.check_same_run(config, workdir, trained=bool(_recorded(workdir)))
+  return _report(cfg, workdir)
+
+
+def _write_json(path: str, record: Any) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(record, f)  # NaN (an undefined Voronoi loss) is written as NaN
+  os.replace(tmp, path)
+
+
+def _recorded(workdir: str) -> dict[str, dict[str, Any]]:
+  found = {}
+  for path in glob.glob(os.path.join(workdir, GROUPS_DIR, "*.json")):
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+    found[_group_name(record["expert"], record["n"])] = record
+  return found
+
+
+def rows(cfg: MoEStudyConfig, records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+  """One flat row per (truth, expert, student, n, seed) of the recorded groups in the config."""
+  out = []
+  for expert, n in _groups(cfg):
+    record = records.get(_group_name(expert, n))
+    for c in record["cells"] if record else ():
+      if c["seed"] in cfg.seeds and c["truth"] in cfg.truths and c["student"] in cfg.students:
+        out.append({"truth": c["truth"], "expert": expert, "student": c["student"], "n": n,
+                    "seed": c["seed"], **{m: c[m] for m in (*METRICS, "train_mse")}})
+  return out
+
+
+def slopes(cfg: MoEStudyConfig, table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per (truth, expert, student, metric): the log-log slope, or why there is none."""
+  out = []
+  for truth in cfg.truths:
+    for expert in cfg.experts:
+      for student in cfg.students:
+        mine = [r for r in table if (r["truth"], r["expert"], r["student"]) == (truth, expert, student)]
+        for metric in METRICS:
+          if metric == "voronoi" and truth != student:
+            continue
+          entry = {"truth": truth, "expert": expert, "student": student, "metric": metric}
+          try:
+            entry["fit"] = analysis.loglog_slope([r["n"] for r in mine], [r[metric] for r in mine],
+                                                 n_boot=cfg.bootstrap)
+          except analysis.FitError as e:
+            entry["fit"] = f"no fit: {e}"
+          out.append(entry)
+  return out
+
+
+def _report(cfg: MoEStudyConfig, workdir: str) -> dict[str, Any]:
+  table = rows(cfg, _recorded(workdir))
+  if not table:
+    raise FileNotFoundError(f"No group of this study is recorded in {workdir}/{GROUPS_DIR}; "
+                            "run it first (python -m attnlab.studies.moe_estimation with the "
+                            "same --config and --workdir).")
+  fits = slopes(cfg, table)
+  missing = [_group_name(*g) for g in _groups(cfg) if not any(
+      (r["expert"], r["n"]) == g for r in table)]
+  paths = {"json": os.path.join(workdir, "results.json"),
+           "report": os.path.join(workdir, "report.md"),
+           "plot": os.path.join(workdir, "rates.png")}
+  _write_json(paths["json"], {"rows": table})
+  with open(paths["report"], "w", encoding="utf-8") as f:
+    f.write(_markdown(cfg, table, fits, missing))
+  _plot(cfg, table, fits, paths["plot"])
+  rates = [{k: v for k, v in e.items() if k != "fit"} | (
+      {"slope": e["fit"].slope, "slope_ci": list(e["fit"].slope_ci)}
+      if isinstance(e["fit"], analysis.LogLogSlope) else {"slope": None, "note": e["fit"]})
+      for e in fits]
+  return {"workdir": workdir, "paths": paths, "rates": rates, "missing_groups": missing}
+
+
+def _fmt_slope(fit: analysis.LogLogSlope | str) -> str:
+  if isinstance(fit, str):
+    return fit
+  return f"{fit.slope:+.3f} [{fit.slope_ci[0]:+.3f}, {fit.slope_ci[1]:+.3f}]"
+
+
+def _markdown(cfg: MoEStudyConfig, table, fits, missing) -> str:
+  lines = ["# Synthetic estimation study: sigmoid vs softmax gating", "",
+           f"Family {cfg.family}, score {cfg.score}, regime {cfg.regime}, d={cfg.dim}, "
+           f"k*={cfg.true_experts}, k={cfg.fitted_experts}, noise std {cfg.noise_std:g}; "
+           f"{len(cfg.seeds)} repetitions, {cfg.restarts} restarts, Adam {cfg.adam_steps} steps "
+           f"(lr {cfg.learning_rate:g}) then L-BFGS {cfg.lbfgs_steps} steps.", "",
+           "## Empirical rates: slope of log(mean metric) against log n", "",
+           f"95% bootstrap percentile interval ({cfg.bootstrap} replicates, repetitions resampled "
+           "within each n). The parametric rate of a loss is -0.5 for the Voronoi loss "
+           "(first-order terms) and -1 for the MSE.", "",
+           "| truth | expert | student | metric | slope [95% CI] |", "|---|---|---|---|---|"]
+  lines += [f"| {e['truth']} | {e['expert']} | {e['student']} | {e['metric']} | "
+            f"{_fmt_slope(e['fit'])} |" for e in fits]
+  lines += ["", "## Mean over repetitions ± half-width of the 95% t-interval", "",
+            "| truth | expert | student | n | voronoi | test MSE |", "|---|---|---|---|---|---|"]
+  keys = sorted({(r["truth"], r["expert"], r["student"], r["n"]) for r in table})
+  for key in keys:
+    mine = [r for r in table if (r["truth"], r["expert"], r["student"], r["n"]) == key]
+    cells = []
+    for metric in METRICS:
+      vals = [r[metric] for r in mine if math.isfinite(r[metric])]
+      if not vals:
+        cells.append("–")
+        continue
+      iv = analysis.t_interval(vals)
+      cells.append(f"{iv.mean:.3g}" + (f" ± {iv.half_width:.2g}" if math.isfinite(iv.low) else ""))
+    lines.append(f"| {' | '.join(map(str, key))} | {' | '.join(cells)} |")
+  if missing:
+    lines += ["", f"Not yet fitted: {', '.join(missing)}."]
+  return "\n".join(lines) + "\n"
+
+
+def _plot(cfg: MoEStudyConfig, table, fits, path: str) -> None:
+  from matplotlib.figure import Figure  # a bare Figure: Agg, pyplot's backend untouched
+
+  panels = [(t, e) for t in cfg.truths for e in cfg.experts]
+  fig = Figure(figsize=(3.6 * len(panels), 6.4))
+  axes = fig.subplots(len(METRICS), len(panels), squeeze=False)
+  for col, (truth, expert) in enumerate(panels):
+    for row, metric in enumerate(METRICS):
+      ax = axes[row, col]
+      for student in cfg.students:
+        mine = [r for r in table if (r["truth"], r["expert"], r["student"]) == (truth, expert, student)
+                and math.isfinite(r[metric])]
+        sizes = sorted({r["n"] for r in mine})
+        if not sizes:
+          continue
+        means = [np.mean([r[metric] for r in mine if r["n"] == n]) for n in sizes]
+        fit = next(e["fit"] for e in fits if (e["truth"], e["expert"], e["student"], e["metric"])
+                   == (truth, expert, student, metric))
+        label = student + (f": slope {fit.slope:.2f}" if isinstance(fit, analysis.LogLogSlope) else "")
+        (line,) = ax.plot(sizes, means, "o-", label=label)
+        if isinstance(fit, analysis.LogLogSlope):
+          ax.plot(sizes, fit.predict(sizes), "--", color=line.get_color(), linewidth=0.8)
+      ax.set(xscale="log", yscale="log", xlabel="n", ylabel=metric,
+             title=f"truth {truth}, {expert}" if row == 0 else None)
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  tmp = f"{path}.tmp-{os.getpid()}"
+  fig.savefig(tmp, format="png", dpi=110)
+  os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> None:
+  from attnlab import cli  # the entry point's flags; not needed by importers
+
+  def work(config, workdir):
+    summary = run(config, workdir)
+    with open(summary["paths"]["report"], encoding="utf-8") as f:
+      print("\n" + f.read().rstrip())
+    print(f"\n  report: {summary['paths']['report']}\n  plot:   {summary['paths']['plot']}\n"
+          f"  {summary['fitted_groups']} groups fitted, {summary['skipped_groups']} already "
+          f"recorded, in {summary['seconds']:.0f} s.")
+
+  cli.run_main(argv, work)
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  from attnlab import cli as _cli
+
+  _cli.define_flags(default_config="configs/sample_efficiency/moe_synthetic.py")
+  app.run(main, flags_parser=_cli.parse_flags)
