@@ -20,8 +20,9 @@ bar chart of TFLOP/s per implementation and shape.
 
 As a library (colab/03_flash_sigmoid_kernel.ipynb, with benchmarks/ on sys.path):
 `run(parse_args([...]))` prints the table and returns it as records (`speed_rows`),
-`plot_tflops(rows)` draws the chart, `reference_errors(kind, length=...)` says how far
-the kernel is from the jnp reference, values and gradients.
+`plot_tflops(rows, title=chart_title(args))` draws the chart, and
+`reference_errors(kind, length=...)` says how far the kernel is from the jnp reference,
+values and gradients.
 """
 
 from __future__ import annotations
@@ -243,10 +244,14 @@ def run(args) -> list[dict[str, Any]]:
            f"forward+backward x{fb:.3f}")
   out.close()
   if args.plot:
-    plot_tflops(rows, title=f"{jax.devices()[0].device_kind}, {args.dtype}"
-                + (", INTERPRET mode: times mean nothing" if args.interpret else "")
-                ).savefig(args.plot, dpi=100, bbox_inches="tight")
+    plot_tflops(rows, title=chart_title(args)).savefig(args.plot, dpi=100, bbox_inches="tight")
   return rows
+
+
+def chart_title(args) -> str:
+  """The device and dtype, and a warning in interpret mode."""
+  return (f"{jax.devices()[0].device_kind}, {args.dtype}"
+          + (": INTERPRET mode, times mean nothing" if args.interpret else ""))
 
 
 def plot_tflops(rows: list[dict[str, Any]], *, impls: tuple[str, ...] = CHART_IMPLS,
