@@ -16,7 +16,7 @@ the loss and every choice are in attnlab/studies/moe_estimation.py.
   python train.py --config configs/sample_efficiency/moe_synthetic.py   # once train.py dispatches here (not yet)
 
 Argument (after the colon, comma-separated):
-  quick      linear experts, 3 sizes x 2 repetitions, short fits (under a minute on CPU; tests)
+  quick      linear experts, 2 sizes x 2 repetitions, short fits (under a minute on CPU; tests)
   full       the issue's grid: 10^2 ... 10^5 (7 sizes), 20 repetitions
   attention  the attention-level version: one head over 4 tokens as teacher
   sparse     the sparse regime: the first true atom's gate slopes are zero
@@ -54,6 +54,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.moe.update(train_sizes=(100, 316, 1000, 3162, 10000, 31623, 100000),
                       seeds=tuple(range(20)))
   if args.quick:
-    config.moe.update(experts=("linear",), train_sizes=(100, 300, 1000), seeds=(0, 1), restarts=2,
+    config.moe.update(experts=("linear",), train_sizes=(100, 1000), seeds=(0, 1), restarts=2,
                       adam_steps=150, lbfgs_steps=20, test_examples=2000, bootstrap=100)
   return config.lock()
