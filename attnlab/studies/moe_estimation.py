@@ -590,6 +590,11 @@ def _report(cfg: MoEStudyConfig, workdir: str) -> dict[str, Any]:
   return {"workdir": workdir, "paths": paths, "rates": rates, "missing_groups": missing}
 
 
+def stalled_threshold(cfg: MoEStudyConfig) -> float:
+  """Training MSE above which a fit has not reached the noise level (1.2 sigma^2)."""
+  return max(1.2 * cfg.noise_std ** 2, 1e-6)
+
+
 def _fmt_slope(fit: analysis.LogLogSlope | str) -> str:
   if isinstance(fit, str):
     return fit
@@ -609,8 +614,13 @@ def _markdown(cfg: MoEStudyConfig, table, fits, missing) -> str:
            "| truth | expert | student | metric | slope [95% CI] |", "|---|---|---|---|---|"]
   lines += [f"| {e['truth']} | {e['expert']} | {e['student']} | {e['metric']} | "
             f"{_fmt_slope(e['fit'])} |" for e in fits]
+  stall = stalled_threshold(cfg)
   lines += ["", "## Mean over repetitions ± half-width of the 95% t-interval", "",
-            "| truth | expert | student | n | voronoi | test MSE |", "|---|---|---|---|---|---|"]
+            f"Stalled: fits whose training MSE exceeds {stall:.3g} (1.2 x the noise variance): "
+            "for a student with the truth's gate, an optimisation failure (a local minimum of "
+            "every restart), which the mean Voronoi loss then carries; the median does not.", "",
+            "| truth | expert | student | n | voronoi | median voronoi | test MSE | stalled |",
+            "|---|---|---|---|---|---|---|---|"]
   keys = sorted({(r["truth"], r["expert"], r["student"], r["n"]) for r in table})
   for key in keys:
     mine = [r for r in table if (r["truth"], r["expert"], r["student"], r["n"]) == key]
@@ -622,6 +632,9 @@ def _markdown(cfg: MoEStudyConfig, table, fits, missing) -> str:
         continue
       iv = analysis.t_interval(vals)
       cells.append(f"{iv.mean:.3g}" + (f" ± {iv.half_width:.2g}" if math.isfinite(iv.low) else ""))
+    vor = [r["voronoi"] for r in mine if math.isfinite(r["voronoi"])]
+    cells.insert(1, f"{np.median(vor):.3g}" if vor else "–")
+    cells.append(f"{sum(r['train_mse'] > stall for r in mine)}/{len(mine)}")
     lines.append(f"| {' | '.join(map(str, key))} | {' | '.join(cells)} |")
   if missing:
     lines += ["", f"Not yet fitted: {', '.join(missing)}."]
