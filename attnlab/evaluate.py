@@ -75,8 +75,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   exp = experiment.load(config)
   fns = exp.fns()
   abstract_state = experiment.abstract_state(fns, exp.trainer.seed)
-  shard = experiment.Shardings.data_parallel(abstract_state, exp.trainer.eval_batch_size,
-                                             batch_field="config.eval_batch_size")
+  shard = experiment.shardings(exp.trainer, abstract_state, batch_fields=("eval_batch_size",))
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=exp.trainer.keep_checkpoints)
   state, _, step = ckpt.restore(checkpoint_lib.with_shardings(abstract_state, shard.state), step)
   ckpt.close()

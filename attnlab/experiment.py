@@ -15,8 +15,9 @@ Everything a run needs except its loop, in the order a caller uses it:
      functions on a `TrainState` pytree (init, apply, loss, train_step,
      eval_step, merge); the caller picks jit, vmap and shardings.
   4. `abstract_state` (shapes from `jax.eval_shape`, nothing allocated),
-     `Shardings.data_parallel`, then `create_state` makes each array directly
-     where its sharding puts it.
+     `shardings` (the config's mesh and sharding rules: `attnlab.sharding`),
+     then `create_state` makes each array directly where its sharding puts
+     it; `jit_train_step` / `jit_eval_step` keep them there.
   5. `evaluate_params`: loss and accuracy of parameters on a whole split.
 
 `attnlab.train` (the single-run loop) and `attnlab.evaluate` (scoring a
@@ -57,6 +58,7 @@ from attnlab import data as data_lib
 from attnlab import metrics as metrics_lib
 from attnlab import models
 from attnlab import optim
+from attnlab import sharding as sharding_lib
 
 MODEL_NAMES = ("vit", "transformer")
 BUDGET_FIELDS = ("total_steps", "num_epochs", "total_examples")
@@ -90,16 +92,16 @@ class TrainerConfig:
   Attributes:
     model_name: "vit" (image classification) or "transformer" (language
       modelling); picks the class config.model is read into.
-    batch_size: training examples per step (split across the devices): a
-      multiple of the device count, at most the size of the (sub)set trained
-      on. A larger one is refused by `build`, not clipped: every batch
+    batch_size: training examples per step (split across the data axes of
+      the mesh): a multiple of their size, at most the size of the (sub)set
+      trained on. A larger one is refused by `build`, not clipped: every batch
       would hold some examples twice, and clipping it in silence would change
       the batch size (and with it the step count and the gradient noise) of
       one cell of a sample-efficiency study and not of the others. A study
       with small subsets sets the batch size per subset, so that it is in
       config.json and in the workdir's name.
     eval_batch_size: examples per evaluation batch (the last one is padded);
-      a multiple of the device count when evaluating.
+      a multiple of the data axes' size, like batch_size.
     seed: the parameters, dropout masks and training order (and MQAR's data)
       all derive from it.
     total_steps: budget in optimizer steps.
@@ -116,6 +118,13 @@ class TrainerConfig:
     progress_bar: show a bar on a terminal (log lines otherwise); False: neither.
     diagnostics_examples: evaluation: attention statistics on this many
       evaluation examples.
+    mesh: the device mesh, axis name ("data", "fsdp", "model") -> size, -1
+      for the rest of the devices; the default {} is {"data": -1}, data
+      parallel. Its shape picks the strategy (`attnlab.sharding`: data
+      parallel, FSDP, tensor parallel, combined). Stored as `sharding.mesh_shape`.
+    sharding_rules: logical axis name -> mesh axis (or a list of them, or
+      None: replicated), overriding `sharding.DEFAULT_RULES`. Stored as
+      `sharding.sharding_rules` (every name, defaults included).
   """
 
   model_name: str
@@ -132,8 +141,13 @@ class TrainerConfig:
   keep_checkpoints: int = 3
   progress_bar: bool = True
   diagnostics_examples: int = 64
+  mesh: Mapping[str, int] | sharding_lib.MeshShape = ()
+  sharding_rules: Mapping[str, Any] | sharding_lib.Rules = ()
 
   def __post_init__(self):
+    # Checked, completed and made hashable (the config gives dicts).
+    object.__setattr__(self, "mesh", sharding_lib.mesh_shape(self.mesh))
+    object.__setattr__(self, "sharding_rules", sharding_lib.sharding_rules(self.sharding_rules))
     if self.model_name not in MODEL_NAMES:
       hint = configlib.suggest(str(self.model_name), MODEL_NAMES)
       raise _error("model_name", self.model_name, f"expected one of {MODEL_NAMES}.{hint}")
@@ -541,34 +555,26 @@ def _all_finite(tree) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Shardings:
-  """Where the state and the batches live. Override to shard differently."""
+def shardings(trainer: TrainerConfig, abstract_state: TrainState, *,
+              batch_fields: Iterable[str] = ("batch_size", "eval_batch_size"),
+              devices: Iterable[jax.Device] | None = None) -> sharding_lib.Shardings:
+  """Where the state and batches of a run live: the trainer's mesh and sharding rules.
 
-  mesh: jax.sharding.Mesh
-  state: Any  # pytree of shardings matching TrainState
-  batch: jax.sharding.Sharding
+  Args:
+    trainer: its `mesh` and `sharding_rules` (see `attnlab.sharding`).
+    abstract_state: the state's shapes (`abstract_state`: nothing allocated).
+    batch_fields: the trainer fields whose batch sizes must split over the
+      data axes (evaluation alone checks only "eval_batch_size").
+    devices: the mesh's devices; None: every device.
 
-  @classmethod
-  def data_parallel(cls, abstract_state: TrainState, batch_size: int, *,
-                    batch_field: str = "config.batch_size") -> Shardings:
-    """State replicated on every local device, batches split across them.
-
-    Args:
-      abstract_state: the state's shapes (`abstract_state`).
-      batch_size: the batch size these shardings will split.
-      batch_field: the config field that sets it (for the error message).
-    """
-    devices = np.asarray(jax.devices())
-    if batch_size % devices.size:
-      raise configlib.ConfigError(
-          f"{batch_field}={batch_size} must be a multiple of the {devices.size} devices "
-          "(the batch is split across them)."
-      )
-    mesh = jax.sharding.Mesh(devices, ("data",))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return cls(mesh=mesh, state=jax.tree.map(lambda _: replicated, abstract_state),
-               batch=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  Raises:
+    configlib.ConfigError: a mesh that does not fit the devices, a batch
+      size that does not split, or a parameter that its rule cannot split.
+  """
+  mesh = sharding_lib.make_mesh(trainer.mesh, devices)
+  return sharding_lib.Shardings.create(
+      abstract_state, mesh, trainer.sharding_rules,
+      batch_sizes={f"config.{f}": getattr(trainer, f) for f in batch_fields})
 
 
 def abstract_state(fns: ModelFns, seed: int) -> TrainState:
@@ -576,14 +582,25 @@ def abstract_state(fns: ModelFns, seed: int) -> TrainState:
   return jax.eval_shape(fns.init, seed)
 
 
-def create_state(fns: ModelFns, seed: int, shardings: Shardings) -> TrainState:
-  """A fresh train state, each array created directly where `shardings` puts it."""
-  return jax.jit(fns.init, out_shardings=shardings.state)(seed)
+def create_state(fns: ModelFns, seed: int, shard: sharding_lib.Shardings) -> TrainState:
+  """A fresh train state, each array created directly where `shard` puts it."""
+  return jax.jit(fns.init, out_shardings=shard.state)(seed)
 
 
-def jit_eval_step(fns: ModelFns, shardings: Shardings) -> Callable[[nnx.State, dict], dict]:
-  """`fns.eval_step` jitted for parameters and batches placed by `shardings`."""
-  return jax.jit(fns.eval_step, in_shardings=(shardings.state.params, shardings.batch))
+def jit_train_step(fns: ModelFns, shard: sharding_lib.Shardings) -> Callable[..., tuple]:
+  """`fns.train_step` jitted for a state and batches placed by `shard`, the state donated.
+
+  The state comes back with the same shardings (FSDP's stay split); the
+  metrics are replicated.
+  """
+  return jax.jit(fns.train_step, donate_argnums=0, in_shardings=(shard.state, shard.batch),
+                 out_shardings=(shard.state, None))
+
+
+def jit_eval_step(fns: ModelFns, shard: sharding_lib.Shardings
+                  ) -> Callable[[nnx.State, dict], dict]:
+  """`fns.eval_step` jitted for parameters and batches placed by `shard`."""
+  return jax.jit(fns.eval_step, in_shardings=(shard.state.params, shard.batch))
 
 
 # ----------------------------------------------------------------------------

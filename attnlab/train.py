@@ -42,6 +42,7 @@ from attnlab import data as data_lib
 from attnlab import experiment
 from attnlab import metrics as metrics_lib
 from attnlab import optim as optim_lib
+from attnlab import sharding as sharding_lib
 from attnlab import workdir as workdir_lib
 
 # Called after each step's checkpoint decision with (step, state). The state
@@ -86,12 +87,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     SystemExit(130): Ctrl-C (SIGINT), handled as SIGTERM.
   """
   # 1. Config -> typed experiment (the data opens first: fail fast).
-  # 2. Model functions, state shapes and shardings (a batch the devices cannot split fails
-  # here, before any file is written); then the workdir.
+  # 2. Model functions, state shapes and shardings (a mesh that does not fit the devices, or a
+  # batch its data axes cannot split, fails here, before any file is written); then the workdir.
   exp = experiment.load(config)
   fns = exp.fns()
   abstract_state = experiment.abstract_state(fns, exp.trainer.seed)
-  shard = experiment.Shardings.data_parallel(abstract_state, exp.trainer.batch_size)
+  shard = experiment.shardings(exp.trainer, abstract_state)
   # Read-only first, so that rerunning a finished run writes nothing, not even the lock.
   if (finished := _finished_run(config, workdir)) is not None:
     return finished
@@ -104,7 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _train(exp: experiment.Experiment, fns: experiment.ModelFns, abstract_state: Any,
-           shard: experiment.Shardings, workdir: str, on_step: OnStep | None) -> dict[str, Any]:
+           shard: sharding_lib.Shardings, workdir: str, on_step: OnStep | None) -> dict[str, Any]:
   """Sections 3-6 of `train_and_evaluate`, in a workdir this process holds."""
   trainer = exp.trainer
 
@@ -123,8 +124,7 @@ def _train(exp: experiment.Experiment, fns: experiment.ModelFns, abstract_state:
   data_iter = data_lib.train_iterator(batches, data_state)
 
   # 4. The jitted steps (the train state is donated: updated in place).
-  train_step = jax.jit(fns.train_step, donate_argnums=0,
-                       in_shardings=(shard.state, shard.batch), out_shardings=(shard.state, None))
+  train_step = experiment.jit_train_step(fns, shard)
   eval_step = experiment.jit_eval_step(fns, shard)
 
   def evaluate(params) -> dict[str, float]:

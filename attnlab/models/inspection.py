@@ -14,7 +14,8 @@ Axes = tuple[str, ...]
 _AXES_KEYS = ("out_sharding", "sharding_names", "sharding")  # newest flax first
 
 
-def _variable_axes(variable: nnx.Variable) -> Axes | None:
+def variable_axes(variable: nnx.Variable) -> Axes | None:
+  """The logical axis names of one parameter (None: it has none); any flax >= 0.12.2."""
   metadata = variable.get_metadata()
   for key in _AXES_KEYS:
     if metadata.get(key) is not None:
@@ -34,7 +35,7 @@ def logical_axes(model: nnx.Module) -> dict[tuple[Any, ...], Axes | None]:
     >>> logical_axes(model)[("encoder", "blocks", 0, "attn", "query", "kernel")]
     ('embed', 'heads', 'head_dim')
   """
-  return {path: _variable_axes(var)
+  return {path: variable_axes(var)
           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 

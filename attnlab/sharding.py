@@ -1,0 +1,288 @@
+"""Where a run's arrays live on many devices: the mesh, the logical-axis rules, the shardings.
+
+Every parameter names its axes ("embed", "heads", "mlp", ...; `attnlab.models.params`).
+A run names its device mesh (`config.mesh`: axis name -> size) and how logical
+axes map onto mesh axes (`config.sharding_rules`: overrides of `DEFAULT_RULES`).
+The rules are one set; the mesh's shape picks the strategy (the presets):
+
+  config.mesh                          strategy
+  {"data": -1}  (the default)          data parallel: state replicated, batch split
+  {"fsdp": -1}                         FSDP: parameters and optimizer state split along
+                                       "embed", batch split, weights gathered per layer
+  {"data": -1, "model": 2}             tensor parallel over 2 devices (Megatron): heads,
+                                       MLP and vocabulary split, batch split over the rest
+  {"data": 2, "fsdp": 2, "model": 2}   all three at once (8 devices)
+
+-1 is "the rest of the devices"; an axis left out has size 1, except "data",
+which takes the rest unless another axis does. The batch is split over the
+data axes ("data" and "fsdp"); every array of the train state without logical
+names (step, key, optimizer counts) is replicated.
+
+The mesh's axes are `Auto` (XLA's partitioner places the activations): the
+model code annotates no activation, and explicit-sharding mode would require
+an out_sharding on every contraction over a split axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from attnlab import configlib
+from attnlab.models import inspection
+
+P = jax.sharding.PartitionSpec
+
+# The mesh's axes, in device order: the batch's axes first, "model" last (the
+# innermost axis gets neighbouring devices, where tensor parallelism's
+# per-layer collectives are cheapest).
+MESH_AXES = ("data", "fsdp", "model")
+# The axes the batch is split over.
+DATA_AXES = ("data", "fsdp")
+
+# Every logical axis name the models use -> the mesh axes it is split over
+# (None: replicated). A model's parameter with a name missing here is refused
+# (`state_shardings`), so a new name gets a rule when it is introduced.
+DEFAULT_RULES: dict[str, str | None] = {
+    "embed": "fsdp",  # FSDP: almost every weight has one embedding axis
+    "heads": "model", "kv_heads": "model", "mlp": "model", "vocab": "model",  # Megatron
+    "head_dim": None, "classes": None, "length": None, "patches": None,
+    "patch_height": None, "patch_width": None, "channels": None,
+    "layers": None,  # the stacked blocks of scan_layers
+}
+
+MeshShape = tuple[tuple[str, int], ...]  # ((axis, size), ...) in MESH_AXES order; -1 = the rest
+Rules = tuple[tuple[str, tuple[str, ...]], ...]  # ((logical name, mesh axes), ...)
+
+
+# ----------------------------------------------------------------------------
+# Config fields -> a mesh shape and rules (checked, hashable).
+# ----------------------------------------------------------------------------
+
+
+def mesh_shape(mesh: Mapping[str, int] | Sequence[tuple[str, int]] | None, *,
+               field: str = "config.mesh") -> MeshShape:
+  """`config.mesh` checked and completed: every axis of MESH_AXES with its size.
+
+  Args:
+    mesh: axis name -> size (-1: the rest of the devices, at most one axis);
+      None or {}: data parallel over every device.
+    field: the config field, for messages.
+
+  Raises:
+    configlib.ConfigError: an unknown axis (with "did you mean"), a size that
+      is neither a positive int nor -1, or two axes of size -1.
+  """
+  given = dict(mesh or {})
+  configlib.check_known(given, MESH_AXES, where=field)
+  for axis, size in given.items():
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not (
+        size >= 1 or size == -1):
+      raise configlib.ConfigError(f"{field}.{axis}={size!r}: expected a positive int, or -1 "
+                                  "for the rest of the devices.")
+  rest = [axis for axis, size in given.items() if size == -1]
+  if len(rest) > 1:
+    raise configlib.ConfigError(f"{field}={given}: only one axis may be -1 (the rest of the "
+                                f"devices); got {rest}.")
+  if "data" not in given:
+    given["data"] = 1 if rest else -1
+  return tuple((axis, int(given.get(axis, 1))) for axis in MESH_AXES)
+
+
+def sharding_rules(overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] | None, *,
+                   field: str = "config.sharding_rules") -> Rules:
+  """`DEFAULT_RULES` with `config.sharding_rules` applied, each value a tuple of mesh axes.
+
+  Args:
+    overrides: logical name -> a mesh axis, a list of mesh axes (split over
+      their product), or None (replicated); None or {}: the defaults.
+    field: the config field, for messages.
+
+  Raises:
+    configlib.ConfigError: an unknown logical name or mesh axis (with "did you mean").
+  """
+  merged = {name: () if axes is None else (axes,) for name, axes in DEFAULT_RULES.items()}
+  given = dict(overrides or {})
+  configlib.check_known(given, DEFAULT_RULES, where=field)
+  for name, axes in given.items():
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    for axis in axes:
+      if axis not in MESH_AXES:
+        raise configlib.ConfigError(
+            f"{field}.{name}={given[name]!r}: {axis!r} is not a mesh axis."
+            f"{configlib.suggest(str(axis), MESH_AXES)} Mesh axes: {', '.join(MESH_AXES)} "
+            "(or None: replicated).")
+    merged[name] = axes
+  return tuple(merged.items())
+
+
+def describe(shape: MeshShape) -> str:
+  """'data=4 x fsdp=1 x model=2' (sizes as given: -1 for the rest)."""
+  return " x ".join(f"{axis}={size}" for axis, size in shape)
+
+
+def resolve(shape: MeshShape, num_devices: int, *, field: str = "config.mesh") -> dict[str, int]:
+  """Axis -> size with -1 replaced by the rest, checked against `num_devices`.
+
+  Raises:
+    configlib.ConfigError: the sizes do not multiply to the device count (or,
+      with -1, do not divide it), naming the sizes, the count and the fix.
+  """
+  sizes = dict(shape)
+  known = math.prod(size for size in sizes.values() if size != -1)
+  rest = [axis for axis, size in sizes.items() if size == -1]
+  if rest and num_devices % known == 0:
+    sizes[rest[0]] = num_devices // known
+  elif rest or known != num_devices:
+    what = (f"the other axes multiply to {known}, which does not divide" if rest
+            else f"the sizes multiply to {known}, not")
+    raise configlib.ConfigError(
+        f"{field} ({describe(shape)}): {what} the {num_devices} devices. Give sizes whose "
+        f"product is {num_devices}, or set one axis to -1 (the rest of the devices).")
+  return sizes
+
+
+def make_mesh(shape: MeshShape, devices: Sequence[jax.Device] | None = None, *,
+              field: str = "config.mesh") -> jax.sharding.Mesh:
+  """The mesh of `shape` over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = resolve(shape, len(devices), field=field)
+  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+# ----------------------------------------------------------------------------
+# Shardings of a state's shapes.
+# ----------------------------------------------------------------------------
+
+
+def partition_spec(axes: Sequence[str], shape: Sequence[int], mesh: jax.sharding.Mesh,
+                   rules: Rules, *, where: str) -> jax.sharding.PartitionSpec:
+  """The PartitionSpec of an array with logical `axes` and `shape` under `rules`.
+
+  A mesh axis already used by an earlier dimension of the same array is not
+  used again (that dimension is then split over the others of its rule, or
+  replicated); mesh axes of size 1 are left out.
+
+  Raises:
+    configlib.ConfigError: a logical name without a rule, or a dimension that
+      the mesh axes of its rule do not divide (naming `where`, the sizes and the fix).
+  """
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(axes, shape, strict=True):
+    if name not in table:
+      raise configlib.ConfigError(
+          f"{where}: logical axis {name!r} has no sharding rule; add it to "
+          "attnlab.sharding.DEFAULT_RULES (or config.sharding_rules).")
+    mesh_axes = tuple(a for a in table[name] if a not in used and mesh.shape[a] > 1)
+    used.update(mesh_axes)
+    split = math.prod(mesh.shape[a] for a in mesh_axes)
+    if dim % split:
+      over = " x ".join(f"{a}={mesh.shape[a]}" for a in mesh_axes)
+      raise configlib.ConfigError(
+          f"{where}: axis {name!r} of size {dim} (shape {tuple(shape)}) does not split over "
+          f"the mesh axes {over}. Use a mesh whose {'/'.join(mesh_axes)} size divides {dim}, "
+          f"or set config.sharding_rules.{name}=None (replicated).")
+    spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  while spec and spec[-1] is None:
+    spec.pop()
+  return P(*spec)
+
+
+def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
+  """A NamedSharding for every leaf of `abstract_state` (e.g. from `jax.eval_shape`).
+
+  A leaf inside an `nnx.Variable` with logical axis names (the parameters and
+  the optimizer's per-parameter moments) is split as `rules` say; any other
+  leaf (step, key, counts) is replicated. Same tree structure as `abstract_state`.
+  """
+  replicated = jax.sharding.NamedSharding(mesh, P())
+
+  def one(path, leaf):
+    if not isinstance(leaf, nnx.Variable):
+      return replicated
+    axes = inspection.variable_axes(leaf)
+    if axes is None:
+      return jax.tree.map(lambda _: replicated, leaf)
+    spec = partition_spec(axes, leaf.shape, mesh, rules, where=_path_str(path))
+    return jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, spec), leaf)
+
+  return jax.tree_util.tree_map_with_path(one, abstract_state,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _path_str(path) -> str:
+  """'params/encoder/blocks/0/attn/query/kernel' for a tree path."""
+  parts = []
+  for key in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return "/".join(parts)
+
+
+def data_size(mesh: jax.sharding.Mesh) -> int:
+  """How many ways the batch is split: the product of the data axes' sizes."""
+  return math.prod(mesh.shape[a] for a in DATA_AXES)
+
+
+def check_batch_size(field: str, batch_size: int, mesh: jax.sharding.Mesh) -> None:
+  """Refuses a batch that the data axes of `mesh` do not split evenly.
+
+  Raises:
+    configlib.ConfigError: naming the field, the sizes and the fix.
+  """
+  n = data_size(mesh)
+  if batch_size % n == 0:
+    return
+  axes = " x ".join(f"{a}={mesh.shape[a]}" for a in DATA_AXES)
+  raise configlib.ConfigError(
+      f"{field}={batch_size} does not split over the data axes ({axes} = {n} ways; the batch is "
+      f"split across them): set {field} to a multiple of {n} (e.g. "
+      f"{max(n, batch_size // n * n)}), or change config.mesh.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shardings:
+  """Where the train state and the batches live.
+
+  Attributes:
+    mesh: the device mesh (axes MESH_AXES).
+    state: a NamedSharding per leaf of the train state (`state_shardings`).
+    batch: a batch's leaves, split along their first axis over the data axes.
+  """
+
+  mesh: jax.sharding.Mesh
+  state: Any
+  batch: jax.sharding.NamedSharding
+
+  @classmethod
+  def create(cls, abstract_state: Any, mesh: jax.sharding.Mesh, rules: Rules, *,
+             batch_sizes: Mapping[str, int]) -> Shardings:
+    """The shardings of a state on `mesh`, checking that every batch size splits.
+
+    Args:
+      abstract_state: the state's shapes (`jax.eval_shape`: nothing allocated).
+      mesh: from `make_mesh`.
+      rules: from `sharding_rules`.
+      batch_sizes: config field -> the batch size it sets, for every batch
+        these shardings will place (e.g. {"config.batch_size": 128}).
+
+    Raises:
+      configlib.ConfigError: a batch size that does not split, or a parameter
+        that its rule cannot split (each message names the sizes and the fix).
+    """
+    for field, size in batch_sizes.items():
+      check_batch_size(field, size, mesh)
+    return cls(mesh=mesh, state=state_shardings(abstract_state, mesh, rules),
+               batch=jax.sharding.NamedSharding(mesh, P(DATA_AXES)))

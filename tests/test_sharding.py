@@ -1,0 +1,280 @@
+"""Sharded training (attnlab.sharding) against a single-device run, on 8 fake CPU devices.
+
+One child process with 8 CPU devices (they must exist before jax starts, and
+this process already has its one) trains the quick ViT and the quick LM for a
+few steps on one device and under each mesh preset, on the same batches, and
+writes losses, parameters and the shardings it saw to a file; the tests below
+read it. The config checks that need no devices run here.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from attnlab import configlib
+from attnlab import data as data_lib
+from attnlab import experiment
+from attnlab import models
+from attnlab import sharding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_DEVICES = 8
+STEPS = 3
+MODELS = {"vit": "configs/digits_vit.py:sigmoid,quick",
+          "lm": "configs/mqar_transformer.py:sigmoid,quick"}
+# The presets (attnlab.sharding's table), each on all 8 devices.
+MESHES = {
+    "data_parallel": {},
+    "fsdp": {"fsdp": -1},
+    "tensor_parallel": {"data": -1, "model": 2},
+    "combined": {"data": 2, "fsdp": 2, "model": 2},
+}
+# Each run compiles two programs (~4 s of CPU): the three presets for both
+# models, all three axes at once for the LM (its tied embedding is split along
+# both of its axes there).
+CASES = [(model, mesh) for model in MODELS for mesh in MESHES
+         if mesh != "combined" or model == "lm"]
+# What each preset must split, written out independently of sharding.DEFAULT_RULES:
+# logical name -> mesh axes (absent: replicated).
+EXPECTED_SPLITS = {
+    "data_parallel": {},
+    "fsdp": {"embed": ("fsdp",)},
+    "tensor_parallel": {"heads": ("model",), "kv_heads": ("model",), "mlp": ("model",),
+                        "vocab": ("model",)},
+    "combined": {"embed": ("fsdp",), "heads": ("model",), "kv_heads": ("model",),
+                 "mlp": ("model",), "vocab": ("model",)},
+}
+
+
+# ----------------------------------------------------------------------------
+# The child process.
+# ----------------------------------------------------------------------------
+
+
+def _config(spec, data_dir, mesh):
+  config = configlib.load(spec)
+  config.unlock()
+  config.data.data_dir = data_dir
+  config.mesh = mesh
+  return config
+
+
+def _train(spec, data_dir, mesh, devices):
+  """STEPS train steps as attnlab.train takes them; losses, state and shardings."""
+  exp = experiment.load(_config(spec, data_dir, mesh))
+  fns = exp.fns()
+  abstract = experiment.abstract_state(fns, exp.trainer.seed)
+  shard = experiment.shardings(exp.trainer, abstract, batch_fields=("batch_size",),
+                               devices=devices)
+  state = experiment.create_state(fns, exp.trainer.seed, shard)
+  train_step = experiment.jit_train_step(fns, shard)
+  batches = data_lib.train_batches(exp.datasets, batch_size=exp.trainer.batch_size,
+                                              num_steps=STEPS, seed=exp.trainer.seed)
+  losses = []
+  for s in range(STEPS):
+    state, metrics = train_step(state, jax.device_put(batches[s], shard.batch))
+    losses.append(float(metrics["loss"]))
+  return losses, state
+
+
+def _placement(state):
+  """Per parameter (and Adam moment) path: (logical axes, mesh shape, spec, a shard's shape)."""
+  out = {}
+  leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  for path, leaf in leaves:
+    if isinstance(leaf, nnx.Variable):
+      array = leaf.get_value()
+      out[jax.tree_util.keystr(path)] = (
+          models.inspection.variable_axes(leaf), dict(array.sharding.mesh.shape),
+          tuple(array.sharding.spec), array.addressable_shards[0].data.shape, array.shape)
+  return out
+
+
+def _errors(data_dir):
+  """The messages of configs that must be refused on 8 devices."""
+  cases = {
+      "batch": ("configs/digits_vit.py:quick", {"fsdp": 2, "data": 4}, {"batch_size": 12}),
+      "product": ("configs/digits_vit.py:quick", {"data": 3, "model": 2}, {}),
+      "rest": ("configs/digits_vit.py:quick", {"data": -1, "model": 3}, {}),
+      "heads": ("configs/digits_vit.py:quick", {"data": 2, "model": 4}, {}),
+  }
+  messages = {}
+  for name, (spec, mesh, overrides) in cases.items():
+    config = _config(spec, data_dir, mesh)
+    config.update(overrides)
+    exp = experiment.load(config)
+    try:
+      experiment.shardings(exp.trainer, experiment.abstract_state(exp.fns(), 0))
+    except configlib.ConfigError as e:
+      messages[name] = str(e)
+  return messages
+
+
+def _child(out_path, data_dir):
+  jax.config.update("jax_numpy_rank_promotion", "raise")
+  # Compiling dominates (as tests/conftest.py's fast_xla_compile); every run here shares it.
+  jax.config.update("jax_disable_most_optimizations", True)
+  assert jax.device_count() == NUM_DEVICES, jax.devices()
+  results = {"errors": _errors(data_dir)}
+  for model, spec in MODELS.items():
+    losses, state = _train(spec, data_dir, {}, jax.devices()[:1])
+    results[model, "single"] = (losses, jax.device_get(state), None)
+  for model, name in CASES:
+    losses, state = _train(MODELS[model], data_dir, MESHES[name], None)
+    results[model, name] = (losses, jax.device_get(state), _placement(state))
+  with open(out_path, "wb") as f:
+    pickle.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("sharding") / "results.pkl")
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(NUM_DEVICES),
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={NUM_DEVICES}"}
+  code = ("import sys; sys.path.insert(0, 'tests'); import test_sharding; "
+          "test_sharding._child(sys.argv[1], sys.argv[2])")
+  proc = subprocess.run([sys.executable, "-c", code, out, data_dir], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  with open(out, "rb") as f:
+    return pickle.load(f)
+
+
+# ----------------------------------------------------------------------------
+# Sharded runs equal the single-device run.
+# ----------------------------------------------------------------------------
+
+
+def assert_close_to_scale(got, want, rtol):
+  """|got - want| <= rtol * max|want|, array by array (Adam's step is ~lr whatever the gradient,
+  so an element with a tiny gradient moves by ~lr either way: compare to the array's scale)."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  np.testing.assert_allclose(got, want, rtol=0, atol=rtol * np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize("model, mesh", CASES)
+def test_sharded_run_equals_single_device_run(runs, model, mesh):
+  single_losses, single_state, _ = runs[model, "single"]
+  losses, state, _ = runs[model, mesh]
+  # float32; only the order of the sums over the batch and split axes differs. Measured
+  # (x86-64, jax 0.12): losses <= 2.6e-7 relative, parameters and Adam moments <= 2.4e-6
+  # of each array's scale; a sharding that dropped part of a gradient sum moves them by ~lr.
+  np.testing.assert_allclose(losses, single_losses, rtol=2e-6)
+  assert int(state.step) == STEPS
+  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, 1e-5), state.params, single_state.params)
+  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, 1e-5), state.opt_state,
+               single_state.opt_state)
+
+
+@pytest.mark.parametrize("model, mesh", CASES)
+def test_every_parameter_has_its_declared_sharding(runs, model, mesh):
+  *_, placement = runs[model, mesh]
+  splits = EXPECTED_SPLITS[mesh]
+  assert len(placement) > 20
+  split_any = False
+  for path, (axes, mesh_shape, spec, shard_shape, shape) in placement.items():
+    assert axes is not None and len(axes) == len(shape), path
+    expected = tuple(splits.get(name, ()) for name in axes)
+    expected = tuple(tuple(a for a in axes_ if mesh_shape[a] > 1) for axes_ in expected)
+    got = tuple(() if s is None else (s,) if isinstance(s, str) else tuple(s) for s in spec)
+    got += ((),) * (len(shape) - len(got))
+    assert got == expected, (path, axes, spec)
+    # The shard on each device really is that fraction of the array.
+    expected_shard = tuple(n // int(np.prod([mesh_shape[a] for a in e]))
+                           for n, e in zip(shape, expected))
+    assert shard_shape == expected_shard, (path, shape, shard_shape)
+    split_any |= shard_shape != shape
+  assert split_any == bool(splits), "a preset that splits nothing, or data parallel that does"
+
+
+def test_the_optimizer_state_is_split_like_the_parameters(runs):
+  *_, placement = runs["vit", "fsdp"]
+  kernel = [v for k, v in placement.items() if k.endswith("['mlp']['fc_in']['kernel']")]
+  assert len(kernel) == 3  # the parameter, Adam's mu and nu
+  assert {v[3] for v in kernel} == {(32 // NUM_DEVICES, 64)}
+
+
+# ----------------------------------------------------------------------------
+# Refused configs.
+# ----------------------------------------------------------------------------
+
+
+def test_a_batch_that_does_not_split_names_the_sizes_and_the_fix(runs):
+  message = runs["errors"]["batch"]
+  assert "config.batch_size=12 does not split over the data axes (data=4 x fsdp=2 = 8" in message
+  assert "a multiple of 8 (e.g. 8)" in message and "config.mesh" in message
+
+
+def test_mesh_sizes_that_do_not_fit_the_devices_are_refused(runs):
+  assert runs["errors"]["product"] == (
+      "config.mesh (data=3 x fsdp=1 x model=2): the sizes multiply to 6, not the 8 devices. "
+      "Give sizes whose product is 8, or set one axis to -1 (the rest of the devices).")
+  assert "the other axes multiply to 3, which does not divide the 8 devices" in \
+      runs["errors"]["rest"]
+
+
+def test_a_parameter_the_mesh_cannot_split_is_named(runs):
+  message = runs["errors"]["heads"]
+  assert message.startswith("params/encoder/blocks/0/attn/key/bias: axis 'kv_heads' of size 2 "
+                            "(shape (2, 16)) does not split over the mesh axes model=4."), message
+  assert "config.sharding_rules.kv_heads=None (replicated)" in message
+
+
+def _trainer(**fields):
+  return experiment.TrainerConfig(model_name="vit", batch_size=8, eval_batch_size=8,
+                                  total_steps=1, **fields)
+
+
+def test_mesh_defaults_and_presets():
+  assert _trainer().mesh == (("data", -1), ("fsdp", 1), ("model", 1))
+  assert _trainer(mesh={"fsdp": -1}).mesh == (("data", 1), ("fsdp", -1), ("model", 1))
+  assert _trainer(mesh={"model": 2}).mesh == (("data", -1), ("fsdp", 1), ("model", 2))
+  assert sharding.resolve(_trainer(mesh={"model": 2}).mesh, 8) == {"data": 4, "fsdp": 1,
+                                                                   "model": 2}
+  rules = dict(_trainer(sharding_rules={"embed": None, "mlp": ["fsdp", "model"]}).sharding_rules)
+  assert rules["embed"] == () and rules["mlp"] == ("fsdp", "model") and rules["heads"] == ("model",)
+  hash(_trainer(mesh={"fsdp": -1}))  # frozen configs stay hashable
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"mesh": {"dta": 2}}, 'Unknown field config.mesh.dta. Did you mean "data"?'),
+    ({"mesh": {"data": -1, "fsdp": -1}}, "only one axis may be -1"),
+    ({"mesh": {"model": 0}}, r"config.mesh.model=0: expected a positive int, or -1"),
+    ({"sharding_rules": {"emb": "fsdp"}}, 'config.sharding_rules.emb. Did you mean "embed"?'),
+    ({"sharding_rules": {"mlp": "modle"}}, "'modle' is not a mesh axis. Did you mean \"model\"?"),
+])
+def test_bad_mesh_or_rules_are_refused_when_the_config_is_read(fields, message):
+  with pytest.raises(configlib.ConfigError, match=message):
+    _trainer(**fields)
+
+
+def test_a_typo_in_the_new_top_level_fields_is_refused():
+  config = configlib.load("configs/digits_vit.py:quick")
+  config.unlock()
+  config.mesg = {"data": -1}
+  with pytest.raises(configlib.ConfigError, match='config.mesg. Did you mean "mesh"?'):
+    experiment.ExperimentConfig.from_config(config)
+
+
+def test_every_logical_axis_of_the_models_has_a_rule():
+  names = set()
+  for cfg in [models.ViTConfig(width=16, depth=1, num_heads=2, mlp_dim=32, num_classes=3,
+                               image_size=8, patch_size=4, pool="tok", posemb="learned",
+                               output_gate="elementwise", attention="sigmoid",
+                               learn_sigmoid_bias=True, layer_scale=1.0,
+                               scan_layers=True),
+              models.TransformerConfig(width=16, depth=1, num_heads=2, num_kv_heads=1,
+                                       vocab_size=16, max_len=8, positions="learned",
+                                       tie_embeddings=False, output_gate="headwise")]:
+    build = models.ViT if isinstance(cfg, models.ViTConfig) else models.Transformer
+    model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))  # noqa: B023
+    names.update(n for axes in models.logical_axes(model).values() for n in axes)
+  assert names <= set(sharding.DEFAULT_RULES), names - set(sharding.DEFAULT_RULES)
+
