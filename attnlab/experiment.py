@@ -591,16 +591,18 @@ def jit_train_step(fns: ModelFns, shard: sharding_lib.Shardings) -> Callable[...
   """`fns.train_step` jitted for a state and batches placed by `shard`, the state donated.
 
   The state comes back with the same shardings (FSDP's stay split); the
-  metrics are replicated.
+  metrics are replicated. Traced with the mesh in context, so the fused
+  kernel runs per shard (`sharding.under_mesh`).
   """
-  return jax.jit(fns.train_step, donate_argnums=0, in_shardings=(shard.state, shard.batch),
-                 out_shardings=(shard.state, None))
+  return jax.jit(sharding_lib.under_mesh(fns.train_step, shard.mesh), donate_argnums=0,
+                 in_shardings=(shard.state, shard.batch), out_shardings=(shard.state, None))
 
 
 def jit_eval_step(fns: ModelFns, shard: sharding_lib.Shardings
                   ) -> Callable[[nnx.State, dict], dict]:
-  """`fns.eval_step` jitted for parameters and batches placed by `shard`."""
-  return jax.jit(fns.eval_step, in_shardings=(shard.state.params, shard.batch))
+  """`fns.eval_step` jitted for parameters and batches placed by `shard` (mesh in context)."""
+  return jax.jit(sharding_lib.under_mesh(fns.eval_step, shard.mesh),
+                 in_shardings=(shard.state.params, shard.batch))
 
 
 # ----------------------------------------------------------------------------

@@ -26,8 +26,9 @@ an out_sharding on every contraction over a split axis.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -45,6 +46,9 @@ P = jax.sharding.PartitionSpec
 MESH_AXES = ("data", "fsdp", "model")
 # The axes the batch is split over.
 DATA_AXES = ("data", "fsdp")
+# The axes attention heads are split over (tensor parallelism), in parameters
+# by DEFAULT_RULES and in the fused kernel's activations (`attnlab.kernels.sharded`).
+HEAD_AXES = ("model",)
 
 # Every logical axis name the models use -> the mesh axes it is split over
 # (None: replicated). A model's parameter with a name missing here is refused
@@ -250,6 +254,21 @@ def check_batch_size(field: str, batch_size: int, mesh: jax.sharding.Mesh) -> No
       f"{field}={batch_size} does not split over the data axes ({axes} = {n} ways; the batch is "
       f"split across them): set {field} to a multiple of {n} (e.g. "
       f"{max(n, batch_size // n * n)}), or change config.mesh.")
+
+
+@functools.lru_cache(maxsize=32)
+def under_mesh(fn: Callable[..., Any], mesh: jax.sharding.Mesh) -> Callable[..., Any]:
+  """`fn` run with `mesh` in context, for the code that reads it when traced.
+
+  The fused attention kernel splits itself over the mesh in context
+  (`attnlab.kernels.sharded`); the jnp code needs none. Memoised: the same
+  `fn` and mesh give the same function, so jax.jit reuses its compilation.
+  """
+  @functools.wraps(fn)
+  def with_mesh(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return with_mesh
 
 
 @dataclasses.dataclass(frozen=True)

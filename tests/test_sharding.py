@@ -116,12 +116,62 @@ def _errors(data_dir):
   return messages
 
 
+# The fused kernel (interpret mode) on a 2x4 mesh: (mesh, kind, heads, kv heads, segment ids).
+PALLAS_CASES = {
+    "sigmoid_heads_over_4": ({"data": 2, "model": 4}, "sigmoid", 4, 4, False),
+    "softmax_gqa_segments": ({"data": 4, "model": 2}, "softmax", 4, 2, True),
+}
+
+
+def _pallas(mesh_cfg, kind, heads, kv_heads, segments):
+  """Values and gradients of the kernel unsharded and on the mesh, and whether it shard_maps."""
+  import jax.numpy as jnp
+  from attnlab.kernels import flash_attention
+  mesh = sharding.make_mesh(sharding.mesh_shape(mesh_cfg))
+  batch, length, dim = 4, 32, 16
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (batch, length, heads, dim))
+  k, v = (jax.random.normal(key, (batch, length, kv_heads, dim)) for key in keys[1:])
+  bias = jnp.linspace(-4.0, -1.0, heads)  # one (learned) bias per head: it gets a gradient
+  seg = jnp.repeat(jnp.arange(2), length // 2)[None].repeat(batch, 0) if segments else None
+
+  def loss(q, k, v, bias):
+    out = flash_attention(q, k, v, kind=kind, sigmoid_bias=bias, is_causal=True,
+                          q_segment_ids=seg, kv_segment_ids=seg, block_q=16, block_k=16)
+    return jnp.sum(jnp.sin(out)), out
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+  want = jax.jit(grad)(q, k, v, bias)
+  split = jax.sharding.NamedSharding(mesh, sharding.P(sharding.DATA_AXES, None, "model"))
+  args = [jax.device_put(x, split) for x in (q, k, v)] + [bias]
+  sharded = jax.jit(sharding.under_mesh(grad, mesh))
+  got = sharded(*args)
+  jaxpr = str(sharded.trace(*args).jaxpr)
+  return jax.device_get(got), jax.device_get(want), "shard_map" in jaxpr
+
+
+def _pallas_model_traces_shard_map(data_dir):
+  """Whether a pallas ViT's train step on a 2x4 mesh calls the kernel per shard (traced only)."""
+  config = _config(MODELS["vit"], data_dir, {"data": 4, "model": 2})
+  config.model.attention_impl = "pallas"
+  exp = experiment.load(config)
+  fns = exp.fns()
+  abstract = experiment.abstract_state(fns, 0)
+  shard = experiment.shardings(exp.trainer, abstract, batch_fields=("batch_size",))
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       data_lib.train_batches(exp.datasets, batch_size=exp.trainer.batch_size,
+                                              num_steps=1, seed=0)[0])
+  return "shard_map" in str(experiment.jit_train_step(fns, shard).trace(abstract, batch).jaxpr)
+
+
 def _child(out_path, data_dir):
   jax.config.update("jax_numpy_rank_promotion", "raise")
   # Compiling dominates (as tests/conftest.py's fast_xla_compile); every run here shares it.
   jax.config.update("jax_disable_most_optimizations", True)
   assert jax.device_count() == NUM_DEVICES, jax.devices()
-  results = {"errors": _errors(data_dir)}
+  results = {"errors": _errors(data_dir),
+             "pallas": {name: _pallas(*case) for name, case in PALLAS_CASES.items()},
+             "pallas_model": _pallas_model_traces_shard_map(data_dir)}
   for model, spec in MODELS.items():
     losses, state = _train(spec, data_dir, {}, jax.devices()[:1])
     results[model, "single"] = (losses, jax.device_get(state), None)
@@ -278,3 +328,28 @@ def test_every_logical_axis_of_the_models_has_a_rule():
     names.update(n for axes in models.logical_axes(model).values() for n in axes)
   assert names <= set(sharding.DEFAULT_RULES), names - set(sharding.DEFAULT_RULES)
 
+
+# ----------------------------------------------------------------------------
+# The fused kernel on a mesh.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(PALLAS_CASES))
+def test_pallas_kernel_under_shard_map_equals_the_unsharded_kernel(runs, case):
+  got, want, shard_mapped = runs["pallas"][case]
+  assert shard_mapped  # one kernel call per shard, not a gathered whole
+  (got_loss, got_out), got_grads = got
+  (want_loss, want_out), want_grads = want
+  # Each shard's kernel sees whole rows and heads: the outputs are the same numbers; the
+  # loss (a sum over shards) and the bias gradient (a sum over batch shards) sum in another
+  # order (measured: 2.3e-6 and 3.8e-6 relative).
+  np.testing.assert_array_equal(got_out, want_out)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for name, g, w in zip("qkvb", got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=name)
+  if PALLAS_CASES[case][1] == "sigmoid":
+    assert np.max(np.abs(want_grads[3])) > 0.1  # the bias gradient is not trivially 0
+
+
+def test_a_pallas_model_on_a_mesh_calls_the_kernel_per_shard(runs):
+  assert runs["pallas_model"]

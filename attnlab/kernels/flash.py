@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from attnlab.kernels import common
 from attnlab.kernels import flash_gpu
 from attnlab.kernels import flash_tpu
+from attnlab.kernels import sharded
 from attnlab.kernels.common import KernelConfig
 
 _BACKENDS = {"gpu": flash_gpu, "tpu": flash_tpu}
@@ -125,7 +126,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "si
   if q_segment_ids is not None:
     q_seg = common.pad_axis(q_segment_ids.astype(jnp.int32), 1, q_len_padded)
     kv_seg = common.pad_axis(kv_segment_ids.astype(jnp.int32), 1, kv_len_padded)
-  out = _flash(q_p, k_p, v_p, bias_BH, q_seg, kv_seg, cfg)
+  # Under a mesh: one kernel call per (batch, heads) shard (`attnlab.kernels.sharded`).
+  out = sharded.call(_flash, q_p, k_p, v_p, bias_BH, q_seg, kv_seg, cfg)
   return out[:, :q_len, :, :value_dim]
 
 

@@ -1,0 +1,72 @@
+"""The fused kernel inside sharded programs: one kernel call per shard, under `jax.shard_map`.
+
+A Pallas call is a custom call that XLA's partitioner cannot split: under plain
+jit on a mesh it would gather q, k and v whole onto every device and compute
+all of attention there. Attention is independent per batch row and per head,
+so when a mesh is in context (`jax.set_mesh`, or `use_abstract_mesh` as
+`attnlab.experiment`'s jitted steps set it) `flash_attention` instead runs the
+kernel on each device's shard: the batch split over the mesh's data axes and
+the heads over its "model" axis (`attnlab.sharding`), with no collective.
+
+An axis that does not divide its dimension (a batch of 2 on 4 data devices,
+1 kv head on 2 model devices) is not split over; with nothing to split, or
+inside a `shard_map` already (manual axes), the kernel is called as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+
+from attnlab.kernels.common import KernelConfig
+
+P = jax.sharding.PartitionSpec
+
+
+def call(kernel: Callable[..., jax.Array], q, k, v, bias_BH, q_seg, kv_seg,
+         cfg: KernelConfig) -> jax.Array:
+  """`kernel(q, k, v, bias_BH, q_seg, kv_seg, cfg)`, per shard when a mesh is in context.
+
+  q [B, Lq, H, D], k and v [B, Lk, Hkv, D], bias_BH [B, H] or None, segment ids
+  [B, L] or None; returns [B, Lq, H, Dv].
+  """
+  # Imported here: attnlab.sharding imports the models, which import attention.
+  from attnlab import sharding  # pylint: disable=import-outside-toplevel
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.manual_axes:
+    return kernel(q, k, v, bias_BH, q_seg, kv_seg, cfg)
+  batch_axes = _dividing_axes(mesh, [a for a in sharding.DATA_AXES if a in mesh.shape],
+                              q.shape[0])
+  head_axes = _dividing_axes(mesh, [a for a in sharding.HEAD_AXES if a in mesh.shape],
+                             math.gcd(cfg.num_heads, cfg.num_kv_heads))
+  if not batch_axes and not head_axes:
+    return kernel(q, k, v, bias_BH, q_seg, kv_seg, cfg)
+  heads_split = math.prod(mesh.shape[a] for a in head_axes)
+  local_cfg = dataclasses.replace(cfg, num_heads=cfg.num_heads // heads_split,
+                                  num_kv_heads=cfg.num_kv_heads // heads_split)
+  b, h = batch_axes or None, head_axes or None
+  seq_spec, bias_spec = P(b), P(b, h)
+  qkv_spec = P(b, None, h, None)
+
+  def per_shard(q, k, v, bias_BH, q_seg, kv_seg):
+    return kernel(q, k, v, bias_BH, q_seg, kv_seg, local_cfg)
+
+  return jax.shard_map(
+      per_shard, mesh=mesh, out_specs=qkv_spec, check_vma=False,
+      in_specs=(qkv_spec, qkv_spec, qkv_spec, bias_spec, seq_spec, seq_spec),
+  )(q, k, v, bias_BH, q_seg, kv_seg)
+
+
+def _dividing_axes(mesh, axes: list[str], size: int) -> tuple[str, ...]:
+  """The longest prefix of `axes` (of size > 1) whose product divides `size`."""
+  chosen: list[str] = []
+  for axis in axes:
+    if mesh.shape[axis] == 1:
+      continue
+    if size % (math.prod(mesh.shape[a] for a in chosen) * mesh.shape[axis]):
+      break
+    chosen.append(axis)
+  return tuple(chosen)
