@@ -121,6 +121,30 @@ def test_cells_side_by_side_or_in_chunks_give_the_same_results(spec, setup, batc
     assert_same(result, reference)
 
 
+@pytest.mark.parametrize("vmap_cells, stack_sizes", [(1, {3}), (None, {3, 1})])
+def test_finished_cells_are_skipped_in_place_one_at_a_time_and_leave_a_vmapped_stack(
+    setup, batched, monkeypatch, vmap_cells, stack_sizes):
+  # One cell at a time, a finished cell takes a branch that skips its step, so
+  # the stack (and the compiled step) keeps one shape for the whole group;
+  # vmapped, the branch would run both sides, so finished cells leave.
+  sizes, group_step = set(), cells_lib._group_step
+
+  def recording_group_step(fns, vmap):
+    step = group_step(fns, vmap)
+
+    def recorded(stack, *args):
+      sizes.add(stack.applied.shape[0])
+      return step(stack, *args)
+    return recorded
+
+  monkeypatch.setattr(cells_lib, "_group_step", recording_group_step)
+  spec = cells_lib.GroupSpec(name="three", cells=CELLS[:3], budgets=BUDGETS[:3], budget_rule="test")
+  results = cells_lib.train_group(spec, dataclasses.replace(setup, vmap_cells=vmap_cells))
+  assert sizes == stack_sizes
+  for result, reference in zip(results, batched):
+    assert_same(result, reference)
+
+
 def test_the_engine_equals_the_plainest_loop(setup, batched):
   for c in (0, 1):  # one cell of each budget
     test, best_step, last_loss, (val_error, val_loss) = train_by_hand(setup, CELLS[c], BUDGETS[c])

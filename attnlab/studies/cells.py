@@ -13,9 +13,12 @@ different budgets in steps (a fixed-epochs budget gives a larger n more steps):
     (`data.epoch_batches(n, batch, seed, ...)`), and no batch crosses from
     the host per step.
   * Each cell follows its own learning-rate schedule (its budget is a traced
-    input of `train_step`), and a cell leaves the stack when its budget is
-    spent, so finished cells stop costing work (the program is compiled once
-    per stack size).
+    input of `train_step`), and finished cells stop costing work. With cells
+    computed one at a time (`vmap_cells=1`, CPU's default) each cell's step
+    is a real branch that a finished cell skips, so the stack keeps its size
+    and the group compiles its programs once; with cells side by side under
+    vmap a branch would compute both sides, so a finished cell leaves the
+    stack instead (one compile per stack size).
   * Model selection: every `eval_every_steps` steps and at its last step each
     cell is scored on the validation split; its best parameters (lowest
     validation error, ties to the lower loss, then the earlier step) are
@@ -26,7 +29,8 @@ different budgets in steps (a fixed-epochs budget gives a larger n more steps):
   * With a `checkpoint.Checkpointer`, the whole group's state is saved every
     `checkpointer.every_steps` steps and a rerun resumes from it. The stack at
     a step is a function of that step (cells with a larger budget), so a
-    checkpoint needs no other bookkeeping.
+    checkpoint needs no other bookkeeping (finished cells kept in the stack
+    are left out of it).
 
   results = cells.train_group(spec, setup)      # one analysis.CellResult per cell
 """
@@ -208,6 +212,11 @@ class _Stack:
     return _Stack(**jax.tree.map(lambda x: x[index], self.tree()))
 
 
+def _shrinks(setup: GroupSetup) -> bool:
+  """Whether finished cells leave the stack (vmapped cells) or are skipped in place (one at a time)."""
+  return setup.vmap_cells != 1
+
+
 def train_group(spec: GroupSpec, setup: GroupSetup, *,
                 checkpointer: checkpoint_lib.Checkpointer | None = None,
                 on_cell_done: Callable[[analysis.CellResult], None] | None = None,
@@ -233,40 +242,45 @@ def train_group(spec: GroupSpec, setup: GroupSetup, *,
     step, stack, seconds = _restore(spec, setup, checkpointer)
   if stack is None:
     stack = _init_stack(spec, setup)
-  alive = spec.alive_at(step)
+  alive = spec.alive_at(step)  # the cells still training
+  members = list(alive)  # the cells in the stack, in its order (finished ones too, when kept)
   seconds = {i: seconds.get(spec.cells[i].name, 0.0) for i in range(len(spec.cells))}
   results: dict[int, analysis.CellResult] = {}
   train_step = _group_step(setup.fns, setup.vmap_cells)
   score = _group_score(setup.fns, setup.vmap_cells)
+  budgets_C = jnp.asarray([spec.budgets[i] for i in members], jnp.int32)
   while alive:
     start = time.perf_counter()
     segment_end = _segment_end(spec, setup, alive, step, checkpointer)
-    indices_SCB = _batch_indices(spec, setup, alive, step, segment_end)
-    budgets_C = jnp.asarray([spec.budgets[i] for i in alive], jnp.int32)
+    indices_SCB = _batch_indices(spec, setup, members, alive, step, segment_end)
+    training_C = jnp.asarray([i in alive for i in members])
     for indices_CB in indices_SCB:
-      stack = train_step(stack, setup.data.train, indices_CB, budgets_C)
+      stack = train_step(stack, setup.data.train, indices_CB, budgets_C, training_C)
       step += 1
       if on_step is not None:
         on_step(step, len(alive))
-    due = [_selection_due(setup, step) or spec.budgets[i] == step for i in alive]
+    due = [i in alive and (_selection_due(setup, step) or spec.budgets[i] == step) for i in members]
     if any(due):
       stack = _select(stack, setup, score, jnp.asarray(due))
-    finished = [p for p, i in enumerate(alive) if spec.budgets[i] == step]
+    finished = [p for p, i in enumerate(members) if i in alive and spec.budgets[i] == step]
     tests = _score_split(setup, score, stack.best_params, setup.data.test) if finished else None
     jax.block_until_ready(stack)
     # The segment's wall time (compile included), shared equally by the cells it trained.
     for i in alive:
       seconds[i] += (time.perf_counter() - start) / len(alive)
     for p in finished:
-      results[alive[p]] = _cell_result(spec, setup, alive[p], stack, tests, p, seconds[alive[p]])
+      results[members[p]] = _cell_result(spec, setup, members[p], stack, tests, p, seconds[members[p]])
       if on_cell_done is not None:
-        on_cell_done(results[alive[p]])
+        on_cell_done(results[members[p]])
     if finished:
-      keep = [p for p in range(len(alive)) if p not in finished]
-      alive = [alive[p] for p in keep]
-      stack = stack.take(keep) if alive else stack
+      alive = [i for i in alive if spec.budgets[i] > step]
+      if _shrinks(setup) and alive:
+        stack = stack.take([members.index(i) for i in alive])
+        members, budgets_C = list(alive), jnp.asarray([spec.budgets[i] for i in alive], jnp.int32)
     if checkpointer is not None and alive and checkpointer.should_save(step):
-      checkpointer.save(step, stack.tree(), {"step": step, "cells": [spec.cells[i].name for i in alive],
+      # Only the cells still training: the saved stack is a function of the step.
+      saved = stack if members == alive else stack.take([members.index(i) for i in alive])
+      checkpointer.save(step, saved.tree(), {"step": step, "cells": [spec.cells[i].name for i in alive],
                                              "seconds": {spec.cells[i].name: seconds[i] for i in alive}})
   if checkpointer is not None:
     checkpointer.wait()
@@ -331,11 +345,15 @@ def _selection_due(setup: GroupSetup, step: int) -> bool:
   return bool(setup.eval_every_steps) and step % setup.eval_every_steps == 0
 
 
-def _batch_indices(spec: GroupSpec, setup: GroupSetup, alive: Sequence[int], start: int,
-                   stop: int) -> np.ndarray:
-  """[steps, cells, batch] example indices of steps start..stop-1, each cell in its own order."""
+def _batch_indices(spec: GroupSpec, setup: GroupSetup, members: Sequence[int],
+                   alive: Sequence[int], start: int, stop: int) -> np.ndarray:
+  """[steps, cells, batch] example indices of steps start..stop-1, each cell in its own order.
+
+  A finished cell kept in the stack gets index 0 (it skips the step).
+  """
+  idle = np.zeros((stop - start, setup.batch_size), np.int32)
   per_cell = [data_lib.epoch_batches(spec.cells[i].n, setup.batch_size, spec.cells[i].seed,
-                                     start, stop) for i in alive]
+                                     start, stop) if i in alive else idle for i in members]
   return np.stack(per_cell, axis=1)
 
 
@@ -404,7 +422,12 @@ def _jit_init(fns: experiment.ModelFns):
 
 
 def _over_cells(fn, in_axes, vmap_cells: int | None):
-  """`fn` mapped over the stacked cell axis: vmapped, or vmapped in chunks of `vmap_cells`."""
+  """`fn` mapped over the stacked cell axis: vmapped, vmapped in chunks, or one cell at a time.
+
+  One at a time (`vmap_cells=1`) is a plain `lax.map`, not chunks of one: a
+  vmap, even of one, turns the branch that finished cells take into a select
+  that computes both sides.
+  """
   if vmap_cells is None:
     return jax.vmap(fn, in_axes=in_axes)
 
@@ -416,7 +439,7 @@ def _over_cells(fn, in_axes, vmap_cells: int | None):
       it_x, it_s = iter(xs), iter(shared)
       return fn(*[next(it_x) if axis == 0 else next(it_s) for axis in in_axes])
 
-    return jax.lax.map(one, mapped, batch_size=vmap_cells)
+    return jax.lax.map(one, mapped, batch_size=None if vmap_cells == 1 else vmap_cells)
 
   return chunked
 
@@ -429,7 +452,7 @@ def _group_step(fns: experiment.ModelFns, vmap_cells: int | None = None):
   reuse one compiled executable per stack size.
   """
 
-  def cell_step(state, pool, indices_B, budget, alive, applied, last_loss):
+  def train_cell(state, pool, indices_B, budget, alive, applied, last_loss):
     batch = {k: v[indices_B] for k, v in pool.items()}
     new_state, step_metrics = fns.train_step(state, batch, budget)
     # A cell whose update is non-finite stays frozen at its last finite state
@@ -439,11 +462,18 @@ def _group_step(fns: experiment.ModelFns, vmap_cells: int | None = None):
     state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
     return state, ok, applied + ok, jnp.where(ok, step_metrics["loss"], last_loss)
 
-  over_cells = _over_cells(cell_step, (0, None, 0, 0, 0, 0, 0), vmap_cells)
+  def cell_step(state, pool, indices_B, budget, training, alive, applied, last_loss):
+    # A finished cell kept in the stack skips its step (a real branch when
+    # cells run one at a time; under vmap both sides run, and the stack shrinks instead).
+    return jax.lax.cond(training, train_cell, lambda state, pool, indices_B, budget, *rest: (state, *rest),
+                        state, pool, indices_B, budget, alive, applied, last_loss)
 
-  def step(stack: _Stack, pool, indices_CB, budgets_C) -> _Stack:
+  over_cells = _over_cells(cell_step, (0, None, 0, 0, 0, 0, 0, 0), vmap_cells)
+
+  def step(stack: _Stack, pool, indices_CB, budgets_C, training_C) -> _Stack:
     state, alive, applied, last_loss = over_cells(
-        stack.state, pool, indices_CB, budgets_C, stack.alive, stack.applied, stack.last_loss)
+        stack.state, pool, indices_CB, budgets_C, training_C, stack.alive, stack.applied,
+        stack.last_loss)
     return stack.replace(state=state, alive=alive, applied=applied, last_loss=last_loss)
 
   return jax.jit(step, donate_argnums=0)
