@@ -36,10 +36,8 @@ MESHES = {
     "combined": {"data": 2, "fsdp": 2, "model": 2},
 }
 # Each run compiles two programs (~4 s of CPU): the three presets for both
-# models, all three axes at once for the LM (its tied embedding is split along
-# both of its axes there).
-CASES = [(model, mesh) for model in MODELS for mesh in MESHES
-         if mesh != "combined" or model == "lm"]
+# models here; all three axes at once for the ViT through train_and_evaluate.
+CASES = [(model, mesh) for model in MODELS for mesh in MESHES if mesh != "combined"]
 # What each preset must split, written out independently of sharding.DEFAULT_RULES:
 # logical name -> mesh axes (absent: replicated).
 EXPECTED_SPLITS = {
@@ -62,6 +60,7 @@ def _config(spec, data_dir, mesh):
   config.unlock()
   config.data.data_dir = data_dir
   config.mesh = mesh
+  config.total_steps = STEPS  # the learning-rate schedule of a run of STEPS steps
   return config
 
 
@@ -164,6 +163,22 @@ def _pallas_model_traces_shard_map(data_dir):
   return "shard_map" in str(experiment.jit_train_step(fns, shard).trace(abstract, batch).jaxpr)
 
 
+def _train_and_evaluate(data_dir, workdir):
+  """The ViT through attnlab.train and attnlab.evaluate on the combined mesh."""
+  from attnlab import evaluate, metrics, train  # pylint: disable=import-outside-toplevel
+  config = _config(MODELS["vit"], data_dir, MESHES["combined"])
+  last = {}
+
+  def on_step(step, state):
+    if step == STEPS:
+      last["state"], last["placement"] = jax.device_get(state), _placement(state)
+
+  result = train.train_and_evaluate(config, workdir, on_step=on_step)
+  evaluated = evaluate.evaluate(config, workdir, verbose=False)  # restores the split checkpoint
+  return (result, [r for r in metrics.read_metrics(workdir) if r.get("split") == "train"],
+          last["state"], last["placement"], evaluated)
+
+
 def _child(out_path, data_dir):
   jax.config.update("jax_numpy_rank_promotion", "raise")
   # Compiling dominates (as tests/conftest.py's fast_xla_compile); every run here shares it.
@@ -171,13 +186,16 @@ def _child(out_path, data_dir):
   assert jax.device_count() == NUM_DEVICES, jax.devices()
   results = {"errors": _errors(data_dir),
              "pallas": {name: _pallas(*case) for name, case in PALLAS_CASES.items()},
-             "pallas_model": _pallas_model_traces_shard_map(data_dir)}
+             "pallas_model": _pallas_model_traces_shard_map(data_dir),
+             "train_and_evaluate": _train_and_evaluate(data_dir, os.path.join(
+                 os.path.dirname(out_path), "run"))}
   for model, spec in MODELS.items():
     losses, state = _train(spec, data_dir, {}, jax.devices()[:1])
     results[model, "single"] = (losses, jax.device_get(state), None)
   for model, name in CASES:
     losses, state = _train(MODELS[model], data_dir, MESHES[name], None)
     results[model, name] = (losses, jax.device_get(state), _placement(state))
+  results["vit", "combined"] = (None, *results["train_and_evaluate"][2:4])
   with open(out_path, "wb") as f:
     pickle.dump(results, f)
 
@@ -223,7 +241,7 @@ def test_sharded_run_equals_single_device_run(runs, model, mesh):
                single_state.opt_state)
 
 
-@pytest.mark.parametrize("model, mesh", CASES)
+@pytest.mark.parametrize("model, mesh", CASES + [("vit", "combined")])
 def test_every_parameter_has_its_declared_sharding(runs, model, mesh):
   *_, placement = runs[model, mesh]
   splits = EXPECTED_SPLITS[mesh]
@@ -242,6 +260,18 @@ def test_every_parameter_has_its_declared_sharding(runs, model, mesh):
     assert shard_shape == expected_shard, (path, shape, shard_shape)
     split_any |= shard_shape != shape
   assert split_any == bool(splits), "a preset that splits nothing, or data parallel that does"
+
+
+def test_train_and_evaluate_on_a_mesh_trains_saves_and_restores_as_one_device(runs):
+  result, train_records, state, _, evaluated = runs["train_and_evaluate"]
+  single_losses, single_state, _ = runs["vit", "single"]
+  assert [r["step"] for r in train_records] == [2, 3]  # log_every_steps=2, and the last step
+  np.testing.assert_allclose([r["loss"] for r in train_records], single_losses[1:], rtol=2e-6)
+  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, 1e-5), state.params, single_state.params)
+  # (Its parameters' placement: test_every_parameter_has_its_declared_sharding[vit-combined].)
+  # evaluate.py restores the split checkpoint onto the mesh and scores what training scored.
+  assert result["step"] == evaluated["step"] == STEPS
+  np.testing.assert_allclose(evaluated["loss"], result["eval_loss"], rtol=1e-6)
 
 
 def test_the_optimizer_state_is_split_like_the_parameters(runs):
