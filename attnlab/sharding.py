@@ -11,6 +11,8 @@ The rules are one set; the mesh's shape picks the strategy (the presets):
                                        "embed", batch split, weights gathered per layer
   {"data": -1, "model": 2}             tensor parallel over 2 devices (Megatron): heads,
                                        MLP and vocabulary split, batch split over the rest
+  {"data": 2, "fsdp": 4}               hybrid: FSDP within groups of 4, data parallel
+                                       across the 2 groups (8 devices)
   {"data": 2, "fsdp": 2, "model": 2}   all three at once (8 devices)
 
 -1 is "the rest of the devices"; an axis left out has size 1, except "data",
@@ -53,9 +55,9 @@ HEAD_AXES = ("model",)
 # Every logical axis name the models use -> the mesh axes it is split over
 # (None: replicated). A model's parameter with a name missing here is refused
 # (`state_shardings`), so a new name gets a rule when it is introduced.
-DEFAULT_RULES: dict[str, str | None] = {
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "embed": "fsdp",  # FSDP: almost every weight has one embedding axis
-    "heads": "model", "kv_heads": "model", "mlp": "model", "vocab": "model",  # Megatron
+    "heads": HEAD_AXES, "kv_heads": HEAD_AXES, "mlp": "model", "vocab": "model",  # Megatron
     "head_dim": None, "classes": None, "length": None, "patches": None,
     "patch_height": None, "patch_width": None, "channels": None,
     "layers": None,  # the stacked blocks of scan_layers
@@ -111,11 +113,11 @@ def sharding_rules(overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] | No
   Raises:
     configlib.ConfigError: an unknown logical name or mesh axis (with "did you mean").
   """
-  merged = {name: () if axes is None else (axes,) for name, axes in DEFAULT_RULES.items()}
+  merged = {name: _as_tuple(axes) for name, axes in DEFAULT_RULES.items()}
   given = dict(overrides or {})
   configlib.check_known(given, DEFAULT_RULES, where=field)
   for name, axes in given.items():
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = _as_tuple(axes) if isinstance(axes, (str, Sequence, type(None))) else (axes,)
     for axis in axes:
       if axis not in MESH_AXES:
         raise configlib.ConfigError(
@@ -124,6 +126,10 @@ def sharding_rules(overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] | No
             "(or None: replicated).")
     merged[name] = axes
   return tuple(merged.items())
+
+
+def _as_tuple(axes: str | Sequence[str] | None) -> tuple[str, ...]:
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def describe(shape: MeshShape) -> str:

@@ -329,6 +329,7 @@ def test_mesh_defaults_and_presets():
     ({"mesh": {"model": 0}}, r"config.mesh.model=0: expected a positive int, or -1"),
     ({"sharding_rules": {"emb": "fsdp"}}, 'config.sharding_rules.emb. Did you mean "embed"?'),
     ({"sharding_rules": {"mlp": "modle"}}, "'modle' is not a mesh axis. Did you mean \"model\"?"),
+    ({"sharding_rules": {"mlp": 2}}, "config.sharding_rules.mlp=2: 2 is not a mesh axis."),
 ])
 def test_bad_mesh_or_rules_are_refused_when_the_config_is_read(fields, message):
   with pytest.raises(configlib.ConfigError, match=message):
