@@ -22,7 +22,9 @@ model selection included:
 
 Each measurement runs in a fresh process (nothing compiled is shared between
 modes), the modes alternate, and the table gives medians over --repeats
-(shared CPUs are noisy). The results of the modes are checked equal first.
+(shared CPUs are noisy), with the part of each spent in XLA compilation: with
+short budgets compilation dominates (a batched group compiles its step once
+per stack size, the sequential loop once in all), with long ones the steps do. The results of the modes are checked equal first.
 """
 
 from __future__ import annotations
@@ -58,8 +60,16 @@ def _study(args):
 
 def measure(args) -> dict:
   """One measurement of one mode, in this process: seconds and every cell's test loss."""
+  import jax  # pylint: disable=import-outside-toplevel
   from attnlab.studies import cells as cells_lib  # pylint: disable=import-outside-toplevel
 
+  compile_seconds = []  # XLA's own compile time: with short budgets it dominates a mode
+
+  def on_duration(event: str, seconds: float, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compile_seconds.append(seconds)
+
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
   study_lib, config = _study(args)
   start = time.perf_counter()
   study, exp_cfg = study_lib.split_config(config)
@@ -75,7 +85,8 @@ def measure(args) -> dict:
   results = [r for g in groups for r in cells_lib.train_group(g, setups[g.cells[0].kind])]
   seconds = time.perf_counter() - start
   results.sort(key=lambda r: (r.kind, r.n, r.seed))
-  return {"seconds": seconds, "test_loss": [r.test_loss for r in results],
+  return {"seconds": seconds, "compile_seconds": sum(compile_seconds),
+          "test_loss": [r.test_loss for r in results],
           "cells": len(results), "cell_steps": sum(r.steps for r in results)}
 
 
@@ -107,11 +118,13 @@ def main() -> None:
     return
 
   times = {mode: [] for mode in MODES}
+  compiles = {mode: [] for mode in MODES}
   results = {}
   for r in range(args.repeats):
     for mode in MODES if r % 2 == 0 else MODES[::-1]:
       results[mode] = _run_child(args, mode)
       times[mode].append(results[mode]["seconds"])
+      compiles[mode].append(results[mode]["compile_seconds"])
   worst = max(abs(a - b) for mode in MODES[1:] for a, b in zip(
       results["batched"]["test_loss"], results[mode]["test_loss"]))
   import jax  # pylint: disable=import-outside-toplevel
@@ -128,10 +141,10 @@ def main() -> None:
         f"({args.config}, kinds {args.kinds}, {budget}), compile and selection included; "
         f"median of {args.repeats}; jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"{os.cpu_count()} CPUs")
-  print(f"  {'mode':<12}{'seconds':>10}   runs")
+  print(f"  {'mode':<12}{'seconds':>10}{'compile':>10}   runs")
   for mode in MODES:
     runs = " ".join(f"{t:.1f}" for t in times[mode])
-    print(f"  {mode:<12}{median[mode]:>10.1f}   {runs}")
+    print(f"  {mode:<12}{median[mode]:>10.1f}{statistics.median(compiles[mode]):>10.1f}   {runs}")
   print(f"  sequential / batched = {median['sequential'] / median['batched']:.2f}x, "
         f"sequential / vmapped = {median['sequential'] / median['vmapped']:.2f}x  "
         f"(max |test loss| difference between modes {worst:.1e})")
