@@ -20,8 +20,9 @@ Argument (after the colon, comma-separated):
 
 Budget rule: 30 epochs of each subset, at least 500 steps (batch 64), chosen
 to fit the 10-minute CPU budget of the main job. It has NOT converged at every
-size: doubling it (`:long`) lowers the error at n >= 128 by more than the seed
-spread (docs/results.md). `:long` itself has converged up to n = 256 (a 4x run
+size: doubling it (`:long`) lowers softmax's error at n >= 256 by more than
+the seed spread, and quadrupling it lowers both kinds' at n >= 512 and at 128
+(docs/results.md). `:long` itself has converged up to n = 256 (a 4x run
 changes it by less than the seed spread there), not above, where errors still
 fall by 1-4 of the 297 test images per doubling. The samples-to-10% ratio, set
 between n = 256 and 512, holds from 2x to 4x: use `:long` or more for claims.
