@@ -13,8 +13,9 @@ is an error, and a str field that cannot hold None keeps the text "none"
 receive the text "none": none of them has it as a choice (qk_norm and
 output_gate have None instead), and a data_dir named none is `./none`.
 
-`training_differences` and `RUN_NEUTRAL_FIELDS` say which fields change what a
-run trains: attnlab.cli names a run's default workdir after them.
+`training_differences`, `RUN_NEUTRAL_FIELDS` and `RUN_NEUTRAL_SECTIONS` say
+which fields change what a run trains: attnlab.cli names a run's default
+workdir after them.
 """
 
 from __future__ import annotations
@@ -348,6 +349,10 @@ RUN_NEUTRAL_FIELDS = (
     # turn): the same numbers to float rounding, as any change of group does.
     "study.vmap_cells",
 )
+# Top-level sections all of whose fields are run-neutral: where a run's arrays
+# live (`attnlab.sharding`), not what it trains. Another mesh gives the same
+# numbers to float rounding, and a checkpoint restores onto any mesh.
+RUN_NEUTRAL_SECTIONS = ("mesh", "sharding_rules")
 
 # Longest directory name `run_dirname` makes; longer ones end with a hash.
 _MAX_DIRNAME = 160
@@ -373,7 +378,12 @@ def training_differences(config: Mapping[str, Any], base: Mapping[str, Any]) -> 
   """
   ours, theirs = flatten(config), flatten(base)
   return {path: ours.get(path) for path in sorted(ours.keys() | theirs.keys())
-          if ours.get(path) != theirs.get(path) and path not in RUN_NEUTRAL_FIELDS}
+          if ours.get(path) != theirs.get(path) and not is_run_neutral(path)}
+
+
+def is_run_neutral(path: str) -> bool:
+  """Whether the field at dotted `path` leaves what a run trains unchanged (see above)."""
+  return path in RUN_NEUTRAL_FIELDS or path.partition(".")[0] in RUN_NEUTRAL_SECTIONS
 
 
 def short_names(paths: Iterable[str], all_paths: Iterable[str]) -> dict[str, str]:

@@ -257,8 +257,9 @@ def check_batch_size(field: str, batch_size: int, mesh: jax.sharding.Mesh) -> No
     return
   axes = " x ".join(f"{a}={mesh.shape[a]}" for a in DATA_AXES)
   raise configlib.ConfigError(
-      f"{field}={batch_size} does not split over the data axes ({axes} = {n} ways; the batch is "
-      f"split across them): set {field} to a multiple of {n} (e.g. "
+      f"{field}={batch_size} does not split over the data axes ({axes} = {n} ways, on "
+      f"{mesh.devices.size} devices; the batch is split across them): set {field} to a "
+      f"multiple of {n} (e.g. "
       f"{max(n, batch_size // n * n)}), or change config.mesh.")
 
 

@@ -9,6 +9,7 @@ read it. The config checks that need no devices run here.
 
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -19,9 +20,15 @@ from flax import nnx
 
 from attnlab import configlib
 from attnlab import data as data_lib
+from attnlab import evaluate
 from attnlab import experiment
+from attnlab import metrics
 from attnlab import models
 from attnlab import sharding
+from attnlab import train
+
+# The parent's own run (a resume on one device) compiles as the child's do.
+pytestmark = pytest.mark.usefixtures("fast_xla_compile")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8
@@ -163,20 +170,36 @@ def _pallas_model_traces_shard_map(data_dir):
   return "shard_map" in str(experiment.jit_train_step(fns, shard).trace(abstract, batch).jaxpr)
 
 
-def _train_and_evaluate(data_dir, workdir):
-  """The ViT through attnlab.train and attnlab.evaluate on the combined mesh."""
-  from attnlab import evaluate, metrics, train  # pylint: disable=import-outside-toplevel
-  config = _config(MODELS["vit"], data_dir, MESHES["combined"])
-  last = {}
+class _Preempted(Exception):
+  pass
 
-  def on_step(step, state):
+
+def _train_and_evaluate(data_dir, root):
+  """The ViT through attnlab.train on the combined mesh, stopped after step 2 (saved), then
+  resumed on the tensor-parallel mesh to the end and scored by attnlab.evaluate there; the
+  workdir as it was at step 2 is copied for the parent process (one device) to resume."""
+  workdir, at_step_2 = os.path.join(root, "run"), os.path.join(root, "run_at_step_2")
+  seen = {}
+
+  def stop_after_2(step, state):
+    if step == 2:  # checkpoint_every_steps=2: saved before this call
+      seen["combined"] = _placement(state)
+      raise _Preempted
+
+  with pytest.raises(_Preempted):
+    train.train_and_evaluate(_config(MODELS["vit"], data_dir, MESHES["combined"]), workdir,
+                             on_step=stop_after_2)
+  shutil.copytree(workdir, at_step_2)
+
+  def keep_last(step, state):
     if step == STEPS:
-      last["state"], last["placement"] = jax.device_get(state), _placement(state)
+      seen["state"], seen["resumed"] = jax.device_get(state), _placement(state)
 
-  result = train.train_and_evaluate(config, workdir, on_step=on_step)
+  config = _config(MODELS["vit"], data_dir, MESHES["tensor_parallel"])
+  result = train.train_and_evaluate(config, workdir, on_step=keep_last)
   evaluated = evaluate.evaluate(config, workdir, verbose=False)  # restores the split checkpoint
-  return (result, [r for r in metrics.read_metrics(workdir) if r.get("split") == "train"],
-          last["state"], last["placement"], evaluated)
+  return {"result": result, "evaluated": evaluated, "at_step_2": at_step_2, **seen,
+          "train_records": [r for r in metrics.read_metrics(workdir) if r["split"] == "train"]}
 
 
 def _child(out_path, data_dir):
@@ -187,15 +210,15 @@ def _child(out_path, data_dir):
   results = {"errors": _errors(data_dir),
              "pallas": {name: _pallas(*case) for name, case in PALLAS_CASES.items()},
              "pallas_model": _pallas_model_traces_shard_map(data_dir),
-             "train_and_evaluate": _train_and_evaluate(data_dir, os.path.join(
-                 os.path.dirname(out_path), "run"))}
+             "train_and_evaluate": _train_and_evaluate(data_dir, os.path.dirname(out_path)),
+             "data_dir": data_dir}
   for model, spec in MODELS.items():
     losses, state = _train(spec, data_dir, {}, jax.devices()[:1])
     results[model, "single"] = (losses, jax.device_get(state), None)
   for model, name in CASES:
     losses, state = _train(MODELS[model], data_dir, MESHES[name], None)
     results[model, name] = (losses, jax.device_get(state), _placement(state))
-  results["vit", "combined"] = (None, *results["train_and_evaluate"][2:4])
+  results["vit", "combined"] = (None, None, results["train_and_evaluate"]["combined"])
   with open(out_path, "wb") as f:
     pickle.dump(results, f)
 
@@ -262,16 +285,43 @@ def test_every_parameter_has_its_declared_sharding(runs, model, mesh):
   assert split_any == bool(splits), "a preset that splits nothing, or data parallel that does"
 
 
-def test_train_and_evaluate_on_a_mesh_trains_saves_and_restores_as_one_device(runs):
-  result, train_records, state, _, evaluated = runs["train_and_evaluate"]
+def test_a_run_saved_on_one_mesh_resumes_on_another_as_on_one_device(runs):
+  run = runs["train_and_evaluate"]
   single_losses, single_state, _ = runs["vit", "single"]
-  assert [r["step"] for r in train_records] == [2, 3]  # log_every_steps=2, and the last step
-  np.testing.assert_allclose([r["loss"] for r in train_records], single_losses[1:], rtol=2e-6)
-  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, 1e-5), state.params, single_state.params)
-  # (Its parameters' placement: test_every_parameter_has_its_declared_sharding[vit-combined].)
+  # Steps 1-2 on data=2 x fsdp=2 x model=2 (saved at 2), step 3 on data=4 x model=2.
+  assert [r["step"] for r in run["train_records"]] == [2, 3]  # log_every_steps=2, and the last
+  np.testing.assert_allclose([r["loss"] for r in run["train_records"]], single_losses[1:],
+                             rtol=2e-6)
+  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, 1e-5), run["state"].params,
+               single_state.params)
+  kernel = [v for k, v in run["resumed"].items() if k.endswith("['mlp']['fc_in']['kernel']")]
+  assert {v[2] for v in kernel} == {(None, "model")}  # restored onto the new mesh's layout
   # evaluate.py restores the split checkpoint onto the mesh and scores what training scored.
-  assert result["step"] == evaluated["step"] == STEPS
-  np.testing.assert_allclose(evaluated["loss"], result["eval_loss"], rtol=1e-6)
+  assert run["result"]["step"] == run["evaluated"]["step"] == STEPS
+  np.testing.assert_allclose(run["evaluated"]["loss"], run["result"]["eval_loss"], rtol=1e-6)
+
+
+def test_a_run_saved_on_8_devices_resumes_on_one(runs):
+  # This process has one device; the checkpoint of step 2 holds arrays split 8 ways.
+  assert jax.device_count() == 1
+  config = _config(MODELS["vit"], runs["data_dir"], {})  # another mesh: run-neutral
+  seen = {}
+
+  def keep_last(step, state):
+    if step == STEPS:
+      seen["state"] = jax.device_get(state)
+
+  workdir = runs["train_and_evaluate"]["at_step_2"]
+  result = train.train_and_evaluate(config, workdir, on_step=keep_last)
+  single_losses, single_state, _ = runs["vit", "single"]
+  assert result["step"] == STEPS
+  last = [r for r in metrics.read_metrics(workdir) if r["split"] == "train"][-1]
+  assert last["step"] == STEPS
+  np.testing.assert_allclose(last["loss"], single_losses[-1], rtol=2e-6)
+  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, 1e-5), seen["state"].params,
+               single_state.params)
+  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, 1e-5), seen["state"].opt_state,
+               single_state.opt_state)
 
 
 def test_the_optimizer_state_is_split_like_the_parameters(runs):
@@ -288,7 +338,8 @@ def test_the_optimizer_state_is_split_like_the_parameters(runs):
 
 def test_a_batch_that_does_not_split_names_the_sizes_and_the_fix(runs):
   message = runs["errors"]["batch"]
-  assert "config.batch_size=12 does not split over the data axes (data=4 x fsdp=2 = 8" in message
+  assert ("config.batch_size=12 does not split over the data axes (data=4 x fsdp=2 = 8 ways, on "
+          "8 devices; the batch is split across them)") in message
   assert "a multiple of 8 (e.g. 8)" in message and "config.mesh" in message
 
 
