@@ -672,18 +672,20 @@ def _plot(cfg: MoEStudyConfig, table, fits, path: str) -> None:
   os.replace(tmp, path)
 
 
+def print_summary(summary: dict[str, Any]) -> None:
+  """Prints what `run` or `render` returned: the report, its paths, and what was fitted."""
+  with open(summary["paths"]["report"], encoding="utf-8") as f:
+    print("\n" + f.read().rstrip())
+  print(f"\n  report: {summary['paths']['report']}\n  plot:   {summary['paths']['plot']}")
+  if "seconds" in summary:
+    print(f"  {summary['fitted_groups']} groups fitted, {summary['skipped_groups']} already "
+          f"recorded, in {summary['seconds']:.0f} s.")
+
+
 def main(argv: list[str]) -> None:
   from attnlab import cli  # the entry point's flags; not needed by importers
 
-  def work(config, workdir):
-    summary = run(config, workdir)
-    with open(summary["paths"]["report"], encoding="utf-8") as f:
-      print("\n" + f.read().rstrip())
-    print(f"\n  report: {summary['paths']['report']}\n  plot:   {summary['paths']['plot']}\n"
-          f"  {summary['fitted_groups']} groups fitted, {summary['skipped_groups']} already "
-          f"recorded, in {summary['seconds']:.0f} s.")
-
-  cli.run_main(argv, work)
+  cli.run_main(argv, lambda config, workdir: print_summary(run(config, workdir)))
 
 
 if __name__ == "__main__":
