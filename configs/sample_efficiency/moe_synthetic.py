@@ -16,7 +16,8 @@ the loss and every choice are in attnlab/studies/moe_estimation.py.
   python train.py --config configs/sample_efficiency/moe_synthetic.py   # once train.py dispatches here (not yet)
 
 Argument (after the colon, comma-separated):
-  quick      linear experts, 2 sizes x 2 repetitions, short fits (under a minute on CPU; tests)
+  quick      linear experts, 2 sizes x 2 repetitions, short fits (tests): 24 s of CPU,
+             93 s wall on the 2 shared cores at load 7.5
   full       the issue's grid: 10^2 ... 10^5 (7 sizes), 20 repetitions
   attention  the attention-level version: one head over 4 tokens as teacher
   sparse     the sparse regime: the first true atom's gate slopes are zero
