@@ -21,6 +21,7 @@ from absl import flags
 
 from attnlab import cli
 from attnlab import evaluate
+from attnlab.studies import moe_estimation
 from attnlab.studies import study
 
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
@@ -29,7 +30,9 @@ _PNG = flags.DEFINE_bool("attention_png", False, "Also save attention maps as PN
 
 def main(argv):
   def run(config, workdir):
-    if study.is_study(config):
+    if moe_estimation.is_moe_study(config):
+      moe_estimation.print_summary(moe_estimation.render(config, workdir))
+    elif study.is_study(config):
       cli.report_study(study.render(config, workdir))
     else:
       evaluate.evaluate(config, workdir, _STEP.value, attention_pngs=_PNG.value)

@@ -28,12 +28,15 @@ from absl import app
 
 from attnlab import cli
 from attnlab import train
+from attnlab.studies import moe_estimation
 from attnlab.studies import study
 
 
 def main(argv):
   def run(config, workdir):
-    if study.is_study(config):
+    if moe_estimation.is_moe_study(config):
+      moe_estimation.print_summary(moe_estimation.run(config, workdir))
+    elif study.is_study(config):
       cli.report_study(study.run(config, workdir))
     else:
       cli.report_training(train.train_and_evaluate(config, workdir))

@@ -344,7 +344,7 @@ RUN_NEUTRAL_FIELDS = (
     "checkpoint_every_steps", "keep_checkpoints", "diagnostics_examples", "data.data_dir",
     # A study's report settings and bookkeeping: its cells train the same.
     "study.checkpoint_every_steps", "study.progress_bar", "study.target_error", "study.compare",
-    "study.bootstrap",
+    "study.bootstrap", "moe.bootstrap",
     # How a group's cells are laid out in its program (side by side or in
     # turn): the same numbers to float rounding, as any change of group does.
     "study.vmap_cells",

@@ -5,6 +5,8 @@ References are float64 NumPy written here, independent of the module's JAX code.
 
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -217,6 +219,12 @@ def test_the_quick_variant_runs_end_to_end_with_finite_slopes_and_resumes(tmp_pa
   again = moe.run(config, workdir)  # every group is recorded: nothing is fitted twice
   assert again["fitted_groups"] == 0 and again["rates"] == summary["rates"]
   assert moe.render(config, workdir)["rates"] == summary["rates"]
+  # The entry points dispatch here: train.py resumes (fits nothing), eval.py re-renders.
+  for script, said in (("train.py", "0 groups fitted"), ("eval.py", "report:")):
+    out = subprocess.run([sys.executable, script, "--config", QUICK, "--workdir", workdir],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0 and said in out.stdout and "Empirical rates" in out.stdout, (
+        script, out.stdout[-2000:], out.stderr[-2000:])
   other = configlib.load(os.path.join(ROOT, QUICK + ",sparse"))
   with pytest.raises(configlib.ConfigError, match="another config"):
     moe.run(other, workdir)

@@ -13,7 +13,8 @@ the loss and every choice are in attnlab/studies/moe_estimation.py.
 
   python -m attnlab.studies.moe_estimation --config configs/sample_efficiency/moe_synthetic.py --workdir runs/moe
   python -m attnlab.studies.moe_estimation --config configs/sample_efficiency/moe_synthetic.py:quick --workdir /tmp/moe
-  python train.py --config configs/sample_efficiency/moe_synthetic.py   # once train.py dispatches here (not yet)
+  python train.py --config configs/sample_efficiency/moe_synthetic.py   # the same, with train.py's flags and lock
+  python eval.py  --config configs/sample_efficiency/moe_synthetic.py   # re-render the report from saved fits
 
 Argument (after the colon, comma-separated):
   quick      linear experts, 2 sizes x 2 repetitions, short fits (tests): 24 s of CPU,
