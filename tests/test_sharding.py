@@ -2,9 +2,12 @@
 
 One child process with 8 CPU devices (they must exist before jax starts, and
 this process already has its one) trains the quick ViT and the quick LM for a
-few steps on one device and under each mesh preset, on the same batches, and
-writes losses, parameters and the shardings it saw to a file; the tests below
-read it. The config checks that need no devices run here.
+few steps on one device and under each mesh preset, on the same batches; runs
+the ViT through train_and_evaluate on one mesh, stopped after a checkpoint and
+resumed on another; runs the fused kernel (interpret mode) under shard_map;
+and collects the messages of refused meshes. It writes what it saw to a file
+that the tests below read. Here, in one device: the resume of that checkpoint,
+and the config checks that need no devices.
 """
 
 import os
@@ -14,6 +17,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -26,6 +30,7 @@ from attnlab import metrics
 from attnlab import models
 from attnlab import sharding
 from attnlab import train
+from attnlab.kernels import flash_attention
 
 # The parent's own run (a resume on one device) compiles as the child's do.
 pytestmark = pytest.mark.usefixtures("fast_xla_compile")
@@ -81,11 +86,11 @@ def _train(spec, data_dir, mesh, devices):
   state = experiment.create_state(fns, exp.trainer.seed, shard)
   train_step = experiment.jit_train_step(fns, shard)
   batches = data_lib.train_batches(exp.datasets, batch_size=exp.trainer.batch_size,
-                                              num_steps=STEPS, seed=exp.trainer.seed)
+                                   num_steps=STEPS, seed=exp.trainer.seed)
   losses = []
   for s in range(STEPS):
-    state, metrics = train_step(state, jax.device_put(batches[s], shard.batch))
-    losses.append(float(metrics["loss"]))
+    state, step_metrics = train_step(state, jax.device_put(batches[s], shard.batch))
+    losses.append(float(step_metrics["loss"]))
   return losses, state
 
 
@@ -122,7 +127,8 @@ def _errors(data_dir):
   return messages
 
 
-# The fused kernel (interpret mode) on a 2x4 mesh: (mesh, kind, heads, kv heads, segment ids).
+# The fused kernel (interpret mode) on 8 devices as data x model = 2x4 and 4x2:
+# (mesh, kind, heads, kv heads, segment ids).
 PALLAS_CASES = {
     "sigmoid_heads_over_4": ({"data": 2, "model": 4}, "sigmoid", 4, 4, False),
     "softmax_gqa_segments": ({"data": 4, "model": 2}, "softmax", 4, 2, True),
@@ -131,8 +137,6 @@ PALLAS_CASES = {
 
 def _pallas(mesh_cfg, kind, heads, kv_heads, segments):
   """Values and gradients of the kernel unsharded and on the mesh, and whether it shard_maps."""
-  import jax.numpy as jnp
-  from attnlab.kernels import flash_attention
   mesh = sharding.make_mesh(sharding.mesh_shape(mesh_cfg))
   batch, length, dim = 4, 32, 16
   keys = jax.random.split(jax.random.key(0), 3)
