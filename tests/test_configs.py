@@ -393,8 +393,10 @@ def test_the_section_prefix_stays_where_a_name_is_ambiguous():
 @pytest.mark.parametrize("path", configlib.RUN_NEUTRAL_FIELDS)
 def test_overrides_that_do_not_change_what_is_trained_keep_the_workdir(path):
   # A study's report settings live in study configs; every other field in the single-run one.
-  spec, expected = (("sample_efficiency/digits.py", "sample_efficiency_digits")
-                    if path.startswith("study.") else ("digits_vit.py:sigmoid", "digits_vit_sigmoid"))
+  spec, expected = {
+      "study": ("sample_efficiency/digits.py", "sample_efficiency_digits"),
+      "moe": ("sample_efficiency/moe_synthetic.py", "sample_efficiency_moe_synthetic"),
+  }.get(path.partition(".")[0], ("digits_vit.py:sigmoid", "digits_vit_sigmoid"))
   section, _, field = path.rpartition(".")
   holder = _sub(configlib.load(f"configs/{spec}"), section)
   value, field_type = holder[field], holder.get_type(field)
