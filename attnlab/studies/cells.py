@@ -14,11 +14,11 @@ different budgets in steps (a fixed-epochs budget gives a larger n more steps):
     the host per step.
   * Each cell follows its own learning-rate schedule (its budget is a traced
     input of `train_step`), and finished cells stop costing work. With cells
-    computed one at a time (`vmap_cells=1`, CPU's default) each cell's step
-    is a real branch that a finished cell skips, so the stack keeps its size
-    and the group compiles its programs once; with cells side by side under
-    vmap a branch would compute both sides, so a finished cell leaves the
-    stack instead (one compile per stack size).
+    computed one at a time (`vmap_cells=1`, CPU's default) a step is one
+    dispatch per training cell of a program that updates that cell of the
+    stack in place, so a finished cell is skipped, the stack keeps its size
+    and the program compiles once; with cells side by side under vmap a
+    finished cell leaves the stack (one compile per stack size).
   * Model selection: every `eval_every_steps` steps and at its last step each
     cell is scored on the validation split; its best parameters (lowest
     validation error, ties to the lower loss, then the earlier step) are
@@ -171,10 +171,11 @@ class GroupSetup:
       (`jax.vmap`); the rest of the stack runs one chunk after another inside
       the same program (`jax.lax.map(..., batch_size=vmap_cells)`), so a step
       is still one dispatch and one compile. None: the whole stack side by side
-      (accelerators, where C cells fill the device). On CPU a C-cell vmap costs
+      (accelerators, where C cells fill the device). 1: one dispatch per cell
+      of a single-cell program (CPU's default). On CPU a C-cell vmap costs
       what a C-times-larger batch costs, which is more per example than a small
-      batch once activations leave the cache: `vmap_cells=1` was 1.75x faster
-      for the digits study on 2 cores (benchmarks/sweep.py).
+      batch once activations leave the cache, and a program looping over the
+      cells ran slower than dispatching each (benchmarks/sweep.py).
   """
 
   fns: experiment.ModelFns
@@ -248,12 +249,12 @@ def train_group(spec: GroupSpec, setup: GroupSetup, *,
   results: dict[int, analysis.CellResult] = {}
   train_step = _group_step(setup.fns, setup.vmap_cells)
   score = _group_score(setup.fns, setup.vmap_cells)
-  budgets_C = jnp.asarray([spec.budgets[i] for i in members], jnp.int32)
+  budgets_C = np.asarray([spec.budgets[i] for i in members], np.int32)
   while alive:
     start = time.perf_counter()
     segment_end = _segment_end(spec, setup, alive, step, checkpointer)
     indices_SCB = _batch_indices(spec, setup, members, alive, step, segment_end)
-    training_C = jnp.asarray([i in alive for i in members])
+    training_C = np.asarray([i in alive for i in members])
     for indices_CB in indices_SCB:
       stack = train_step(stack, setup.data.train, indices_CB, budgets_C, training_C)
       step += 1
@@ -276,7 +277,7 @@ def train_group(spec: GroupSpec, setup: GroupSetup, *,
       alive = [i for i in alive if spec.budgets[i] > step]
       if _shrinks(setup) and alive:
         stack = stack.take([members.index(i) for i in alive])
-        members, budgets_C = list(alive), jnp.asarray([spec.budgets[i] for i in alive], jnp.int32)
+        members, budgets_C = list(alive), np.asarray([spec.budgets[i] for i in alive], np.int32)
     if checkpointer is not None and alive and checkpointer.should_save(step):
       # Only the cells still training: the saved stack is a function of the step.
       saved = stack if members == alive else stack.take([members.index(i) for i in alive])
@@ -424,9 +425,8 @@ def _jit_init(fns: experiment.ModelFns):
 def _over_cells(fn, in_axes, vmap_cells: int | None):
   """`fn` mapped over the stacked cell axis: vmapped, vmapped in chunks, or one cell at a time.
 
-  One at a time (`vmap_cells=1`) is a plain `lax.map`, not chunks of one: a
-  vmap, even of one, turns the branch that finished cells take into a select
-  that computes both sides.
+  One at a time (`vmap_cells=1`) is a plain `lax.map`, not chunks of one
+  (which would vmap each cell's program over an axis of one).
   """
   if vmap_cells is None:
     return jax.vmap(fn, in_axes=in_axes)
@@ -462,21 +462,42 @@ def _group_step(fns: experiment.ModelFns, vmap_cells: int | None = None):
     state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
     return state, ok, applied + ok, jnp.where(ok, step_metrics["loss"], last_loss)
 
-  def cell_step(state, pool, indices_B, budget, training, alive, applied, last_loss):
-    # A finished cell kept in the stack skips its step (a real branch when
-    # cells run one at a time; under vmap both sides run, and the stack shrinks instead).
-    return jax.lax.cond(training, train_cell, lambda state, pool, indices_B, budget, *rest: (state, *rest),
-                        state, pool, indices_B, budget, alive, applied, last_loss)
-
-  over_cells = _over_cells(cell_step, (0, None, 0, 0, 0, 0, 0, 0), vmap_cells)
+  if vmap_cells == 1:
+    return _one_cell_at_a_time(train_cell)
+  over_cells = _over_cells(train_cell, (0, None, 0, 0, 0, 0, 0), vmap_cells)
 
   def step(stack: _Stack, pool, indices_CB, budgets_C, training_C) -> _Stack:
+    del training_C  # a vmapped stack holds only cells still training
     state, alive, applied, last_loss = over_cells(
-        stack.state, pool, indices_CB, budgets_C, training_C, stack.alive, stack.applied,
-        stack.last_loss)
+        stack.state, pool, indices_CB, budgets_C, stack.alive, stack.applied, stack.last_loss)
     return stack.replace(state=state, alive=alive, applied=applied, last_loss=last_loss)
 
   return jax.jit(step, donate_argnums=0)
+
+
+def _one_cell_at_a_time(train_cell):
+  """The group's step as one dispatch per training cell of a program that updates cell i in place.
+
+  On CPU this ran faster than the same cells inside one program (`lax.map`:
+  505 s against 304 s for the digits study's sigmoid cells, benchmarks/sweep.py),
+  it compiles once whatever the stack's size, and a finished cell costs nothing.
+  """
+
+  def update_cell(stack: _Stack, pool, i, indices_B, budget) -> _Stack:
+    fields = (stack.state, stack.alive, stack.applied, stack.last_loss)
+    new = train_cell(jax.tree.map(lambda x: x[i], fields[0]), pool, indices_B, budget,
+                     *(x[i] for x in fields[1:]))
+    state, alive, applied, last_loss = jax.tree.map(lambda x, y: x.at[i].set(y), fields, new)
+    return stack.replace(state=state, alive=alive, applied=applied, last_loss=last_loss)
+
+  update = jax.jit(update_cell, donate_argnums=0)
+
+  def step(stack: _Stack, pool, indices_CB, budgets_C, training_C) -> _Stack:
+    for i in np.flatnonzero(training_C):
+      stack = update(stack, pool, np.int32(i), indices_CB[i], budgets_C[i])
+    return stack
+
+  return step
 
 
 @functools.lru_cache(maxsize=16)
