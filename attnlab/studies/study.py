@@ -70,9 +70,10 @@ class StudyConfig:
       never (a killed group restarts).
     max_cells_per_group: most cells trained together (memory).
     vmap_cells: cells computed side by side in a group's program, the rest one
-      chunk after another in the same program (`cells.GroupSetup.vmap_cells`);
-      None: by platform, 1 on CPU (where side by side is slower per cell),
-      the whole group on GPU and TPU.
+      chunk after another in the same program; 1: one dispatch per cell of a
+      single-cell program (`cells.GroupSetup.vmap_cells`); None: by platform,
+      1 on CPU (where side by side is slower per cell), the whole group on GPU
+      and TPU.
     target_error: test error at which samples-to-target is measured.
     compare: the two kinds of the paired difference (compare[0] - compare[1])
       and of the samples ratio (compare[1] / compare[0]: how many times more
