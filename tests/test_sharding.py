@@ -247,6 +247,14 @@ def runs(tmp_path_factory):
 # ----------------------------------------------------------------------------
 
 
+# Parameters and Adam moments after STEPS steps, as a fraction of each array's
+# scale. Measured on x86-64: <= 2.4e-6 with jax 0.12; 1.6e-5 (one element of
+# the LM's 4096 embedding) with the jax 0.10.2 floor (CI stage 2), whose
+# reduction order differs. A sharding that dropped part of a gradient sum moves
+# them by ~lr per step (Adam), orders of magnitude above this bound.
+STATE_TOLERANCE = 5e-5
+
+
 def assert_close_to_scale(got, want, rtol):
   """|got - want| <= rtol * max|want|, array by array (Adam's step is ~lr whatever the gradient,
   so an element with a tiny gradient moves by ~lr either way: compare to the array's scale)."""
@@ -259,12 +267,11 @@ def test_sharded_run_equals_single_device_run(runs, model, mesh):
   single_losses, single_state, _ = runs[model, "single"]
   losses, state, _ = runs[model, mesh]
   # float32; only the order of the sums over the batch and split axes differs. Measured
-  # (x86-64, jax 0.12): losses <= 2.6e-7 relative, parameters and Adam moments <= 2.4e-6
-  # of each array's scale; a sharding that dropped part of a gradient sum moves them by ~lr.
+  # (x86-64, jax 0.12): losses <= 2.6e-7 relative; parameters and moments: STATE_TOLERANCE.
   np.testing.assert_allclose(losses, single_losses, rtol=2e-6)
   assert int(state.step) == STEPS
-  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, 1e-5), state.params, single_state.params)
-  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, 1e-5), state.opt_state,
+  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, STATE_TOLERANCE), state.params, single_state.params)
+  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, STATE_TOLERANCE), state.opt_state,
                single_state.opt_state)
 
 
@@ -296,7 +303,7 @@ def test_a_run_saved_on_one_mesh_resumes_on_another_as_on_one_device(runs):
   assert [r["step"] for r in run["train_records"]] == [2, 3]  # log_every_steps=2, and the last
   np.testing.assert_allclose([r["loss"] for r in run["train_records"]], single_losses[1:],
                              rtol=2e-6)
-  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, 1e-5), run["state"].params,
+  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, STATE_TOLERANCE), run["state"].params,
                single_state.params)
   kernel = [v for k, v in run["resumed"].items() if k.endswith("['mlp']['fc_in']['kernel']")]
   assert {v[2] for v in kernel} == {(None, "model")}  # restored onto the new mesh's layout
@@ -322,9 +329,9 @@ def test_a_run_saved_on_8_devices_resumes_on_one(runs):
   last = [r for r in metrics.read_metrics(workdir) if r["split"] == "train"][-1]
   assert last["step"] == STEPS
   np.testing.assert_allclose(last["loss"], single_losses[-1], rtol=2e-6)
-  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, 1e-5), seen["state"].params,
+  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, STATE_TOLERANCE), seen["state"].params,
                single_state.params)
-  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, 1e-5), seen["state"].opt_state,
+  jax.tree.map(lambda a, b: assert_close_to_scale(a, b, STATE_TOLERANCE), seen["state"].opt_state,
                single_state.opt_state)
 
 
