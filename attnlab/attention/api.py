@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from attnlab.attention import chunked, core, validate, xla
 from attnlab.attention.kinds import KINDS, Mechanism, get_kind
@@ -16,13 +17,22 @@ from attnlab.kernels import capabilities as kernel_capabilities
 
 # The implementations and what each supports, stated once: every other module
 # (the models' configs included) asks `check_options` / `impl_kinds`.
-IMPLS = ("xla", "chunked", "pallas")
+# "auto" picks one of the others per call (`auto_impl`); it takes no tuning options (to tune,
+# name the impl).
+IMPLS = ("xla", "chunked", "pallas", "auto")
 # Options that belong to an implementation rather than to a kind, with defaults.
 IMPL_OPTIONS: dict[str, dict[str, Any]] = {
+    "auto": {},
     "xla": {},
     "chunked": {"block_k": chunked.DEFAULT_BLOCK_K},
     "pallas": dict(kernel_capabilities.OPTIONS),
 }
+
+# impl="auto" on CPU: the chunked path from this key length on. Measured with
+# benchmarks/attention_cpu.py (B1 H2 D64 float32, benchmarks/results/): chunked
+# fwd+bwd time is level with the materialising path's by L = 2048 and it needs
+# a fraction of the memory, while below it the single [Lq, Lk] tile is faster.
+AUTO_CHUNKED_MIN_KV_LEN = 2048
 
 
 def _check_block_k(block_k: Any) -> None:
@@ -38,8 +48,26 @@ IMPL_OPTION_CHECKS: dict[str, dict[str, Callable[[Any], None]]] = {
 }
 
 
+def auto_impl(kind: str, q: Array, k: Array, v: Array, *, mask: Array | None = None,
+              bias: Array | None = None) -> str:
+  """The impl `impl="auto"` runs for this call: static facts only, so it works under jit/vmap.
+
+  On GPU and TPU the fused Pallas kernel, for the kinds it implements and calls it can take
+  (no mask or bias arrays, one dtype for q, k, v); otherwise on every platform the chunked
+  path from `AUTO_CHUNKED_MIN_KV_LEN` keys on, and the materialising path below that.
+  """
+  fused = (jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+           and kind in impl_kinds("pallas") and mask is None and bias is None
+           and q.dtype == k.dtype == v.dtype
+           and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16))
+  if fused:
+    return "pallas"
+  return "chunked" if k.shape[1] >= AUTO_CHUNKED_MIN_KV_LEN else "xla"
+
+
 def impl_kinds(impl: str) -> tuple[str, ...]:
-  """The registered kinds `impl` can run (the fused kernels state theirs)."""
+  """The registered kinds `impl` can run (the fused kernels state theirs; auto runs every
+  kind, falling back from the kernels for the kinds they lack)."""
   _check_impl(impl)
   if impl == "pallas":
     return tuple(k for k in kernel_capabilities.KINDS if k in KINDS)
@@ -146,8 +174,8 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
     is_causal: query i sees keys j <= i + (Lk - Lq) (bottom-right, see above).
     bias: additive logits bias, rank 4, broadcastable to [B, H, Lq, Lk].
     scale: logits scale; default 1/sqrt(D).
-    impl: "xla" (materialises the scores), "chunked" (blockwise scan, option
-      `block_k`), or "pallas" (the fused kernel of `attnlab.kernels`, for sigmoid
+    impl: "auto" (one of the others per call, see `auto_impl`; the models' default), "xla"
+      (materialises the scores), "chunked" (blockwise scan, option `block_k`), or "pallas" (the fused kernel of `attnlab.kernels`, for sigmoid
       and softmax; options block_q, block_k, backend, interpret, q_segment_ids,
       kv_segment_ids, num_warps, num_stages).
     **options: the kind's options (see `KINDS[kind].options`) and the impl's.
@@ -170,6 +198,9 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
   """
   mech, dims, kind_options, impl_options = _prepare(q, k, v, kind, mask, bias, scale, impl,
                                                     options)
+  if impl == "auto":
+    impl = auto_impl(mech.name, q, k, v, mask=mask, bias=bias)
+    impl_options = dict(IMPL_OPTIONS[impl])  # auto takes no options: the picked impl's defaults
   scale = core.default_scale(dims.head_dim, scale)
   common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
   if impl == "pallas":
@@ -179,8 +210,7 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
   if impl == "chunked":
     return chunked.attend(q, k, v, mech, kind_options, block_k=impl_options["block_k"],
                           **common)
-  w_BHQK = xla.attention_weights(q, k, mech, kind_options, **common)
-  return xla.apply_weights(w_BHQK, v, mech, kind_options, q.dtype)
+  return xla.attend(q, k, v, mech, kind_options, **common)
 
 
 def weights(q: Array, k: Array, *, kind: str = "softmax", mask: Array | None = None,

@@ -4,8 +4,11 @@ A `lax.scan` over key blocks holds one [B, H, Lq, block_k] score tile at a time.
 Sigmoid-like kinds (no row normaliser) just add the blocks' contributions;
 l1/count normalisations also add up the row sums or counts and divide at the
 end; softmax keeps the running row max and rescales (the online softmax of
-Milakov & Gimelshein 2018, as in FlashAttention). The block body is
-rematerialised in the backward pass, so gradients do not store the tiles either.
+Milakov & Gimelshein 2018, as in FlashAttention). The kinds `blockwise` covers
+(softmax, sigmoid and every kind with an elementwise activation and no row
+normaliser) run there, with a flash-style custom backward; for the others the
+block body here is rematerialised in the backward pass, so gradients do not
+store the tiles either.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention import core
+from attnlab.attention import blockwise, core
 from attnlab.attention.kinds import Mechanism, RowContext
 
 Array = jax.Array
@@ -50,7 +53,15 @@ def _broadcast_key_blocks(x: Array | None, axis: int, kv_len: int, block_k: int,
 def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, Any], *,
            mask: Array | None, bias: Array | None, is_causal: bool, scale: float,
            block_k: int = DEFAULT_BLOCK_K) -> Array:
-  """Same result as the materialising path, [B, Lq, H, Dv] in q.dtype."""
+  """Same result as the materialising path, [B, Lq, H, Dv] in q.dtype.
+
+  Kinds `blockwise` covers get its flash-style custom_vjp; the rest (l1/count
+  normalisations, activations that read row counts) the rematerialised scan below.
+  """
+  common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
+  if blockwise.supports(mech, options):
+    out_BQHD = blockwise.attend(q, k, v, mech, options, block_k=block_k, **common)
+    return core.finish(out_BQHD, mech, options, q.dtype)
   b, lq, h, _ = q.shape
   lk, dv = k.shape[1], v.shape[3]
   block_k = min(block_k, lk)
@@ -115,7 +126,4 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
   (_, row_sum, count, acc_BHQD), _ = jax.lax.scan(step, init, xs)
   divisor = core.row_divisor(normalization, row_sum, count)
   out_BHQD = acc_BHQD if divisor is None else core.safe_divide(acc_BHQD, divisor)
-  out_BQHD = out_BHQD.transpose(0, 2, 1, 3)
-  if mech.output_post is not None:
-    out_BQHD = mech.output_post(out_BQHD, options)
-  return out_BQHD.astype(q.dtype)
+  return core.finish(out_BHQD.transpose(0, 2, 1, 3), mech, options, q.dtype)

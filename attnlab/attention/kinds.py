@@ -49,11 +49,16 @@ class RowContext:
 
 
 def dot_logits(q_BQHD: Array, k_BKhD: Array, scale: float) -> Array:
-  """Scaled dot-product scores in float32, [B, H, Lq, Lk]; GQA by grouping query heads."""
+  """Scaled dot-product scores in float32, [B, H, Lq, Lk]; GQA by grouping query heads.
+
+  q and k are contracted in their own dtype (bf16 stays bf16) with float32 accumulation,
+  heads first: the layout XLA's CPU matmul fuses with the scale and the activation that
+  follow (contracting [B, L, H, D] directly cost a copy of the [Lq, Lk] scores).
+  """
   b, lq, h, d = q_BQHD.shape
   lk, hkv = k_BKhD.shape[1], k_BKhD.shape[2]
-  q_BQhGD = q_BQHD.reshape(b, lq, hkv, h // hkv, d)
-  s_BhGQK = jnp.einsum("bqhgd,bkhd->bhgqk", q_BQhGD, k_BKhD,
+  q_BhGQD = q_BQHD.reshape(b, lq, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)
+  s_BhGQK = jnp.einsum("bhgqd,bhkd->bhgqk", q_BhGQD, k_BKhD.transpose(0, 2, 1, 3),
                        preferred_element_type=jnp.float32)
   return s_BhGQK.reshape(b, h, lq, lk) * jnp.float32(scale)
 
