@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from attnlab import attention
+from attnlab.attention import api, blockwise
 
 KINDS = sorted(attention.KINDS)
 # Options that make each kind's non-default path visible too.
@@ -764,3 +765,120 @@ def test_check_options_accepts_and_rejects_as_attend_does(kind, impl, options, f
   config_time = outcome(lambda: attention.check_options(kind, impl, **options))
   call_time = outcome(lambda: _call(kind=kind, impl=impl, **options))
   assert config_time == call_time
+
+
+# ----------------------------------------------------------------------------------------------
+# The flash-style custom_vjp (attention/blockwise.py) that xla (one block) and chunked (block_k)
+# run for the kinds it covers, and impl="auto".
+# ----------------------------------------------------------------------------------------------
+BLOCKWISE_VARIANTS = [(k, KIND_OPTIONS[k]) for k in KINDS
+                      if blockwise.supports(attention.KINDS[k], {**attention.KINDS[k].options,
+                                                                 **KIND_OPTIONS[k]})]
+BLOCKWISE_VARIANTS += [("local", {"window": 3, "base": "sigmoid"}),
+                       ("relu", {"relu_normalization": None})]
+
+
+def test_blockwise_covers_softmax_and_sigmoid_and_refuses_row_normalisers():
+  covered = {k for k, _ in BLOCKWISE_VARIANTS}
+  assert {"softmax", "sigmoid", "relu", "gaussian", "local"} <= covered
+  for kind in ("softplus", "polynomial", "linear"):
+    mech = attention.KINDS[kind]
+    assert not blockwise.supports(mech, mech.options)
+    with pytest.raises(ValueError, match="cannot run kind"):
+      blockwise.attend(*make_inputs("mha_square"), mech, mech.options, mask=None, bias=None,
+                       is_causal=False, scale=1.0, block_k=4)
+
+
+@pytest.mark.parametrize("impl,block_k", [("xla", None), ("chunked", 8), ("chunked", 53)])
+@pytest.mark.parametrize("kind,opts", BLOCKWISE_VARIANTS)
+def test_blockwise_values_and_gradients_against_float64(kind, opts, impl, block_k):
+  """Odd lengths (53 keys = 6 blocks of 8, padded), GQA, a full mask, causal, a key-varying
+  bias: values, and the directional derivative in q, k, v AND the bias, against float64."""
+  shape = "gqa_odd"
+  q, k, v = make_inputs(shape, seed=31)
+  mask = full_mask(shape)
+  b, lq, lk, h, *_ = SHAPES[shape]
+  rng = np.random.default_rng(32)
+  bias = jnp.asarray(rng.normal(size=(1, h, lq, lk)), jnp.float32)
+  impl_opts = {} if block_k is None else {"block_k": block_k}
+  call = lambda q, k, v, bias: attention.attend(q, k, v, kind=kind, mask=mask, bias=bias,
+                                                is_causal=True, impl=impl, **opts, **impl_opts)
+  x64 = [np.asarray(x, np.float64) for x in (q, k, v, bias)]
+  ref = lambda q, k, v, bias: np_attend(q, k, v, kind, mask=mask, is_causal=True, bias=bias,
+                                        **opts)
+  assert_close(call(q, k, v, bias), ref(*x64), kind, opts)
+
+  cot = rng.normal(size=q.shape[:3] + v.shape[3:])
+  dirs = [rng.normal(size=x.shape) for x in x64]
+  grads = jax.grad(lambda *a: jnp.sum(call(*a) * cot), argnums=(0, 1, 2, 3))(q, k, v, bias)
+  terms = [np.asarray(g, np.float64) * d for g, d in zip(grads, dirs)]
+  got = sum(float(np.sum(t)) for t in terms)
+  want = directional_fd(lambda *a: float(np.sum(ref(*a) * cot)), x64, dirs)
+  tol = tolerance(None, kind, opts, magnitude=sum(float(np.sum(np.abs(t))) for t in terms))
+  np.testing.assert_allclose(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind,opts", BLOCKWISE_VARIANTS)
+def test_chunked_custom_vjp_equals_xla(kind, opts, dtype):
+  """chunked (5 blocks of 4 keys, padded) against xla: values and gradients, including a
+  per-head sigmoid bias where the kind takes one; float32 tight, bfloat16 loose."""
+  q, k, v = make_inputs("mqa_long_q", seed=33, dtype=dtype)
+  mask = padding_mask("mqa_long_q")
+  learned = ({"sigmoid_bias": jnp.asarray([-1.0, -2.0, 0.5], dtype)}
+             if "sigmoid_bias" in attention.KINDS[kind].options else {})
+
+  def loss(impl, q, k, v, learned):
+    impl_opts = {"block_k": 4} if impl == "chunked" else {}
+    out = attention.attend(q, k, v, kind=kind, mask=mask, is_causal=True, impl=impl,
+                           **{**opts, **learned}, **impl_opts)
+    return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+  want, want_grads = jax.value_and_grad(loss, argnums=(1, 2, 3, 4))("xla", q, k, v, learned)
+  got, got_grads = jax.value_and_grad(loss, argnums=(1, 2, 3, 4))("chunked", q, k, v, learned)
+  rel = 2e-5 if dtype == jnp.float32 else 2e-2
+  for g, w in zip(jax.tree.leaves((got, got_grads)), jax.tree.leaves((want, want_grads))):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    np.testing.assert_allclose(g, w, atol=rel * max(np.max(np.abs(w)), 1e-3), rtol=0)
+
+
+AUTO_PLATFORM_CASES = [
+    # platform, kind, kv_len, masked, expected
+    ("gpu", "sigmoid", 16, False, "pallas"),
+    ("tpu", "softmax", 16, False, "pallas"),
+    ("gpu", "sigmoid", 16, True, "xla"),        # the kernel takes no mask arrays
+    ("gpu", "relu", 16, False, "xla"),          # nor kinds other than its own
+    ("gpu", "relu", api.AUTO_CHUNKED_MIN_KV_LEN, False, "chunked"),
+    ("cpu", "sigmoid", 16, False, "xla"),
+    ("cpu", "softmax", api.AUTO_CHUNKED_MIN_KV_LEN, True, "chunked"),
+]
+
+
+@pytest.mark.parametrize("platform,kind,kv_len,masked,expected", AUTO_PLATFORM_CASES)
+def test_auto_picks_by_platform_kind_and_length(monkeypatch, platform, kind, kv_len, masked,
+                                                expected):
+  monkeypatch.setattr(api, "platform", lambda: platform)
+  q = jax.ShapeDtypeStruct((1, 8, 2, 8), jnp.float32)
+  k = jax.ShapeDtypeStruct((1, kv_len, 2, 8), jnp.float32)
+  mask = jnp.ones((1, 1, 1, kv_len), bool) if masked else None
+  assert api.auto_impl(kind, q, k, k, mask=mask) == expected
+
+
+@pytest.mark.parametrize("platform,kind,kv_len,masked,expected",
+                         [c for c in AUTO_PLATFORM_CASES if c[2] == 16])
+def test_auto_equals_the_impl_it_picks(monkeypatch, platform, kind, kv_len, masked, expected):
+  """Same values as the picked impl (the kernel in interpret mode here), also under vmap."""
+  monkeypatch.setattr(api, "platform", lambda: platform)
+  q, k, v = make_inputs("mha_square", seed=34)
+  mask = padding_mask("mha_square") if masked else None
+  call = lambda impl, q: attention.attend(q, k, v, kind=kind, mask=mask, is_causal=True,
+                                          impl=impl)
+  np.testing.assert_array_equal(call("auto", q), call(expected, q))
+  q_stack = jnp.stack([q, 2 * q])
+  np.testing.assert_array_equal(jax.vmap(lambda x: call("auto", x))(q_stack),
+                                jax.vmap(lambda x: call(expected, x))(q_stack))
+
+
+def test_auto_takes_no_tuning_options():
+  with pytest.raises(ValueError, match="impl='auto' does not take.*block_k"):
+    attention.attend(*make_inputs("mha_square"), kind="softmax", impl="auto", block_k=8)

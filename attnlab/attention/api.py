@@ -48,6 +48,11 @@ IMPL_OPTION_CHECKS: dict[str, dict[str, Callable[[Any], None]]] = {
 }
 
 
+def platform() -> str:
+  """The platform `auto_impl` chooses for (jax's default backend)."""
+  return jax.default_backend()
+
+
 def auto_impl(kind: str, q: Array, k: Array, v: Array, *, mask: Array | None = None,
               bias: Array | None = None) -> str:
   """The impl `impl="auto"` runs for this call: static facts only, so it works under jit/vmap.
@@ -56,7 +61,7 @@ def auto_impl(kind: str, q: Array, k: Array, v: Array, *, mask: Array | None = N
   (no mask or bias arrays, one dtype for q, k, v); otherwise on every platform the chunked
   path from `AUTO_CHUNKED_MIN_KV_LEN` keys on, and the materialising path below that.
   """
-  fused = (jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+  fused = (platform() in ("gpu", "cuda", "rocm", "tpu")
            and kind in impl_kinds("pallas") and mask is None and bias is None
            and q.dtype == k.dtype == v.dtype
            and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16))

@@ -57,10 +57,15 @@ def dot_logits(q_BQHD: Array, k_BKhD: Array, scale: float) -> Array:
   """
   b, lq, h, d = q_BQHD.shape
   lk, hkv = k_BKhD.shape[1], k_BKhD.shape[2]
+  # float32 q takes the scale before the product (one rounding, and no pass over the scores);
+  # 16-bit q would lose bits to it, so its float32 scores are scaled instead.
+  prescale = q_BQHD.dtype == jnp.float32
   q_BhGQD = q_BQHD.reshape(b, lq, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)
+  if prescale:
+    q_BhGQD = q_BhGQD * jnp.float32(scale)
   s_BhGQK = jnp.einsum("bhgqd,bhkd->bhgqk", q_BhGQD, k_BKhD.transpose(0, 2, 1, 3),
-                       preferred_element_type=jnp.float32)
-  return s_BhGQK.reshape(b, h, lq, lk) * jnp.float32(scale)
+                       preferred_element_type=jnp.float32).reshape(b, h, lq, lk)
+  return s_BhGQK if prescale else s_BhGQK * jnp.float32(scale)
 
 
 def neg_sq_distance_logits(q_BQHD: Array, k_BKhD: Array, scale: float) -> Array:

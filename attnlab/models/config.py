@@ -101,9 +101,11 @@ class BackboneConfig:
     num_kv_heads: key/value heads for grouped-query attention; must divide
       `num_heads`. None = num_heads (plain multi-head attention).
     attention: attention kind, any key of `attnlab.attention.KINDS`.
-    attention_impl: one of `attnlab.attention.IMPLS`: "xla" (materialises
-      scores) | "chunked" (blockwise jnp) | "pallas" (fused kernel; the kinds
-      of `attention.impl_kinds("pallas")`, no bias arrays).
+    attention_impl: one of `attnlab.attention.IMPLS`: "auto" (default: the
+      fused kernel on GPU/TPU where it can run the call, else "chunked" for
+      long sequences and "xla" for short ones; `attention.api.auto_impl`) |
+      "xla" (materialises scores) | "chunked" (blockwise jnp) | "pallas" (fused
+      kernel; the kinds of `attention.impl_kinds("pallas")`, no bias arrays).
     attention_options: the kind's own options (the maths), e.g.
       {"sigmoid_bias": -2.0}; must be names the kind accepts. Stored as sorted
       pairs so the config stays hashable.
@@ -129,7 +131,7 @@ class BackboneConfig:
     use_bias: biases in the dense projections.
     dropout_rate: dropout on embeddings, MLP hidden units and residual branches.
     attention_dropout_rate: dropout on attention weights (needs the
-      materialised weights, so only with attention_impl="xla").
+      materialised weights, so only with attention_impl="xla" or "auto").
     norm_epsilon: epsilon of every norm.
     dtype: compute dtype (activations, matmul inputs); logits come out float32.
     param_dtype: storage dtype of the parameters.
@@ -150,7 +152,7 @@ class BackboneConfig:
   mlp_dim: int | None = None
   num_kv_heads: int | None = None
   attention: str = "softmax"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   attention_options: Any = ()
   attention_impl_options: Any = ()
   learn_sigmoid_bias: bool = False
@@ -243,10 +245,11 @@ class BackboneConfig:
         attention.check_options(self.attention, self.attention_impl, **options)
       except ValueError as e:
         raise config_error(owner, field, options, str(e)) from None
-    if self.attention_dropout_rate and self.attention_impl != "xla":
+    # auto is allowed too: a training step with dropout builds the weights whatever the impl.
+    if self.attention_dropout_rate and self.attention_impl not in ("xla", "auto"):
       raise config_error(owner, "attention_dropout_rate", self.attention_dropout_rate,
                          "dropout on attention weights needs the materialised weights; use "
-                         "attention_impl='xla' or set attention_dropout_rate=0.")
+                         "attention_impl='xla' or 'auto', or set attention_dropout_rate=0.")
 
   def _check_choices(self, owner: str) -> None:
     for field, allowed in (("qk_norm", QK_NORMS), ("output_gate", OUTPUT_GATES),
