@@ -7,6 +7,8 @@ r"""Trains an attnlab experiment or sample-efficiency study; resumes from what -
   python train.py --config configs/digits_vit.py --workdir runs/mine --config.seed=1
   python train.py --config configs/digits_vit.py --config.data.train_examples=500
   python train.py --config configs/digits_vit.py --config.model.qk_norm=none   # =none: None
+  python train.py --config configs/digits_vit.py --config.mesh.fsdp=-1   # FSDP over every device
+  python train.py --jax_distributed ...   # one of several processes: docs/distributed.md
 
 A config with a `study` section (configs/sample_efficiency/) runs a study: every
 (kind, training-set size, seed) cell, trained in vmapped groups, then the
@@ -45,5 +47,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.define_flags(default_config="configs/sample_efficiency/digits.py")
+  cli.define_flags(default_config="configs/sample_efficiency/digits.py", distributed=True)
   app.run(main, flags_parser=cli.parse_flags)

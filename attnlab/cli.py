@@ -15,6 +15,11 @@ where, the fix>`, not a traceback. The traceback is still there for
 debugging: set the environment variable ATTNLAB_TRACEBACK=1 (or pass
 --verbosity=1, which also shows INFO logs). Any other exception is a bug
 and prints its traceback as usual.
+
+Several processes (train.py --jax_distributed): `jax.distributed.initialize()`
+runs before anything else, auto-detected on Cloud TPU and SLURM, else from
+--coordinator_address, --num_processes and --process_id given to every
+process (docs/distributed.md). Only process 0 prints the summaries.
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from attnlab import checkpoint as checkpoint_lib
 from attnlab import configlib
+from attnlab import sharding
 from attnlab import workdir as workdir_lib
 from attnlab.data import DatasetNotPreparedError
 
@@ -58,8 +65,15 @@ EXPECTED_ERRORS = (
 )
 
 
+class DistributedSetupError(RuntimeError):
+  """--jax_distributed could not start: flags missing or inconsistent, the coordinator unreachable."""
+
+
+EXPECTED_ERRORS += (DistributedSetupError,)
+
+
 def define_flags(*, default_config: str, flag_values: flags.FlagValues = FLAGS,
-                 argv: list[str] | None = None) -> None:
+                 argv: list[str] | None = None, distributed: bool = False) -> None:
   """Defines --config and --workdir (call before app.run).
 
   Args:
@@ -68,17 +82,91 @@ def define_flags(*, default_config: str, flag_values: flags.FlagValues = FLAGS,
     flag_values: where to define them (tests pass their own FlagValues).
     argv: the command line whose --config.x overrides to read (None: sys.argv,
       read when parsed).
+    distributed: also define --jax_distributed and its three settings (train.py).
   """
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    config_flags.DEFINE_config_file(
-        _CONFIG, os.path.join(root, default_config), "Experiment config: path.py[:arg].",
-        flag_values=flag_values, lock_config=True, sys_argv=argv)
+    _define_config_flag(os.path.join(root, default_config), flag_values, argv)
   except (AttributeError, KeyError) as e:  # config_flags applies --config.x overrides here too
     _exit_bad_override(e)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics). Default: "
                       "runs/<config name>[_<arg>][/<overrides that change what is trained>].",
                       flag_values=flag_values)
+  if distributed:
+    _define_distributed_flags(flag_values)
+
+
+class _ConfigFileParser(config_flags.config_flags.ConfigFileFlagParser):
+  """ml_collections' config-file parser, completing a training config before overrides apply.
+
+  `sharding.complete_config` adds the mesh and sharding_rules sections that
+  config files leave out, so `--config.mesh.fsdp=-1` finds its field.
+  """
+
+  def parse(self, path):
+    return sharding.complete_config(super().parse(path))
+
+
+def _define_config_flag(default: str, flag_values: flags.FlagValues,
+                        argv: list[str] | None) -> None:
+  """`config_flags.DEFINE_config_file(_CONFIG, default, ...)`, with `_ConfigFileParser`.
+
+  DEFINE_config_file takes no parser, so its body is repeated with ours
+  (`_ConfigFlag`'s arguments are the same in ml_collections 1.0 and 1.1).
+  """
+  flag = config_flags.config_flags._ConfigFlag(  # pylint: disable=protected-access
+      parser=_ConfigFileParser(name=_CONFIG, lock_config=True),
+      serializer=flags.ArgumentSerializer(), name=_CONFIG, default=default,
+      help_string="Experiment config: path.py[:arg].", flag_values=flag_values,
+      accept_new_attributes=False, sys_argv=argv)
+  flags.DEFINE_flag(flag, flag_values)
+
+
+def _define_distributed_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_bool("jax_distributed", False,
+                    "Run as one of several processes (jax.distributed.initialize): auto-detected "
+                    "on Cloud TPU and SLURM, else give the three flags below to every process.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator "
+                      "(with --jax_distributed; default: auto-detected).", flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", None, "How many processes in all (with "
+                       "--jax_distributed; default: auto-detected).", lower_bound=1,
+                       flag_values=flag_values)
+  flags.DEFINE_integer("process_id", None, "This process's index, 0 ... num_processes - 1 (with "
+                       "--jax_distributed; default: auto-detected).", lower_bound=0,
+                       flag_values=flag_values)
+
+
+_DISTRIBUTED_SETTINGS = ("coordinator_address", "num_processes", "process_id")
+
+
+def initialize_distributed(flag_values: flags.FlagValues = FLAGS) -> None:
+  """`jax.distributed.initialize(...)` if --jax_distributed is set (before jax computes anything).
+
+  Raises:
+    DistributedSetupError: a setting given without --jax_distributed, or
+      jax could not start (no cluster detected and settings missing, the
+      coordinator unreachable); the message says which flags to pass.
+  """
+  if "jax_distributed" not in flag_values:
+    return
+  given = {name: flag_values[name].value for name in _DISTRIBUTED_SETTINGS
+           if flag_values[name].value is not None}
+  if not flag_values.jax_distributed:
+    if given:
+      raise DistributedSetupError(
+          f"--{' --'.join(given)} given without --jax_distributed; add --jax_distributed to "
+          "run as one of several processes, or drop them.")
+    return
+  try:
+    jax.distributed.initialize(**given)
+  except (ValueError, RuntimeError) as e:
+    message = " ".join(str(e).split())
+    raise DistributedSetupError(
+        f"jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in given.items())}) "
+        f"failed: {message}. Outside Cloud TPU and SLURM pass --coordinator_address=<host of "
+        "process 0>:<free port> --num_processes=N --process_id=<0..N-1> to every process "
+        "(docs/distributed.md).") from e
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
@@ -203,6 +291,7 @@ def run_main(argv: list[str], fn: Callable[[Any, str], None],
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   try:
+    initialize_distributed(flag_values)
     fn(*config_and_workdir(flag_values))
   except EXPECTED_ERRORS as e:
     if traceback_wanted():
@@ -236,9 +325,10 @@ def report_training(summary: dict[str, Any]) -> None:
   """Prints the end-of-training summary (for a run that had already finished, nothing more).
 
   `train_and_evaluate` has said in one line that such a run is finished;
-  repeating its old summary would read as if it had trained again.
+  repeating its old summary would read as if it had trained again. Only
+  process 0 of several prints.
   """
-  if summary.get("already_finished"):
+  if summary.get("already_finished") or jax.process_index() != 0:
     return
   print(
       f"\nTest accuracy {summary['eval_accuracy']:.2%} (loss {summary['eval_loss']:.4f}) after "

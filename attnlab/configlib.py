@@ -316,6 +316,9 @@ def _convert(value: str, default: Any, key: str) -> Any:
 def load(spec: str) -> ml_collections.ConfigDict:
   """Loads "path/to/config.py[:arg]" as `--config` does (for tests and notebooks).
 
+  A training config gains the sections every one of them has, `mesh` and
+  `sharding_rules` (`attnlab.sharding.complete_config`).
+
   A relative path is tried from the working directory, then from the
   repository root (where configs/ lives).
   """
@@ -328,7 +331,9 @@ def load(spec: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"No config file {spec.partition(':')[0]!r}.")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  # Imported here: attnlab.sharding imports this module. The --config flag adds the same.
+  from attnlab import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.complete_config(module.get_config(arg or None))
 
 
 # ----------------------------------------------------------------------------

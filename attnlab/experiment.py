@@ -620,12 +620,14 @@ def evaluate_params(eval_step: Callable[[nnx.State, dict], dict], params: nnx.St
     params: the model's parameters.
     dataset: unbatched examples; the last batch is padded with weight-0 examples.
     batch_size: examples per batch.
-    batch_sharding: where to put each batch; None: where jit puts it.
+    batch_sharding: where to put each batch (each process reads only its
+      rows of it: `sharding.put_batch`); None: where jit puts it.
   """
   totals = None
-  for batch in data_lib.eval_batches(dataset, batch_size):
+  rows = None if batch_sharding is None else sharding_lib.process_rows(batch_sharding, batch_size)
+  for batch in data_lib.eval_batches(dataset, batch_size, rows):
     if batch_sharding is not None:
-      batch = jax.device_put(batch, batch_sharding)
+      batch = sharding_lib.put_batch(batch, batch_sharding, batch_size)
     sums = eval_step(params, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   return metrics_lib.means(jax.device_get(totals))

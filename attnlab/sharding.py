@@ -15,8 +15,15 @@ The rules are one set; the mesh's shape picks the strategy (the presets):
                                        across the 2 groups (8 devices)
   {"data": 2, "fsdp": 2, "model": 2}   all three at once (8 devices)
 
--1 is "the rest of the devices"; an axis left out has size 1, except "data",
-which takes the rest unless another axis does. The batch is split over the
+-1 is "the rest of the devices"; an axis left out (or None) has size 1, except
+"data", which takes the rest unless another axis does. Every training config has
+both sections with every field (`config_sections`, added when a config is loaded),
+so `--config.mesh.fsdp=-1` works on any of them; neither changes what is trained
+(`configlib.RUN_NEUTRAL_SECTIONS`).
+
+Several processes (`jax.distributed`): the mesh spans every process's devices;
+each process reads only the rows of a global batch its devices hold
+(`process_rows`) and `put_batch` assembles the global array from them. The batch is split over the
 data axes ("data" and "fsdp"); every array of the train state without logical
 names (step, key, optimizer counts) is replicated.
 
@@ -34,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -77,15 +85,15 @@ def mesh_shape(mesh: Mapping[str, int] | Sequence[tuple[str, int]] | None, *,
   """`config.mesh` checked and completed: every axis of MESH_AXES with its size.
 
   Args:
-    mesh: axis name -> size (-1: the rest of the devices, at most one axis);
-      None or {}: data parallel over every device.
+    mesh: axis name -> size (-1: the rest of the devices, at most one axis;
+      None: left out); None or {}: data parallel over every device.
     field: the config field, for messages.
 
   Raises:
     configlib.ConfigError: an unknown axis (with "did you mean"), a size that
       is neither a positive int nor -1, or two axes of size -1.
   """
-  given = dict(mesh or {})
+  given = {axis: size for axis, size in dict(mesh or {}).items() if size is not None}
   configlib.check_known(given, MESH_AXES, where=field)
   for axis, size in given.items():
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not (
@@ -126,6 +134,42 @@ def sharding_rules(overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] | No
             "(or None: replicated).")
     merged[name] = axes
   return tuple(merged.items())
+
+
+def config_sections() -> dict[str, ml_collections.ConfigDict]:
+  """A training config's `mesh` and `sharding_rules` sections, every field at its default.
+
+  Every field is listed so that a locked config takes any override
+  (`--config.mesh.fsdp=-1`, `--config.sharding_rules.embed=none`). mesh.data
+  is None, not -1: it takes the rest of the devices unless an override gives
+  another axis -1, which two -1s would refuse. A rule is a mesh axis, a tuple
+  of them, or None (replicated).
+  """
+  mesh = {axis: configlib.nullable(None, int) if axis == "data" else 1 for axis in MESH_AXES}
+  rules = {name: configlib.nullable(axes, object) for name, axes in DEFAULT_RULES.items()}
+  return {"mesh": ml_collections.ConfigDict(mesh),
+          "sharding_rules": ml_collections.ConfigDict(rules)}
+
+
+def complete_config(config: Any) -> Any:
+  """`config` with the fields of `config_sections` it lacks, if it is a training config.
+
+  Called wherever a config file is loaded (`configlib.load`, the --config
+  flag), so no config file repeats the sections and every one takes a
+  --config.mesh... override; fields the file sets itself are kept. Other
+  configs (no `model_name`, e.g. the synthetic MoE study) are returned as they are.
+  """
+  if not isinstance(config, ml_collections.ConfigDict) or "model_name" not in config:
+    return config
+  with config.unlocked():
+    for name, defaults in config_sections().items():
+      if name not in config:
+        config[name] = defaults
+        continue
+      for field in defaults.keys():
+        if field not in config[name]:
+          config[name][field] = defaults.get_ref(field)
+  return config
 
 
 def _as_tuple(axes: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -261,6 +305,38 @@ def check_batch_size(field: str, batch_size: int, mesh: jax.sharding.Mesh) -> No
       f"{mesh.devices.size} devices; the batch is split across them): set {field} to a "
       f"multiple of {n} (e.g. "
       f"{max(n, batch_size // n * n)}), or change config.mesh.")
+
+
+def process_rows(batch_sharding: jax.sharding.Sharding, batch_size: int) -> slice:
+  """The rows of a global batch of `batch_size` that this process's devices hold.
+
+  One process: all of them. Several: the block its devices' shards cover,
+  contiguous because `make_mesh` lays the devices out in process order.
+
+  Raises:
+    ValueError: the shards of this process are not one block of rows (a mesh
+      laid out over devices out of process order); naming the fix.
+  """
+  spans = {(index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+           for index in batch_sharding.addressable_devices_indices_map((batch_size,)).values()}
+  start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+  # Equal shards are identical or disjoint: the distinct ones tile [start, stop) iff contiguous.
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ValueError(
+        f"Process {jax.process_index()} holds rows {sorted(spans)} of each batch of {batch_size}: "
+        "not one block. Build the mesh with sharding.make_mesh over jax.devices() (process order).")
+  return slice(start, stop)
+
+
+def put_batch(batch: Any, batch_sharding: jax.sharding.Sharding, batch_size: int) -> Any:
+  """Global arrays of `batch_size` rows from this process's rows of them (`process_rows`).
+
+  Each process passes only what it read; nothing crosses between hosts. In
+  one process this is `jax.device_put(batch, batch_sharding)`.
+  """
+  return jax.tree.map(
+      lambda rows: jax.make_array_from_process_local_data(
+          batch_sharding, rows, (batch_size, *rows.shape[1:])), batch)
 
 
 @functools.lru_cache(maxsize=32)

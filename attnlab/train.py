@@ -100,7 +100,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # Again under the lock: another run may have finished (or started) in between.
     if (finished := _finished_run(config, workdir)) is not None:
       return finished
-    workdir_lib.write_config(config, workdir)
+    if _writes_files():
+      workdir_lib.write_config(config, workdir)
     return _train(exp, fns, abstract_state, shard, workdir, on_step)
 
 
@@ -112,12 +113,14 @@ def _train(exp: experiment.Experiment, fns: experiment.ModelFns, abstract_state:
   # 3. Checkpoints: resume or start.
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=trainer.keep_checkpoints,
                                      every_steps=trainer.checkpoint_every_steps)
+  # Each process reads only the rows of every batch that its devices hold.
+  rows = sharding_lib.process_rows(shard.batch, trainer.batch_size)
   batches = data_lib.train_batches(exp.datasets, batch_size=trainer.batch_size,
-                                   num_steps=exp.num_steps, seed=trainer.seed)
+                                   num_steps=exp.num_steps, seed=trainer.seed, rows=rows)
   if ckpt.latest_step() is not None:
     state, data_state, start = ckpt.restore(
         checkpoint_lib.with_shardings(abstract_state, shard.state))
-    print(f"Resuming from step {start} in {checkpoint_lib.checkpoint_dir(workdir)}", file=sys.stderr)
+    _say(f"Resuming from step {start} in {checkpoint_lib.checkpoint_dir(workdir)}")
   else:
     state = experiment.create_state(fns, trainer.seed, shard)
     data_state, start = None, 0
@@ -134,13 +137,14 @@ def _train(exp: experiment.Experiment, fns: experiment.ModelFns, abstract_state:
 
   # 5. The loop. The writer closes on every way out (a NaN, a signal, an
   # error), so no half-closed TensorBoard writer reports at interpreter exit.
-  with metrics_lib.MetricWriter(workdir, resume_step=start) as writer:
+  with _metric_writer(workdir, start) as writer:
     log = _TrainLog(writer, exp, start)
     loop_start = time.perf_counter()
     try:
       with _Preemption(ckpt) as preemption:
         for step in range(start + 1, exp.num_steps + 1):
-          state, step_metrics = train_step(state, jax.device_put(next(data_iter), shard.batch))
+          batch = sharding_lib.put_batch(next(data_iter), shard.batch, trainer.batch_size)
+          state, step_metrics = train_step(state, batch)
           log.add(step, step_metrics)
           must_save = ckpt.should_save(step) or step == exp.num_steps
           if step % trainer.log_every_steps == 0 or must_save or step == start + 1:
@@ -158,9 +162,8 @@ def _train(exp: experiment.Experiment, fns: experiment.ModelFns, abstract_state:
               log.check_finite()
               ckpt.save(step, state, data_iter.get_state())
             ckpt.wait()
-            print(f"{preemption.cause}: saved a checkpoint at step {step} in "
-                  f"{checkpoint_lib.checkpoint_dir(workdir)}; exiting.",
-                  file=sys.stderr, flush=True)
+            _say(f"{preemption.cause}: saved a checkpoint at step {step} in "
+                 f"{checkpoint_lib.checkpoint_dir(workdir)}; exiting.")
             raise SystemExit(EXIT_CODES[preemption.cause])
     finally:
       log.close()
@@ -173,7 +176,8 @@ def _train(exp: experiment.Experiment, fns: experiment.ModelFns, abstract_state:
     writer.write(final_step, "eval", _prefixed(result))
     summary = {"step": final_step, "eval_loss": result["loss"],
                "eval_accuracy": result["accuracy"], "train_seconds": train_seconds}
-    workdir_lib.write_finished(workdir, summary)
+    if _writes_files():
+      workdir_lib.write_finished(workdir, summary)
   return _with_paths(summary, workdir, already_finished=False)
 
 
@@ -192,9 +196,9 @@ def _finished_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   finished = workdir_lib.read_finished(workdir)
   if finished is None:
     return None
-  print(f"{os.path.abspath(workdir)} holds a finished run: step {finished['step']}, eval accuracy "
-        f"{finished['eval_accuracy']:.2%} (loss {finished['eval_loss']:.4f}); nothing to do. "
-        "To train again, use a new --workdir.", file=sys.stderr, flush=True)
+  _say(f"{os.path.abspath(workdir)} holds a finished run: step {finished['step']}, eval accuracy "
+       f"{finished['eval_accuracy']:.2%} (loss {finished['eval_loss']:.4f}); nothing to do. "
+       "To train again, use a new --workdir.")
   return _with_paths(finished, workdir, already_finished=True)
 
 
@@ -206,9 +210,48 @@ def _with_paths(summary: dict[str, Any], workdir: str, *, already_finished: bool
 
 def _workdir_lock(workdir: str) -> contextlib.AbstractContextManager:
   """The workdir's lock; in a multi-host run only process 0 takes it (they share the workdir)."""
-  if jax.process_index() != 0:
+  if not _writes_files():
     return contextlib.nullcontext()
   return workdir_lib.WorkdirLock(workdir)
+
+
+# ----------------------------------------------------------------------------
+# Several processes: one writes the run's files.
+# ----------------------------------------------------------------------------
+
+
+def _writes_files() -> bool:
+  """Whether this process writes config, metrics, the finished marker and messages.
+
+  Process 0 of several (they share the workdir); checkpoints are written by
+  every process (each its shards: `checkpoint.Checkpointer`).
+  """
+  return jax.process_index() == 0
+
+
+def _say(message: str) -> None:
+  """One line on stderr, from process 0 only."""
+  if _writes_files():
+    print(message, file=sys.stderr, flush=True)
+
+
+class _NoMetrics:
+  """The metric writer of processes other than 0: writes nothing."""
+
+  def write(self, step: int, split: str, values: dict[str, float]) -> None:
+    del step, split, values
+
+  def __enter__(self) -> _NoMetrics:
+    return self
+
+  def __exit__(self, *exc) -> bool:
+    return False
+
+
+def _metric_writer(workdir: str, start: int) -> metrics_lib.MetricWriter | _NoMetrics:
+  if not _writes_files():
+    return _NoMetrics()
+  return metrics_lib.MetricWriter(workdir, resume_step=start)
 
 
 # ----------------------------------------------------------------------------
@@ -222,7 +265,8 @@ class _TrainLog:
   def __init__(self, writer: metrics_lib.MetricWriter, exp: experiment.Experiment, start: int):
     self._writer, self._num_steps, self._optim = writer, exp.num_steps, exp.optim
     self._batch_size, self._log_every = exp.trainer.batch_size, exp.trainer.log_every_steps
-    self._progress = metrics_lib.Progress(exp.num_steps, start, enabled=exp.trainer.progress_bar,
+    self._progress = metrics_lib.Progress(exp.num_steps, start,
+                                          enabled=exp.trainer.progress_bar and _writes_files(),
                                           log_every=self._log_every)
     self._pending: list[tuple[int, dict]] = []  # device metrics not yet checked for NaN
     self._last_log = (start, time.perf_counter())

@@ -335,10 +335,19 @@ def resolve_num_steps(
   return steps
 
 
-def train_batches(datasets: Datasets, *, batch_size: int, num_steps: int, seed: int) -> grain.MapDataset:
+def train_batches(datasets: Datasets, *, batch_size: int, num_steps: int, seed: int,
+                  rows: slice | None = None) -> grain.MapDataset:
   """Shuffled (reshuffled each epoch), repeated, batched training examples.
 
   Element `s` is the batch of step `s`; batches may straddle epochs.
+
+  Args:
+    datasets: the opened splits.
+    batch_size: examples per step (the global batch).
+    num_steps: steps to cover.
+    seed: the training order (and augmentation).
+    rows: only these rows of each batch, and only their examples are read: one
+      process's share of the global batch (`sharding.process_rows`); None: all.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}: expected >= 1.")
@@ -348,7 +357,30 @@ def train_batches(datasets: Datasets, *, batch_size: int, num_steps: int, seed: 
     # After repeat: the random draw depends on the position in the run, so
     # every epoch sees other shifts, and a resumed run the same ones.
     examples = examples.random_map(datasets.augment)
-  return examples.batch(batch_size, drop_remainder=True)
+  if rows is None or (rows.start, rows.stop) == (0, batch_size):
+    return examples.batch(batch_size, drop_remainder=True)
+  return grain.MapDataset.source(_BatchRows(examples, batch_size, rows)).batch(
+      rows.stop - rows.start, drop_remainder=True)
+
+
+class _BatchRows:
+  """Rows [start, stop) of each run of `batch_size` consecutive examples, as one sequence.
+
+  Example i is read only when asked for, so a process reads its share alone,
+  and each example is the one the whole batch holds at that row (the same
+  order and augmentation as one process reading everything).
+  """
+
+  def __init__(self, examples: grain.MapDataset, batch_size: int, rows: slice):
+    self._examples, self._batch_size = examples, batch_size
+    self._start, self._width = rows.start, rows.stop - rows.start
+
+  def __len__(self) -> int:
+    return len(self._examples) // self._batch_size * self._width
+
+  def __getitem__(self, i: int):
+    step, row = divmod(i, self._width)
+    return self._examples[step * self._batch_size + self._start + row]
 
 
 def epoch_batches(num_examples: int, batch_size: int, seed: int, start_step: int,
@@ -419,13 +451,20 @@ def train_iterator(batches: grain.MapDataset, state: dict[str, Any] | None = Non
   return iterator
 
 
-def eval_batches(dataset: grain.MapDataset, batch_size: int) -> Iterator[Batch]:
-  """The whole evaluation split in order, the last batch padded with weight-0 examples."""
+def eval_batches(dataset: grain.MapDataset, batch_size: int,
+                 rows: slice | None = None) -> Iterator[Batch]:
+  """The whole evaluation split in order, the last batch padded with weight-0 examples.
+
+  `rows`: only these rows of each batch (one process's share, as in
+  `train_batches`); None: all of them.
+  """
+  rows = slice(0, batch_size) if rows is None else rows
+  blank = {k: np.zeros_like(v) for k, v in dataset[0].items()}
   for start in range(0, len(dataset), batch_size):
-    examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-    pad = batch_size - len(examples)
-    examples += [{k: np.zeros_like(v) for k, v in examples[0].items()}] * pad
-    yield {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    examples = [dataset[i] for i in range(start + rows.start,
+                                          min(start + rows.stop, len(dataset)))]
+    examples += [blank] * (rows.stop - rows.start - len(examples))
+    yield {k: np.stack([e[k] for e in examples]) for k in blank}
 
 
 def to_arrays(dataset: grain.MapDataset) -> dict[str, np.ndarray]:
