@@ -350,3 +350,48 @@ def test_ctrl_c_outside_the_loop_is_one_line_and_exit_130(tmp_path, monkeypatch,
   assert exit_.value.code == 130
   (line,) = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
   assert line.startswith("Interrupted (Ctrl-C) outside the training loop")
+
+
+# ----------------------------------------------------------------------------
+# Many devices and hosts: the mesh overrides and --jax_distributed.
+# ----------------------------------------------------------------------------
+
+# Every training config (and study) file; the synthetic MoE study trains no model of config.model.
+TRAINING_CONFIGS = sorted(
+    os.path.relpath(os.path.join(root, name), REPO)
+    for root, _, names in os.walk(os.path.join(REPO, "configs")) for name in names
+    if name.endswith(".py") and name != "moe_synthetic.py")
+
+
+@pytest.mark.parametrize("spec", TRAINING_CONFIGS)
+def test_every_training_config_takes_mesh_overrides_that_name_no_workdir(spec):
+  argv = ["train.py", "--config", os.path.join(REPO, spec), "--config.mesh.fsdp=-1",
+          "--config.sharding_rules.embed=none", "--config.sharding_rules.mlp=('fsdp', 'model')"]
+  flag_values = flags.FlagValues()
+  cli.define_flags(default_config=spec, flag_values=flag_values, argv=argv, distributed=True)
+  cli.parse_flags(argv, flag_values)
+  config = flag_values["config"].value
+  assert config.is_locked
+  trainer = experiment.trainer_config({k: v for k, v in config.items() if k != "study"})
+  assert trainer.mesh == (("data", 1), ("fsdp", -1), ("model", 1))
+  rules = dict(trainer.sharding_rules)
+  assert rules["embed"] == () and rules["mlp"] == ("fsdp", "model") and rules["heads"] == ("model",)
+  # Where the arrays live is not what is trained: the workdir is the config's own.
+  assert cli.default_workdir(spec, config) == cli.default_workdir(spec)
+  assert configlib.training_differences(config, configlib.load(spec)) == {}
+
+
+def test_a_distributed_setting_without_jax_distributed_is_one_line(data_dir, tmp_path):
+  line = _error_line(_run("train.py", data_dir, "--process_id=1", "--workdir", str(tmp_path / "r")))
+  assert "--process_id given without --jax_distributed" in line
+  assert not os.path.exists(tmp_path / "r")
+
+
+def test_jax_distributed_without_a_cluster_or_settings_is_one_line(data_dir, tmp_path):
+  # No SLURM or Cloud TPU here, and no --coordinator_address: jax cannot start.
+  env = {k: "" for k in os.environ if k.startswith(("SLURM_", "OMPI_", "PMI_"))}
+  line = _error_line(_run("train.py", data_dir, "--jax_distributed", "--workdir",
+                          str(tmp_path / "r"), **env))
+  assert "jax.distributed.initialize() failed" in line
+  assert "--coordinator_address=" in line and "--num_processes=N" in line
+  assert not os.path.exists(tmp_path / "r")
