@@ -24,16 +24,18 @@ from attnlab.attention import chunked
 
 
 def implementations(block_k: int):
-  """name -> attention function (q, k, v) -> out, all causal=False, D=64."""
-  impls = {
-      "jax.nn.dpa (xla softmax)": lambda q, k, v: jax.nn.dot_product_attention(
-          q, k, v, implementation="xla"),
-  }
-  for kind in ("softmax", "sigmoid"):
-    impls[f"{kind} xla"] = (lambda kind: lambda q, k, v: attention.attend(
-        q, k, v, kind=kind, impl="xla"))(kind)
-    impls[f"{kind} chunked"] = (lambda kind: lambda q, k, v: attention.attend(
-        q, k, v, kind=kind, impl="chunked", block_k=block_k))(kind)
+  """name -> attention function (q, k, v) -> out, D=64; non-causal, then causal rows."""
+  impls = {}
+  for causal in (False, True):
+    tag = " causal" if causal else ""
+    impls[f"jax.nn.dpa (xla softmax){tag}"] = (lambda c: lambda q, k, v:
+        jax.nn.dot_product_attention(q, k, v, implementation="xla", is_causal=c))(causal)
+    for kind in ("softmax", "sigmoid"):
+      for impl in ("xla", "chunked") if not causal else ("auto",):
+        opts = {"block_k": block_k} if impl == "chunked" else {}
+        impls[f"{kind} {impl}{tag}"] = (lambda kind, impl, opts, c: lambda q, k, v:
+            attention.attend(q, k, v, kind=kind, impl=impl, is_causal=c, **opts))(
+                kind, impl, opts, causal)
   return impls
 
 
@@ -48,8 +50,10 @@ def measure(fn, args, repeats: int) -> dict[str, float]:
   fwd = jax.jit(fn)
   loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
   fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  bf16 = tuple(x.astype(jnp.bfloat16) for x in args)
   return {"fwd_ms": median_ms(fwd, args, repeats), "fwdbwd_ms": median_ms(fwd_bwd, args, repeats),
-          "fwd_mib": peak_mib(fwd, args), "fwdbwd_mib": peak_mib(fwd_bwd, args)}
+          "fwd_mib": peak_mib(fwd, args), "fwdbwd_mib": peak_mib(fwd_bwd, args),
+          "bf16_fwdbwd_ms": median_ms(fwd_bwd, bf16, repeats)}
 
 
 def main() -> None:
@@ -64,11 +68,11 @@ def main() -> None:
 
   print(f"# attnlab attention_cpu benchmark | jax {jax.__version__} | "
         f"{jax.devices()[0].platform} x{jax.device_count()} | {platform.processor() or platform.machine()} | "
-        f"B={args.batch} H={args.heads} D={args.head_dim} float32, non-causal, "
+        f"B={args.batch} H={args.heads} D={args.head_dim} float32 (bf16 column: bf16 inputs), "
         f"chunked block_k={args.block_k}, median of {args.repeats}")
-  header = (f"{'L':>5} | {'implementation':<26} | {'fwd ms':>8} | {'fwd+bwd ms':>10} | "
+  header = (f"{'L':>5} | {'implementation':<33} | {'fwd ms':>8} | {'fwd+bwd ms':>10} | "
             f"{'fwd MiB':>8} | {'f+b MiB':>8} | {'fwd t/dpa':>9} | {'f+b t/dpa':>9} | "
-            f"{'fwd mem/xla':>11} | {'f+b mem/xla':>11}")
+            f"{'fwd mem/xla':>11} | {'f+b mem/xla':>11} | {'bf16 f+b t/dpa':>14}")
   print(header)
   print("-" * len(header))
   impls = implementations(args.block_k)
@@ -77,15 +81,16 @@ def main() -> None:
     shape = (args.batch, length, args.heads, args.head_dim)
     qkv = tuple(jax.random.normal(k_, shape, jnp.float32) for k_ in (key_q, key_k, key_v))
     rows = {name: measure(fn, qkv, args.repeats) for name, fn in impls.items()}
-    ref = rows["jax.nn.dpa (xla softmax)"]
     for name, r in rows.items():
       kind = name.split()[0]
-      dense = rows.get(f"{kind} xla", r)
-      print(f"{length:>5} | {name:<26} | {r['fwd_ms']:>8.1f} | {r['fwdbwd_ms']:>10.1f} | "
+      # Causal rows against causal dpa and the kind's causal self; the others as before.
+      ref = rows["jax.nn.dpa (xla softmax)" + (" causal" if name.endswith("causal") else "")]
+      dense = r if name.endswith("causal") else rows.get(f"{kind} xla", r)
+      print(f"{length:>5} | {name:<33} | {r['fwd_ms']:>8.1f} | {r['fwdbwd_ms']:>10.1f} | "
             f"{r['fwd_mib']:>8.1f} | {r['fwdbwd_mib']:>8.1f} | "
             f"{r['fwd_ms'] / ref['fwd_ms']:>9.2f} | {r['fwdbwd_ms'] / ref['fwdbwd_ms']:>9.2f} | "
-            f"{r['fwd_mib'] / dense['fwd_mib']:>11.3f} | {r['fwdbwd_mib'] / dense['fwdbwd_mib']:>11.3f}",
-            flush=True)
+            f"{r['fwd_mib'] / dense['fwd_mib']:>11.3f} | {r['fwdbwd_mib'] / dense['fwdbwd_mib']:>11.3f} | "
+            f"{r['bf16_fwdbwd_ms'] / ref['bf16_fwdbwd_ms']:>14.2f}", flush=True)
 
 
 if __name__ == "__main__":
