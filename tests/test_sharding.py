@@ -5,11 +5,13 @@ this process already has its one) trains the quick ViT and the quick LM for a
 few steps on one device and under each mesh preset, on the same batches; runs
 the ViT through train_and_evaluate on one mesh, stopped after a checkpoint and
 resumed on another; runs the fused kernel (interpret mode) under shard_map;
-and collects the messages of refused meshes. It writes what it saw to a file
+trains a study group side by side with its cells split over the 8 devices and
+on one; and collects the messages of refused meshes. It writes what it saw to a file
 that the tests below read. Here, in one device: the resume of that checkpoint,
 and the config checks that need no devices.
 """
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -31,6 +33,8 @@ from attnlab import models
 from attnlab import sharding
 from attnlab import train
 from attnlab.kernels import flash_attention
+from attnlab.studies import cells
+from attnlab.studies import study
 
 # The parent's own run (a resume on one device) compiles as the child's do.
 pytestmark = pytest.mark.usefixtures("fast_xla_compile")
@@ -206,6 +210,24 @@ def _train_and_evaluate(data_dir, root):
           "train_records": [r for r in metrics.read_metrics(workdir) if r["split"] == "train"]}
 
 
+STUDY = "configs/sample_efficiency/digits.py:quick"
+
+
+def _study_group(data_dir, devices):
+  """The quick digits study's first group, its cells side by side (vmap_cells=None) on `devices`."""
+  config = configlib.load(STUDY)
+  config.unlock()
+  config.data.data_dir = data_dir
+  study_cfg, exp_cfg = study.split_config(config)
+  group = study.plan(study_cfg, exp_cfg)[0]
+  setup = study.prepare(study_cfg, exp_cfg)[group.cells[0].kind]
+  setup = dataclasses.replace(setup, vmap_cells=None, devices=devices)
+  # The devices the stack uses at the start and after each cell finishes.
+  used = [cells.cell_mesh(len(group.alive_at(step)), devices).size
+          for step in sorted({0, *(b for b in group.budgets if b < max(group.budgets))})]
+  return cells.train_group(group, setup), group.budgets, used
+
+
 def _child(out_path, data_dir):
   jax.config.update("jax_numpy_rank_promotion", "raise")
   # Compiling dominates (as tests/conftest.py's fast_xla_compile); every run here shares it.
@@ -215,6 +237,8 @@ def _child(out_path, data_dir):
              "pallas": {name: _pallas(*case) for name, case in PALLAS_CASES.items()},
              "pallas_model": _pallas_model_traces_shard_map(data_dir),
              "train_and_evaluate": _train_and_evaluate(data_dir, os.path.dirname(out_path)),
+             "study": {"split": _study_group(data_dir, None),
+                       "one": _study_group(data_dir, jax.devices()[:1])},
              "data_dir": data_dir}
   for model, spec in MODELS.items():
     losses, state = _train(spec, data_dir, {}, jax.devices()[:1])
@@ -446,3 +470,23 @@ def test_pallas_kernel_under_shard_map_equals_the_unsharded_kernel(runs, case):
 
 def test_a_pallas_model_on_a_mesh_calls_the_kernel_per_shard(runs):
   assert runs["pallas_model"]
+
+
+# ----------------------------------------------------------------------------
+# A study group's cells split over the devices.
+# ----------------------------------------------------------------------------
+
+
+def test_a_study_group_split_over_8_devices_gives_each_cell_what_one_device_gives(runs):
+  split, budgets, used = runs["study"]["split"]
+  one, _, used_one = runs["study"]["one"]
+  # 4 cells (budgets 6, 6, 8, 8): on 4 devices, then the 2 left on 2; on one device, one.
+  assert budgets == (6, 6, 8, 8) and used == [4, 2] and used_one == [1, 1]
+  assert [(r.kind, r.n, r.seed) for r in split] == [(r.kind, r.n, r.seed) for r in one]
+  for got, want in zip(split, one):
+    # Each cell's numbers are its own program's, on whichever device: the same to float32
+    # rounding (a program over 4 or 2 cells may order a reduction differently than over 4).
+    assert (got.steps, got.best_step, got.diverged_at) == (want.steps, want.best_step, None)
+    assert got.test_error == want.test_error and got.val_error == want.val_error
+    np.testing.assert_allclose([got.train_loss, got.val_loss, got.test_loss],
+                               [want.train_loss, want.val_loss, want.test_loss], rtol=2e-6)

@@ -19,6 +19,10 @@ different budgets in steps (a fixed-epochs budget gives a larger n more steps):
     stack in place, so a finished cell is skipped, the stack keeps its size
     and the program compiles once; with cells side by side under vmap a
     finished cell leaves the stack (one compile per stack size).
+  * Many devices: with the whole stack side by side (`vmap_cells=None`, the
+    accelerators' default) the cell axis is split over the devices
+    (`cell_mesh`): cells are independent, so each device trains its own cells
+    and nothing crosses between them; the data is replicated beside them.
   * Model selection: every `eval_every_steps` steps and at its last step each
     cell is scored on the validation split; its best parameters (lowest
     validation error, ties to the lower loss, then the earlier step) are
@@ -176,6 +180,8 @@ class GroupSetup:
       what a C-times-larger batch costs, which is more per example than a small
       batch once activations leave the cache, and a program looping over the
       cells ran slower than dispatching each (benchmarks/sweep.py).
+    devices: what the cell axis of a stack side by side (vmap_cells=None) is
+      split over (`cell_mesh`); None: every device of this process.
   """
 
   fns: experiment.ModelFns
@@ -184,6 +190,7 @@ class GroupSetup:
   eval_batch_size: int
   eval_every_steps: int | None = None
   vmap_cells: int | None = None
+  devices: tuple[jax.Device, ...] | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -243,6 +250,7 @@ def train_group(spec: GroupSpec, setup: GroupSetup, *,
     step, stack, seconds = _restore(spec, setup, checkpointer)
   if stack is None:
     stack = _init_stack(spec, setup)
+  stack, setup = _place(stack, setup)
   alive = spec.alive_at(step)  # the cells still training
   members = list(alive)  # the cells in the stack, in its order (finished ones too, when kept)
   seconds = {i: seconds.get(spec.cells[i].name, 0.0) for i in range(len(spec.cells))}
@@ -276,7 +284,7 @@ def train_group(spec: GroupSpec, setup: GroupSetup, *,
     if finished:
       alive = [i for i in alive if spec.budgets[i] > step]
       if _shrinks(setup) and alive:
-        stack = stack.take([members.index(i) for i in alive])
+        stack, setup = _place(stack.take([members.index(i) for i in alive]), setup)
         members, budgets_C = list(alive), np.asarray([spec.budgets[i] for i in alive], np.int32)
     if checkpointer is not None and alive and checkpointer.should_save(step):
       # Only the cells still training: the saved stack is a function of the step.
@@ -286,6 +294,36 @@ def train_group(spec: GroupSpec, setup: GroupSetup, *,
   if checkpointer is not None:
     checkpointer.wait()
   return [results[i] for i in sorted(results)]
+
+
+def cell_mesh(num_cells: int, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The 1-D mesh ("cells") a stack of `num_cells` side by side is split over.
+
+  The most of `devices` (default: this process's) whose count divides
+  `num_cells`, so every device holds as many cells: 18 cells on 8 devices use
+  6, and as cells finish the stack moves onto a count that divides what is
+  left. A study whose cells per group are a multiple of the device count
+  keeps every device busy.
+  """
+  devices = list(jax.local_devices() if devices is None else devices)
+  used = max(d for d in range(1, min(len(devices), num_cells) + 1) if num_cells % d == 0)
+  return jax.sharding.Mesh(np.asarray(devices[:used]), ("cells",))
+
+
+def _place(stack: _Stack, setup: GroupSetup) -> tuple[_Stack, GroupSetup]:
+  """A stack side by side split over `cell_mesh`, with `setup`'s data replicated on it.
+
+  Cells one at a time or in chunks (`lax.map` steps through the cell axis)
+  stay where they are.
+  """
+  if setup.vmap_cells is not None:
+    return stack, setup
+  mesh = cell_mesh(len(stack.applied), setup.devices)
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  splits = {f.name: getattr(setup.data, f.name) for f in dataclasses.fields(StudyData)}
+  data = StudyData(**jax.device_put(splits, jax.sharding.NamedSharding(mesh, P())))
+  return (jax.device_put(stack, jax.sharding.NamedSharding(mesh, P("cells"))),
+          dataclasses.replace(setup, data=data))
 
 
 def _init_stack(spec: GroupSpec, setup: GroupSetup) -> _Stack:

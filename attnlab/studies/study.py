@@ -231,6 +231,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """
   start = time.perf_counter()
   study, exp_cfg = split_config(config)
+  if jax.process_count() > 1:
+    raise configlib.ConfigError(
+        f"A study runs in one process (this is one of {jax.process_count()}): its cells split "
+        "over this process's devices. Run it without --jax_distributed, on one host.")
   setups = prepare(study, exp_cfg)
   groups = plan(study, exp_cfg)
   os.makedirs(workdir, exist_ok=True)
