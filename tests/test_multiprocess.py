@@ -6,11 +6,14 @@ as `train.py --jax_distributed` does: FSDP over all 8 devices (parameters split
 across the processes), stopped after the checkpoint of step 2, then resumed on
 a data=2 x fsdp=4 mesh (each process one data row) to the end. A third child,
 one process with 8 devices, trains the same steps in one go. The two runs
-must match: losses, parameters and the final evaluation.
+must match: losses, parameters and the final evaluation. Then the pair runs
+the first run again with a SIGTERM sent to process 1 alone: both must save
+the same step and exit 143 (JAX's preemption service, Orbax's sync point).
 """
 
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +52,24 @@ class _Stop(Exception):
   pass
 
 
+def _saved_steps(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+
+
+def _preempted_run(data_dir, workdir):
+  """The first run again, process 1 alone sent SIGTERM after step 1: (exit status, saved steps)."""
+  def sigterm_process_1(step, state):
+    if step == 1 and jax.process_index() == 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # caught by JAX's preemption notifier
+
+  try:
+    train.train_and_evaluate(_config(data_dir, MESHES["first"]), workdir,
+                             on_step=sigterm_process_1)
+  except SystemExit as e:
+    return e.code, _saved_steps(workdir)
+  return None, _saved_steps(workdir)  # not preempted: the test says so
+
+
 def _child(role, out_dir, data_dir, port):
   """One of the two processes ("0", "1") or the single 8-device process ("single")."""
   # As attnlab.cli.initialize_distributed with explicit settings.
@@ -74,8 +95,7 @@ def _child(role, out_dir, data_dir, port):
                                on_step=stop_after_saving)
     except _Stop:
       pass
-    seen["saved_steps"] = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
-                                 if s.isdigit())
+    seen["saved_steps"] = _saved_steps(workdir)
     config = _config(data_dir, MESHES["resumed"])
   else:
     config = _config(data_dir, MESHES["first"])
@@ -84,6 +104,8 @@ def _child(role, out_dir, data_dir, port):
   shard = experiment.shardings(exp.trainer, experiment.abstract_state(exp.fns(), 0))
   seen["rows"] = sharding.process_rows(shard.batch, exp.trainer.batch_size)
   seen["state"] = jax.device_get(seen["state"])
+  if role != "single":
+    seen["preempted"] = _preempted_run(data_dir, os.path.join(out_dir, "run_preempted"))
   with open(os.path.join(out_dir, f"{role}.pkl"), "wb") as f:
     pickle.dump(seen, f)
 
@@ -125,7 +147,7 @@ def runs(tmp_path_factory):
   for role in procs:
     with open(os.path.join(out_dir, f"{role}.pkl"), "rb") as f:
       results[role] = pickle.load(f)
-  results["out_dir"] = out_dir
+  results["out_dir"], results["output"] = out_dir, outputs
   return results
 
 
@@ -167,3 +189,13 @@ def test_both_processes_wrote_the_checkpoint_and_it_restored_on_another_mesh(run
   assert runs["0"]["result"]["step"] == STEPS and not runs["0"]["result"]["already_finished"]
   checkpoints = os.path.join(runs["out_dir"], "run_two", "checkpoints")
   assert sorted(int(s) for s in os.listdir(checkpoints) if s.isdigit()) == [SAVED_AT, STEPS]
+
+
+def test_a_sigterm_on_one_host_makes_every_host_save_the_same_step(runs):
+  (code_0, saved_0), (code_1, saved_1) = runs["0"]["preempted"], runs["1"]["preempted"]
+  assert code_0 == code_1 == 143, (code_0, code_1)  # None: the run ended unpreempted
+  # The notice reaches process 0 through the coordination service; the sync point is a step
+  # after process 1's signal (step 1; measured: step 2), the last both saved before exiting.
+  assert saved_0 == saved_1 and saved_0[-1] in (2, 3), (saved_0, saved_1)
+  assert "Preemption sync point: saved a checkpoint" in runs["output"]["0"]
+  assert "Preemption sync point" not in runs["output"]["1"]  # only process 0 prints
