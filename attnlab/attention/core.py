@@ -131,6 +131,6 @@ def weights_cotangent_values(w_BHQK: Array, do_BHQD: Array, num_kv_heads: int,
                              dtype: Any) -> Array:
   """dv = w^T dO summed over each kv head's query group: [B, Lk, Hkv, Dv] in `dtype`."""
   hkv = num_kv_heads
-  dv_BhKD = jnp.einsum("bhgqk,bhgqd->bhkd", _grouped(w_BHQK, hkv), _grouped(do_BHQD, hkv),
+  dv_BhDK = jnp.einsum("bhgqd,bhgqk->bhdk", _grouped(do_BHQD, hkv), _grouped(w_BHQK, hkv),
                        preferred_element_type=jnp.float32)
-  return dv_BhKD.transpose(0, 2, 1, 3).astype(dtype)
+  return dv_BhDK.transpose(0, 3, 1, 2).astype(dtype)
