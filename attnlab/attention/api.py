@@ -28,10 +28,12 @@ IMPL_OPTIONS: dict[str, dict[str, Any]] = {
     "pallas": dict(kernel_capabilities.OPTIONS),
 }
 
-# impl="auto" on CPU: the chunked path from this key length on. Measured with
-# benchmarks/attention_cpu.py (B1 H2 D64 float32, benchmarks/results/): chunked
-# fwd+bwd time is level with the materialising path's by L = 2048 and it needs
-# a fraction of the memory, while below it the single [Lq, Lk] tile is faster.
+# impl="auto" off the fused kernels: the chunked path from this key length on. Measured side
+# by side against jax.nn.dot_product_attention (B1 H2 D64 float32, 2 shared CPU cores): for
+# softmax and sigmoid, chunked (256-key tiles) and xla (512-key tiles) are level in fwd+bwd
+# time from L = 2048 (softmax 0.79x vs 0.80x dpa, sigmoid 0.55x vs 0.56x), chunked with 0.6x
+# of xla's memory; at L = 512 xla's single tile is faster for softmax (fwd+bwd 0.73x vs
+# 0.85x). The kinds that xla materialises need chunked's memory long before that.
 AUTO_CHUNKED_MIN_KV_LEN = 2048
 
 
@@ -180,9 +182,11 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
     bias: additive logits bias, rank 4, broadcastable to [B, H, Lq, Lk].
     scale: logits scale; default 1/sqrt(D).
     impl: "auto" (one of the others per call, see `auto_impl`; the models' default), "xla"
-      (materialises the scores), "chunked" (blockwise scan, option `block_k`), or "pallas" (the fused kernel of `attnlab.kernels`, for sigmoid
-      and softmax; options block_q, block_k, backend, interpret, q_segment_ids,
-      kv_segment_ids, num_warps, num_stages).
+      (the plain path: materialised weights, or tiles of `xla.BLOCK_K` keys for the kinds
+      with the flash-style backward), "chunked" (blockwise scan, option `block_k`), or
+      "pallas" (the fused kernel of `attnlab.kernels`, for sigmoid and softmax; options
+      block_q, block_k, backend, interpret, q_segment_ids, kv_segment_ids, num_warps,
+      num_stages).
     **options: the kind's options (see `KINDS[kind].options`) and the impl's.
       kind="sigmoid" (and "local" with base="sigmoid") takes `sigmoid_bias`, the b
       of sigmoid(s + b): None (default) means `default_sigmoid_bias(Lk)` = -log(Lk);

@@ -9,8 +9,8 @@ autodiff would store or rematerialise the online-max rescaling, which made the
 chunked softmax backward 1.7x slower than `jax.nn.dot_product_attention` on CPU.
 
 Both jnp implementations use it for the kinds it covers (`supports`): `chunked`
-with its `block_k`, and the materialising `xla` with one block of all keys (then
-no scan: the whole [Lq, Lk] tile, recomputed in the backward like dpa's).
+with its `block_k`, and `xla` with tiles of `xla.BLOCK_K` keys (one tile, without a
+scan, up to that length).
 Kinds it does not cover keep their autodiff paths (`xla.py`, `chunked.py`).
 """
 
@@ -70,7 +70,7 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
   """Attention for a kind `supports` accepts: [B, Lq, H, Dv] float32, before `output_post`.
 
   Array-valued kind options (a traced `sigmoid_bias`) are differentiable inputs; the
-  rest are static. block_k >= Lk means one block (the materialising path).
+  rest are static. block_k >= Lk means one block (no scan).
   """
   if not supports(mech, options):
     raise ValueError(f"blockwise.attend cannot run kind={mech.name!r} with options "
@@ -98,25 +98,13 @@ def _as_float(x: Any) -> Array:
 
 
 # --------------------------------------------------------------------------- tiles
-def _key_blocks(x: Array | None, axis: int, plan: _Plan, fill: Any) -> Array | None:
-  """`x` padded along `axis` to whole key blocks, the block index moved to the front."""
-  if x is None:
-    return None
-  num_blocks, block_k = plan.num_blocks, plan.block_k
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, num_blocks * block_k - x.shape[axis])
-  x = jnp.pad(x, pad, constant_values=fill)
-  x = x.reshape(x.shape[:axis] + (num_blocks, block_k) + x.shape[axis + 1:])
-  return jnp.moveaxis(x, axis, 0)
-
-
 def _blocks(plan: _Plan, k, v, mask, bias) -> dict[str, Array | None]:
   """The scanned inputs: k, v, key positions, and the mask/bias tiles that vary over keys."""
   return {
-      "k": _key_blocks(k, 1, plan, 0), "v": _key_blocks(v, 1, plan, 0),
+      "k": core.key_blocks(k, 1, plan.block_k, 0), "v": core.key_blocks(v, 1, plan.block_k, 0),
       "pos": jnp.arange(plan.num_blocks * plan.block_k).reshape(plan.num_blocks, plan.block_k),
-      "mask": _key_blocks(mask, 3, plan, False) if plan.mask_blocked else None,
-      "bias": _key_blocks(bias, 3, plan, 0) if plan.bias_blocked else None,
+      "mask": core.key_blocks(mask, 3, plan.block_k, False) if plan.mask_blocked else None,
+      "bias": core.key_blocks(bias, 3, plan.block_k, 0) if plan.bias_blocked else None,
   }
 
 
@@ -243,7 +231,7 @@ def _backward(plan: _Plan, q, k, v, mask, bias, arrays, out_BHQD, lse_BHQ1, do_B
 
 
 def _unblock(x_blocks: Array, axis: int, kv_len: int) -> Array:
-  """Inverse of `_key_blocks`: the blocks back along `axis`, the padding cut off."""
+  """Inverse of `core.key_blocks`: the blocks back along `axis`, the padding cut off."""
   x = jnp.moveaxis(x_blocks, 0, axis)
   x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
   return jax.lax.slice_in_dim(x, 0, kv_len, axis=axis)

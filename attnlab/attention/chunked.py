@@ -27,27 +27,17 @@ Array = jax.Array
 DEFAULT_BLOCK_K = 256  # one [Lq, 256] tile: < 1/8 of the dense peak at L = 4096 (benchmarks/)
 
 
-def _key_blocks(x: Array, axis: int, kv_len: int, block_k: int, fill: Any) -> Array:
-  """Pads `x` along its key axis to whole blocks and moves the block index to the front."""
-  num_blocks = -(-kv_len // block_k)
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, num_blocks * block_k - x.shape[axis])
-  x = jnp.pad(x, pad, constant_values=fill)
-  x = x.reshape(x.shape[:axis] + (num_blocks, block_k) + x.shape[axis + 1:])
-  return jnp.moveaxis(x, axis, 0)
-
-
 def _broadcast_key_blocks(x: Array | None, axis: int, kv_len: int, block_k: int,
                           fill: Any) -> Array | None:
   """Key blocks of a mask or bias, or None when it has none to split.
 
   A mask or bias may broadcast along the key axis (size 1 where Lk > 1): then
   every tile uses it whole and scanning over it would be wrong. k and v always
-  hold Lk keys and go through `_key_blocks` directly, Lk = 1 included.
+  hold Lk keys and go through `core.key_blocks` directly, Lk = 1 included.
   """
   if x is None or x.shape[axis] != kv_len:
     return None
-  return _key_blocks(x, axis, kv_len, block_k, fill)
+  return core.key_blocks(x, axis, block_k, fill)
 
 
 def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, Any], *,
@@ -70,8 +60,8 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
   normalization = mech.normalization(options)
 
   xs = {
-      "k": _key_blocks(k, 1, lk, block_k, 0),
-      "v": _key_blocks(v, 1, lk, block_k, 0),
+      "k": core.key_blocks(k, 1, block_k, 0),
+      "v": core.key_blocks(v, 1, block_k, 0),
       "pos": jnp.arange(num_blocks * block_k).reshape(num_blocks, block_k),
       "mask": _broadcast_key_blocks(mask, 3, lk, block_k, False),
       "bias": _broadcast_key_blocks(bias, 3, lk, block_k, 0),

@@ -53,6 +53,17 @@ def valid_mask(q_len: int, kv_len: int, k_pos: Array, mech: Mechanism, options: 
   return valid
 
 
+def key_blocks(x: Array, axis: int, block_k: int, fill: Any) -> Array:
+  """`x` padded with `fill` along its key `axis` to whole blocks of `block_k` keys, the block
+  index moved to the front: [num_blocks, ..., block_k, ...], what `lax.scan` walks over."""
+  num_blocks = -(-x.shape[axis] // block_k)
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, num_blocks * block_k - x.shape[axis])
+  x = jnp.pad(x, pad, constant_values=fill)
+  x = x.reshape(x.shape[:axis] + (num_blocks, block_k) + x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
+
+
 def sanitize(s: Array, valid: Array | None, fill: float) -> Array:
   """Replaces masked scores by `fill` BEFORE any nonlinearity.
 
@@ -131,6 +142,7 @@ def weights_cotangent_values(w_BHQK: Array, do_BHQD: Array, num_kv_heads: int,
                              dtype: Any) -> Array:
   """dv = w^T dO summed over each kv head's query group: [B, Lk, Hkv, Dv] in `dtype`."""
   hkv = num_kv_heads
+  # dv^T = dO^T w reads w as it lies; w^T dO made XLA CPU copy w into key-major order first.
   dv_BhDK = jnp.einsum("bhgqd,bhgqk->bhdk", _grouped(do_BHQD, hkv), _grouped(w_BHQK, hkv),
                        preferred_element_type=jnp.float32)
   return dv_BhDK.transpose(0, 3, 1, 2).astype(dtype)
