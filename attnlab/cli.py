@@ -340,7 +340,12 @@ def report_training(summary: dict[str, Any]) -> None:
 
 
 def report_study(summary: dict[str, Any]) -> None:
-  """Prints a study's summary: its report's table, the plot's path and the samples ratio."""
+  """Prints a study's summary: its report's table, the plot's path and the samples ratio.
+
+  Only process 0 of several prints (it alone wrote the report).
+  """
+  if jax.process_index() != 0:
+    return
   paths = summary["paths"]
   with open(paths["report"], encoding="utf-8") as f:
     print("\n" + f.read().rstrip())

@@ -25,7 +25,6 @@ checkpoint cadence, resuming, preemption and Ctrl-C, the NaN guard.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -96,11 +95,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Read-only first, so that rerunning a finished run writes nothing, not even the lock.
   if (finished := _finished_run(config, workdir)) is not None:
     return finished
-  with _workdir_lock(workdir):
+  with workdir_lib.lock(workdir):
     # Again under the lock: another run may have finished (or started) in between.
     if (finished := _finished_run(config, workdir)) is not None:
       return finished
-    if _writes_files():
+    if workdir_lib.writes_files():
       workdir_lib.write_config(config, workdir)
     return _train(exp, fns, abstract_state, shard, workdir, on_step)
 
@@ -176,7 +175,7 @@ def _train(exp: experiment.Experiment, fns: experiment.ModelFns, abstract_state:
     writer.write(final_step, "eval", _prefixed(result))
     summary = {"step": final_step, "eval_loss": result["loss"],
                "eval_accuracy": result["accuracy"], "train_seconds": train_seconds}
-    if _writes_files():
+    if workdir_lib.writes_files():
       workdir_lib.write_finished(workdir, summary)
   return _with_paths(summary, workdir, already_finished=False)
 
@@ -208,30 +207,14 @@ def _with_paths(summary: dict[str, Any], workdir: str, *, already_finished: bool
           "already_finished": already_finished}
 
 
-def _workdir_lock(workdir: str) -> contextlib.AbstractContextManager:
-  """The workdir's lock; in a multi-host run only process 0 takes it (they share the workdir)."""
-  if not _writes_files():
-    return contextlib.nullcontext()
-  return workdir_lib.WorkdirLock(workdir)
-
-
 # ----------------------------------------------------------------------------
 # Several processes: one writes the run's files.
 # ----------------------------------------------------------------------------
 
 
-def _writes_files() -> bool:
-  """Whether this process writes config, metrics, the finished marker and messages.
-
-  Process 0 of several (they share the workdir); checkpoints are written by
-  every process (each its shards: `checkpoint.Checkpointer`).
-  """
-  return jax.process_index() == 0
-
-
 def _say(message: str) -> None:
   """One line on stderr, from process 0 only."""
-  if _writes_files():
+  if workdir_lib.writes_files():
     print(message, file=sys.stderr, flush=True)
 
 
@@ -249,7 +232,7 @@ class _NoMetrics:
 
 
 def _metric_writer(workdir: str, start: int) -> metrics_lib.MetricWriter | _NoMetrics:
-  if not _writes_files():
+  if not workdir_lib.writes_files():
     return _NoMetrics()
   return metrics_lib.MetricWriter(workdir, resume_step=start)
 
@@ -266,7 +249,7 @@ class _TrainLog:
     self._writer, self._num_steps, self._optim = writer, exp.num_steps, exp.optim
     self._batch_size, self._log_every = exp.trainer.batch_size, exp.trainer.log_every_steps
     self._progress = metrics_lib.Progress(exp.num_steps, start,
-                                          enabled=exp.trainer.progress_bar and _writes_files(),
+                                          enabled=exp.trainer.progress_bar and workdir_lib.writes_files(),
                                           log_every=self._log_every)
     self._pending: list[tuple[int, dict]] = []  # device metrics not yet checked for NaN
     self._last_log = (start, time.perf_counter())

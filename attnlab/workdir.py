@@ -10,6 +10,7 @@ A workdir belongs to one run:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -17,6 +18,7 @@ import socket
 import time
 from typing import Any
 
+import jax
 import ml_collections
 
 from attnlab import checkpoint as checkpoint_lib
@@ -141,6 +143,27 @@ class WorkdirLock:
   def __exit__(self, *exc) -> bool:
     self.release()
     return False
+
+
+# ----------------------------------------------------------------------------
+# Several processes (jax.distributed) share one workdir: one writes its files.
+# ----------------------------------------------------------------------------
+
+
+def writes_files() -> bool:
+  """Whether this process writes the run's files (config, metrics, records, report) and messages.
+
+  Process 0 of several (they share the workdir); checkpoints are written by
+  every process (each its shards: `checkpoint.Checkpointer`).
+  """
+  return jax.process_index() == 0
+
+
+def lock(workdir: str) -> contextlib.AbstractContextManager:
+  """The workdir's `WorkdirLock`; in a multi-host run only process 0 takes it (they share it)."""
+  if not writes_files():
+    return contextlib.nullcontext()
+  return WorkdirLock(workdir)
 
 
 def _write_holder(fd: int) -> None:

@@ -6,9 +6,13 @@ as `train.py --jax_distributed` does: FSDP over all 8 devices (parameters split
 across the processes), stopped after the checkpoint of step 2, then resumed on
 a data=2 x fsdp=4 mesh (each process one data row) to the end. A third child,
 one process with 8 devices, trains the same steps in one go. The two runs
-must match: losses, parameters and the final evaluation. Then the pair runs
-the first run again with a SIGTERM sent to process 1 alone: both must save
-the same step and exit 143 (JAX's preemption service, Orbax's sync point).
+must match: losses, parameters and the final evaluation. The pair then runs
+the quick digits study with each group's cells side by side, split over both
+processes' devices, stopped after its first group's checkpoint and resumed;
+the single process runs it in one go; their per-cell results must match.
+Last, the pair runs the first run again, longer, with a SIGTERM sent to
+process 1 alone: both must save the same step and exit 143 (JAX's preemption
+service, Orbax's sync point).
 """
 
 import os
@@ -17,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -27,6 +32,9 @@ from attnlab import experiment
 from attnlab import metrics
 from attnlab import sharding
 from attnlab import train
+from attnlab.studies import analysis
+from attnlab.studies import cells
+from attnlab.studies import study
 from test_sharding import STATE_TOLERANCE, assert_close_to_scale
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,14 +43,21 @@ STEPS = 3
 SAVED_AT = 2  # the quick config's checkpoint_every_steps
 MESHES = {"first": {"fsdp": -1}, "resumed": {"data": 2, "fsdp": 4}}
 TIMEOUT_S = 300  # a hung collective fails the test instead of hanging CI
+# The preempted run: long enough that the sync point, a step or two after the signal, falls
+# inside it however late the notice crosses a loaded machine (PREEMPT_PAUSE_S per step after
+# the signal: 10 s), and it still ends if no preemption is ever agreed.
+PREEMPT_STEPS, PREEMPT_PAUSE_S = 200, 0.05
+STUDY = "configs/sample_efficiency/digits.py:quick"
+# The first group, stopped once its first checkpoint (checkpoint_every_steps=3) is started.
+STUDY_STOP, STUDY_SAVED_AT = ("sigmoid", 4), 3
 
 
-def _config(data_dir, mesh):
+def _config(data_dir, mesh, steps=STEPS):
   config = configlib.load(SPEC)
   config.unlock()
   config.data.data_dir = data_dir
   config.mesh = mesh
-  config.total_steps = STEPS
+  config.total_steps = steps
   config.log_every_steps = 1  # every step's loss in metrics.jsonl
   config.eval_batch_size = 96  # splits 8 ways (the quick config's 100 does not)
   return config
@@ -57,17 +72,48 @@ def _saved_steps(workdir):
 
 
 def _preempted_run(data_dir, workdir):
-  """The first run again, process 1 alone sent SIGTERM after step 1: (exit status, saved steps)."""
+  """The first run, longer, process 1 alone sent SIGTERM after step 1: (exit status, saved steps)."""
   def sigterm_process_1(step, state):
     if step == 1 and jax.process_index() == 1:
       os.kill(os.getpid(), signal.SIGTERM)  # caught by JAX's preemption notifier
+    elif step > 1:
+      time.sleep(PREEMPT_PAUSE_S)  # both processes: time for the notice to reach process 0
 
   try:
-    train.train_and_evaluate(_config(data_dir, MESHES["first"]), workdir,
+    train.train_and_evaluate(_config(data_dir, MESHES["first"], PREEMPT_STEPS), workdir,
                              on_step=sigterm_process_1)
   except SystemExit as e:
     return e.code, _saved_steps(workdir)
   return None, _saved_steps(workdir)  # not preempted: the test says so
+
+
+def _study_config(data_dir):
+  config = configlib.load(STUDY)
+  config.unlock()
+  config.data.data_dir = data_dir
+  # Every group's cells side by side (CPU's default trains them one at a time, which several
+  # processes refuse): split over the devices.
+  config.study.vmap_cells = config.study.max_cells_per_group
+  return config
+
+
+def _study(data_dir, workdir, stop_at=None):
+  """Runs the quick study in `workdir`, first stopped after `stop_at` (group, step) if given.
+
+  Returns the summaries of the runs (the first of a stopped one is None).
+  """
+  def stop(group, step):
+    if (group, step) == stop_at:
+      raise _Stop
+
+  summaries = []
+  if stop_at is not None:
+    try:
+      study.run(_study_config(data_dir), workdir, on_step=stop)
+    except _Stop:
+      summaries.append(None)
+  summaries.append(study.run(_study_config(data_dir), workdir))
+  return summaries
 
 
 def _child(role, out_dir, data_dir, port):
@@ -78,7 +124,8 @@ def _child(role, out_dir, data_dir, port):
                                process_id=int(role))
   jax.config.update("jax_disable_most_optimizations", True)  # compiling dominates
   assert jax.device_count() == 8, jax.devices()
-  workdir = os.path.join(out_dir, "run_two" if role != "single" else "run_single")
+  runs_as = "two" if role != "single" else "single"
+  workdir = os.path.join(out_dir, f"run_{runs_as}")
   seen = {"process_count": jax.process_count()}
 
   def keep_last(step, state):
@@ -104,6 +151,11 @@ def _child(role, out_dir, data_dir, port):
   shard = experiment.shardings(exp.trainer, experiment.abstract_state(exp.fns(), 0))
   seen["rows"] = sharding.process_rows(shard.batch, exp.trainer.batch_size)
   seen["state"] = jax.device_get(seen["state"])
+  # The processes holding a group of 4 cells, then of 2, 1.
+  seen["cell_processes"] = [sorted({d.process_index for d in cells.cell_mesh(n).devices.flat})
+                            for n in (4, 2, 1)]
+  seen["study"] = _study(data_dir, os.path.join(out_dir, f"study_{runs_as}"),
+                         None if role == "single" else STUDY_STOP)
   if role != "single":
     seen["preempted"] = _preempted_run(data_dir, os.path.join(out_dir, "run_preempted"))
   with open(os.path.join(out_dir, f"{role}.pkl"), "wb") as f:
@@ -195,7 +247,44 @@ def test_a_sigterm_on_one_host_makes_every_host_save_the_same_step(runs):
   (code_0, saved_0), (code_1, saved_1) = runs["0"]["preempted"], runs["1"]["preempted"]
   assert code_0 == code_1 == 143, (code_0, code_1)  # None: the run ended unpreempted
   # The notice reaches process 0 through the coordination service; the sync point is a step
-  # after process 1's signal (step 1; measured: step 2), the last both saved before exiting.
-  assert saved_0 == saved_1 and saved_0[-1] in (2, 3), (saved_0, saved_1)
-  assert "Preemption sync point: saved a checkpoint" in runs["output"]["0"]
+  # after process 1's signal (step 1; measured: step 2), the last both saved before exiting,
+  # well before the end of the run.
+  said = [line for line in runs["output"]["0"].splitlines()
+          if line.startswith("Preemption sync point: saved a checkpoint at step")]
+  assert len(said) == 1, runs["output"]["0"][-3000:]
+  step = int(said[0].split("at step ")[1].split()[0])
+  assert 1 < step < PREEMPT_STEPS and saved_0 == saved_1 and saved_0[-1] == step, (
+      step, saved_0, saved_1)
   assert "Preemption sync point" not in runs["output"]["1"]  # only process 0 prints
+
+
+# ----------------------------------------------------------------------------
+# A study on two processes.
+# ----------------------------------------------------------------------------
+
+
+def test_a_study_groups_cells_are_split_over_both_processes(runs):
+  # 4 cells: 2 on each process's devices; 2: 1 on each; 1: a copy on each (every process
+  # takes part in every program). One process: all its own.
+  assert runs["0"]["cell_processes"] == runs["1"]["cell_processes"] == [[0, 1]] * 3
+  assert runs["single"]["cell_processes"] == [[0]] * 3
+
+
+def test_a_study_on_two_processes_resumes_and_gives_each_cell_what_one_process_gives(runs):
+  two, single = (os.path.join(runs["out_dir"], f"study_{w}") for w in ("two", "single"))
+  # Stopped after the first group's checkpoint, resumed from it on both processes.
+  for role in ("0", "1"):
+    stopped, resumed = runs[role]["study"]
+    assert stopped is None and resumed["resumed_groups"] == {STUDY_STOP[0]: STUDY_SAVED_AT}
+    assert resumed["trained_cells"] == 8
+  assert "paths" not in runs["1"]["study"][-1]  # only process 0 wrote the report
+  got = analysis.load_cells(os.path.join(two, "results.json"))
+  want = analysis.load_cells(os.path.join(single, "results.json"))
+  assert [(c.kind, c.n, c.seed) for c in got] == [(c.kind, c.n, c.seed) for c in want]
+  assert len(got) == 8 and len(os.listdir(os.path.join(two, study.CELLS_DIR))) == 8
+  for g, w in zip(got, want):
+    # As test_sharding's study group: each cell's own program, on whichever devices.
+    assert (g.steps, g.best_step, g.diverged_at) == (w.steps, w.best_step, None)
+    assert g.test_error == w.test_error and g.val_error == w.val_error
+    np.testing.assert_allclose([g.train_loss, g.val_loss, g.test_loss],
+                               [w.train_loss, w.val_loss, w.test_loss], rtol=2e-6)

@@ -20,9 +20,12 @@ different budgets in steps (a fixed-epochs budget gives a larger n more steps):
     and the program compiles once; with cells side by side under vmap a
     finished cell leaves the stack (one compile per stack size).
   * Many devices: with the whole stack side by side (`vmap_cells=None`, the
-    accelerators' default) the cell axis is split over the devices
-    (`cell_mesh`): cells are independent, so each device trains its own cells
-    and nothing crosses between them; the data is replicated beside them.
+    accelerators' default, or at least the stack's size) the cell axis is
+    split over the devices (`cell_mesh`): cells are independent, so each
+    device trains its own cells and nothing crosses between them; the data is
+    replicated beside them. Several processes (jax.distributed) split it over
+    every process's devices: each builds the same stack and data (a study's
+    are small and deterministic) and places its own shards (`_put`).
   * Model selection: every `eval_every_steps` steps and at its last step each
     cell is scored on the validation split; its best parameters (lowest
     validation error, ties to the lower loss, then the earlier step) are
@@ -44,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +55,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from attnlab import checkpoint as checkpoint_lib
 from attnlab import data as data_lib
@@ -174,14 +179,15 @@ class GroupSetup:
     vmap_cells: how many cells the group's program computes side by side
       (`jax.vmap`); the rest of the stack runs one chunk after another inside
       the same program (`jax.lax.map(..., batch_size=vmap_cells)`), so a step
-      is still one dispatch and one compile. None: the whole stack side by side
-      (accelerators, where C cells fill the device). 1: one dispatch per cell
+      is still one dispatch and one compile. None (or at least the stack's
+      size): the whole stack side by side (accelerators, where C cells fill
+      the device), split over `devices`. 1: one dispatch per cell
       of a single-cell program (CPU's default). On CPU a C-cell vmap costs
       what a C-times-larger batch costs, which is more per example than a small
       batch once activations leave the cache, and a program looping over the
       cells ran slower than dispatching each (benchmarks/sweep.py).
-    devices: what the cell axis of a stack side by side (vmap_cells=None) is
-      split over (`cell_mesh`); None: every device of this process.
+    devices: what the cell axis of a stack side by side is split over
+      (`cell_mesh`); None: every device (of every process).
   """
 
   fns: experiment.ModelFns
@@ -218,6 +224,11 @@ class _Stack:
   def take(self, positions: Sequence[int]) -> _Stack:
     index = np.asarray(positions)
     return _Stack(**jax.tree.map(lambda x: x[index], self.tree()))
+
+
+def side_by_side(vmap_cells: int | None, num_cells: int) -> bool:
+  """Whether a stack of `num_cells` runs all side by side (one vmap), so its cell axis can be split."""
+  return vmap_cells is None or vmap_cells >= num_cells
 
 
 def _shrinks(setup: GroupSetup) -> bool:
@@ -270,15 +281,17 @@ def train_group(spec: GroupSpec, setup: GroupSetup, *,
         on_step(step, len(alive))
     due = [i in alive and (_selection_due(setup, step) or spec.budgets[i] == step) for i in members]
     if any(due):
-      stack = _select(stack, setup, score, jnp.asarray(due))
+      stack = _select(stack, setup, score, np.asarray(due))
     finished = [p for p, i in enumerate(members) if i in alive and spec.budgets[i] == step]
     tests = _score_split(setup, score, stack.best_params, setup.data.test) if finished else None
     jax.block_until_ready(stack)
     # The segment's wall time (compile included), shared equally by the cells it trained.
     for i in alive:
       seconds[i] += (time.perf_counter() - start) / len(alive)
+    per_cell = _per_cell(stack) if finished else None
     for p in finished:
-      results[members[p]] = _cell_result(spec, setup, members[p], stack, tests, p, seconds[members[p]])
+      results[members[p]] = _cell_result(spec, setup, members[p], per_cell, tests, p,
+                                         seconds[members[p]])
       if on_cell_done is not None:
         on_cell_done(results[members[p]])
     if finished:
@@ -297,17 +310,33 @@ def train_group(spec: GroupSpec, setup: GroupSetup, *,
 
 
 def cell_mesh(num_cells: int, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """The 1-D mesh ("cells") a stack of `num_cells` side by side is split over.
+  """The mesh ("cells", "copies") a stack of `num_cells` side by side is split over.
 
-  The most of `devices` (default: this process's) whose count divides
-  `num_cells`, so every device holds as many cells: 18 cells on 8 devices use
-  6, and as cells finish the stack moves onto a count that divides what is
-  left. A study whose cells per group are a multiple of the device count
-  keeps every device busy.
+  The cell axis is split `c` ways, c the largest divisor of `num_cells` that
+  the devices allow, so every device holds as many cells: 18 cells on 8
+  devices of one process use 6, and as cells finish the stack moves onto a
+  split that divides what is left. Every process of `devices` (default:
+  all) takes part with as many devices, in process order: jax runs a program
+  on every process or none, so c is limited to lcm(c, processes) devices,
+  and where c is smaller than that the cells are repeated along "copies"
+  (1 cell on 2 processes: one copy on each). One process: "copies" is 1.
+  A group whose cells are a multiple of the device count keeps every device busy.
   """
-  devices = list(jax.local_devices() if devices is None else devices)
-  used = max(d for d in range(1, min(len(devices), num_cells) + 1) if num_cells % d == 0)
-  return jax.sharding.Mesh(np.asarray(devices[:used]), ("cells",))
+  devices = list(jax.devices() if devices is None else devices)
+  by_process: dict[int, list[jax.Device]] = {}
+  for d in devices:
+    by_process.setdefault(d.process_index, []).append(d)
+  processes, per_process = len(by_process), min(len(ds) for ds in by_process.values())
+  cells = max(c for c in range(1, num_cells + 1)
+              if num_cells % c == 0 and math.lcm(c, processes) <= processes * per_process)
+  used = math.lcm(cells, processes) // processes  # devices of each process
+  grid = [d for _, ds in sorted(by_process.items()) for d in ds[:used]]
+  return jax.sharding.Mesh(np.asarray(grid).reshape(cells, -1), ("cells", "copies"))
+
+
+def _stack_sharding(num_cells: int, setup: GroupSetup) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(cell_mesh(num_cells, setup.devices),
+                                    jax.sharding.PartitionSpec("cells"))
 
 
 def _place(stack: _Stack, setup: GroupSetup) -> tuple[_Stack, GroupSetup]:
@@ -316,14 +345,50 @@ def _place(stack: _Stack, setup: GroupSetup) -> tuple[_Stack, GroupSetup]:
   Cells one at a time or in chunks (`lax.map` steps through the cell axis)
   stay where they are.
   """
-  if setup.vmap_cells is not None:
+  if not side_by_side(setup.vmap_cells, len(stack.applied)):
     return stack, setup
-  mesh = cell_mesh(len(stack.applied), setup.devices)
-  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  sharding = _stack_sharding(len(stack.applied), setup)
+  replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
   splits = {f.name: getattr(setup.data, f.name) for f in dataclasses.fields(StudyData)}
-  data = StudyData(**jax.device_put(splits, jax.sharding.NamedSharding(mesh, P())))
-  return (jax.device_put(stack, jax.sharding.NamedSharding(mesh, P("cells"))),
-          dataclasses.replace(setup, data=data))
+  data = StudyData(**_put(splits, replicated))
+  return _put(stack, sharding), dataclasses.replace(setup, data=data)
+
+
+def _put(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """`tree`'s arrays on `sharding`, which may span several processes.
+
+  jax.device_put moves arrays within one process; across processes each one
+  builds its own shards from the whole value (`_host_value`, the same on
+  every process) with `jax.make_array_from_callback`.
+  """
+  def put(x):
+    if x.sharding == sharding:
+      return x
+    if sharding.is_fully_addressable and x.is_fully_addressable:
+      return jax.device_put(x, sharding)
+    value = _host_value(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+  return jax.tree.map(put, tree)
+
+
+def _host_value(x: jax.Array) -> np.ndarray:
+  """The whole of `x` in this process's memory.
+
+  An array split across processes is gathered from all of them: a collective
+  that every process calls at the same point (they run the same code).
+  """
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  if x.sharding.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _per_cell(stack: _Stack) -> dict[str, np.ndarray]:
+  """The stack's per-cell scalars ([C] each) in this process's memory, for the results."""
+  return {name: _host_value(getattr(stack, name))
+          for name in ("best_error", "best_loss", "best_step", "applied", "last_loss")}
 
 
 def _init_stack(spec: GroupSpec, setup: GroupSetup) -> _Stack:
@@ -355,6 +420,11 @@ def _restore(spec: GroupSpec, setup: GroupSetup,
     alive = spec.alive_at(step)
     abstract = jax.tree.map(lambda x, n=len(alive): jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype),
                             full)
+    # Straight onto the devices the stack trains on: a stack split across processes is
+    # never whole in one of them.
+    shardings = (jax.tree.map(lambda _, s=_stack_sharding(len(alive), setup): s, abstract)
+                 if side_by_side(setup.vmap_cells, len(alive)) else None)
+    abstract = checkpoint_lib.with_shardings(abstract, shardings)
     try:
       tree, data_state, step = checkpointer.restore(abstract, step)
     except checkpoint_lib.CheckpointDamagedError as e:
@@ -400,7 +470,7 @@ def _copy(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
-def _select(stack: _Stack, setup: GroupSetup, score, due_C: jax.Array) -> _Stack:
+def _select(stack: _Stack, setup: GroupSetup, score, due_C: np.ndarray) -> _Stack:
   """Keeps each due cell's parameters if they beat its best on the validation split.
 
   `due_C` marks the cells for which `step` is a selection point (a multiple
@@ -411,14 +481,21 @@ def _select(stack: _Stack, setup: GroupSetup, score, due_C: jax.Array) -> _Stack
     # No validation split: the last parameters are the selected ones.
     return stack.replace(best_params=_copy(stack.state.params), best_step=stack.applied)
   val = _score_split(setup, score, stack.state.params, setup.data.validation)
-  error, loss = 1.0 - jnp.asarray(val["accuracy"]), jnp.asarray(val["loss"])
+  return _keep_better(stack, 1.0 - np.asarray(val["accuracy"], np.float32),
+                      np.asarray(val["loss"], np.float32), due_C)
+
+
+@jax.jit
+def _keep_better(stack: _Stack, error_C, loss_C, due_C) -> _Stack:
+  """`_select`'s update, one program: host values enter it as they do the train step."""
   # A diverged cell's state is its last finite one, already scored: no update.
-  better = due_C & ((error < stack.best_error) | ((error == stack.best_error) & (loss < stack.best_loss)))
+  better = due_C & ((error_C < stack.best_error) |
+                    ((error_C == stack.best_error) & (loss_C < stack.best_loss)))
   pick = lambda new, old: jax.vmap(jnp.where)(better, new, old)  # noqa: E731
   return stack.replace(
       best_params=jax.tree.map(pick, stack.state.params, stack.best_params),
-      best_error=jnp.where(better, error, stack.best_error),
-      best_loss=jnp.where(better, loss, stack.best_loss),
+      best_error=jnp.where(better, error_C, stack.best_error),
+      best_loss=jnp.where(better, loss_C, stack.best_loss),
       best_step=jnp.where(better, stack.applied, stack.best_step))
 
 
@@ -430,16 +507,16 @@ def _score_split(setup: GroupSetup, score, params_C, split: dict[str, jax.Array]
   for start in range(0, size, batch):
     sums = score(params_C, {k: v[start:start + batch] for k, v in split.items()})
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
+  totals = jax.tree.map(_host_value, totals)
   per_cell = [metrics_lib.means({k: v[c] for k, v in totals.items()})
               for c in range(totals["weight_sum"].shape[0])]
   return {k: np.asarray([m[k] for m in per_cell]) for k in ("loss", "accuracy")}
 
 
-def _cell_result(spec: GroupSpec, setup: GroupSetup, i: int, stack: _Stack,
+def _cell_result(spec: GroupSpec, setup: GroupSetup, i: int, per_cell: dict[str, np.ndarray],
                  tests: dict[str, np.ndarray], p: int, seconds: float) -> analysis.CellResult:
   cell, budget = spec.cells[i], spec.budgets[i]
-  applied = int(stack.applied[p])
+  applied = int(per_cell["applied"][p])
   diverged = applied < budget
   has_val = setup.data.validation is not None
   return analysis.CellResult(
@@ -447,12 +524,12 @@ def _cell_result(spec: GroupSpec, setup: GroupSetup, i: int, stack: _Stack,
       # A diverged cell failed: NaN metrics are counted by the analysis, never averaged.
       test_error=float("nan") if diverged else float(1.0 - tests["accuracy"][p]),
       test_loss=float("nan") if diverged else float(tests["loss"][p]),
-      val_error=float(stack.best_error[p]) if has_val and not diverged else None,
-      val_loss=float(stack.best_loss[p]) if has_val and not diverged else None,
-      best_step=int(stack.best_step[p]), steps=budget,
+      val_error=float(per_cell["best_error"][p]) if has_val and not diverged else None,
+      val_loss=float(per_cell["best_loss"][p]) if has_val and not diverged else None,
+      best_step=int(per_cell["best_step"][p]), steps=budget,
       wall_seconds=round(seconds, 3), budget=spec.budget_rule,
       diverged_at=applied + 1 if diverged else None,
-      train_loss=float(stack.last_loss[p]) if applied else None)
+      train_loss=float(per_cell["last_loss"][p]) if applied else None)
 
 
 @functools.lru_cache(maxsize=8)
@@ -464,13 +541,16 @@ def _over_cells(fn, in_axes, vmap_cells: int | None):
   """`fn` mapped over the stacked cell axis: vmapped, vmapped in chunks, or one cell at a time.
 
   One at a time (`vmap_cells=1`) is a plain `lax.map`, not chunks of one
-  (which would vmap each cell's program over an axis of one).
+  (which would vmap each cell's program over an axis of one); chunks as large
+  as the stack are one vmap, as None (and split like it: `_place`).
   """
   if vmap_cells is None:
     return jax.vmap(fn, in_axes=in_axes)
 
   def chunked(*args):
     mapped = [a for a, axis in zip(args, in_axes) if axis == 0]
+    if side_by_side(vmap_cells, jax.tree.leaves(mapped)[0].shape[0]):
+      return jax.vmap(fn, in_axes=in_axes)(*args)
     shared = [a for a, axis in zip(args, in_axes) if axis is None]
 
     def one(xs):

@@ -25,6 +25,12 @@ and writes the report (`analysis.write_report`). A rerun skips the cells
 recorded there and resumes an unfinished group from its last checkpoint
 (<workdir>/groups/<group>/checkpoints/). `render(config, workdir)` rewrites the
 report from the recorded cells without training (eval.py).
+
+Several processes (train.py --jax_distributed): every process plans the same
+groups and loads the same data, and each group's cells, side by side, are
+split over every process's devices (`cells.cell_mesh`); every process takes
+part in the group checkpoints, and only process 0 writes the config, the cell
+records and the report and prints progress.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from attnlab import attention as attention_lib
 from attnlab import checkpoint as checkpoint_lib
@@ -73,7 +80,8 @@ class StudyConfig:
       chunk after another in the same program; 1: one dispatch per cell of a
       single-cell program (`cells.GroupSetup.vmap_cells`); None: by platform,
       1 on CPU (where side by side is slower per cell), the whole group on GPU
-      and TPU.
+      and TPU. At least a group's size: that whole group side by side, its
+      cells split over the devices (several processes need this).
     target_error: test error at which samples-to-target is measured.
     compare: the two kinds of the paired difference (compare[0] - compare[1])
       and of the samples ratio (compare[1] / compare[0]: how many times more
@@ -231,34 +239,52 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """
   start = time.perf_counter()
   study, exp_cfg = split_config(config)
-  if jax.process_count() > 1:
-    raise configlib.ConfigError(
-        f"A study runs in one process (this is one of {jax.process_count()}): its cells split "
-        "over this process's devices. Run it without --jax_distributed, on one host.")
-  setups = prepare(study, exp_cfg)
   groups = plan(study, exp_cfg)
+  _check_processes(study, groups)
+  setups = prepare(study, exp_cfg)
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.WorkdirLock(workdir):
+  with workdir_lib.lock(workdir):
     workdir_lib.check_same_run(config, workdir, trained=_has_progress(workdir))
-    workdir_lib.write_config(config, workdir)
+    if workdir_lib.writes_files():
+      workdir_lib.write_config(config, workdir)
     done = _recorded_cells(workdir)
     todo = [g for g in groups if not all(c.name in done for c in g.cells)]
     total = sum(sum(g.budgets) for g in groups)
     progress = _StudyProgress(total, total - sum(sum(g.budgets) for g in todo), len(study.cells),
-                              sum(c.name in done for c in study.cells), enabled=study.progress_bar)
+                              sum(c.name in done for c in study.cells),
+                              enabled=study.progress_bar and workdir_lib.writes_files())
     resumed = {}
     for group in todo:
       step = _train_group(group, setups[group.cells[0].kind], workdir, study, progress, on_step)
       if step:
         resumed[group.name] = step
     progress.close()
-    summary = _report(study, exp_cfg, workdir)
+    summary = {"workdir": workdir}
+    if workdir_lib.writes_files():
+      summary = _report(study, exp_cfg, workdir)
     summary.update(trained_cells=sum(len(g.cells) for g in todo),
                    skipped_cells=len(study.cells) - sum(len(g.cells) for g in todo),
                    resumed_groups=resumed,
                    seconds=time.perf_counter() - start)
-    workdir_lib.write_finished(workdir, summary)
+    if workdir_lib.writes_files():
+      workdir_lib.write_finished(workdir, summary)
   return summary
+
+
+def _check_processes(study: StudyConfig, groups: list[cells_lib.GroupSpec]) -> None:
+  """Refuses several processes unless every group trains side by side (its cells split over them).
+
+  Cells one at a time or in chunks stay on one device: every process would
+  train every cell again, gaining nothing over one host (spreading whole cells
+  over the processes instead is another scheme, worth it only on CPU hosts).
+  """
+  largest, chunk = max(len(g.cells) for g in groups), vmap_cells(study)
+  if jax.process_count() > 1 and not cells_lib.side_by_side(chunk, largest):
+    raise configlib.ConfigError(
+        f"config.study.vmap_cells={study.vmap_cells!r} trains {chunk} cell(s) of a group at a "
+        f"time on one device, and this is one of {jax.process_count()} processes: set "
+        f"--config.study.vmap_cells={largest} (the largest group) to run each group's cells side "
+        "by side, split over every process's devices.")
 
 
 def render(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -331,14 +357,22 @@ def _train_group(group: cells_lib.GroupSpec, setup: cells_lib.GroupSetup, workdi
     if on_step is not None:
       on_step(group.name, step)
 
+  def cell_done(result: analysis.CellResult) -> None:
+    if workdir_lib.writes_files():
+      _record_cell(workdir, result)
+    progress.cell_done(result)
+
   try:
-    cells_lib.train_group(group, setup, checkpointer=checkpointer,
-                          on_cell_done=lambda r: (_record_cell(workdir, r), progress.cell_done(r)),
+    cells_lib.train_group(group, setup, checkpointer=checkpointer, on_cell_done=cell_done,
                           on_step=step_done)
   finally:
     checkpointer.close()
-  # Every cell is recorded: the group's checkpoints have served.
-  shutil.rmtree(group_dir, ignore_errors=True)
+  # Every cell is recorded: the group's checkpoints have served, once every process is done
+  # with them.
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"study group {group.name} trained")
+  if workdir_lib.writes_files():
+    shutil.rmtree(group_dir, ignore_errors=True)
   return resumed
 
 
