@@ -90,7 +90,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,9 +105,10 @@ from attnlab.studies import analysis
 GROUPS_DIR = "cells"
 SECTION = "moe"
 
-GATES: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "sigmoid": jax.nn.sigmoid,
-    "softmax": lambda s: jax.nn.softmax(s, axis=-1),
+# Gates of scores s along `axis`, the atom (moe) or key (attention) axis.
+GATES: dict[str, Callable[[jax.Array, int], jax.Array]] = {
+    "sigmoid": lambda s, axis: jax.nn.sigmoid(s),
+    "softmax": lambda s, axis: jax.nn.softmax(s, axis=axis),
 }
 
 # Expert activations h(a^T x + e): ReLU/GELU are the papers' strongly identifiable
@@ -145,7 +146,12 @@ class MoEStudyConfig:
     seeds: repetitions: each draws its own inputs, noise and initialisations.
     restarts: random initialisations per fit; the lowest training loss is kept.
     adam_steps, learning_rate: full-batch Adam phase.
-    lbfgs_steps: full-batch L-BFGS phase after Adam (0: none).
+    adam_examples: Adam sees the first this many training examples (0: all);
+      it only chooses the basin that L-BFGS, on all of them, then fits.
+    lbfgs_steps: full-batch L-BFGS phase after Adam, at most this many loss
+      evaluations per fit (0: none); a fit stops earlier when converged.
+    lbfgs_tolerance: a fit has converged when an accepted L-BFGS step lowers
+      its training loss by at most this fraction (see `lbfgs_minimize`).
     init_scale: standard deviation of the students' initial parameters.
     test_examples: fresh inputs of the test MSE (one fixed draw).
     bootstrap: bootstrap replicates of the slopes.
@@ -168,7 +174,9 @@ class MoEStudyConfig:
   restarts: int = 4
   adam_steps: int = 1000
   learning_rate: float = 0.02
+  adam_examples: int = 0
   lbfgs_steps: int = 300
+  lbfgs_tolerance: float = 1e-6
   init_scale: float = 1.0
   test_examples: int = 10000
   bootstrap: int = 1000
@@ -198,7 +206,7 @@ class MoEStudyConfig:
     for name in ("dim", "tokens", "true_experts", "restarts", "test_examples", "bootstrap"):
       if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
         raise _error(name, getattr(self, name), "expected a positive int.")
-    for name in ("adam_steps", "lbfgs_steps", "truth_seed"):
+    for name in ("adam_steps", "adam_examples", "lbfgs_steps", "truth_seed"):
       if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
         raise _error(name, getattr(self, name), "expected a non-negative int.")
     if self.fitted_experts < self.true_experts:
@@ -207,10 +215,12 @@ class MoEStudyConfig:
     if self.adam_steps + self.lbfgs_steps == 0:
       raise _error("adam_steps", self.adam_steps, "no optimiser step at all: set adam_steps "
                    "or lbfgs_steps > 0.")
-    for name in ("noise_std", "learning_rate", "init_scale"):
+    for name in ("noise_std", "learning_rate", "init_scale", "lbfgs_tolerance"):
       value = getattr(self, name)
-      if not isinstance(value, (int, float)) or value < 0 or (name != "noise_std" and value == 0):
-        raise _error(name, value, "expected a positive number (noise_std may be 0).")
+      may_be_zero = name in ("noise_std", "lbfgs_tolerance")
+      if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not may_be_zero):
+        raise _error(name, value, "expected a positive number (noise_std and lbfgs_tolerance "
+                     "may be 0).")
 
 
 def _error(field: str, value: Any, fix: str) -> configlib.ConfigError:
@@ -261,6 +271,37 @@ def init_params(key: jax.Array, cfg: MoEStudyConfig, atoms: int, scale: float) -
   return p
 
 
+def features(x: jax.Array) -> jax.Array:
+  """[n, d] inputs -> [F, n] features vec(x x^T), x, 1 (F = d^2 + d + 1), examples last.
+
+  Every gate score x^T A_k x + b_k^T x + c_k and every expert input a_k^T x + e_k
+  is a linear function of these features, so a fit computes them once per
+  data set and each evaluation of the model is one small matmul (`mixture`)
+  instead of re-forming the quadratic form from x at every optimiser step;
+  examples last keeps the gate and expert arithmetic vectorised over n.
+  """
+  quad = (x[:, :, None] * x[:, None, :]).reshape(x.shape[0], -1)
+  return jnp.concatenate([quad, x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1).T
+
+
+def _feature_weights(params: dict[str, jax.Array]) -> jax.Array:
+  """[2K, F]: the K gate-score rows (A, b, c), then the K expert-input rows (0, a, e)."""
+  k, d = params["a"].shape
+  b = params["b"] if "b" in params else jnp.zeros((k, d), params["a"].dtype)
+  score = jnp.concatenate([params["A"].reshape(k, d * d), b, params["c"][:, None]], axis=1)
+  expert = jnp.concatenate([jnp.zeros((k, d * d), params["a"].dtype), params["a"],
+                            params["e"][:, None]], axis=1)
+  return jnp.concatenate([score, expert], axis=0)
+
+
+def mixture(params: dict[str, jax.Array], phi: jax.Array, gate: str, expert: str) -> jax.Array:
+  """f(x) of a moe from its features: [F, n] -> [n]."""
+  k = params["c"].shape[0]
+  score_and_input = _feature_weights(params) @ phi  # [2K, n]
+  s, z = score_and_input[:k], score_and_input[k:]
+  return jnp.sum(GATES[gate](s, 0) * EXPERTS[expert](z), axis=0)
+
+
 def predict(params: dict[str, jax.Array], x: jax.Array, gate: str, expert: str,
             family: str = "moe") -> jax.Array:
   """f(x): [n, d] -> [n] (moe), or [n, N, d] -> [n, N, d] (attention)."""
@@ -268,12 +309,8 @@ def predict(params: dict[str, jax.Array], x: jax.Array, gate: str, expert: str,
     s = jnp.einsum("mid,de,mje->mij", x, params["W"], x)
     if gate == "sigmoid":
       s = s + params["c"]
-    return jnp.einsum("mij,mjd,de->mie", GATES[gate](s), x, params["V"])
-  s = jnp.einsum("nd,kde,ne->nk", x, params["A"], x) + params["c"][None, :]
-  if "b" in params:
-    s = s + x @ params["b"].T
-  h = EXPERTS[expert](x @ params["a"].T + params["e"][None, :])
-  return jnp.sum(GATES[gate](s) * h, axis=-1)
+    return jnp.einsum("mij,mjd,de->mie", GATES[gate](s, -1), x, params["V"])
+  return mixture(params, features(x), gate, expert)
 
 
 def ground_truth(cfg: MoEStudyConfig) -> dict[str, np.ndarray]:
@@ -311,38 +348,144 @@ def test_inputs(cfg: MoEStudyConfig) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
-def fit_one(params, x, y, *, gate: str, expert: str, family: str, adam_steps: int,
-            learning_rate: float, lbfgs_steps: int):
-  """Fits one student to (x, y) by least squares; returns (params, training MSE)."""
-  def loss(p):
-    return jnp.mean((predict(p, x, gate, expert, family) - y) ** 2)
+def fit_inputs(x: jax.Array, family: str) -> jax.Array:
+  """What a fit evaluates the student on: the features (moe, computed once per data set) or X."""
+  return x if family == "attention" else features(x)
 
-  value_and_grad = jax.value_and_grad(loss)
+
+def _student(params, inputs, gate: str, expert: str, family: str) -> jax.Array:
+  """The student's predictions on `fit_inputs(x, family)`."""
+  if family == "attention":
+    return predict(params, inputs, gate, expert, family)
+  return mixture(params, inputs, gate, expert)
+
+
+def _vdot(a, b) -> jax.Array:
+  return sum(jnp.vdot(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _where(flag: jax.Array, a, b):
+  return jax.tree.map(lambda u, v: jnp.where(flag, u, v), a, b)
+
+
+class _LbfgsCarry(NamedTuple):
+  params: Any
+  value: jax.Array
+  grad: Any
+  direction: Any       # the descent direction being tried from `params`
+  step: jax.Array      # the step size tried next along it
+  memory: Any          # optax.scale_by_lbfgs state
+  fresh: jax.Array     # the direction is the memoryless one (scaled gradient)
+  checkpoint: jax.Array  # the loss _WINDOW evaluations ago
+  evaluations: jax.Array
+  done: jax.Array      # converged, or no decrease found: frozen
+
+
+# Halvings of a rejected step before the memory is dropped (the curvature
+# pairs of a nearly flat, over-specified fit can give a far too long
+# direction), and before a memoryless direction counts as converged.
+_RESTART_AFTER = 10
+_GIVE_UP_AFTER = 30
+# Convergence is judged over this many evaluations, not one step: in the flat
+# valleys of an over-specified fit L-BFGS alternates tiny and large decreases
+# (a one-step test stopped fits that 200 more zoom-L-BFGS steps lowered by
+# up to 3%).
+_WINDOW = 50
+
+
+def lbfgs_minimize(value_and_grad, params, *, max_evaluations: int, tolerance: float):
+  """L-BFGS with a backtracking (Armijo) line search of ONE loss evaluation per iteration.
+
+  Why not optax.lbfgs: its zoom line search is a while_loop, and under vmap
+  every fit runs as many evaluations as the slowest fit of the batch needs
+  (measured: 8.5 evaluations per step for the batch's maximum, 1.3 for the
+  mean). Here an iteration tries one step for every fit: accepted, the memory
+  and direction are updated; rejected, that fit halves its step and tries
+  again next iteration, dropping its memory after _RESTART_AFTER halvings.
+  A fit stops (frozen under vmap, the loop ending when all have) when its
+  loss fell by at most `tolerance` relatively over the last _WINDOW
+  evaluations, or when
+  no step along the memoryless direction down to 2^-_GIVE_UP_AFTER decreases
+  it (converged in float32). The curvature pair is stored only when
+  s^T y > 0; otherwise the memory restarts. Returns (params, loss, converged).
+  """
+  lbfgs = optax.scale_by_lbfgs()
+
+  def direction(p, g, memory):
+    update, memory = lbfgs.update(g, memory, p)
+    return jax.tree.map(jnp.negative, update), memory
+
+  def restart(p, g):
+    return direction(p, g, lbfgs.init(p))
+
+  value, grad = value_and_grad(params)
+  d, memory = restart(params, grad)
+  true = jnp.ones((), bool)
+  start = _LbfgsCarry(params, value, grad, d, jnp.ones_like(value), memory, true, value,
+                      jnp.zeros((), jnp.int32), ~jnp.isfinite(value))
+
+  def body(c: _LbfgsCarry) -> _LbfgsCarry:
+    trial = jax.tree.map(lambda p, d: p + c.step * d, c.params, c.direction)
+    v, g = value_and_grad(trial)
+    accept = ~c.done & jnp.isfinite(v) & (v <= c.value + 1e-4 * c.step * _vdot(c.grad, c.direction))
+    d_next, m_next = direction(trial, g, c.memory)
+    curvature = c.step * _vdot(c.direction, jax.tree.map(jnp.subtract, g, c.grad))
+    keep = (curvature > 0) & (_vdot(g, d_next) < 0)
+    d_next, m_next = _where(keep, (d_next, m_next), restart(trial, g))
+    # Rejected: halve the step; after _RESTART_AFTER halvings drop the memory.
+    step = jnp.where(accept, 1.0, 0.5 * c.step)
+    drop = ~accept & ~c.fresh & (step < 2.0 ** -_RESTART_AFTER)
+    d_drop, m_drop = restart(c.params, c.grad)
+    value = jnp.where(accept, v, c.value)
+    window_ends = (c.evaluations + 1) % _WINDOW == 0
+    converged = window_ends & (c.checkpoint - value <= tolerance * jnp.abs(c.checkpoint))
+    exhausted = ~accept & c.fresh & (step < 2.0 ** -_GIVE_UP_AFTER)
+    return _LbfgsCarry(
+        params=_where(accept, trial, c.params), value=value,
+        grad=_where(accept, g, c.grad),
+        direction=_where(accept, d_next, _where(drop, d_drop, c.direction)),
+        step=jnp.where(drop, 1.0, step),
+        memory=_where(accept, m_next, _where(drop, m_drop, c.memory)),
+        fresh=jnp.where(accept, ~keep, c.fresh | drop),
+        checkpoint=jnp.where(window_ends, value, c.checkpoint),
+        evaluations=c.evaluations + 1, done=c.done | converged | exhausted)
+
+  def running(c: _LbfgsCarry) -> jax.Array:
+    return ~c.done & (c.evaluations < max_evaluations)
+
+  end = jax.lax.while_loop(running, body, start)
+  return end.params, end.value, end.done & jnp.isfinite(end.value)
+
+
+def _squared_error(x, y, gate: str, expert: str, family: str):
+  """The training loss on (x, y) as a function of the parameters; inputs computed once."""
+  inputs = fit_inputs(x, family)
+  return lambda p: jnp.mean((_student(p, inputs, gate, expert, family) - y) ** 2)
+
+
+def fit_one(params, x, y, *, gate: str, expert: str, family: str, adam_steps: int,
+            adam_examples: int, learning_rate: float, lbfgs_steps: int, tolerance: float):
+  """Fits one student to (x, y) by least squares; returns (params, training MSE, converged).
+
+  Adam on the first `adam_examples` examples (all when 0) finds a basin;
+  L-BFGS (`lbfgs_minimize`) on all of them fits to convergence. Without
+  L-BFGS steps a fit is reported as not converged.
+  """
+  loss = _squared_error(x, y, gate, expert, family)
+  m = len(x) if adam_examples == 0 else min(adam_examples, len(x))
+  adam_grad = jax.grad(_squared_error(x[:m], y[:m], gate, expert, family))
   adam = optax.adam(learning_rate)
 
   def adam_step(carry, _):
     p, state = carry
-    _, g = value_and_grad(p)
-    updates, state = adam.update(g, state, p)
+    updates, state = adam.update(adam_grad(p), state, p)
     return (optax.apply_updates(p, updates), state), None
 
   (p_adam, _), _ = jax.lax.scan(adam_step, (params, adam.init(params)), None, length=adam_steps)
   if lbfgs_steps == 0:
-    return p_adam, loss(p_adam)
-  lbfgs = optax.lbfgs()
-  cached = optax.value_and_grad_from_state(loss)
-
-  def lbfgs_step(carry, _):
-    p, state = carry
-    value, g = cached(p, state=state)
-    updates, state = lbfgs.update(g, state, p, value=value, grad=g, value_fn=loss)
-    return (optax.apply_updates(p, updates), state), None
-
-  (p_lb, _), _ = jax.lax.scan(lbfgs_step, (p_adam, lbfgs.init(p_adam)), None, length=lbfgs_steps)
-  l_adam, l_lb = loss(p_adam), loss(p_lb)
-  take_lb = jnp.isfinite(l_lb) & (l_lb <= l_adam)
-  best = jax.tree.map(lambda a, b: jnp.where(take_lb, b, a), p_adam, p_lb)
-  return best, jnp.where(take_lb, l_lb, l_adam)
+    return p_adam, loss(p_adam), jnp.zeros((), bool)
+  return lbfgs_minimize(jax.value_and_grad(loss), p_adam, max_evaluations=lbfgs_steps,
+                        tolerance=tolerance)
 
 
 @functools.lru_cache(maxsize=None)
@@ -350,19 +493,21 @@ def _fit_program(cfg: MoEStudyConfig, expert: str):
   """jit: ({student: params [P, R, ...]}, x [P, n, ...], y [P, n, ...]) -> best per problem.
 
   P problems (truth x repetition) share nothing; R restarts share their problem's
-  data. Returns {student: (params [P, ...], train MSE [P])}, the lowest-loss restart.
+  data. Returns {student: (params [P, ...], train MSE [P], converged [P])}, the
+  lowest-loss restart.
   """
   def best_of(params_PR, x_P, y_P, student):
     fit = functools.partial(fit_one, gate=student, expert=expert, family=cfg.family,
-                            adam_steps=cfg.adam_steps, learning_rate=cfg.learning_rate,
-                            lbfgs_steps=cfg.lbfgs_steps)
+                            adam_steps=cfg.adam_steps, adam_examples=cfg.adam_examples,
+                            learning_rate=cfg.learning_rate,
+                            lbfgs_steps=cfg.lbfgs_steps, tolerance=cfg.lbfgs_tolerance)
     over_restarts = jax.vmap(fit, in_axes=(0, None, None))
-    params, loss = jax.vmap(over_restarts)(params_PR, x_P, y_P)
+    params, loss, converged = jax.vmap(over_restarts)(params_PR, x_P, y_P)
     loss = jnp.where(jnp.isfinite(loss), loss, jnp.inf)
     pick = jnp.argmin(loss, axis=1)
     take = lambda v: jnp.take_along_axis(  # noqa: E731
         v, pick.reshape((-1,) + (1,) * (v.ndim - 1)), axis=1)[:, 0]
-    return jax.tree.map(take, params), take(loss)
+    return jax.tree.map(take, params), take(loss), take(converged)
 
   def program(params_by_student, x_P, y_P):
     return {s: best_of(p, x_P, y_P, s) for s, p in params_by_student.items()}
@@ -453,7 +598,7 @@ def fit_group(cfg: MoEStudyConfig, expert: str, n: int) -> dict[str, Any]:
   targets = {g: np.asarray(_predict_program(cfg.family, g, expert)(
       jax.tree.map(lambda v: v[None], truth_j), x_test)[0], np.float64) for g in cfg.truths}
   cells = []
-  for student, (params, train_mse) in fitted.items():
+  for student, (params, train_mse, converged) in fitted.items():
     preds = np.asarray(_predict_program(cfg.family, student, expert)(params, x_test), np.float64)
     for i, (gate, seed) in enumerate(problems):
       p_i = {k: np.asarray(v[i], np.float64) for k, v in params.items()}
@@ -461,6 +606,7 @@ def fit_group(cfg: MoEStudyConfig, expert: str, n: int) -> dict[str, Any]:
       loss = parameter_loss(p_i, truth, gate, cfg.family) if gate == student else math.nan
       cells.append({"truth": gate, "student": student, "seed": seed,
                     "voronoi": loss, "test_mse": mse, "train_mse": float(train_mse[i]),
+                    "converged": bool(converged[i]),
                     "params": {k: v.tolist() for k, v in p_i.items()}})
   return {"expert": expert, "n": n, "seconds": time.perf_counter() - start, "cells": cells}
 

@@ -62,7 +62,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dim=2, tokens=4, true_experts=2, fitted_experts=3, truth_seed=0, noise_std=0.1,
       train_sizes=(100, 316, 1000, 3162, 10000),
       seeds=tuple(range(10)),
-      restarts=3, adam_steps=1000, learning_rate=0.02, lbfgs_steps=200,
+      # Adam picks the basin on at most 10^4 examples; L-BFGS fits all n to convergence
+      # (at most lbfgs_steps loss evaluations per fit).
+      restarts=3, adam_steps=1000, adam_examples=10000, learning_rate=0.02,
+      lbfgs_steps=1000, lbfgs_tolerance=1e-6,
       test_examples=10000, bootstrap=1000,
   )
   if args.full:
@@ -70,5 +73,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       seeds=tuple(range(20)))
   if args.quick:
     config.moe.update(experts=("linear",), train_sizes=(100, 1000), seeds=(0, 1), restarts=2,
-                      adam_steps=150, lbfgs_steps=20, test_examples=2000, bootstrap=100)
+                      adam_steps=150, lbfgs_steps=100, test_examples=2000, bootstrap=100)
   return config.lock()
