@@ -213,3 +213,16 @@ def test_the_other_quick_studies_run_end_to_end(spec, tmp_path):
   assert len(cells) == 8 and summary["trained_cells"] == 8
   assert all(0.0 <= c.test_error <= 1.0 for c in cells)
   assert os.path.getsize(summary["paths"]["error_plot"]) > 0
+
+
+def test_several_processes_refuse_cells_one_at_a_time_naming_vmap_cells(tmp_path, monkeypatch):
+  # As one of 2 processes (jax.distributed; the run itself: test_multiprocess): CPU's default,
+  # one cell at a time on one device, would train every cell again in every process.
+  monkeypatch.setattr(study_lib.jax, "process_count", lambda: 2)
+  for vmap_cells in (None, 1, 3):  # None: 1 on CPU (tests run there); 3: chunks of a group of 4
+    config = quick_config().unlock()
+    config.study.vmap_cells = vmap_cells
+    with pytest.raises(configlib.ConfigError, match=r"config\.study\.vmap_cells=.* one of 2 "
+                       r"processes: set --config\.study\.vmap_cells=4 \(the largest group\)"):
+      study_lib.run(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")  # refused before anything is written

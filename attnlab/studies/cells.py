@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -316,10 +316,11 @@ def cell_mesh(num_cells: int, devices: Sequence[jax.Device] | None = None) -> ja
   the devices allow, so every device holds as many cells: 18 cells on 8
   devices of one process use 6, and as cells finish the stack moves onto a
   split that divides what is left. Every process of `devices` (default:
-  all) takes part with as many devices, in process order: jax runs a program
-  on every process or none, so c is limited to lcm(c, processes) devices,
-  and where c is smaller than that the cells are repeated along "copies"
-  (1 cell on 2 processes: one copy on each). One process: "copies" is 1.
+  all) takes part with as many devices, in process order, so that each holds
+  a share of every group it runs the programs of: the split uses
+  lcm(c, processes) devices, and where that is more than c the cells are
+  repeated along "copies" (1 cell on 2 processes: a copy on each). One
+  process: "copies" is 1.
   A group whose cells are a multiple of the device count keeps every device busy.
   """
   devices = list(jax.devices() if devices is None else devices)
