@@ -19,13 +19,24 @@ the loss and every choice are in attnlab/studies/moe_estimation.py.
 Argument (after the colon, comma-separated):
   quick      linear experts, 2 sizes x 2 repetitions, short fits (tests): 24 s of CPU,
              93 s wall on the 2 shared cores at load 7.5
-  full       the issue's grid: 10^2 ... 10^5 (7 sizes), 20 repetitions
+  full       the issue's grid: 10^2 ... 10^5 (7 sizes), 20 repetitions; not run yet.
+             Measured per group (ReLU, 20 seeds, 2 cores shared, nice 15, jax 0.12):
+             n = 3162: 857 s before the speed work (zoom L-BFGS, einsum), 120 s after,
+             back to back at load 13-15; n = 10^4: 308 s after, load 12. The cost is
+             ~1.5-1.9e-5 s x (1000 Adam evaluations x min(n, 10^4) + 1000 L-BFGS
+             evaluations x n) per group (the L-BFGS cap is reached while any fit is
+             unconverged: 40-80% converge by it), so about 46-57 min per expert type
+             at that load and 1.2-1.6 h for the grid (linear experts taken as costly
+             as ReLU): not shown to be under an hour on this shared CPU.
   attention  the attention-level version: one head over 4 tokens as teacher
   sparse     the sparse regime: the first true atom's gate slopes are zero
   partial    partially quadratic scores (no linear term)
 
-Expected (measured, default grid n = 100 ... 10,000, seeds 0-9, 2 CPU cores
-shared with other jobs, jax 0.12.0.1; 1,986 s = 33 min for the 10 groups):
+Expected (measured BEFORE the optimiser change of the speed work, with 200 zoom-L-BFGS
+steps; not re-measured since: the new fits end at a lower training loss and, for the
+softmax truth at n = 3162, a higher Voronoi loss of the softmax student (median 0.21 ->
+0.39) and test MSE; default grid n = 100 ... 10,000, seeds 0-9, 2 CPU cores shared
+with other jobs, jax 0.12.0.1; 1,986 s = 33 min for the 10 groups):
 slopes of log(mean) vs log n, 95% bootstrap interval over seeds:
 
   truth    expert  Voronoi (same gate)    test MSE sigmoid      test MSE softmax
@@ -37,8 +48,7 @@ slopes of log(mean) vs log n, 95% bootstrap interval over seeds:
 The softmax student cannot express the sigmoid truth (test MSE levels off at
 3.2e-3, linear); with k* = 2 the sigmoid student expresses the softmax truth
 exactly. The Voronoi rates show no sigmoid advantage, unlike the paper:
-docs/results.md ("Synthetic estimation") has the tables, plot and why. The
-`:full` grid (10^5, 20 seeds) would take hours per group here: not run.
+docs/results.md ("Synthetic estimation") has the tables, plot and why.
 """
 
 import ml_collections
