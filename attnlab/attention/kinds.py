@@ -63,30 +63,31 @@ def dot_logits(q_BQHD: Array, k_BKhD: Array, scale: float) -> Array:
   q_BhGQD = q_BQHD.reshape(b, lq, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)
   if prescale:
     q_BhGQD = q_BhGQD * jnp.float32(scale)
-  s_BhGQK = _scores(q_BhGQD, k_BKhD.transpose(0, 2, 3, 1)).reshape(b, h, lq, lk)
+  s_BhGQK = _scores(q_BhGQD, k_BKhD.transpose(0, 2, 1, 3)).reshape(b, h, lq, lk)
   return s_BhGQK if prescale else s_BhGQK * jnp.float32(scale)
 
 
 @jax.custom_vjp
-def _scores(q_BhGQD: Array, k_BhDK: Array) -> Array:
+def _scores(q_BhGQD: Array, k_BhKD: Array) -> Array:
   """q k^T in float32, [B, Hkv, G, Lq, Lk], with a backward that never transposes the scores.
 
   Autodiff's dk = dS^T q makes XLA CPU copy the whole [Lq, Lk] cotangent into key-major
   order first; dk^T = q^T dS reads dS as it lies, and only the small [D, Lk] result turns.
   """
-  return jnp.einsum("bhgqd,bhdk->bhgqk", q_BhGQD, k_BhDK, preferred_element_type=jnp.float32)
+  return jnp.einsum("bhgqd,bhkd->bhgqk", q_BhGQD, k_BhKD, preferred_element_type=jnp.float32)
 
 
-def _scores_fwd(q_BhGQD, k_BhDK):
-  return _scores(q_BhGQD, k_BhDK), (q_BhGQD, k_BhDK)
+def _scores_fwd(q_BhGQD, k_BhKD):
+  return _scores(q_BhGQD, k_BhKD), (q_BhGQD, k_BhKD)
 
 
 def _scores_bwd(residuals, ds_BhGQK):
-  q_BhGQD, k_BhDK = residuals
+  q_BhGQD, k_BhKD = residuals
   # float32 dS against 16-bit q/k promotes them (small arrays), as autodiff's rule would.
-  dq = jnp.einsum("bhgqk,bhdk->bhgqd", ds_BhGQK, k_BhDK, preferred_element_type=jnp.float32)
-  dk = jnp.einsum("bhgqd,bhgqk->bhdk", q_BhGQD, ds_BhGQK, preferred_element_type=jnp.float32)
-  return dq.astype(q_BhGQD.dtype), dk.astype(k_BhDK.dtype)
+  dq = jnp.einsum("bhgqk,bhkd->bhgqd", ds_BhGQK, k_BhKD, preferred_element_type=jnp.float32)
+  dk_BhDK = jnp.einsum("bhgqd,bhgqk->bhdk", q_BhGQD, ds_BhGQK,
+                       preferred_element_type=jnp.float32)
+  return dq.astype(q_BhGQD.dtype), dk_BhDK.transpose(0, 1, 3, 2).astype(k_BhKD.dtype)
 
 
 _scores.defvjp(_scores_fwd, _scores_bwd)
