@@ -94,7 +94,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if args.long:
     config.num_epochs, config.study.min_steps = 60.0, 1000
 
-  config.optim = configlib.from_dataclass(OptimConfig, learning_rate=3e-3, weight_decay=0.05)
+  # Every cell reaches label smoothing's training-loss floor early; the test error then keeps
+  # falling, at a pace the budget search (docs/results.md) ties to lr x weight decay (the
+  # decay's time scale 1 / (lr * wd): ~6,700 steps at 3e-3 x 0.05, 200 here). Raising the
+  # product 33x gave lower errors in 1x the budget than the old recipe in 4x.
+  config.optim = configlib.from_dataclass(OptimConfig, learning_rate=1e-2, weight_decay=0.5)
   config.label_smoothing = 0.1
 
   # The single run's log, eval and checkpoint cadence do not apply: a study
