@@ -32,23 +32,21 @@ Argument (after the colon, comma-separated):
   sparse     the sparse regime: the first true atom's gate slopes are zero
   partial    partially quadratic scores (no linear term)
 
-Expected (measured BEFORE the optimiser change of the speed work, with 200 zoom-L-BFGS
-steps; not re-measured since: the new fits end at a lower training loss and, for the
-softmax truth at n = 3162, a higher Voronoi loss of the softmax student (median 0.21 ->
-0.39) and test MSE; default grid n = 100 ... 10,000, seeds 0-9, 2 CPU cores shared
-with other jobs, jax 0.12.0.1; 1,986 s = 33 min for the 10 groups):
+Expected (measured: default grid n = 100 ... 10,000, seeds 0-9, 2 CPU cores
+shared with other jobs at load 4-7, jax 0.12.0.1; 296 s for the 10 groups):
 slopes of log(mean) vs log n, 95% bootstrap interval over seeds:
 
   truth    expert  Voronoi (same gate)    test MSE sigmoid      test MSE softmax
-  sigmoid  linear  -0.35 [-0.80, -0.17]   -1.09 [-1.47, -0.87]  -0.56 [-0.70, -0.35]
-  sigmoid  ReLU    -0.19 [-0.40, -0.03]   -1.38 [-1.52, -1.23]  -1.02 [-1.18, -0.82]
-  softmax  linear  -0.33 [-0.64, -0.11]   -1.56 [-1.69, -1.38]  -1.49 [-1.66, -1.27]
-  softmax  ReLU    -0.55 [-0.72, -0.41]   -1.52 [-1.71, -1.32]  -1.60 [-1.69, -1.49]
+  sigmoid  linear  -0.75 [-1.05, -0.33]   -1.24 [-1.48, -1.07]  -0.61 [-0.72, -0.40]
+  sigmoid  ReLU    -0.80 [-0.99, -0.50]   -1.48 [-1.61, -1.25]  -1.02 [-1.20, -0.75]
+  softmax  linear  -0.33 [-0.72, -0.06]   -1.61 [-1.72, -1.43]  -1.67 [-1.83, -1.44]
+  softmax  ReLU    -0.65 [-0.88, -0.43]   -1.36 [-1.76, -1.11]  -1.44 [-1.57, -1.31]
 
 The softmax student cannot express the sigmoid truth (test MSE levels off at
-3.2e-3, linear); with k* = 2 the sigmoid student expresses the softmax truth
-exactly. The Voronoi rates show no sigmoid advantage, unlike the paper:
-docs/results.md ("Synthetic estimation") has the tables, plot and why.
+3.0e-3, linear); with k* = 2 the sigmoid student expresses the softmax truth
+exactly. The Voronoi rates favour sigmoid with linear experts, as the paper
+predicts, but with overlapping intervals (10 seeds); with the previous,
+unconverged fitter they showed no sigmoid advantage: docs/results.md ("Synthetic estimation") has the tables, plot and why.
 """
 
 import ml_collections
