@@ -46,7 +46,8 @@ The softmax student cannot express the sigmoid truth (test MSE levels off at
 3.0e-3, linear); with k* = 2 the sigmoid student expresses the softmax truth
 exactly. The Voronoi rates favour sigmoid with linear experts, as the paper
 predicts, but with overlapping intervals (10 seeds); with the previous,
-unconverged fitter they showed no sigmoid advantage: docs/results.md ("Synthetic estimation") has the tables, plot and why.
+unconverged fitter they showed no sigmoid advantage: docs/results.md
+("Synthetic estimation") has the tables, plot and why.
 """
 
 import ml_collections
