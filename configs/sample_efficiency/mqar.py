@@ -30,6 +30,9 @@ Samples to 10% error: sigmoid 972, softmax 1,713; softmax/sigmoid ratio 1.76
 not a power law. Softmax's two failures at n = 8,000 end with training loss
 0.8 (sigmoid's: 0.001): an optimisation plateau within the 1,000-step budget
 (as in configs/mqar_transformer.py), not a lack of data; docs/results.md.
+Budget NOT converged: with 2,000 steps every n = 1,000 cell of both kinds solves
+the task (softmax 0.3/0.1/1.5%), so the ratio 1.76 measures optimisation speed,
+not samples; softmax's n = 8,000 failures are still on the plateau at 2,000 steps.
 """
 
 import ml_collections
