@@ -21,6 +21,7 @@ from attnlab.models import (
     logical_axes,
 )
 from attnlab.models.config import BackboneConfig
+from test_sharding import assert_close_to_scale  # tests/ is on the path (as in test_multiprocess)
 
 pytestmark = pytest.mark.usefixtures("fast_xla_compile")  # tests/conftest.py
 
@@ -82,8 +83,8 @@ def assert_close_trees(a, b, tol):
   chex.assert_trees_all_close(a, b, rtol=tol, atol=tol)
 
 
-def assert_close_to_scale(a, b, tol):
-  """Leaf by leaf, |a - b| <= tol x (|b| + the leaf's largest |b|).
+def assert_trees_close_to_scale(a, b, tol):
+  """`test_sharding.assert_close_to_scale` leaf by leaf: |a - b| <= tol x the leaf's max |b|.
 
   Gradients are sums whose terms reach the leaf's scale; an element that cancels
   to a small value keeps the absolute rounding of those terms. The jax 0.10.2 floor
@@ -93,8 +94,7 @@ def assert_close_to_scale(a, b, tol):
   """
   chex.assert_trees_all_equal_structs(a, b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    y = np.asarray(y)
-    np.testing.assert_allclose(np.asarray(x), y, rtol=tol, atol=tol * float(np.max(np.abs(y))))
+    assert_close_to_scale(x, y, tol)
 
 
 # --- scan == unrolled ---------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def test_scan_computes_the_unrolled_function_values_grads_and_dropout(family, ki
   lb, gb = loss_and_grads(scanned, inputs, kwargs, key=key, deterministic=False)
   np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-6)
   # The scanned gradients come stacked: restack the unrolled ones to compare leaf by leaf.
-  assert_close_to_scale(gb, restack_blocks(ga), 1e-5)
+  assert_trees_close_to_scale(gb, restack_blocks(ga), 1e-5)
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ga)) > 1e-3
   # Dropout really was on: without it the loss differs.
   det = jnp.mean(unrolled(inputs, deterministic=True, **kwargs) ** 2)
