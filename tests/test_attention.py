@@ -167,6 +167,7 @@ def full_mask(shape, seed=2):
 # Tolerances: one rule for every comparison in this file.
 #
 #   |got - want| <= F32_ROUNDING_UNITS * cond * eps32 * magnitude  +  u(out_dtype) * |want|
+#                   (+ u(out_dtype) * magnitude for 16-bit inputs)
 #
 # * magnitude: the size of the compared quantity, max |want| over the array (for a
 #   directional derivative, sum_i |g_i d_i|, the terms it adds up). Float32 rounding
@@ -182,8 +183,12 @@ def full_mask(shape, seed=2):
 #   test_tolerances_reject_an_off_by_one_mask and the gradient tests check the first.
 # * cond: how much the kind amplifies a relative error of the scores: a power p (polynomial
 #   degree, softplus power) multiplies it by p; 1 otherwise.
-# * u(out_dtype): half an ulp, the rounding of the output to its dtype (2^-8 for bfloat16; the
-#   computation inside stays float32, which the first term covers).
+# * u(out_dtype): half an ulp, the rounding of the output to its dtype (2^-8 for bfloat16).
+#   With 16-bit inputs the weights are also rounded to that dtype before they multiply the
+#   values (FlashAttention's practice: 16-bit products, float32 accumulation); each weight's
+#   relative error of u moves an output by at most u * sum_j |w_ij v_j|, which the magnitude
+#   bounds up to the cancellation inside the sum: one u of the magnitude. The scores and the
+#   nonlinearity stay float32, which the first term covers.
 # ----------------------------------------------------------------------------------------------
 F32_EPS = float(np.finfo(np.float32).eps)
 F32_ROUNDING_UNITS = 128
@@ -202,7 +207,10 @@ def tolerance(want, kind, opts=None, out_dtype=jnp.float32, magnitude=None):
   """assert_allclose's atol/rtol under the rule above."""
   magnitude = float(np.max(np.abs(want))) if magnitude is None else magnitude
   atol = F32_ROUNDING_UNITS * conditioning(kind, opts or {}) * F32_EPS * magnitude
-  return dict(atol=atol, rtol=float(jnp.finfo(out_dtype).eps) / 2)
+  u = float(jnp.finfo(out_dtype).eps) / 2
+  if jnp.finfo(out_dtype).bits < 32:
+    atol += u * magnitude
+  return dict(atol=atol, rtol=u)
 
 
 def assert_close(got, want, kind, opts=None, out_dtype=jnp.float32):

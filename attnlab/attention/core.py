@@ -120,20 +120,26 @@ def _grouped(x_BHQX: Array, num_kv_heads: int) -> Array:
 def weights_times_values(w_BHQK: Array, v_BKhD: Array) -> Array:
   """sum_j w_ij v_j for GQA layouts: [B, H, Lq, Lk] x [B, Lk, Hkv, Dv] -> [B, H, Lq, Dv] f32.
 
-  The weights stay float32 (the accuracy the bf16 tests hold us to), v enters in its own
-  dtype and the product accumulates in float32.
+  The weights (float32: the nonlinearity's precision) are rounded to v's dtype, so 16-bit
+  values multiply 16-bit weights with float32 accumulation, as FlashAttention does, instead
+  of promoting v to a float32 copy; float32 values: a no-op.
   """
   b, h, lq, _ = w_BHQK.shape
-  w_BhGQK = _grouped(w_BHQK, v_BKhD.shape[2])
+  w_BhGQK = _grouped(w_BHQK.astype(v_BKhD.dtype), v_BKhD.shape[2])
   out_BhGQD = jnp.einsum("bhgqk,bhkd->bhgqd", w_BhGQK, v_BKhD.transpose(0, 2, 1, 3),
                          preferred_element_type=jnp.float32)
   return out_BhGQD.reshape(b, h, lq, v_BKhD.shape[3])
 
 
 def values_cotangent(do_BHQD: Array, v_BKhD: Array) -> Array:
-  """dP = dO v^T, the cotangent of the weights in `weights_times_values`: [B, H, Lq, Lk] f32."""
+  """dP = dO v^T, the cotangent of the weights in `weights_times_values`: [B, H, Lq, Lk] f32.
+
+  dO is rounded to v's dtype: lossless when the output has v's dtype (its cotangent arrives
+  in that dtype and was only upcast on the way).
+  """
   b, h, lq, _ = do_BHQD.shape
-  dp_BhGQK = jnp.einsum("bhgqd,bhkd->bhgqk", _grouped(do_BHQD, v_BKhD.shape[2]),
+  dp_BhGQK = jnp.einsum("bhgqd,bhkd->bhgqk",
+                        _grouped(do_BHQD.astype(v_BKhD.dtype), v_BKhD.shape[2]),
                         v_BKhD.transpose(0, 2, 1, 3), preferred_element_type=jnp.float32)
   return dp_BhGQK.reshape(b, h, lq, v_BKhD.shape[1])
 
@@ -143,6 +149,8 @@ def weights_cotangent_values(w_BHQK: Array, do_BHQD: Array, num_kv_heads: int,
   """dv = w^T dO summed over each kv head's query group: [B, Lk, Hkv, Dv] in `dtype`."""
   hkv = num_kv_heads
   # dv^T = dO^T w reads w as it lies; w^T dO made XLA CPU copy w into key-major order first.
-  dv_BhDK = jnp.einsum("bhgqd,bhgqk->bhdk", _grouped(do_BHQD, hkv), _grouped(w_BHQK, hkv),
+  # Both factors in v's dtype, as in `weights_times_values`.
+  dv_BhDK = jnp.einsum("bhgqd,bhgqk->bhdk", _grouped(do_BHQD.astype(dtype), hkv),
+                       _grouped(w_BHQK.astype(dtype), hkv),
                        preferred_element_type=jnp.float32)
   return dv_BhDK.transpose(0, 3, 1, 2).astype(dtype)

@@ -83,9 +83,12 @@ def _scores_fwd(q_BhGQD, k_BhKD):
 
 def _scores_bwd(residuals, ds_BhGQK):
   q_BhGQD, k_BhKD = residuals
-  # float32 dS against 16-bit q/k promotes them (small arrays), as autodiff's rule would.
+  # 16-bit q/k: dS is rounded to their dtype, so both products run in 16 bits with float32
+  # accumulation (as FlashAttention-2's backward does) instead of promoting q and k to
+  # float32 copies; float32 inputs: a no-op.
+  ds_BhGQK = ds_BhGQK.astype(k_BhKD.dtype)
   dq = jnp.einsum("bhgqk,bhkd->bhgqd", ds_BhGQK, k_BhKD, preferred_element_type=jnp.float32)
-  dk_BhDK = jnp.einsum("bhgqd,bhgqk->bhdk", q_BhGQD, ds_BhGQK,
+  dk_BhDK = jnp.einsum("bhgqd,bhgqk->bhdk", q_BhGQD, ds_BhGQK.astype(q_BhGQD.dtype),
                        preferred_element_type=jnp.float32)
   return dq.astype(q_BhGQD.dtype), dk_BhDK.transpose(0, 1, 3, 2).astype(k_BhKD.dtype)
 
