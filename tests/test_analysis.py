@@ -164,6 +164,30 @@ def test_fit_refuses_what_it_cannot_fit():
 N3 = [100, 1000, 10000]
 
 
+def test_loglog_slope_recovers_a_known_rate_with_an_interval():
+  rng = np.random.default_rng(3)
+  n = [m for m in SIZES for _ in range(8)]
+  value = [3.0 * m ** -0.5 * np.exp(0.1 * rng.standard_normal()) for m in n]
+  fit = analysis.loglog_slope(n, value, n_boot=200)
+  assert abs(fit.slope + 0.5) < 0.03
+  assert fit.slope_ci[0] < fit.slope < fit.slope_ci[1] and fit.slope_ci[1] - fit.slope_ci[0] < 0.1
+
+
+def test_loglog_slope_of_medians_ignores_what_carries_the_mean():
+  # Seeds 0-3 follow n^-1; seed 4 is stuck at 10 at every n (a fit far from the truth). The
+  # means level off near 10/5 = 2; the medians keep the rate.
+  n, value = [], []
+  for m in SIZES:
+    n += [m] * 5
+    value += [m ** -1.0] * 4 + [10.0]
+  mean_fit = analysis.loglog_slope(n, value, n_boot=0)
+  median_fit = analysis.loglog_slope(n, value, n_boot=0, statistic="median")
+  assert median_fit.slope == pytest.approx(-1.0, abs=1e-9)
+  assert mean_fit.slope > -0.05
+  with pytest.raises(ValueError, match="statistic='mode'.*median"):
+    analysis.loglog_slope(n, value, statistic="mode")
+
+
 def test_samples_to_target_interpolates_linearly_in_log_n():
   # 0.2 lies halfway between 0.3 (n=1000) and 0.1 (n=10000): log10 n = 3.5, n = 3162.28.
   s = analysis.samples_to_target(N3, [0.5, 0.3, 0.1], 0.2)

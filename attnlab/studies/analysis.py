@@ -429,7 +429,8 @@ def _percentiles(x: np.ndarray) -> tuple[float, float]:
 
 @dataclasses.dataclass(frozen=True)
 class LogLogSlope:
-  """log(mean value) = intercept + slope * log(n), least squares over the per-n means.
+  """log(mean value) = intercept + slope * log(n), least squares over the per-n means (or
+  medians: `loglog_slope`'s statistic).
 
   Unlike `PowerLawFit` the slope is not bounded: a metric that levels off or grows with n
   (a misspecified fit's error) shows it as a slope near or above 0. slope_ci is the 95%
@@ -445,8 +446,11 @@ class LogLogSlope:
     return np.exp(self.intercept + self.slope * np.log(np.asarray(n, dtype=np.float64)))
 
 
+SLOPE_STATISTICS = {"mean": np.mean, "median": np.median}
+
+
 def loglog_slope(n: Sequence[float], value: Sequence[float], *, n_boot: int = 1000,
-                 seed: int = 0) -> LogLogSlope:
+                 seed: int = 0, statistic: str = "mean") -> LogLogSlope:
   """The empirical convergence rate of `value` in n: the slope of the log-log line.
 
   Args:
@@ -454,26 +458,32 @@ def loglog_slope(n: Sequence[float], value: Sequence[float], *, n_boot: int = 10
     value: the metric of each result (e.g. an estimation loss); NaN results are left out.
     n_boot: bootstrap replicates; 0 skips the interval.
     seed: seed of the bootstrap's NumPy generator.
+    statistic: what summarises the seeds at each n, "mean" or "median" (a heavy-tailed
+      loss, whose mean a few failed fits carry, is better read through its median).
 
   Raises:
     FitError: fewer than 2 distinct sizes, or a mean value <= 0 (no logarithm).
   """
+  if statistic not in SLOPE_STATISTICS:
+    raise ValueError(f"statistic={statistic!r} is not one of {sorted(SLOPE_STATISTICS)}.")
+  summarise = SLOPE_STATISTICS[statistic]
   sizes, groups = _group_by_n(n, value)
   if sizes.size < 2:
     raise FitError(f"a log-log slope needs results at >= 2 distinct sizes; got {sizes.astype(int).tolist()}.")
 
-  def fit(means: np.ndarray) -> np.ndarray:
-    if np.any(means <= 0):
-      raise FitError(f"mean value <= 0 at n={sizes[means <= 0].astype(int).tolist()}: no logarithm.")
-    return np.polyfit(np.log(sizes), np.log(means), 1)
+  def fit(centres: np.ndarray) -> np.ndarray:
+    if np.any(centres <= 0):
+      raise FitError(f"{statistic} value <= 0 at n={sizes[centres <= 0].astype(int).tolist()}: "
+                     "no logarithm.")
+    return np.polyfit(np.log(sizes), np.log(centres), 1)
 
-  slope, intercept = fit(np.array([g.mean() for g in groups]))
+  slope, intercept = fit(np.array([summarise(g) for g in groups]))
   rng = np.random.default_rng(seed)
   boot = []
   for _ in range(n_boot):
-    means = np.array([rng.choice(g, size=g.size, replace=True).mean() for g in groups])
-    if np.all(means > 0):
-      boot.append(fit(means)[0])
+    centres = np.array([summarise(rng.choice(g, size=g.size, replace=True)) for g in groups])
+    if np.all(centres > 0):
+      boot.append(fit(centres)[0])
   ci = _percentiles(np.array(boot)) if len(boot) >= 2 else (math.nan, math.nan)
   return LogLogSlope(float(slope), float(intercept), ci, int(sizes.size), n_boot)
 
