@@ -19,15 +19,11 @@ the loss and every choice are in attnlab/studies/moe_estimation.py.
 Argument (after the colon, comma-separated):
   quick      linear experts, 2 sizes x 2 repetitions, short fits (tests): 24 s of CPU,
              93 s wall on the 2 shared cores at load 7.5
-  full       the issue's grid: 10^2 ... 10^5 (7 sizes), 20 repetitions; not run yet.
-             Measured per group (ReLU, 20 seeds, 2 cores shared, nice 15, jax 0.12):
-             n = 3162: 857 s before the speed work (zoom L-BFGS, einsum), 120 s after,
-             back to back at load 13-15; n = 10^4: 308 s after, load 12. The cost is
-             ~1.5-1.9e-5 s x (1000 Adam evaluations x min(n, 10^4) + 1000 L-BFGS
-             evaluations x n) per group (the L-BFGS cap is reached while any fit is
-             unconverged: 40-80% converge by it), so about 46-57 min per expert type
-             at that load and 1.2-1.6 h for the grid (linear experts taken as costly
-             as ReLU): not shown to be under an hour on this shared CPU.
+  full       the issue's grid: 10^2 ... 10^5 (7 sizes), 20 repetitions. Measured: 26 min 7 s
+             wall on 2 CPU cores shared with a training run (jax 0.12.0.1); Voronoi slope of
+             the per-n median, linear experts: sigmoid -0.78 [-0.88, -0.49], softmax -0.37
+             [-0.56, -0.14]; ReLU: -0.45 [-0.66, -0.32] and -0.63 [-0.72, -0.50]
+             (docs/results.md, "The full grid", has the mean slopes and the caveats).
   attention  the attention-level version: one head over 4 tokens as teacher
   sparse     the sparse regime: the first true atom's gate slopes are zero
   partial    partially quadratic scores (no linear term)
