@@ -186,9 +186,10 @@ def full_mask(shape, seed=2):
 # * u(out_dtype): half an ulp, the rounding of the output to its dtype (2^-8 for bfloat16).
 #   With 16-bit inputs the weights are also rounded to that dtype before they multiply the
 #   values (FlashAttention's practice: 16-bit products, float32 accumulation); each weight's
-#   relative error of u moves an output by at most u * sum_j |w_ij v_j|, which the magnitude
-#   bounds up to the cancellation inside the sum: one u of the magnitude. The scores and the
-#   nonlinearity stay float32, which the first term covers.
+#   relative error of up to u moves an output by at most u * sum_j |w_ij v_j|. That sum can
+#   exceed the output where it cancels, but the roundings are independent and partly cancel
+#   too: one u of the magnitude holds in every bf16 case here (14 fail without it). The
+#   scores and the nonlinearity stay float32, which the first term covers.
 # ----------------------------------------------------------------------------------------------
 F32_EPS = float(np.finfo(np.float32).eps)
 F32_ROUNDING_UNITS = 128
