@@ -381,6 +381,27 @@ def test_chunked_and_xla_gradients_agree(kind):
       assert_close(b, a, kind, opts)
 
 
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+def test_bfloat16_gradients_run_where_xla_cpu_falls_back_to_its_generic_dot(kind, impl):
+  # At B=4, H=2, L=64, D=64 XLA CPU computes dk = dS^T q with its generic dot, which had
+  # no bf16 x bf16 -> f32 and failed at run time; small test shapes never reach it.
+  rng = np.random.default_rng(12)
+  q, k, v, cot = (jnp.asarray(rng.normal(size=(4, 64, 2, 64)), jnp.bfloat16) for _ in range(4))
+
+  def grads(q, k, v):
+    f = lambda q, k, v: jnp.sum(cot.astype(jnp.float32) * attention.attend(
+        q, k, v, kind=kind, is_causal=True, impl=impl).astype(jnp.float32))
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+  want = grads(*(x.astype(jnp.float32) for x in (q, k, v)))
+  for name, got, ref in zip("qkv", grads(q, k, v), want):
+    assert got.dtype == jnp.bfloat16, name
+    # bf16 rounds the inputs' cotangents, dS and the weights: a few 2^-8 of the magnitude.
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=0,
+                               atol=2e-2 * float(jnp.max(jnp.abs(ref))), err_msg=name)
+
+
 # ----------------------------------------------------------------------------------------------
 # Masking edge cases and numerical safety.
 # ----------------------------------------------------------------------------------------------

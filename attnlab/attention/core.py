@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.attention.kinds import Mechanism, RowContext
+from attnlab.attention.matmul import einsum_f32
 
 Array = jax.Array
 
@@ -122,12 +123,12 @@ def weights_times_values(w_BHQK: Array, v_BKhD: Array) -> Array:
 
   The weights (float32: the nonlinearity's precision) are rounded to v's dtype, so 16-bit
   values multiply 16-bit weights with float32 accumulation, as FlashAttention does, instead
-  of promoting v to a float32 copy; float32 values: a no-op.
+  of promoting v to a float32 copy (on accelerators; see `einsum_f32` for CPU); float32
+  values: a no-op.
   """
   b, h, lq, _ = w_BHQK.shape
   w_BhGQK = _grouped(w_BHQK.astype(v_BKhD.dtype), v_BKhD.shape[2])
-  out_BhGQD = jnp.einsum("bhgqk,bhkd->bhgqd", w_BhGQK, v_BKhD.transpose(0, 2, 1, 3),
-                         preferred_element_type=jnp.float32)
+  out_BhGQD = einsum_f32("bhgqk,bhkd->bhgqd", w_BhGQK, v_BKhD.transpose(0, 2, 1, 3))
   return out_BhGQD.reshape(b, h, lq, v_BKhD.shape[3])
 
 
@@ -138,9 +139,9 @@ def values_cotangent(do_BHQD: Array, v_BKhD: Array) -> Array:
   in that dtype and was only upcast on the way).
   """
   b, h, lq, _ = do_BHQD.shape
-  dp_BhGQK = jnp.einsum("bhgqd,bhkd->bhgqk",
+  dp_BhGQK = einsum_f32("bhgqd,bhkd->bhgqk",
                         _grouped(do_BHQD.astype(v_BKhD.dtype), v_BKhD.shape[2]),
-                        v_BKhD.transpose(0, 2, 1, 3), preferred_element_type=jnp.float32)
+                        v_BKhD.transpose(0, 2, 1, 3))
   return dp_BhGQK.reshape(b, h, lq, v_BKhD.shape[1])
 
 
@@ -150,7 +151,6 @@ def weights_cotangent_values(w_BHQK: Array, do_BHQD: Array, num_kv_heads: int,
   hkv = num_kv_heads
   # dv^T = dO^T w reads w as it lies; w^T dO made XLA CPU copy w into key-major order first.
   # Both factors in v's dtype, as in `weights_times_values`.
-  dv_BhDK = jnp.einsum("bhgqd,bhgqk->bhdk", _grouped(do_BHQD.astype(dtype), hkv),
-                       _grouped(w_BHQK.astype(dtype), hkv),
-                       preferred_element_type=jnp.float32)
+  dv_BhDK = einsum_f32("bhgqd,bhgqk->bhdk", _grouped(do_BHQD.astype(dtype), hkv),
+                       _grouped(w_BHQK.astype(dtype), hkv))
   return dv_BhDK.transpose(0, 3, 1, 2).astype(dtype)

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attnlab.attention.matmul import einsum_f32
 from attnlab.attention.validate import Dims
 
 Array = jax.Array
@@ -74,7 +75,7 @@ def _scores(q_BhGQD: Array, k_BhKD: Array) -> Array:
   Autodiff's dk = dS^T q makes XLA CPU copy the whole [Lq, Lk] cotangent into key-major
   order first; dk^T = q^T dS reads dS as it lies, and only the small [D, Lk] result turns.
   """
-  return jnp.einsum("bhgqd,bhkd->bhgqk", q_BhGQD, k_BhKD, preferred_element_type=jnp.float32)
+  return einsum_f32("bhgqd,bhkd->bhgqk", q_BhGQD, k_BhKD)
 
 
 def _scores_fwd(q_BhGQD, k_BhKD):
@@ -85,11 +86,10 @@ def _scores_bwd(residuals, ds_BhGQK):
   q_BhGQD, k_BhKD = residuals
   # 16-bit q/k: dS is rounded to their dtype, so both products run in 16 bits with float32
   # accumulation (as FlashAttention-2's backward does) instead of promoting q and k to
-  # float32 copies; float32 inputs: a no-op.
+  # float32 copies (on accelerators; see `einsum_f32` for CPU); float32 inputs: a no-op.
   ds_BhGQK = ds_BhGQK.astype(k_BhKD.dtype)
-  dq = jnp.einsum("bhgqk,bhkd->bhgqd", ds_BhGQK, k_BhKD, preferred_element_type=jnp.float32)
-  dk_BhDK = jnp.einsum("bhgqd,bhgqk->bhdk", q_BhGQD, ds_BhGQK.astype(q_BhGQD.dtype),
-                       preferred_element_type=jnp.float32)
+  dq = einsum_f32("bhgqk,bhkd->bhgqd", ds_BhGQK, k_BhKD)
+  dk_BhDK = einsum_f32("bhgqd,bhgqk->bhdk", q_BhGQD, ds_BhGQK.astype(q_BhGQD.dtype))
   return dq.astype(q_BhGQD.dtype), dk_BhDK.transpose(0, 1, 3, 2).astype(k_BhKD.dtype)
 
 
