@@ -383,11 +383,14 @@ def test_chunked_and_xla_gradients_agree(kind):
 
 @pytest.mark.parametrize("impl", ["xla", "chunked"])
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
-def test_bfloat16_gradients_run_where_xla_cpu_falls_back_to_its_generic_dot(kind, impl):
-  # At B=4, H=2, L=64, D=64 XLA CPU computes dk = dS^T q with its generic dot, which had
-  # no bf16 x bf16 -> f32 and failed at run time; small test shapes never reach it.
+@pytest.mark.parametrize("b,length,h,hkv,d", [(4, 64, 2, 2, 64), (2, 128, 4, 2, 8)])
+def test_bfloat16_gradients_run_where_xla_cpu_falls_back_to_its_generic_dot(
+    kind, impl, b, length, h, hkv, d):
+  # At these shapes XLA CPU computed dk = dS^T q (and dv) with its generic dot, which has
+  # no bf16 x bf16 -> f32 and failed at run time; the small test shapes never reach it.
   rng = np.random.default_rng(12)
-  q, k, v, cot = (jnp.asarray(rng.normal(size=(4, 64, 2, 64)), jnp.bfloat16) for _ in range(4))
+  normal = lambda heads: jnp.asarray(rng.normal(size=(b, length, heads, d)), jnp.bfloat16)
+  q, k, v, cot = normal(h), normal(hkv), normal(hkv), normal(h)
 
   def grads(q, k, v):
     f = lambda q, k, v: jnp.sum(cot.astype(jnp.float32) * attention.attend(

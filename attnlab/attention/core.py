@@ -123,8 +123,7 @@ def weights_times_values(w_BHQK: Array, v_BKhD: Array) -> Array:
 
   The weights (float32: the nonlinearity's precision) are rounded to v's dtype, so 16-bit
   values multiply 16-bit weights with float32 accumulation, as FlashAttention does, instead
-  of promoting v to a float32 copy (on accelerators; see `einsum_f32` for CPU); float32
-  values: a no-op.
+  of promoting v to a float32 copy; float32 values: a no-op.
   """
   b, h, lq, _ = w_BHQK.shape
   w_BhGQK = _grouped(w_BHQK.astype(v_BKhD.dtype), v_BKhD.shape[2])
@@ -152,5 +151,5 @@ def weights_cotangent_values(w_BHQK: Array, do_BHQD: Array, num_kv_heads: int,
   # dv^T = dO^T w reads w as it lies; w^T dO made XLA CPU copy w into key-major order first.
   # Both factors in v's dtype, as in `weights_times_values`.
   dv_BhDK = einsum_f32("bhgqd,bhgqk->bhdk", _grouped(do_BHQD.astype(dtype), hkv),
-                       _grouped(w_BHQK.astype(dtype), hkv))
+                       _grouped(w_BHQK.astype(dtype), hkv), contracts_leading_axes=True)
   return dv_BhDK.transpose(0, 3, 1, 2).astype(dtype)

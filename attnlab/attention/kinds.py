@@ -86,10 +86,11 @@ def _scores_bwd(residuals, ds_BhGQK):
   q_BhGQD, k_BhKD = residuals
   # 16-bit q/k: dS is rounded to their dtype, so both products run in 16 bits with float32
   # accumulation (as FlashAttention-2's backward does) instead of promoting q and k to
-  # float32 copies (on accelerators; see `einsum_f32` for CPU); float32 inputs: a no-op.
+  # float32 copies (dk on CPU: see `einsum_f32`); float32 inputs: a no-op.
   ds_BhGQK = ds_BhGQK.astype(k_BhKD.dtype)
   dq = einsum_f32("bhgqk,bhkd->bhgqd", ds_BhGQK, k_BhKD)
-  dk_BhDK = einsum_f32("bhgqd,bhgqk->bhdk", q_BhGQD, ds_BhGQK.astype(q_BhGQD.dtype))
+  dk_BhDK = einsum_f32("bhgqd,bhgqk->bhdk", q_BhGQD, ds_BhGQK.astype(q_BhGQD.dtype),
+                       contracts_leading_axes=True)
   return dq.astype(q_BhGQD.dtype), dk_BhDK.transpose(0, 1, 3, 2).astype(k_BhKD.dtype)
 
 
