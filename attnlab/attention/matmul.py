@@ -20,13 +20,19 @@ def einsum_f32(spec: str, a: Array, b: Array, *,
   B=4 H=2 L=64 D=64, jax 0.12). On CPU those products therefore take float32 upcasts.
   The upcast is exact, so the values are the same; it costs a [Lq, Lk] float32 operand,
   which XLA fuses into the producer of dS or w. Measured on CPU, bf16 fwd+bwd at B=1 H=2
-  D=64 L=1024-2048 (a shape where the 16-bit products happen to run): this upcast costs
-  1.1-1.3x time and 1.15x temporary memory; upcasting every product cost 1.5-1.75x.
+  D=64 L=512-2048 (a shape where the 16-bit products happen to run; loaded machine): this
+  upcast costs 1.13-1.37x time and 1.09-1.16x temporary memory, upcasting every product
+  1.39-1.69x and 1.12-1.30x (`python benchmarks/bf16_cpu_upcast.py`, benchmarks/results/).
   Without it, 28 of 100 random bf16 shapes failed; with it, 0 of 240.
   """
-  if contracts_leading_axes and jax.default_backend() == "cpu":
+  if upcasts_16bit(contracts_leading_axes):
     a, b = _upcast_16bit(a), _upcast_16bit(b)
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def upcasts_16bit(contracts_leading_axes: bool) -> bool:
+  """The rule above, read at trace time (benchmarks/bf16_cpu_upcast.py swaps it to compare)."""
+  return contracts_leading_axes and jax.default_backend() == "cpu"
 
 
 def _upcast_16bit(x: Array) -> Array:
