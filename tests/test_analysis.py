@@ -305,6 +305,19 @@ def test_write_report_writes_every_file_and_the_key_numbers(tmp_path):
     assert data.startswith(b"\x89PNG") and len(data) > 1000
 
 
+@pytest.mark.parametrize("seeds", [3, 10])
+def test_report_warns_when_too_few_seeds_back_the_ratio_interval(tmp_path, seeds):
+  cells = (synthetic_cells("softmax", a=2.0, b=0.4, c=0.05, seeds=seeds, rng_seed=2)
+           + synthetic_cells("sigmoid", a=2.0, b=0.5, c=0.05, seeds=seeds, rng_seed=3))
+  paths = analysis.write_report(cells, str(tmp_path), target=0.1, n_boot=20)
+  text = open(paths["report"], encoding="utf-8").read()
+  if seeds < analysis.MIN_SEEDS_FOR_EVIDENCE:
+    # 3 seeds: multisets of size 3 drawn from 3 values, C(5, 3) = 10.
+    assert "**Caveat.** Only 3 paired seeds: a bootstrap over them can draw at most 10 " in text
+  else:
+    assert "Caveat" not in text
+
+
 def test_write_report_says_not_reached(tmp_path):
   paths = analysis.write_report(ratio_cells(), str(tmp_path), target=0.08, n_boot=5)
   text = open(paths["report"], encoding="utf-8").read()

@@ -769,6 +769,23 @@ def _fit_kinds(cells: Sequence[CellResult], kinds: Sequence[str], floor, n_boot:
   return fits
 
 
+# Below this many paired seeds a percentile interval over seeds is too narrow to read as
+# evidence: resampling N seeds gives at most C(2N-1, N) distinct draws (10 for N = 3), and
+# on digits seeds 0-2 gave a ratio of 0.83 [0.78, 0.90] where seeds 0-9 give 1.00
+# [0.89, 1.16] (docs/results.md, "Ten seeds").
+MIN_SEEDS_FOR_EVIDENCE = 10
+
+
+def few_seeds_caveat(pairs: int) -> str | None:
+  """The report's warning for a bootstrap over fewer than MIN_SEEDS_FOR_EVIDENCE seeds, or None."""
+  if pairs >= MIN_SEEDS_FOR_EVIDENCE:
+    return None
+  return (f"Only {pairs} paired seed{'s' if pairs != 1 else ''}: a bootstrap over them can draw "
+          f"at most {math.comb(2 * pairs - 1, pairs)} distinct seed sets, so this interval (and "
+          "the fits' intervals) understate the uncertainty. Read them as indicative; run at least "
+          f"{MIN_SEEDS_FOR_EVIDENCE} seeds (--config.study.seeds) before reading them as evidence.")
+
+
 def _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot) -> str:
   lines = ["# Sample-efficiency study", "",
            f"Test error and loss per (kind, n): mean over seeds ± half-width of the "
@@ -804,6 +821,9 @@ def _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boo
     lines.append(f"(95% bootstrap interval over seeds, paired across kinds and sizes; "
                  f"{ratio.boot_ok}/{ratio.n_boot} resamples reached the target for both kinds)"
                  + (f". {ratio.note}." if ratio.note else "."))
+    caveat = few_seeds_caveat(ratio.pairs)
+    if caveat:
+      lines += ["", f"**Caveat.** {caveat}"]
   return "\n".join(lines) + "\n"
 
 
