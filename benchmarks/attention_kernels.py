@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from timing import median_ms  # benchmarks/timing.py
+from timing import compile_once, median_ms  # benchmarks/timing.py
 
 from attnlab import attention
 from attnlab.kernels import flash_attention
@@ -102,13 +102,6 @@ def implementations(interpret: bool, xla_max_len: int, length: int, gqa: bool):
         (lambda kind: lambda q, k, v, c: attention.attend(q, k, v, kind=kind, is_causal=c,
                                                           impl="xla"))(kind))
   return impls
-
-
-def compile_once(fn, args):
-  """One compilation serves both the timing and XLA's memory analysis."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  mem = compiled.memory_analysis()
-  return compiled, (float("nan") if mem is None else mem.temp_size_in_bytes / 2**20)
 
 
 def device_peak_mib() -> float:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
+
+from timing import call_seconds, compile_once  # benchmarks/timing.py
 
 from attnlab import attention
 from attnlab.attention import matmul
@@ -40,15 +41,7 @@ def compile_fwd_bwd(kind: str, rule, args):
     return pullback(do)
 
   with mock.patch.object(matmul, "upcasts_16bit", rule):
-    compiled = jax.jit(fwd_bwd).lower(*args).compile()
-  mem = compiled.memory_analysis()
-  return compiled, float("nan") if mem is None else mem.temp_size_in_bytes / 2**20
-
-
-def seconds(fn, args) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start
+    return compile_once(fwd_bwd, args)
 
 
 def measure_rules(kind: str, args, repeats: int) -> dict[str, dict]:
@@ -63,7 +56,7 @@ def measure_rules(kind: str, args, repeats: int) -> dict[str, dict]:
     runnable[name], rows[name] = compiled, {"mib": mib, "times": []}
   for _ in range(repeats):
     for name, compiled in runnable.items():
-      rows[name]["times"].append(seconds(compiled, args))
+      rows[name]["times"].append(call_seconds(compiled, args))
   for row in rows.values():
     if "times" in row:
       row["ms"] = 1e3 * statistics.median(row.pop("times"))
