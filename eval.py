@@ -21,7 +21,8 @@ from absl import flags
 
 from attnlab import cli
 from attnlab import evaluate
-from attnlab.studies import moe_estimation
+from attnlab.moe import config as moe_config
+from attnlab.moe import study as moe_study
 from attnlab.studies import study
 
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
@@ -30,8 +31,8 @@ _PNG = flags.DEFINE_bool("attention_png", False, "Also save attention maps as PN
 
 def main(argv):
   def run(config, workdir):
-    if moe_estimation.is_moe_study(config):
-      moe_estimation.print_summary(moe_estimation.render(config, workdir))
+    if moe_config.is_moe_study(config):
+      moe_study.print_summary(moe_study.render(config, workdir))
     elif study.is_study(config):
       cli.report_study(study.render(config, workdir))
     else:

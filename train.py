@@ -30,14 +30,15 @@ from absl import app
 
 from attnlab import cli
 from attnlab import train
-from attnlab.studies import moe_estimation
+from attnlab.moe import config as moe_config
+from attnlab.moe import study as moe_study
 from attnlab.studies import study
 
 
 def main(argv):
   def run(config, workdir):
-    if moe_estimation.is_moe_study(config):
-      moe_estimation.print_summary(moe_estimation.run(config, workdir))
+    if moe_config.is_moe_study(config):
+      moe_study.print_summary(moe_study.run(config, workdir))
     elif study.is_study(config):
       cli.report_study(study.run(config, workdir))
     else:

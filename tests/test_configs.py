@@ -109,7 +109,7 @@ def test_the_expected_section_rule(doc, problem):
 
 
 # The studies run by attnlab.studies.study (a `study` section); the synthetic MoE
-# estimation study (a `moe` section) is checked in tests/test_moe_estimation.py.
+# estimation study (a `moe` section) is checked in tests/test_moe_study.py.
 ENGINE_STUDY_CONFIG_FILES = [name for name in STUDY_CONFIG_FILES
                              if "study" in configlib.load(f"configs/{name}")]
 

@@ -72,7 +72,7 @@ class MoEStudyConfig:
   adam_examples: int = 0
   lbfgs_steps: int = 1000
   lbfgs_rounds: int = 3
-  lbfgs_tolerance: float = 1e-8
+  lbfgs_tolerance: float = 1e-6
   float64: bool = True
   init_scale: float = 1.0
   test_examples: int = 4096

@@ -10,8 +10,9 @@ the rates and counts it). Every restart of every problem is fitted; the
 restart with the lowest training loss is kept.
 
 Fits run in float64 when `cfg.float64` (jax's x64 mode, switched on for the
-fit only): the convergence test compares losses to a relative 1e-8, below
-float32's resolution.
+fit only): the convergence test and the losses then measure the fit, not
+float32 rounding (a relative change of 1e-6 over 50 evaluations is ~10
+float32 ulps of the loss).
 """
 
 from __future__ import annotations

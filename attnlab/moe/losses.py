@@ -40,10 +40,13 @@ voronoi_loss(fitted, truth, gate, expert)  [the gate's own loss]
     exponent; ours): |d beta_1|^r + |d a|^(r/2) + |d e|^r with r = rbar(|V_j|)
     = 4, 6 for cells of 2, 3 atoms (2305.03288's Lemma 1) and 7 for >= 4 (its
     lower bound; ours).
-  * Softmax: f is unchanged when one (A, b, c) is added to every atom, so D is
-    minimised over that translation of the fitted measure (numerically:
-    Nelder-Mead from the best of several aligning starts), not computed at a
-    fixed reference.
+  * Softmax: f is unchanged when one (A, b, c) is added to every atom. The
+    intercepts' translation is taken out exactly by normalising the masses,
+    m_i = exp(c_i) / sum_l exp(c_l) (as for the truth; minimising over it
+    instead would shrink every fitted mass to 0 and cap D at sum_j m*_j),
+    and D is minimised over the slopes' translation of the fitted measure
+    (numerically: Nelder-Mead from the best of several aligning starts), not
+    computed at a fixed reference.
 
 expert_loss(fitted, truth, gate, expert)  [one definition for both gates]
 
@@ -246,14 +249,18 @@ def _regime(sizes: tuple[int, ...], sparse_atoms: tuple[int, ...]) -> str:
   return "sparse" if all(sparse) else "dense" if not any(sparse) else "mixed"
 
 
+def _masses(c: np.ndarray, gate: str) -> np.ndarray:
+  """sigmoid(c), or exp(c) normalised to sum to 1: the intercepts' translation taken out exactly."""
+  return scipy.special.expit(c) if gate == "sigmoid" else scipy.special.softmax(c)
+
+
 def _voronoi_at(p, truth, gate: str, expert: str, shift: np.ndarray | None = None):
   """D(G, G*) with the fitted slopes and intercepts shifted by `shift` (softmax)."""
   slopes, c = _slopes(p), p["c"]
   if shift is not None:
-    slopes, c = slopes + shift[:-1], c + shift[-1]
-  mass = scipy.special.expit(c) if gate == "sigmoid" else np.exp(c)
+    slopes = slopes + shift
+  mass, t_mass = (_masses(c, gate), _masses(truth["c"], gate))
   t_slopes = _slopes(truth)
-  t_mass = scipy.special.expit(truth["c"]) if gate == "sigmoid" else np.exp(truth["c"])
   weak_softmax = gate == "softmax" and expert not in STRONG
   parts = [slopes, p["a"], p["e"][:, None]] if weak_softmax else [slopes, _eta(p)]
   t_parts = [t_slopes, truth["a"], truth["e"][:, None]] if weak_softmax else [t_slopes, _eta(truth)]
@@ -267,49 +274,39 @@ def _voronoi_at(p, truth, gate: str, expert: str, shift: np.ndarray | None = Non
                      _multi_term(gate, expert, weak_softmax), counted)
 
 
-def _sym_shift(t: np.ndarray, d: int, with_b: bool) -> np.ndarray:
-  """[d(d+1)/2 + (d) + 1] free parameters -> a shift of (vec sym A, b, c)."""
+def _sym_shift(t: np.ndarray, d: int) -> np.ndarray:
+  """[d(d+1)/2 (+ d)] free parameters -> a shift of (vec sym A (, b))."""
   iu = np.triu_indices(d)
   S = np.zeros((d, d))
   S[iu] = t[:len(iu[0])]
   S = S + np.triu(S, 1).T
-  rest = t[len(iu[0]):]
-  return np.concatenate([S.reshape(-1), rest])
+  return np.concatenate([S.reshape(-1), t[len(iu[0]):]])
 
 
 def _softmax_voronoi(p, truth, expert: str) -> tuple[float, tuple[int, ...]]:
-  """min over translations t of D(G + t, G*): Nelder-Mead from the best few aligning starts."""
+  """min over slope translations t of D(G + t, G*): Nelder-Mead from the best few aligning starts."""
   d = p["a"].shape[1]
-  with_b = "b" in p
-  n_free = d * (d + 1) // 2 + (d if with_b else 0) + 1
   iu = np.triu_indices(d)
 
-  def free_of(shift):  # (vec sym A, b, c) shift -> free parameters
-    S = shift[:d * d].reshape(d, d)
-    return np.concatenate([S[iu], shift[d * d:]])
+  def free_of(shift):  # (vec sym A, b) shift -> free parameters
+    return np.concatenate([shift[:d * d].reshape(d, d)[iu], shift[d * d:]])
 
   def value(t):
-    return _voronoi_at(p, truth, "softmax", expert, _sym_shift(t, d, with_b))[0]
+    return _voronoi_at(p, truth, "softmax", expert, _sym_shift(t, d))[0]
 
   slopes, t_slopes = _slopes(p), _slopes(truth)
-  w = scipy.special.softmax(p["c"])
-  w_true = scipy.special.softmax(truth["c"])
-  starts = [np.zeros(n_free),
-            free_of(np.concatenate([w_true @ t_slopes - w @ slopes,
-                                    [scipy.special.logsumexp(truth["c"]) - scipy.special.logsumexp(p["c"])]]))]
-  for i in range(_atoms(p)):
-    for j in range(_atoms(truth)):
-      starts.append(free_of(np.concatenate([t_slopes[j] - slopes[i], [truth["c"][j] - p["c"][i]]])))
+  starts = [free_of(np.zeros(slopes.shape[1])),
+            free_of(_masses(truth["c"], "softmax") @ t_slopes - _masses(p["c"], "softmax") @ slopes)]
+  starts += [free_of(t_slopes[j] - slopes[i]) for i in range(_atoms(p)) for j in range(_atoms(truth))]
   starts.sort(key=value)
-  best = min(value(starts[0]), value(np.zeros(n_free)))
-  best_t = starts[0]
+  best_t, best = starts[0], value(starts[0])
   for start in starts[:3]:
     res = scipy.optimize.minimize(value, start, method="Nelder-Mead",
-                                  options={"xatol": 1e-10, "fatol": 1e-13, "maxiter": 4000 * n_free,
-                                           "adaptive": True})
+                                  options={"xatol": 1e-10, "fatol": 1e-13,
+                                           "maxiter": 4000 * len(start), "adaptive": True})
     if res.fun < best:
       best, best_t = float(res.fun), res.x
-  return best, _voronoi_at(p, truth, "softmax", expert, _sym_shift(best_t, d, with_b))[1]
+  return best, _voronoi_at(p, truth, "softmax", expert, _sym_shift(best_t, d))[1]
 
 
 def _expert_at(p, truth, x, gate: str, expert: str):
