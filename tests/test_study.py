@@ -226,3 +226,30 @@ def test_several_processes_refuse_cells_one_at_a_time_naming_vmap_cells(tmp_path
                        r"processes: set --config\.study\.vmap_cells=4 \(the largest group\)"):
       study_lib.run(config, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")  # refused before anything is written
+
+
+class _TestSplitRead(Exception):
+  pass
+
+
+def test_the_tuning_entry_never_reads_the_test_split(tmp_path, monkeypatch):
+  """Hyperparameters are chosen on data the final figure never sees: `:tune` opens no test split."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  opened = []
+  real = tfds.core.DatasetBuilder.as_data_source
+
+  def guarded(self, split=None, *args, **kwargs):
+    opened.append(str(split))
+    if str(split).split("[")[0].strip() == "test":
+      raise _TestSplitRead(f"the test split was read: {split}")
+    return real(self, split, *args, **kwargs)
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", guarded)
+  monkeypatch.setattr(tfds, "data_source", lambda name, split, **kw: guarded(None, split))
+  # The guard sees reads: the ordinary quick study opens the test split and is stopped.
+  with pytest.raises(_TestSplitRead):
+    study_lib.run(configlib.load(QUICK), str(tmp_path / "ordinary"))
+  opened.clear()
+  summary = study_lib.run(configlib.load(QUICK + ",tune"), str(tmp_path / "tune"))
+  assert summary["trained_cells"] == 8 and "train[1200:]" in opened and "train[:1200]" in opened, opened
