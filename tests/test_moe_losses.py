@@ -194,3 +194,22 @@ def test_the_expert_loss_takes_the_same_orders_under_both_gates(gate, expert, pa
         _split_pair(truth, 0.0, DIRECTIONS, part) | ({"c": fit["c"]} if gate == "sigmoid" else {}),
         truth, gate=gate, expert=expert)
   assert _order(expert_loss) == pytest.approx(order, abs=0.1)
+
+
+@pytest.mark.parametrize("part", ["A", "a", "e"])
+@pytest.mark.parametrize("expert", ["linear", "relu"])
+def test_a_split_constant_sigmoid_gate_costs_second_order(expert, part):
+  """The sparse regime's cell: a constant gate split exactly, then its members moved by +-eps."""
+  truth = _truth()
+  truth["A"][0], truth["b"][0] = 0.0, 0.0
+  mass = 1 / (1 + np.exp(-truth["c"][0]))
+
+  def voronoi(eps):
+    halves = [_atom(truth, 0), _atom(truth, 0)]
+    for half, share, sign in zip(halves, (0.3, 0.7), (1, -1)):
+      half["c"] = np.log(share * mass / (1 - share * mass))[None]
+      half[part] = half[part] + sign * eps * DIRECTIONS[part]
+    fit = _stack(*halves, _atom(truth, 1), _atom(truth, 2))
+    return losses.voronoi_loss(fit, truth, gate="sigmoid", expert=expert)
+
+  assert _order(voronoi) == pytest.approx(2.0, abs=0.1)
