@@ -51,6 +51,13 @@ def _comparisons(cfg: MoEStudyConfig) -> list[tuple[str, str, tuple[str, str], t
   return out
 
 
+def _agreement_both(cfg: MoEStudyConfig, mean: rates.SlopeDifference,
+                    median: rates.SlopeDifference) -> str:
+  """The verdict of both statistics: one word where they agree, both where they do not."""
+  a, b = _agreement(cfg, mean), _agreement(cfg, median)
+  return a if a == b else f"mean: {a}; median: {b}"
+
+
 def _agreement(cfg: MoEStudyConfig, d: rates.SlopeDifference) -> str:
   """Against the paper: sigmoid faster in the dense regime, comparable in the sparse one."""
   if not all(math.isfinite(v) for v in d.ci):
@@ -140,9 +147,9 @@ def markdown(cfg: MoEStudyConfig, table, missing: Sequence[str], seconds: dict[s
            "Negative: sigmoid's loss falls faster. `own truths`: each student on its own gate's "
            "truth (the paper's comparison), paired by (truth seed, repetition); `<gate> truth`: both "
            "students on the same data. `detectable`: the smallest true difference of mean slopes "
-           "this design detects with 80% power (2.8 bootstrap standard errors). `paper`: does the "
-           "mean-slope interval agree with the paper's direction (sigmoid faster in the dense "
-           "regime, comparable in the sparse one)?", "",
+           "this design detects with 80% power (2.8 bootstrap standard errors). `paper` (own truths "
+           "only, the paper's comparison): do the mean's and the median's intervals agree with the "
+           "paper's direction (sigmoid faster in the dense regime, comparable in the sparse one)?", "",
            "| expert | comparison | metric | mean: difference [95% CI] | excludes 0 | "
            "median: difference [95% CI] | excludes 0 | detectable | excluded fits | paper |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -151,7 +158,8 @@ def markdown(cfg: MoEStudyConfig, table, missing: Sequence[str], seconds: dict[s
     lines.append(f"| {r['expert']} | {r['comparison']} | {METRIC_NAMES[r['metric']]} | "
                  f"{_fmt_slope(m, m.difference)} | {'yes' if m.excludes_zero() else 'no'} | "
                  f"{_fmt_slope(md, md.difference)} | {'yes' if md.excludes_zero() else 'no'} | "
-                 f"{m.detectable:.2f} | {r['excluded']} | {_agreement(cfg, m)} |")
+                 f"{m.detectable:.2f} | {r['excluded']} | "
+                 f"{_agreement_both(cfg, m, md) if r['comparison'] == 'own truths' else '–'} |")
   lines += ["", "## Rates", "",
             "| truth | expert | student | metric | slope of mean [95% CI] | slope of median [95% CI] "
             "| results | excluded fits |", "|---|---|---|---|---|---|---|---|"]
