@@ -61,7 +61,8 @@ def auto_impl(kind: str, q: Array, k: Array, v: Array, *, mask: Array | None = N
 
   On GPU and TPU the fused Pallas kernel, for the kinds it implements and calls it can take
   (no mask or bias arrays, one dtype for q, k, v); otherwise on every platform the chunked
-  path from `AUTO_CHUNKED_MIN_KV_LEN` keys on, and the materialising path below that.
+  path from `AUTO_CHUNKED_MIN_KV_LEN` keys on (for the kinds it runs), and the materialising
+  path below that.
   """
   fused = (platform() in ("gpu", "cuda", "rocm", "tpu")
            and kind in impl_kinds("pallas") and mask is None and bias is None
@@ -69,16 +70,32 @@ def auto_impl(kind: str, q: Array, k: Array, v: Array, *, mask: Array | None = N
            and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16))
   if fused:
     return "pallas"
-  return "chunked" if k.shape[1] >= AUTO_CHUNKED_MIN_KV_LEN else "xla"
+  long = k.shape[1] >= AUTO_CHUNKED_MIN_KV_LEN
+  return "chunked" if long and kind in impl_kinds("chunked") else "xla"
 
 
 def impl_kinds(impl: str) -> tuple[str, ...]:
-  """The registered kinds `impl` can run (the fused kernels state theirs; auto runs every
-  kind, falling back from the kernels for the kinds they lack)."""
+  """The registered kinds `impl` can run: the fused kernels state theirs; chunked runs every
+  kind but those with a `row_map` (sparsemax, entmax, top-k: a row's weights need all of
+  its scores at once, which a scan over key blocks never holds); xla and auto (falling
+  back from the kernels and from chunked) run every kind."""
   _check_impl(impl)
   if impl == "pallas":
     return tuple(k for k in kernel_capabilities.KINDS if k in KINDS)
+  if impl == "chunked":
+    return tuple(sorted(k for k, mech in KINDS.items() if mech.row_map is None))
   return tuple(sorted(KINDS))
+
+
+def kind_impls(kind: str) -> tuple[str, ...]:
+  """The impls that can run `kind` (the inverse of `impl_kinds`), for error messages."""
+  return tuple(impl for impl in IMPLS if kind in impl_kinds(impl))
+
+
+def impls_phrase(kind: str) -> str:
+  """The explicit impls that run `kind` as a phrase, e.g. "impl='xla' or 'chunked'"."""
+  named = [i for i in kind_impls(kind) if i != "auto"]
+  return "impl=" + " or ".join(repr(i) for i in named)
 
 
 def _check_impl(impl: str) -> None:
@@ -109,8 +126,10 @@ def check_options(kind: str, impl: str = "xla", **options: Any
   mech = get_kind(kind)
   _check_impl(impl)
   if mech.name not in impl_kinds(impl):
+    why = (" (its weights need a whole row of scores at once; chunked scans key blocks)"
+           if impl == "chunked" and mech.row_map is not None else "")
     raise ValueError(f"impl={impl!r} supports kinds {list(impl_kinds(impl))}; got kind="
-                     f"{mech.name!r}. Use impl='xla' or 'chunked' for it.")
+                     f"{mech.name!r}{why}. Use {impls_phrase(mech.name)} for it.")
   return _split_options(mech, impl, options)
 
 

@@ -48,6 +48,11 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
   Kinds `blockwise` covers get its flash-style custom_vjp; the rest (l1/count
   normalisations, activations that read row counts) the rematerialised scan below.
   """
+  if mech.row_map is not None:
+    # api.impl_kinds("chunked") leaves these kinds out, so `attend` never gets here with one.
+    raise ValueError(f"impl='chunked' cannot run kind={mech.name!r}: its weights need every "
+                     "score of a row at once, and the scan holds one key block. Use "
+                     "impl='xla'.")
   common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
   if blockwise.supports(mech, options):
     out_BQHD = blockwise.attend(q, k, v, mech, options, block_k=block_k, **common)

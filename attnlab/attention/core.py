@@ -85,6 +85,18 @@ def unnormalized(s: Array, valid: Array | None, mech: Mechanism, ctx: RowContext
   return u if valid is None else jnp.where(valid, u, 0.0)
 
 
+def softmax_rows(logits: Array) -> Array:
+  """Softmax along the key axis of float32 logits that are -inf where masked.
+
+  Masked keys get exactly 0 and a row with no finite logit gives zeros. The row max only
+  stabilises exp(); the result does not depend on it, so it takes no gradient.
+  """
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  e = jnp.exp(logits - m)
+  return safe_divide(e, jnp.sum(e, axis=-1, keepdims=True))
+
+
 def finish(out_BQHD: Array, mech: Mechanism, options: Mapping[str, Any], dtype: Any) -> Array:
   """The kind's output post-op (e.g. ReLA's RMS norm) on the float32 output, then `dtype`."""
   if mech.output_post is not None:

@@ -10,10 +10,13 @@ materialising (`xla`) and the blockwise (`chunked`) implementations share:
 * ``normalization(options)``: how ``u`` becomes weights along the key axis —
   ``"softmax"`` (u are logits, exponentiated against an online row max),
   ``"l1"`` (divide by the row sum), ``"count"`` / ``"sqrt_count"`` (divide by
-  the number, or its root, of visible keys) or ``"none"``.
+  the number, or its root, of visible keys), ``"none"``, or ``"row"``: a map of the
+  whole row of scores to its weights (``row_map``: sparsemax, entmax, top-k; `sparse.py`).
 
 Because the row normaliser is a plain sum (or a count), the blockwise version
-only accumulates sums over key blocks; softmax additionally keeps the row max.
+only accumulates sums over key blocks; softmax additionally keeps the row max. A
+``"row"`` kind needs every score of a row at once, so only the materialising
+implementation runs it (`api.impl_kinds`).
 Linear attention has no [Lq, Lk] scores at all and brings its own
 ``attend_override`` (see `linear.py`).
 """
@@ -33,7 +36,7 @@ from attnlab.attention.validate import Dims
 
 Array = jax.Array
 
-NORMALIZATIONS = ("softmax", "l1", "count", "sqrt_count", "none")
+NORMALIZATIONS = ("softmax", "l1", "count", "sqrt_count", "none", "row")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +133,12 @@ class Mechanism:
     check_mask: rejects masks the kind cannot honour (raises ValueError).
     needs_row_counts: `activate` reads ``ctx.row_counts``.
     has_logits: the kind scores pairs, so `scale` and `bias` apply to it.
+    row_map: ``(s, valid, options) -> weights``, float32 [B, H, Lq, Lk] scores (bias
+      added) and the bool mask of visible pairs (broadcastable, or None) to the weights,
+      exactly 0 where masked and on rows with no visible key; for kinds whose weights
+      depend on the whole row at once (sparsemax, entmax, top-k). Such a kind has
+      ``activate=None`` and normalization ``"row"``, and runs only in the materialising
+      impl: a blockwise scan never holds a whole row.
   """
   name: str
   paper: str
@@ -146,6 +155,7 @@ class Mechanism:
   check_mask: Callable[[Array | None], None] = lambda mask: None
   needs_row_counts: bool = False
   has_logits: bool = True
+  row_map: Callable[[Array, Array | None, Mapping[str, Any]], Array] | None = None
 
 
 KINDS: dict[str, Mechanism] = {}

@@ -38,15 +38,14 @@ def attention_weights(q: Array, k: Array, mech: Mechanism, options: Mapping[str,
     s_BHQK = s_BHQK + bias.astype(jnp.float32)
   valid = core.valid_mask(lq, lk, jnp.arange(lk), mech, options, is_causal=is_causal,
                           user_mask=mask)
+  if mech.row_map is not None:
+    return mech.row_map(s_BHQK, valid, options)
   counts = _row_counts(valid, lq, lk) if _uses_row_counts(mech, options) else None
   ctx = RowContext(kv_len=lk, row_counts=counts)
   u = core.unnormalized(s_BHQK, valid, mech, ctx, options)
   normalization = mech.normalization(options)
   if normalization == "softmax":
-    # The row max only stabilises exp(); the result does not depend on it, so no gradient.
-    m = jnp.max(u, axis=-1, keepdims=True)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    u = jnp.exp(u - m)
+    return core.softmax_rows(u)
   divisor = core.row_divisor(normalization, jnp.sum(u, axis=-1, keepdims=True), counts)
   return u if divisor is None else core.safe_divide(u, divisor)
 

@@ -236,8 +236,8 @@ class BackboneConfig:
     if self.attention not in attention.impl_kinds(self.attention_impl):
       raise config_error(owner, "attention_impl", self.attention_impl,
                          f"it supports kinds {list(attention.impl_kinds(self.attention_impl))}; "
-                         f"got attention={self.attention!r}. Use attention_impl='xla' or "
-                         "'chunked' for it.")
+                         f"got attention={self.attention!r}. Use attention_"
+                         f"{attention.api.impls_phrase(self.attention)} for it.")
     # Checked one field at a time, so an error names the field that holds the bad value.
     for field, options in (("attention_options", kind_options),
                            ("attention_impl_options", impl_options)):
