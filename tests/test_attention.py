@@ -17,7 +17,10 @@ import pytest
 from attnlab import attention
 from attnlab.attention import api, blockwise
 
-KINDS = sorted(attention.KINDS)
+# The input-dependent sparse kinds (a whole-row map, xla only) have their own reference and
+# tests in tests/test_sparse_kinds.py; every other registered kind is tested here.
+SPARSE_KINDS = ("entmax", "sparsemax", "topk")
+KINDS = sorted(set(attention.KINDS) - set(SPARSE_KINDS))
 # Options that make each kind's non-default path visible too.
 KIND_OPTIONS = {
     "softmax": {}, "sigmoid": {}, "relu": {}, "linear": {}, "polynomial": {},
@@ -734,7 +737,8 @@ def _call(**over):
     (dict(k=jnp.zeros((2, 53, 3, 16)), v=jnp.zeros((2, 53, 3, 8))),
      r"num_heads of q \(4\) must be a multiple of num_kv_heads of k \(3\)"),
     (dict(v=jnp.zeros((2, 50, 2, 8))), r"v must match k.*\(2, 50, 2, 8\)"),
-    (dict(kind="sigmod"), r"Unknown attention kind 'sigmod'; registered kinds: \['gaussian'"),
+    (dict(kind="sigmod"),
+     r"Unknown attention kind 'sigmod'; registered kinds: \['entmax', 'gaussian'"),
     (dict(impl="cuda"), r"Unknown attention impl 'cuda'; expected one of \['xla'"),
     (dict(kind="softmax", sigmoid_bias=1.0), r"kind='softmax'.*\['sigmoid_bias'\].*accepts"),
     (dict(kind="sigmoid", block_k=8), r"kind='sigmoid' with impl='xla' does not take.*block_k"),

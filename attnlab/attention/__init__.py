@@ -7,6 +7,7 @@ See `attend` for the arguments and `KINDS` for the registered mechanisms.
 """
 
 from attnlab.attention import linear as _linear  # registers kind="linear"
+from attnlab.attention import sparse as _sparse  # registers sparsemax, entmax, topk
 from attnlab.attention.api import IMPLS, apply_weights, attend, check_options, impl_kinds, weights
 from attnlab.attention.kinds import (KINDS, Mechanism, RowContext, default_sigmoid_bias,
                                     register_kind)
