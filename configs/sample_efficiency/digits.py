@@ -57,8 +57,10 @@ from attnlab.models import ViTConfig
 from attnlab.optim import OptimConfig
 from attnlab.studies.study import StudyConfig
 
-# Every kind that runs with its default options (`local` needs a window).
-ALL_KINDS = ("sigmoid", "softmax", "relu", "softplus", "linear", "polynomial", "gaussian")
+# Every kind that runs with its default options (`local` needs a window); the sparse ones
+# (sparsemax, entmax with alpha 1.5, topk keeping 8 of the 16 tokens) run materialised.
+ALL_KINDS = ("sigmoid", "softmax", "relu", "softplus", "linear", "polynomial", "gaussian",
+             "sparsemax", "entmax", "topk")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
