@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from attnlab import configlib
+from attnlab.moe import fit
 from attnlab.moe import losses
 from attnlab.moe import model
 from attnlab.moe import rates
@@ -137,7 +138,7 @@ def test_the_quick_variant_runs_end_to_end_and_resumes(tmp_path):
   assert {r["regime"] for r in table if r["truth"] == r["student"]} <= {"exact", "dense", "sparse", "mixed"}
   with open(summary["paths"]["report"], encoding="utf-8") as f:
     text = f.read()
-  assert "Paired slope differences" in text and "own truths" in text
+  assert "Paired slope differences" in text and "own truths" in text and "worse than truth" in text
   for path in summary["paths"].values():
     assert os.path.getsize(path) > 0
   again = study.run(config, workdir)
@@ -172,3 +173,20 @@ def test_fits_leave_jax_in_float32():
   cfg = _cfg(train_sizes=(20,), seeds=(0,), restarts=1, adam_steps=5, lbfgs_steps=5, lbfgs_rounds=1)
   study.fit_group(dataclasses.replace(cfg, experts=("linear",)), "linear", 20)
   assert jax.numpy.zeros(1).dtype == np.float32
+
+
+def test_the_oracle_restart_starts_at_the_truth_and_the_truths_training_loss_is_the_noise():
+  cfg = _cfg(truth_seeds=(0, 1), true_experts=2, fitted_experts=3, init_at_truth=True)
+  truths = [model.ground_truth(cfg, t) for t in (0, 1)]
+  inits = {k: jax.numpy.zeros((2, 3, 3) + v.shape[1:]) for k, v in truths[0].items()}  # [P, R, k, ...]
+  started = study._start_at_truth(inits, truths, 2)
+  for p, truth in enumerate(truths):
+    for k, v in truth.items():
+      np.testing.assert_array_equal(started[k][p, 0, :2], v)
+      assert not np.any(started[k][p, 1:]) and not np.any(started[k][p, 0, 2:])
+  mse = study.truth_train_mse(cfg, 1, 0)
+  with fit.precision(cfg):  # the fits' data are drawn in float64
+    noise = np.asarray(model.draw_data(cfg, 1, 0, 20)[1], np.float64)
+  np.testing.assert_allclose(mse, [np.mean(noise[:10] ** 2), np.mean(noise ** 2)], rtol=1e-6)
+  with pytest.raises(configlib.ConfigError, match="init_at_truth"):
+    _cfg(family="attention", experts=("linear",), init_at_truth=True)

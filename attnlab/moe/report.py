@@ -136,7 +136,8 @@ def markdown(cfg: MoEStudyConfig, table, missing: Sequence[str], seconds: dict[s
            f"k*={cfg.true_experts}, k={cfg.fitted_experts}, noise std {cfg.noise_std:g}; "
            f"{len(cfg.truth_seeds)} truths x {len(cfg.seeds)} repetitions = {units} units per size, "
            f"{cfg.restarts} restarts; Adam {cfg.adam_steps} steps (lr {cfg.learning_rate:g}), then "
-           f"L-BFGS up to {cfg.lbfgs_rounds} x {cfg.lbfgs_steps} evaluations "
+           f"L-BFGS up to {cfg.lbfgs_rounds} x {cfg.lbfgs_steps} evaluations"
+           f"{'; restart 0 starts at the truth' if cfg.init_at_truth else ''} "
            f"({'float64' if cfg.float64 else 'float32'}). Rates over n = "
            f"{', '.join(map(str, cfg.rate_sizes))}.", "",
            "Slopes are of log(statistic over units) against log n; 95% percentile intervals from "
@@ -177,8 +178,12 @@ def markdown(cfg: MoEStudyConfig, table, missing: Sequence[str], seconds: dict[s
     lines.append(f"| {r['truth']} | {r['expert']} | {r['regime']} | {'/'.join(map(str, r['counts']))} | "
                  f"{_fmt_slope(r['mean'], r['mean'].slope)} | {_fmt_slope(r['median'], r['median'].slope)} |")
   lines += ["", "## Per size: mean / median over converged fits", "",
-            "| truth | expert | student | n | converged | Voronoi mean / median | expert loss mean / "
-            "median | test MSE mean / median | pruned atoms (mean) |", "|---|---|---|---|---|---|---|---|---|"]
+            "`worse than truth`: fits whose training MSE is above the truth's own (the noise's "
+            "mean square): certainly not the least-squares estimate the theory is about, but a "
+            "local minimum (counted over all fits, converged or not).", "",
+            "| truth | expert | student | n | converged | worse than truth | Voronoi mean / median | "
+            "expert loss mean / median | test MSE mean / median | pruned atoms (mean) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
   keys = sorted({(r["truth"], r["expert"], r["student"], r["n"]) for r in table})
   for key in keys:
     mine = [r for r in table if (r["truth"], r["expert"], r["student"], r["n"]) == key]
@@ -188,7 +193,9 @@ def markdown(cfg: MoEStudyConfig, table, missing: Sequence[str], seconds: dict[s
       vals = np.array([r[metric] for r in ok if math.isfinite(r[metric])])
       cells.append(f"{np.mean(vals):.3g} / {np.median(vals):.3g}" if vals.size else "–")
     pruned = [r.get("pruned", r.get("expert_pruned", 0)) for r in ok]
-    lines.append(f"| {' | '.join(map(str, key))} | {len(ok)}/{len(mine)} | {' | '.join(cells)} | "
+    worse = sum(r["worse_than_truth"] for r in mine)
+    lines.append(f"| {' | '.join(map(str, key))} | {len(ok)}/{len(mine)} | {worse}/{len(mine)} | "
+                 f"{' | '.join(cells)} | "
                  f"{np.mean(pruned) if pruned else 0:.2f} |")
   lines += ["", "Group times (fit and score, s): " + ", ".join(
       f"{k} {v:.0f}" for k, v in sorted(seconds.items())) + "."]

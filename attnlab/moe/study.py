@@ -20,6 +20,7 @@ so the losses can be recomputed without refitting.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import math
@@ -103,6 +104,8 @@ def fit_group(cfg: MoEStudyConfig, expert: str, n: int) -> dict[str, Any]:
       inits = jax.vmap(lambda k: jax.vmap(lambda r: model.init_params(
           r, cfg, cfg.fitted_experts, cfg.init_scale))(jax.random.split(k, cfg.restarts)))(keys)
       inits = jax.tree.map(lambda v: v.astype(dtype), inits)
+      if cfg.init_at_truth:
+        inits = _start_at_truth(inits, [truths[t] for _, t, _ in todo], cfg.true_experts)
       fitted[student] = fit.fit_students(cfg, expert, student, inits, x_P, y_P)
   fit_seconds = time.perf_counter() - start
   cells = []
@@ -117,6 +120,24 @@ def fit_group(cfg: MoEStudyConfig, expert: str, n: int) -> dict[str, Any]:
                     "params": {k: v.tolist() for k, v in params.items()}})
   return {"expert": expert, "n": n, "fit_seconds": fit_seconds,
           "seconds": time.perf_counter() - start, "cells": cells}
+
+
+def _start_at_truth(inits, truths: list[dict[str, np.ndarray]], k_true: int):
+  """Restart 0 of problem p starts with problem p's true atoms in its first k* atoms."""
+  out = {}
+  for name, v in inits.items():
+    true = jnp.asarray(np.stack([t[name] for t in truths]), v.dtype)  # [P, k*, ...]
+    out[name] = v.at[:, 0, :k_true].set(true)
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def truth_train_mse(cfg: MoEStudyConfig, truth_seed: int, seed: int) -> np.ndarray:
+  """The truth's own training MSE, mean(noise[:n]^2), at every n of the config ([sizes])."""
+  with fit.precision(cfg):
+    noise = np.asarray(model.draw_data(cfg, truth_seed, seed, max(cfg.train_sizes))[1], np.float64)
+  sq = noise.reshape(len(noise), -1) ** 2
+  return np.array([np.mean(sq[:n]) for n in cfg.train_sizes])
 
 
 def group_name(expert: str, n: int) -> str:
@@ -192,7 +213,10 @@ def rows(cfg: MoEStudyConfig, records: dict[str, dict[str, Any]]) -> list[dict[s
     for c in record["cells"] if record else ():
       if (c["seed"] in cfg.seeds and c["truth_seed"] in cfg.truth_seeds and c["truth"] in cfg.truths
           and c["student"] in cfg.students):
-        out.append({"expert": expert, "n": n, **{k: v for k, v in c.items() if k != "params"}})
+        truth_mse = truth_train_mse(cfg, c["truth_seed"], c["seed"])[cfg.train_sizes.index(n)]
+        out.append({"expert": expert, "n": n, **{k: v for k, v in c.items() if k != "params"},
+                    # Above the truth's own training loss: certainly not the least-squares fit.
+                    "worse_than_truth": bool(c["train_mse"] > truth_mse)})
   return out
 
 

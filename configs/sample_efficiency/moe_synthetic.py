@@ -24,6 +24,8 @@ Argument (after the colon, comma-separated):
   partial    partially quadratic scores (no linear term b)
   sparse     the sparse regime: true atom 0's gate slopes are zero (model.ground_truth)
   large      adds n = 31,623 (5 sizes)
+  oracle     restart 0 starts at the truth's atoms (the extra atom random): the rate of
+             a fit that at least reaches the truth's basin
   quick      2 truths x 2 repetitions, 2 small sizes, short fits (tests): seconds
   attention  the attention-level version: one head over 4 tokens as teacher
 
@@ -39,7 +41,7 @@ from attnlab.moe.config import MoEStudyConfig
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_arg(arg, quick=False, large=False, attention=False, sparse=False,
-                             partial=False, **{e: False for e in EXPERT_NAMES})
+                             partial=False, oracle=False, **{e: False for e in EXPERT_NAMES})
   only = tuple(e for e in EXPERT_NAMES if args[e])
   config = ml_collections.ConfigDict()
   config.moe = configlib.from_dataclass(
@@ -58,11 +60,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Adam picks the basin on at most 10^4 examples; L-BFGS fits all n, continued in
       # rounds until converged (a fit still unconverged is left out of the rates).
       restarts=3, adam_steps=1000, adam_examples=10000, learning_rate=0.02,
-      lbfgs_steps=1000, lbfgs_rounds=3, lbfgs_tolerance=1e-6, float64=True,
+      lbfgs_steps=1000, lbfgs_rounds=6, lbfgs_tolerance=1e-6, float64=True,
+      init_at_truth=args.oracle,
       test_examples=4096, negligible=1e-8, rate_min_n=1000, bootstrap=1000,
   )
   if args.quick:
     config.moe.update(experts=only or ("linear",), truth_seeds=(0, 1), seeds=(0, 1),
                       train_sizes=(100, 300), rate_min_n=100, restarts=2, adam_steps=150,
-                      lbfgs_steps=100, lbfgs_rounds=2, test_examples=1000, bootstrap=100)
+                      lbfgs_steps=100, lbfgs_rounds=2, lbfgs_tolerance=1e-4, test_examples=1000,
+                      bootstrap=100)
   return config.lock()
