@@ -652,9 +652,11 @@ def test_model_configs_check_the_options_causality_and_alibi():
       lm_cfg(attention=kind, causal=False, num_classes=3, positions="alibi")
 
 
-@pytest.mark.parametrize("kind", ["soft", "inline"])
-def test_in_the_vit_by_name_with_gradients(kind):
-  model = ViT(vit_cfg(attention=kind, qk_norm="rms"), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("kind,opts", [("soft", {}), ("soft", {"landmarks": 4}),
+                                       ("inline", {})])
+def test_in_the_vit_by_name_with_gradients(kind, opts):
+  # 16 tokens: soft's default 49 landmarks are clamped to them (exact); 4 approximate.
+  model = ViT(vit_cfg(attention=kind, attention_options=opts, qk_norm="rms"), rngs=nnx.Rngs(0))
   images = jnp.asarray(np.random.default_rng(23).normal(size=(2, 8, 8, 3)), jnp.float32)
   logits = model(images, deterministic=True)
   assert logits.shape == (2, 5) and np.all(np.isfinite(logits))
