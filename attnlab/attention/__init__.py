@@ -6,7 +6,9 @@ q [B, Lq, H, D]; k [B, Lk, Hkv, D]; v [B, Lk, Hkv, Dv]; out [B, Lq, H, Dv].
 See `attend` for the arguments and `KINDS` for the registered mechanisms.
 """
 
+from attnlab.attention import inline as _inline  # registers kind="inline"
 from attnlab.attention import linear as _linear  # registers kind="linear"
+from attnlab.attention import soft as _soft  # registers kind="soft"
 from attnlab.attention import sparse as _sparse  # registers sparsemax, entmax, topk
 from attnlab.attention.api import IMPLS, apply_weights, attend, check_options, impl_kinds, weights
 from attnlab.attention.kinds import (KINDS, Mechanism, RowContext, default_sigmoid_bias,

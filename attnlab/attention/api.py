@@ -78,7 +78,9 @@ def impl_kinds(impl: str) -> tuple[str, ...]:
   """The registered kinds `impl` can run: the fused kernels state theirs; chunked runs every
   kind but those with a `row_map` (sparsemax, entmax, top-k: a row's weights need all of
   its scores at once, which a scan over key blocks never holds); xla and auto (falling
-  back from the kernels and from chunked) run every kind."""
+  back from the kernels and from chunked) run every kind. Kinds with an `attend_override`
+  (linear, inline, soft: O(L), no [Lq, Lk] scores) run that same path under xla, chunked
+  and auto."""
   _check_impl(impl)
   if impl == "pallas":
     return tuple(k for k in kernel_capabilities.KINDS if k in KINDS)
@@ -152,7 +154,7 @@ def _split_options(mech: Mechanism, impl: str, options: dict[str, Any]):
   return kind_options, impl_options
 
 
-def _prepare(q, k, v, kind, mask, bias, scale, impl, options):
+def _prepare(q, k, v, kind, mask, bias, scale, is_causal, impl, options):
   mech = get_kind(kind)
   _check_impl(impl)
   dims = validate.check_qkv(q, k, v) if v is not None else None
@@ -169,6 +171,14 @@ def _prepare(q, k, v, kind, mask, bias, scale, impl, options):
       if value is not None:
         raise ValueError(f"kind={kind!r} has no pairwise logits, so it takes no {name}; got "
                          f"{name}={value if name == 'scale' else 'an array'}. Leave it None.")
+  if bias is not None and not mech.takes_bias:
+    raise ValueError(f"kind={kind!r} never builds the [Lq, Lk] scores an additive bias would "
+                     "enter, so it takes no bias; got bias=an array. Leave it None (for "
+                     "positions use RoPE or learned embeddings rather than ALiBi).")
+  if is_causal and not mech.supports_causal:
+    raise ValueError(f"kind={kind!r} is not causal (every output mixes the whole sequence), so "
+                     f"it takes no is_causal=True. Use it bidirectionally, or a causal kind "
+                     f"(e.g. kind='gaussian' for its exact kernel).")
   mech.check_mask(mask)
   return mech, dims, kind_options, impl_options
 
@@ -224,8 +234,8 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
     ValueError: an argument of the wrong shape, dtype or value (the message names
       it, what was seen and what is expected).
   """
-  mech, dims, kind_options, impl_options = _prepare(q, k, v, kind, mask, bias, scale, impl,
-                                                    options)
+  mech, dims, kind_options, impl_options = _prepare(q, k, v, kind, mask, bias, scale,
+                                                    is_causal, impl, options)
   if impl == "auto":
     impl = auto_impl(mech.name, q, k, v, mask=mask, bias=bias)
     impl_options = dict(IMPL_OPTIONS[impl])  # auto takes no options: the picked impl's defaults
@@ -250,7 +260,8 @@ def weights(q: Array, k: Array, *, kind: str = "softmax", mask: Array | None = N
   feature-map products its O(L) form never builds. `attend(impl="xla")` equals
   `apply_weights(weights(...), v)` for every kind.
   """
-  mech, dims, kind_options, _ = _prepare(q, k, None, kind, mask, bias, scale, "xla", options)
+  mech, dims, kind_options, _ = _prepare(q, k, None, kind, mask, bias, scale, is_causal, "xla",
+                                         options)
   scale = core.default_scale(dims.head_dim, scale)
   common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
   if mech.weights_override is not None:

@@ -17,8 +17,8 @@ Because the row normaliser is a plain sum (or a count), the blockwise version
 only accumulates sums over key blocks; softmax additionally keeps the row max. A
 ``"row"`` kind needs every score of a row at once, so only the materialising
 implementation runs it (`api.impl_kinds`).
-Linear attention has no [Lq, Lk] scores at all and brings its own
-``attend_override`` (see `linear.py`).
+Linear attention, InLine and SOFT never build [Lq, Lk] scores and bring their own
+``attend_override`` (see `linear.py`, `inline.py`, `soft.py`).
 """
 
 from __future__ import annotations
@@ -132,7 +132,11 @@ class Mechanism:
     weights_override: their `weights` (the [B, H, Lq, Lk] map they imply).
     check_mask: rejects masks the kind cannot honour (raises ValueError).
     needs_row_counts: `activate` reads ``ctx.row_counts``.
-    has_logits: the kind scores pairs, so `scale` and `bias` apply to it.
+    has_logits: the kind scores pairs, so `scale` applies to it.
+    takes_bias: an additive [.., Lq, Lk] logits `bias` applies to it (False for the kinds
+      that never build an [Lq, Lk] array: linear, soft, inline).
+    supports_causal: the kind runs with ``is_causal=True`` (False: soft, whose landmarks
+      pool the whole sequence).
     row_map: ``(s, valid, options) -> weights``, float32 [B, H, Lq, Lk] scores (bias
       added) and the bool mask of visible pairs (broadcastable, or None) to the weights,
       exactly 0 where masked and on rows with no visible key; for kinds whose weights
@@ -155,6 +159,8 @@ class Mechanism:
   check_mask: Callable[[Array | None], None] = lambda mask: None
   needs_row_counts: bool = False
   has_logits: bool = True
+  takes_bias: bool = True
+  supports_causal: bool = True
   row_map: Callable[[Array, Array | None, Mapping[str, Any]], Array] | None = None
 
 

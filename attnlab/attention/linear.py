@@ -9,7 +9,7 @@ rejected rather than silently materialised.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -26,12 +26,22 @@ FEATURE_MAPS = {
 }
 
 
-def check_mask(mask: Array | None) -> None:
-  if mask is not None and mask.shape[1:3] != (1, 1):
-    raise ValueError(
-        "kind='linear' supports only key-padding masks of shape [B or 1, 1, 1, Lk] (a general "
-        f"[.., Lq, Lk] mask would need the [Lq, Lk] matrix it avoids); got mask shape "
-        f"{tuple(mask.shape)}. Use is_causal=True for causal attention.")
+def key_padding_masks_only(kind: str) -> Callable[[Array | None], None]:
+  """A `Mechanism.check_mask` for the O(L) kinds: key-padding masks [B or 1, 1, 1, Lk] only."""
+  def check_mask(mask: Array | None) -> None:
+    if mask is not None and mask.shape[1:3] != (1, 1):
+      raise ValueError(
+          f"kind={kind!r} supports only key-padding masks of shape [B or 1, 1, 1, Lk] (a "
+          f"general [.., Lq, Lk] mask would need the [Lq, Lk] matrix it avoids); got mask "
+          f"shape {tuple(mask.shape)}. Use is_causal=True for causal attention.")
+  return check_mask
+
+
+def prefix_rows(q_len: int, kv_len: int) -> tuple[Array, Array]:
+  """For causal rows read from prefix sums over the keys: the index of each query's last
+  visible key (i + Lk - Lq, clipped into range), and whether it sees any key at all."""
+  last_key_Q = jnp.arange(q_len) + (kv_len - q_len)
+  return jnp.clip(last_key_Q, 0, kv_len - 1), last_key_Q >= 0
 
 
 def _features(q: Array, k: Array, mask: Array | None, options: Mapping[str, Any]):
@@ -63,9 +73,7 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
     # Prefix sums over keys; query i reads the prefix ending at key i + (Lk - Lq).
     state_BKhDE = jnp.cumsum(jnp.einsum("bkhd,bkhe->bkhde", phi_k_BKhD, v_BKhD), axis=1)
     norm_BKhD = jnp.cumsum(phi_k_BKhD, axis=1)
-    last_key_Q = jnp.arange(lq) + (lk - lq)
-    sees_any_Q = last_key_Q >= 0
-    idx_Q = jnp.clip(last_key_Q, 0, lk - 1)
+    idx_Q, sees_any_Q = prefix_rows(lq, lk)
     num = jnp.einsum("bqhgd,bqhde->bqhge", phi_q_BQhGD, state_BKhDE[:, idx_Q])
     den = jnp.einsum("bqhgd,bqhd->bqhg", phi_q_BQhGD, norm_BKhD[:, idx_Q])[..., None]
     den = jnp.where(sees_any_Q[None, :, None, None, None], den, 0.0)
@@ -105,6 +113,7 @@ LINEAR = register_kind(Mechanism(
     check=_check_linear,
     attend_override=attend,
     weights_override=weights,
-    check_mask=check_mask,
+    check_mask=key_padding_masks_only("linear"),
     has_logits=False,
+    takes_bias=False,
 ))

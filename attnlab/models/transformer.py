@@ -73,6 +73,10 @@ class TransformerConfig(BackboneConfig):
                          f"(width // num_heads = {self.head_dim}) must be even.")
     if self.positions == "alibi":
       self._check_alibi(owner)
+    if self.causal and not attention.KINDS[self.attention].supports_causal:
+      raise config_error(owner, "attention", self.attention,
+                         "this kind is not causal (every output mixes the whole sequence); "
+                         "use it with causal=False (a classifier) or pick a causal kind.")
     if self.num_classes is not None and (not isinstance(self.num_classes, int)
                                          or self.num_classes < 1):
       raise config_error(owner, "num_classes", self.num_classes,
@@ -86,7 +90,7 @@ class TransformerConfig(BackboneConfig):
     return self.max_len
 
   def _check_alibi(self, owner: str) -> None:
-    if not attention.KINDS[self.attention].has_logits:
+    if not attention.KINDS[self.attention].takes_bias:
       raise config_error(owner, "positions", "alibi",
                          f"attention={self.attention!r} takes no additive logits bias, so ALiBi "
                          "cannot be applied; use positions='rope' / 'learned' / 'none' or a kind "
