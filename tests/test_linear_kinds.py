@@ -22,6 +22,8 @@ from attnlab import attention
 from attnlab.attention import api, inline, soft
 from attnlab.kernels import capabilities as kernel_capabilities
 from attnlab.models import TransformerConfig, ViT, ViTConfig
+from kind_cases import (F32_EPS, SHAPES, assert_close, directional_fd, make_inputs,
+                        off_by_one_mask, padding_mask, tolerance)
 
 INLINE_VARIANTS = [{}, {"feature_map": "relu"}, {"feature_map": "leakyrelu"},
                    {"feature_map": "exp"}]
@@ -138,7 +140,7 @@ def np_attend(kind, q, k, v, **kw):
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs and the tolerance rule of tests/test_attention.py: float32 errors scale with the
+# Inputs and the tolerance rule: tests/kind_cases.py. Float32 errors scale with the
 # magnitude of the compared quantity (x cond); 16-bit outputs add half an ulp relative and,
 # with 16-bit inputs, one of the magnitude. SOFT's cond is SOFT_COND: its Newton iterations
 # add roundings that the landmark kernel's conditioning (condition numbers 60 to 31,000 on
@@ -147,50 +149,6 @@ def np_attend(kind, q, k, v, **kw):
 # magnitude (most 5-20), so 8 x 128 units leave about 10x room. A different segmentation of
 # the landmarks moves the outputs by millions of units (test_soft_values_float32).
 # ----------------------------------------------------------------------------------------------
-SHAPES = {
-    # name: (B, Lq, Lk, H, Hkv, D, Dv)
-    "gqa_odd": (2, 37, 53, 4, 2, 16, 8),
-    "mha_square": (1, 16, 16, 2, 2, 8, 8),
-    "mqa_long_q": (1, 21, 13, 3, 1, 8, 4),
-}
-F32_EPS = float(np.finfo(np.float32).eps)
-F32_ROUNDING_UNITS = 128
-
-
-def make_inputs(shape, seed=0, dtype=jnp.float32):
-  b, lq, lk, h, hkv, d, dv = SHAPES[shape]
-  rng = np.random.default_rng(seed)
-  return tuple(jnp.asarray(rng.normal(size=s), dtype)
-               for s in ((b, lq, h, d), (b, lk, hkv, d), (b, lk, hkv, dv)))
-
-
-def padding_mask(shape, seed=1):
-  b, _, lk, *_ = SHAPES[shape]
-  lengths = np.random.default_rng(seed).integers(lk // 2, lk, size=b)
-  return jnp.asarray(np.arange(lk)[None, :] < lengths[:, None])[:, None, None, :]
-
-
-def off_by_one_mask(shape):
-  """Hides key max(Lk - Lq, 0), which every causal query from the first one on sees."""
-  _, lq, lk, *_ = SHAPES[shape]
-  return jnp.asarray(np.arange(lk) != max(lk - lq, 0))[None, None, None, :]
-
-
-def tolerance(want, out_dtype=jnp.float32, magnitude=None, cond=1.0):
-  magnitude = float(np.max(np.abs(want))) if magnitude is None else magnitude
-  atol = F32_ROUNDING_UNITS * cond * F32_EPS * magnitude
-  u = float(jnp.finfo(out_dtype).eps) / 2
-  if jnp.finfo(out_dtype).bits < 32:
-    atol += u * magnitude
-  return dict(atol=atol, rtol=u)
-
-
-def assert_close(got, want, out_dtype=jnp.float32, cond=1.0):
-  want = np.asarray(want, np.float64)
-  np.testing.assert_allclose(np.asarray(got, np.float64), want,
-                             **tolerance(want, out_dtype, cond=cond))
-
-
 SOFT_COND = 8.0
 
 
@@ -304,12 +262,6 @@ def test_inline_is_injective_where_linear_attention_is_not():
   assert np.max(np.abs(inl[0] - inl[1])) > 1e-2
   # w(c q) - 1/N = c (w(q) - 1/N): the weights move linearly away from uniform.
   np.testing.assert_allclose(inl[1] - 1 / 16, 3.0 * (inl[0] - 1 / 16), rtol=0, atol=1e-6)
-
-
-def directional_fd(fn, args, directions, eps=1e-5):
-  plus = fn(*[a + eps * d for a, d in zip(args, directions)])
-  minus = fn(*[a - eps * d for a, d in zip(args, directions)])
-  return (plus - minus) / (2 * eps)
 
 
 def check_gradients(kind, q, k, v, opts, mask=None, causal=False, wrong=None, cond=1.0):

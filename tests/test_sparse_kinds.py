@@ -18,6 +18,8 @@ import pytest
 from attnlab import attention
 from attnlab.attention import api, chunked
 from attnlab.models import ViTConfig
+from kind_cases import (F32_EPS, SHAPES, assert_close, directional_fd, make_inputs,
+                        off_by_one_mask, padding_mask, tolerance)
 
 SPARSE_KINDS = ("entmax", "sparsemax", "topk")
 # Each kind with the options that reach each of its code paths: entmax's exact sort
@@ -104,56 +106,11 @@ def np_attend(q, k, v, kind, **kw):
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs and the tolerance rule of tests/test_attention.py (see the reasoning there): float32
-# errors scale with the magnitude of the compared quantity; 16-bit outputs add half an ulp
-# relative, and one of the magnitude for the weights rounded to 16 bits before they meet v.
+# Inputs: tests/kind_cases.py (shared with tests/test_linear_kinds.py); a random full mask.
 # ----------------------------------------------------------------------------------------------
-SHAPES = {
-    # name: (B, Lq, Lk, H, Hkv, D, Dv)
-    "gqa_odd": (2, 37, 53, 4, 2, 16, 8),
-    "mha_square": (1, 16, 16, 2, 2, 8, 8),
-    "mqa_long_q": (1, 21, 13, 3, 1, 8, 4),
-}
-F32_EPS = float(np.finfo(np.float32).eps)
-F32_ROUNDING_UNITS = 128
-
-
-def make_inputs(shape, seed=0, dtype=jnp.float32):
-  b, lq, lk, h, hkv, d, dv = SHAPES[shape]
-  rng = np.random.default_rng(seed)
-  return tuple(jnp.asarray(rng.normal(size=s), dtype)
-               for s in ((b, lq, h, d), (b, lk, hkv, d), (b, lk, hkv, dv)))
-
-
-def padding_mask(shape, seed=1):
-  b, _, lk, *_ = SHAPES[shape]
-  lengths = np.random.default_rng(seed).integers(lk // 2, lk, size=b)
-  return jnp.asarray(np.arange(lk)[None, :] < lengths[:, None])[:, None, None, :]
-
-
 def full_mask(shape, seed=2):
   b, lq, lk, h, *_ = SHAPES[shape]
   return jnp.asarray(np.random.default_rng(seed).random((b, h, lq, lk)) < 0.7)
-
-
-def off_by_one_mask(shape):
-  """Hides key max(Lk - Lq, 0), which every causal query from the first one on sees."""
-  _, lq, lk, *_ = SHAPES[shape]
-  return jnp.asarray(np.arange(lk) != max(lk - lq, 0))[None, None, None, :]
-
-
-def tolerance(want, out_dtype=jnp.float32, magnitude=None):
-  magnitude = float(np.max(np.abs(want))) if magnitude is None else magnitude
-  atol = F32_ROUNDING_UNITS * F32_EPS * magnitude
-  u = float(jnp.finfo(out_dtype).eps) / 2
-  if jnp.finfo(out_dtype).bits < 32:
-    atol += u * magnitude
-  return dict(atol=atol, rtol=u)
-
-
-def assert_close(got, want, out_dtype=jnp.float32):
-  want = np.asarray(want, np.float64)
-  np.testing.assert_allclose(np.asarray(got, np.float64), want, **tolerance(want, out_dtype))
 
 
 def topk_gap(q, k, kind, opts, mask=None, is_causal=False, bias=None):
@@ -284,12 +241,6 @@ def test_sparsemax_and_entmax_by_hand():
 # Gradients: JAX's VJP (the closed forms; autodiff for top-k) against central differences of
 # the float64 reference, in q, k, v and the bias.
 # ----------------------------------------------------------------------------------------------
-def directional_fd(fn, args, directions, eps=1e-5):
-  plus = fn(*[a + eps * d for a, d in zip(args, directions)])
-  minus = fn(*[a - eps * d for a, d in zip(args, directions)])
-  return (plus - minus) / (2 * eps)
-
-
 @pytest.mark.parametrize("shape,causal,masking", [("mqa_long_q", True, "padding"),
                                                   ("gqa_odd", False, "full")])
 @pytest.mark.parametrize("kind,opts", VARIANTS, ids=IDS)
