@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from attnlab import workdir as workdir_lib
 from attnlab.moe import rates
 from attnlab.moe.config import MoEStudyConfig
 
@@ -236,19 +237,12 @@ def write(cfg: MoEStudyConfig, table, missing: Sequence[str], seconds: dict[str,
   """Writes results.json, report.md and rates.png; returns the summary the entry points print."""
   paths = {"json": os.path.join(workdir, "results.json"), "report": os.path.join(workdir, "report.md"),
            "plot": os.path.join(workdir, "rates.png")}
-  _atomic(paths["json"], json.dumps({"rows": table}))
+  workdir_lib.write_atomic(paths["json"], json.dumps({"rows": table}))
   diff_rows = difference_rows(cfg, table)
-  _atomic(paths["report"], markdown(cfg, table, missing, seconds, diff_rows))
+  workdir_lib.write_atomic(paths["report"], markdown(cfg, table, missing, seconds, diff_rows))
   plot(cfg, table, paths["plot"])
   differences = [{"expert": r["expert"], "comparison": r["comparison"], "metric": r["metric"],
                   "difference": r["mean"].difference, "ci": list(r["mean"].ci),
                   "median_difference": r["median"].difference, "median_ci": list(r["median"].ci)}
                  for r in diff_rows]
   return {"workdir": workdir, "paths": paths, "differences": differences, "missing_groups": list(missing)}
-
-
-def _atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)

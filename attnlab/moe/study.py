@@ -157,14 +157,6 @@ def recorded(workdir: str) -> dict[str, dict[str, Any]]:
   return found
 
 
-def _write_json(path: str, record: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(record, f)  # NaN (an undefined loss) is written as NaN
-  os.replace(tmp, path)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         on_group: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Fits every (expert, n) group not yet recorded in `workdir`, then writes the report.
@@ -186,7 +178,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     todo = [g for g in groups(cfg) if group_name(*g) not in done]
     for expert, n in todo:
       record = fit_group(cfg, expert, n)
-      _write_json(os.path.join(workdir, GROUPS_DIR, f"{group_name(expert, n)}.json"), record)
+      os.makedirs(os.path.join(workdir, GROUPS_DIR), exist_ok=True)
+      # NaN (an undefined loss) is written as NaN.
+      workdir_lib.write_atomic(os.path.join(workdir, GROUPS_DIR, f"{group_name(expert, n)}.json"),
+                               json.dumps(record))
       print(f"moe: {group_name(expert, n)} fitted in {record['fit_seconds']:.1f} s, scored in "
             f"{record['seconds'] - record['fit_seconds']:.1f} s", flush=True)
       if on_group is not None:
