@@ -234,9 +234,10 @@ def _cell_terms(masses, locations, true_masses, true_locations, parts, true_part
   return loss, tuple(sizes)
 
 
-def _multi_term(gate: str, expert: str, split_expert: bool):
-  """T_r of the module docstring; parts are (beta_1, a, e) when split_expert else (beta_1, eta)."""
-  if expert in STRONG or gate == "sigmoid" or not split_expert:
+def _multi_term(split_expert: bool):
+  """T_r of the module docstring: rbar(|V_j|) exponents over parts (beta_1, a, e) when the
+  expert is split (weak experts under softmax), squares of every part otherwise."""
+  if not split_expert:
     return lambda diff, size: sum(v ** 2 for v in diff)
   return lambda diff, size: diff[0] ** rbar(size) + diff[1] ** (rbar(size) / 2) + diff[2] ** rbar(size)
 
@@ -255,7 +256,7 @@ def _masses(c: np.ndarray, gate: str) -> np.ndarray:
 
 
 def _voronoi_at(p, truth, gate: str, expert: str, shift: np.ndarray | None = None):
-  """D(G, G*) with the fitted slopes and intercepts shifted by `shift` (softmax)."""
+  """D(G, G*) with the fitted slopes shifted by `shift` (softmax's translation)."""
   slopes, c = _slopes(p), p["c"]
   if shift is not None:
     slopes = slopes + shift
@@ -271,7 +272,7 @@ def _voronoi_at(p, truth, gate: str, expert: str, shift: np.ndarray | None = Non
     counted = np.concatenate([np.ones((len(sloped), 2), bool), sloped[:, None]], axis=1)
   return _cell_terms(mass, np.concatenate([slopes, _eta(p)], axis=1), t_mass,
                      np.concatenate([t_slopes, _eta(truth)], axis=1), parts, t_parts,
-                     _multi_term(gate, expert, weak_softmax), counted)
+                     _multi_term(weak_softmax), counted)
 
 
 def _sym_shift(t: np.ndarray, d: int) -> np.ndarray:
