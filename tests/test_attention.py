@@ -17,9 +17,9 @@ import pytest
 from attnlab import attention
 from attnlab.attention import api, blockwise
 
-# The input-dependent sparse kinds (a whole-row map, xla only) have their own reference and
-# tests in tests/test_sparse_kinds.py, SOFT's and InLine's O(L) forms theirs in
-# tests/test_linear_kinds.py; every other registered kind is tested here.
+# The input-dependent sparse kinds (whole-row maps; top-k also streamed by chunked) have their
+# own reference and tests in tests/test_sparse_kinds.py, SOFT's and InLine's O(L) forms theirs
+# in tests/test_linear_kinds.py; every other registered kind is tested here.
 SPARSE_KINDS = ("entmax", "sparsemax", "topk")
 OWN_REFERENCE_KINDS = SPARSE_KINDS + ("inline", "soft")
 KINDS = sorted(set(attention.KINDS) - set(OWN_REFERENCE_KINDS))

@@ -34,6 +34,11 @@ VARIANTS = [
     ("topk", {"top_k": 3}),
 ]
 IDS = [f"{k}-{'-'.join(f'{n}={v}' for n, v in o.items()) or 'default'}" for k, o in VARIANTS]
+# Every variant materialised (impl="xla"); top-k also streamed by chunked, in key blocks of 8
+# that leave a padded last block on every shape of SHAPES (13 to 53 keys).
+CHUNKED = {"impl": "chunked", "block_k": 8}
+RUNS = [(k, o, {}) for k, o in VARIANTS] + [(k, o, CHUNKED) for k, o in VARIANTS if k == "topk"]
+RUN_IDS = IDS + [f"{i}-chunked" for (k, _), i in zip(VARIANTS, IDS) if k == "topk"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,9 +144,11 @@ def test_registered_with_paper_defaults_and_impls(kind, arxiv):
   assert arxiv in mech.paper
   assert mech.row_map is not None and mech.normalization(mech.options) == "row"
   assert kind in attention.impl_kinds("xla") and kind in attention.impl_kinds("auto")
-  assert kind not in attention.impl_kinds("chunked")
   assert kind not in attention.impl_kinds("pallas")
-  assert api.kind_impls(kind) == ("xla", "auto")
+  # top-k streams its kept set through key blocks; sparsemax/entmax thresholds need the row.
+  streams = kind == "topk"
+  assert (kind in attention.impl_kinds("chunked")) == streams
+  assert api.kind_impls(kind) == (("xla", "chunked", "auto") if streams else ("xla", "auto"))
   assert attention.KINDS["entmax"].options == {"alpha": 1.5}
   assert attention.KINDS["topk"].options == {"top_k": 8}
 
@@ -154,21 +161,21 @@ CASES = [("gqa_odd", False, "none"), ("gqa_odd", True, "padding"), ("mha_square"
 
 
 @pytest.mark.parametrize("shape,causal,masking", CASES)
-@pytest.mark.parametrize("kind,opts", VARIANTS, ids=IDS)
-def test_values_float32(kind, opts, shape, causal, masking):
+@pytest.mark.parametrize("kind,opts,impl", RUNS, ids=RUN_IDS)
+def test_values_float32(kind, opts, impl, shape, causal, masking):
   q, k, v = make_inputs(shape)
   mask = {"none": None, "padding": padding_mask(shape), "full": full_mask(shape)}[masking]
   assert topk_gap(q, k, kind, opts, mask, causal) > 1e-5  # float32 scores are good to ~1e-6
-  got = attention.attend(q, k, v, kind=kind, mask=mask, is_causal=causal, **opts)
+  got = attention.attend(q, k, v, kind=kind, mask=mask, is_causal=causal, **opts, **impl)
   assert got.shape == q.shape[:3] + v.shape[3:] and got.dtype == q.dtype
   assert_close(got, np_attend(q, k, v, kind, mask=mask, is_causal=causal, **opts))
 
 
-@pytest.mark.parametrize("kind,opts", VARIANTS, ids=IDS)
-def test_values_bfloat16(kind, opts):
+@pytest.mark.parametrize("kind,opts,impl", RUNS, ids=RUN_IDS)
+def test_values_bfloat16(kind, opts, impl):
   q, k, v = make_inputs("gqa_odd", seed=4, dtype=jnp.bfloat16)
   mask = padding_mask("gqa_odd")
-  got = attention.attend(q, k, v, kind=kind, mask=mask, is_causal=True, **opts)
+  got = attention.attend(q, k, v, kind=kind, mask=mask, is_causal=True, **opts, **impl)
   assert got.dtype == jnp.bfloat16
   # The reference sees the same bf16-rounded inputs, in float64.
   q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
@@ -177,12 +184,12 @@ def test_values_bfloat16(kind, opts):
   assert_close(got.astype(jnp.float32), want, out_dtype=jnp.bfloat16)
 
 
-@pytest.mark.parametrize("kind,opts", VARIANTS, ids=IDS)
-def test_bias_is_added_to_the_scores(kind, opts):
+@pytest.mark.parametrize("kind,opts,impl", RUNS, ids=RUN_IDS)
+def test_bias_is_added_to_the_scores(kind, opts, impl):
   q, k, v = make_inputs("mha_square", seed=5)
   bias = jnp.asarray(np.random.default_rng(6).normal(size=(1, 2, 16, 16)), jnp.float32)
   assert topk_gap(q, k, kind, opts, bias=bias) > 1e-5  # float32 scores are good to ~1e-6
-  got = attention.attend(q, k, v, kind=kind, bias=bias, **opts)
+  got = attention.attend(q, k, v, kind=kind, bias=bias, **opts, **impl)
   assert_close(got, np_attend(q, k, v, kind, bias=bias, **opts))
 
 
@@ -243,8 +250,8 @@ def test_sparsemax_and_entmax_by_hand():
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape,causal,masking", [("mqa_long_q", True, "padding"),
                                                   ("gqa_odd", False, "full")])
-@pytest.mark.parametrize("kind,opts", VARIANTS, ids=IDS)
-def test_gradients_against_float64_finite_differences(kind, opts, shape, causal, masking):
+@pytest.mark.parametrize("kind,opts,impl", RUNS, ids=RUN_IDS)
+def test_gradients_against_float64_finite_differences(kind, opts, impl, shape, causal, masking):
   q, k, v = make_inputs(shape, seed=11)
   mask = padding_mask(shape) if masking == "padding" else full_mask(shape)
   b, lq, lk, h, *_ = SHAPES[shape]
@@ -261,7 +268,8 @@ def test_gradients_against_float64_finite_differences(kind, opts, shape, causal,
   np.testing.assert_array_equal(support(-1), support(1))
 
   def loss(q, k, v, bias):
-    out = attention.attend(q, k, v, kind=kind, mask=mask, bias=bias, is_causal=causal, **opts)
+    out = attention.attend(q, k, v, kind=kind, mask=mask, bias=bias, is_causal=causal, **opts,
+                           **impl)
     return jnp.sum(out * cot)
 
   grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
@@ -281,8 +289,8 @@ def test_gradients_against_float64_finite_differences(kind, opts, shape, causal,
   assert abs(got - wrong) > tol["atol"] + tol["rtol"] * abs(wrong)
 
 
-@pytest.mark.parametrize("kind,opts", VARIANTS, ids=IDS)
-def test_bfloat16_gradients_follow_float32(kind, opts):
+@pytest.mark.parametrize("kind,opts,impl", RUNS, ids=RUN_IDS)
+def test_bfloat16_gradients_follow_float32(kind, opts, impl):
   q, k, v = make_inputs("gqa_odd", seed=11, dtype=jnp.bfloat16)
   mask = padding_mask("gqa_odd")
   cot = jnp.asarray(np.random.default_rng(12).normal(size=q.shape[:3] + v.shape[3:]),
@@ -290,7 +298,7 @@ def test_bfloat16_gradients_follow_float32(kind, opts):
 
   def grads(q, k, v):
     f = lambda q, k, v: jnp.sum(cot * attention.attend(
-        q, k, v, kind=kind, mask=mask, is_causal=True, **opts).astype(jnp.float32))
+        q, k, v, kind=kind, mask=mask, is_causal=True, **opts, **impl).astype(jnp.float32))
     return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
 
   want = grads(*(x.astype(jnp.float32) for x in (q, k, v)))
@@ -395,14 +403,60 @@ def test_topk_ties_keep_the_lower_key_indices_and_never_masked_keys():
       [0, 1 / 3, 1 / 3, 1 / 3, 0, 0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("block_k", [1, 2, 4, 6])
+def test_chunked_topk_keeps_the_same_tied_keys_across_block_boundaries(block_k):
+  """The by-hand ties above, streamed: v = one-hot key positions, so the output row shows
+  the weight each key got. Blocks of 1 ... 6 keys put the ties on and across boundaries."""
+  zeros_q = jnp.zeros((1, 1, 1, 4))
+  zeros_k = jnp.zeros((1, 6, 1, 4))
+  eye_v = jnp.eye(6)[None, :, None, :]
+  bias = jnp.asarray([1.0, 3.0, 3.0, 3.0, 0.0, 3.0])[None, None, None, :]
+  hide = jnp.asarray([True, False, True, True, True, True])[None, None, None, :]
+  for top_k, mask in ((2, None), (3, None), (5, None), (3, hide), (6, hide)):
+    common = dict(kind="topk", top_k=top_k, bias=bias, mask=mask)
+    want = attention.weights(zeros_q, zeros_k, **common)[0, 0, 0]
+    got = attention.attend(zeros_q, zeros_k, eye_v, impl="chunked", block_k=block_k,
+                           **common)[0, 0, 0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=F32_EPS)
+    np.testing.assert_array_equal(got > 0, want > 0)
+
+
+def test_chunked_topk_of_every_visible_key_is_chunked_softmax():
+  q, k, v = make_inputs("gqa_odd", seed=23)
+  mask = full_mask("gqa_odd")
+  common = dict(mask=mask, is_causal=True, impl="chunked", block_k=8)
+  assert_close(attention.attend(q, k, v, kind="topk", top_k=1000, **common),
+               np_attend(q, k, v, "softmax", mask=mask, is_causal=True))
+  np.testing.assert_allclose(attention.attend(q, k, v, kind="topk", top_k=1000, **common),
+                             attention.attend(q, k, v, kind="softmax", **common),
+                             rtol=0, atol=4 * F32_EPS)
+
+
+def test_chunked_topk_holds_no_full_row_of_scores():
+  """The streamed kind's compiled program has no [Lq, Lk] array: its largest intermediate
+  is a [Lq, block_k + top_k] candidate tile (the materialising path holds [Lq, Lk])."""
+  lq = lk = 512
+  q = jax.ShapeDtypeStruct((1, lq, 1, 8), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, lk, 1, 8), jnp.float32)
+
+  def largest_buffer(impl, **opts):
+    f = lambda q, k, v: attention.attend(q, k, v, kind="topk", top_k=8, impl=impl, **opts)
+    text = jax.jit(f).lower(q, kv, kv).as_text()
+    return max(math.prod(int(d) for d in dims.split("x") if d)
+               for dims in re.findall(r"tensor<((?:\d+x)+)f32>", text))
+
+  assert largest_buffer("xla") >= lq * lk
+  assert largest_buffer("chunked", block_k=64) <= lq * (64 + 8)
+
+
 # ----------------------------------------------------------------------------------------------
 # Masking edge cases and numerical safety.
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,opts", VARIANTS, ids=IDS)
-def test_fully_masked_rows_give_zeros_and_finite_gradients(kind, opts):
+@pytest.mark.parametrize("kind,opts,impl", RUNS, ids=RUN_IDS)
+def test_fully_masked_rows_give_zeros_and_finite_gradients(kind, opts, impl):
   q, k, v = make_inputs("mha_square", seed=18)
   mask = jnp.ones((1, 2, 16, 16), bool).at[:, :, 3, :].set(False)
-  f = lambda q, k, v: attention.attend(q, k, v, kind=kind, mask=mask, **opts)
+  f = lambda q, k, v: attention.attend(q, k, v, kind=kind, mask=mask, **opts, **impl)
   out = np.asarray(f(q, k, v))
   assert np.all(out[:, 3] == 0.0) and np.all(np.isfinite(out))
   assert np.all(np.asarray(attention.weights(q, k, kind=kind, mask=mask, **opts))[:, :, 3] == 0.0)
@@ -411,25 +465,26 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients(kind, opts):
   assert np.all(np.asarray(grads[0])[:, 3] == 0.0)  # a dead query row gets no gradient
 
 
-@pytest.mark.parametrize("kind,opts", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("kind,opts,impl", RUNS, ids=RUN_IDS)
 @pytest.mark.parametrize("masking,causal", [("none", False), ("mask", False), ("none", True)])
-def test_single_key(kind, opts, masking, causal):
+def test_single_key(kind, opts, impl, masking, causal):
   """Lk = 1: the one visible key gets weight 1 (0 where masked)."""
   rng = np.random.default_rng(19)
   b, lq, h, hkv, d, dv = 2, 5, 4, 2, 8, 4
   q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
              for s in ((b, lq, h, d), (b, 1, hkv, d), (b, 1, hkv, dv)))
   mask = jnp.asarray(rng.random((b, h, lq, 1)) < 0.5) if masking == "mask" else None
-  got = attention.attend(q, k, v, kind=kind, mask=mask, is_causal=causal, **opts)
+  got = attention.attend(q, k, v, kind=kind, mask=mask, is_causal=causal, **opts, **impl)
   assert_close(got, np_attend(q, k, v, kind, mask=mask, is_causal=causal, **opts))
 
 
-@pytest.mark.parametrize("kind,opts", VARIANTS, ids=IDS)
-def test_huge_bfloat16_logits_stay_finite(kind, opts):
+@pytest.mark.parametrize("kind,opts,impl", RUNS, ids=RUN_IDS)
+def test_huge_bfloat16_logits_stay_finite(kind, opts, impl):
   q, k, v = make_inputs("mha_square", seed=20, dtype=jnp.bfloat16)
   q, k = q * 300, k * 300  # logits ~ 1e5
   mask = padding_mask("mha_square")
-  f = lambda q, k, v: attention.attend(q, k, v, kind=kind, mask=mask, is_causal=True, **opts)
+  f = lambda q, k, v: attention.attend(q, k, v, kind=kind, mask=mask, is_causal=True, **opts,
+                                       **impl)
   out = np.asarray(f(q, k, v), np.float32)
   assert np.all(np.isfinite(out))
   w = np.asarray(attention.weights(q, k, kind=kind, mask=mask, is_causal=True, **opts))
@@ -487,7 +542,7 @@ def test_good_alphas_are_accepted(alpha):
   assert attention.check_options("entmax", "xla", alpha=alpha)[0] == {"alpha": alpha}
 
 
-@pytest.mark.parametrize("kind", SPARSE_KINDS)
+@pytest.mark.parametrize("kind", ("entmax", "sparsemax"))
 def test_chunked_and_pallas_refuse_naming_the_impl_that_works(kind):
   with pytest.raises(ValueError, match=re.escape(
       f"impl='chunked' supports kinds {list(attention.impl_kinds('chunked'))}; got kind="
@@ -506,14 +561,21 @@ def test_chunked_and_pallas_refuse_naming_the_impl_that_works(kind):
                    scale=1.0, block_k=4)
 
 
+def test_pallas_refuses_topk_naming_the_impls_that_work():
+  with pytest.raises(ValueError, match=r"impl='pallas' supports kinds .*got kind='topk'\. "
+                     r"Use impl='xla' or 'chunked' for it"):
+    attention.check_options("topk", "pallas")
+
+
 @pytest.mark.parametrize("platform", ["cpu", "gpu"])
 @pytest.mark.parametrize("kind", SPARSE_KINDS)
-def test_auto_runs_them_materialised_at_every_length(monkeypatch, kind, platform):
+def test_auto_materialises_them_and_streams_long_topk(monkeypatch, kind, platform):
   monkeypatch.setattr(api, "platform", lambda: platform)
   q = jax.ShapeDtypeStruct((1, 8, 2, 8), jnp.float32)
   for kv_len in (16, api.AUTO_CHUNKED_MIN_KV_LEN, 4 * api.AUTO_CHUNKED_MIN_KV_LEN):
     k = jax.ShapeDtypeStruct((1, kv_len, 2, 8), jnp.float32)
-    assert api.auto_impl(kind, q, k, k) == "xla"
+    long = kv_len >= api.AUTO_CHUNKED_MIN_KV_LEN
+    assert api.auto_impl(kind, q, k, k) == ("chunked" if long and kind == "topk" else "xla")
   q, k, v = make_inputs("mha_square", seed=22)
   np.testing.assert_array_equal(attention.attend(q, k, v, kind=kind, impl="auto"),
                                 attention.attend(q, k, v, kind=kind, impl="xla"))

@@ -76,8 +76,9 @@ def auto_impl(kind: str, q: Array, k: Array, v: Array, *, mask: Array | None = N
 
 def impl_kinds(impl: str) -> tuple[str, ...]:
   """The registered kinds `impl` can run: the fused kernels state theirs; chunked runs every
-  kind but those with a `row_map` (sparsemax, entmax, top-k: a row's weights need all of
-  its scores at once, which a scan over key blocks never holds); xla and auto (falling
+  kind but those with a `row_map` (sparsemax, entmax: a row's weights need all of its
+  scores at once, which a scan over key blocks never holds; top-k, whose kept set a
+  running top-k finds, runs); xla and auto (falling
   back from the kernels and from chunked) run every kind. Kinds with an `attend_override`
   (linear, inline, soft: O(L), no [Lq, Lk] scores) run that same path under xla, chunked
   and auto."""
@@ -85,7 +86,8 @@ def impl_kinds(impl: str) -> tuple[str, ...]:
   if impl == "pallas":
     return tuple(k for k in kernel_capabilities.KINDS if k in KINDS)
   if impl == "chunked":
-    return tuple(sorted(k for k, mech in KINDS.items() if mech.row_map is None))
+    return tuple(sorted(k for k, mech in KINDS.items()
+                        if mech.row_map is None or mech.top_k_of is not None))
   return tuple(sorted(KINDS))
 
 

@@ -13,14 +13,14 @@ store the tiles either.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from attnlab.attention import blockwise, core
-from attnlab.attention.kinds import Mechanism, RowContext
+from attnlab.attention.kinds import SOFTMAX, Mechanism, RowContext
 
 Array = jax.Array
 
@@ -45,64 +45,99 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
            block_k: int = DEFAULT_BLOCK_K) -> Array:
   """Same result as the materialising path, [B, Lq, H, Dv] in q.dtype.
 
-  Kinds `blockwise` covers get its flash-style custom_vjp; the rest (l1/count
-  normalisations, activations that read row counts) the rematerialised scan below.
+  Kinds `blockwise` covers get its flash-style custom_vjp; top-k two streaming passes
+  (`_attend_top_k`); the rest (l1/count normalisations, activations that read row counts)
+  the rematerialised scan below.
   """
-  if mech.row_map is not None:
+  common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
+  if mech.row_map is not None and mech.top_k_of is None:
     # api.impl_kinds("chunked") leaves these kinds out, so `attend` never gets here with one.
     raise ValueError(f"impl='chunked' cannot run kind={mech.name!r}: its weights need every "
                      "score of a row at once, and the scan holds one key block. Use "
                      "impl='xla'.")
-  common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
   if blockwise.supports(mech, options):
     out_BQHD = blockwise.attend(q, k, v, mech, options, block_k=block_k, **common)
     return core.finish(out_BQHD, mech, options, q.dtype)
-  b, lq, h, _ = q.shape
-  lk, dv = k.shape[1], v.shape[3]
-  block_k = min(block_k, lk)
-  num_blocks = -(-lk // block_k)
-  has_padding = num_blocks * block_k != lk
-  normalization = mech.normalization(options)
+  tiles = _Tiles(q, k, v, mech, options, block_k=block_k, **common)
+  if mech.top_k_of is not None:
+    out_BHQD = _attend_top_k(tiles, mech.top_k_of(options))
+  else:
+    out_BHQD = _scan(tiles, mech, options)
+  return core.finish(out_BHQD.transpose(0, 2, 1, 3), mech, options, q.dtype)
 
-  xs = {
-      "k": core.key_blocks(k, 1, block_k, 0),
-      "v": core.key_blocks(v, 1, block_k, 0),
-      "pos": jnp.arange(num_blocks * block_k).reshape(num_blocks, block_k),
-      "mask": _broadcast_key_blocks(mask, 3, lk, block_k, False),
-      "bias": _broadcast_key_blocks(bias, 3, lk, block_k, 0),
-  }
 
-  def tile_valid(blk):
+class _Tiles:
+  """The key blocks a scan walks over (`xs`) and, per block, its visible pairs and scores."""
+
+  def __init__(self, q, k, v, mech, options, *, mask, bias, is_causal, scale, block_k):
+    self.q, self.mech, self.options, self.scale = q, mech, options, scale
+    self.mask, self.bias, self.is_causal = mask, bias, is_causal
+    self.lq, self.lk = q.shape[1], k.shape[1]
+    self.block_k = block_k = min(block_k, self.lk)
+    num_blocks = -(-self.lk // block_k)
+    self.has_padding = num_blocks * block_k != self.lk
+    self.xs = {
+        "k": core.key_blocks(k, 1, block_k, 0),
+        "v": core.key_blocks(v, 1, block_k, 0),
+        "pos": jnp.arange(num_blocks * block_k).reshape(num_blocks, block_k),
+        "mask": _broadcast_key_blocks(mask, 3, self.lk, block_k, False),
+        "bias": _broadcast_key_blocks(bias, 3, self.lk, block_k, 0),
+    }
+
+  def valid(self, blk) -> Array | None:
+    """The block's visible pairs, [B or 1, H or 1, Lq, block_k] bool, or None (all)."""
+    mask = self.mask
     user_mask = mask if blk["mask"] is None and mask is not None else blk["mask"]
-    valid = core.valid_mask(lq, lk, blk["pos"], mech, options, is_causal=is_causal,
-                            user_mask=user_mask, has_padding=has_padding)
-    return None if valid is None else jnp.broadcast_to(valid, valid.shape[:2] + (lq, block_k))
+    valid = core.valid_mask(self.lq, self.lk, blk["pos"], self.mech, self.options,
+                            is_causal=self.is_causal, user_mask=user_mask,
+                            has_padding=self.has_padding)
+    return None if valid is None else jnp.broadcast_to(valid, valid.shape[:2]
+                                                       + (self.lq, self.block_k))
 
-  def tile_scores(blk):
-    s_BHQK = mech.logits(q, blk["k"], scale)
-    b_ = bias if blk["bias"] is None else blk["bias"]
-    return s_BHQK if b_ is None else s_BHQK + b_.astype(jnp.float32)
+  def scores(self, blk) -> Array:
+    """The block's float32 scores [B, H, Lq, block_k], the bias added."""
+    s_BHQK = self.mech.logits(self.q, blk["k"], self.scale)
+    bias = self.bias if blk["bias"] is None else blk["bias"]
+    return s_BHQK if bias is None else s_BHQK + bias.astype(jnp.float32)
 
-  def count_step(count, blk):
-    valid = tile_valid(blk)
-    add = block_k if valid is None else jnp.sum(valid, -1, keepdims=True, dtype=jnp.float32)
+  def count_step(self, count, blk):
+    """Adds the block's visible keys per row to `count`; a `lax.scan` step."""
+    valid = self.valid(blk)
+    add = self.block_k if valid is None else jnp.sum(valid, -1, keepdims=True,
+                                                     dtype=jnp.float32)
     return count + add, None
 
+
+def _scan(tiles: _Tiles, mech: Mechanism, options: Mapping[str, Any],
+          select: Callable[[Array, Array], Array] | None = None) -> Array:
+  """sum_j w_ij v_j in float32, [B, H, Lq, Dv], by a rematerialised scan over key blocks.
+
+  `select(scores, pos)`, if given, narrows each block's visible pairs further (top-k's
+  kept set, known from a first pass).
+  """
+  q, v_blocks = tiles.q, tiles.xs["v"]
+  b, lq, h, _ = q.shape
+  dv = v_blocks.shape[-1]
+  normalization = mech.normalization(options)
   # Row counts broadcast like the caller's mask: [B or 1, H or 1, Lq, 1].
-  count_shape = (1, 1) if mask is None else mask.shape[:2]
+  count_shape = (1, 1) if tiles.mask is None else tiles.mask.shape[:2]
   zero_count = jnp.zeros(count_shape + (lq, 1), jnp.float32)
   if mech.needs_row_counts:
     # A cheap boolean pre-pass: the activation itself needs each row's number of visible keys.
-    counts, _ = jax.lax.scan(count_step, zero_count, xs)
+    counts, _ = jax.lax.scan(tiles.count_step, zero_count, tiles.xs)
   else:
     counts = None
-  ctx = RowContext(kv_len=lk, row_counts=counts)
+  ctx = RowContext(kv_len=tiles.lk, row_counts=counts)
 
   @jax.checkpoint
   def step(carry, blk):
     m, row_sum, count, acc = carry
-    valid = tile_valid(blk)
-    u = core.unnormalized(tile_scores(blk), valid, mech, ctx, options)
+    s = tiles.scores(blk)
+    valid = tiles.valid(blk)
+    if select is not None:
+      chosen = select(s, blk["pos"])
+      valid = chosen if valid is None else valid & chosen
+    u = core.unnormalized(s, valid, mech, ctx, options)
     if normalization == "softmax":
       # The running max only stabilises exp(): the normalised result does not depend on it.
       m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(u, axis=-1, keepdims=True)))
@@ -111,14 +146,46 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
       u = jnp.exp(u - m_safe)
       row_sum, acc, m = row_sum * rescale, acc * rescale, m_new
     row_sum = row_sum + jnp.sum(u, axis=-1, keepdims=True)
-    count, _ = count_step(count, blk)
+    count, _ = tiles.count_step(count, blk)
     acc = acc + core.weights_times_values(u, blk["v"])
     return (m, row_sum, count, acc), None
 
   init = (jnp.full((b, h, lq, 1), -jnp.inf, jnp.float32),
           jnp.zeros((b, h, lq, 1), jnp.float32), zero_count,
           jnp.zeros((b, h, lq, dv), jnp.float32))
-  (_, row_sum, count, acc_BHQD), _ = jax.lax.scan(step, init, xs)
+  (_, row_sum, count, acc_BHQD), _ = jax.lax.scan(step, init, tiles.xs)
   divisor = core.row_divisor(normalization, row_sum, count)
-  out_BHQD = acc_BHQD if divisor is None else core.safe_divide(acc_BHQD, divisor)
-  return core.finish(out_BHQD.transpose(0, 2, 1, 3), mech, options, q.dtype)
+  return acc_BHQD if divisor is None else core.safe_divide(acc_BHQD, divisor)
+
+
+def _attend_top_k(tiles: _Tiles, top_k: int) -> Array:
+  """Softmax over each row's top_k scores in two passes over the key blocks, O(Lq * top_k)
+  memory beyond one tile.
+
+  Pass 1 streams a running top-k (values and key positions) through the blocks. The kept
+  set is then "score above the k-th value, or equal to it at a position up to the k-th
+  entry's": the same set as the materialising path's, ties to the lower key index, since
+  `lax.top_k` puts the lower index first among equals and the carried entries (earlier
+  keys) come before the block's. Pass 2 is the online softmax over that set. The set is
+  piecewise constant in the inputs, so pass 1 takes no gradient.
+  """
+  b, lq, h, _ = tiles.q.shape
+  k_kept = min(top_k, tiles.lk)
+
+  def keep_top(carry, blk):
+    top_vals, top_pos = carry
+    s = jax.lax.stop_gradient(core.sanitize(tiles.scores(blk), tiles.valid(blk), -jnp.inf))
+    pos = jnp.broadcast_to(blk["pos"].astype(jnp.int32), s.shape)
+    vals, where = jax.lax.top_k(jnp.concatenate([top_vals, s], -1), k_kept)
+    return (vals, jnp.take_along_axis(jnp.concatenate([top_pos, pos], -1), where, -1)), None
+
+  init = (jnp.full((b, h, lq, k_kept), -jnp.inf, jnp.float32),
+          jnp.full((b, h, lq, k_kept), -1, jnp.int32))
+  (top_vals, top_pos), _ = jax.lax.scan(keep_top, init, tiles.xs)
+  kth, kth_pos = top_vals[..., -1:], top_pos[..., -1:]
+
+  def kept(s, pos):
+    # kth = -inf: fewer visible keys than top_k, and every visible one (finite score) stays.
+    return (s > kth) | ((s == kth) & (pos[None, None, None, :] <= kth_pos))
+
+  return _scan(tiles, SOFTMAX, {}, select=kept)

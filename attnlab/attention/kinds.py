@@ -16,7 +16,8 @@ materialising (`xla`) and the blockwise (`chunked`) implementations share:
 Because the row normaliser is a plain sum (or a count), the blockwise version
 only accumulates sums over key blocks; softmax additionally keeps the row max. A
 ``"row"`` kind needs every score of a row at once, so only the materialising
-implementation runs it (`api.impl_kinds`).
+implementation runs it (`api.impl_kinds`), except top-k: a running top-k over key
+blocks finds its kept set, and chunked runs softmax over that.
 Linear attention, InLine and SOFT never build [Lq, Lk] scores and bring their own
 ``attend_override`` (see `linear.py`, `inline.py`, `soft.py`).
 """
@@ -142,7 +143,10 @@ class Mechanism:
       exactly 0 where masked and on rows with no visible key; for kinds whose weights
       depend on the whole row at once (sparsemax, entmax, top-k). Such a kind has
       ``activate=None`` and normalization ``"row"``, and runs only in the materialising
-      impl: a blockwise scan never holds a whole row.
+      impl: a blockwise scan never holds a whole row, unless it also has ``top_k_of``.
+    top_k_of: ``options -> k`` for a row_map that is softmax over each row's k largest
+      scores (ties to the lower key index): the chunked impl then runs the kind in two
+      streaming passes (a running top-k, then softmax over the kept set) instead.
   """
   name: str
   paper: str
@@ -162,6 +166,7 @@ class Mechanism:
   takes_bias: bool = True
   supports_causal: bool = True
   row_map: Callable[[Array, Array | None, Mapping[str, Any]], Array] | None = None
+  top_k_of: Callable[[Mapping[str, Any]], int] | None = None
 
 
 KINDS: dict[str, Mechanism] = {}

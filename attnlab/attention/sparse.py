@@ -9,8 +9,9 @@ input-dependent support (a `Mechanism.row_map`):
   sum(p) = 1; alpha = 2 is sparsemax and alpha -> 1 approaches softmax;
 * top-k (Zhao et al. 2019): the softmax of each query's k largest scores, 0 elsewhere.
 
-The thresholds need every score of the row at once, so these kinds run in the
-materialising impl only (`api.impl_kinds`). Masked keys enter as -inf scores: they
+The thresholds need every score of the row at once, so sparsemax and entmax run in the
+materialising impl only (`api.impl_kinds`); top-k also runs in chunked, which finds the
+kept set by a running top-k over key blocks (`chunked._attend_top_k`). Masked keys enter as -inf scores: they
 never reach the support, and a row with no visible key gives zeros, as softmax does
 here. sparsemax and entmax have closed-form backward passes (`jax.custom_vjp`), so
 autodiff never differentiates the sort or the bisection.
@@ -231,4 +232,5 @@ TOPK = register_kind(Mechanism(
     normalization=lambda options: "row",
     check=_check_top_k,
     row_map=lambda s, valid, options: top_k_softmax(_masked(s, valid), options["top_k"]),
+    top_k_of=lambda options: options["top_k"],  # chunked: a streaming top-k (chunked.py)
 ))
