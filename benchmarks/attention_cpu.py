@@ -1,6 +1,14 @@
 """Forward and forward+backward time and memory of the jnp attention implementations.
 
     python benchmarks/attention_cpu.py [--lengths 512,1024,2048,4096] [--repeats 5]
+        [--rows core|mechanisms|all]
+
+`core`: softmax and sigmoid in each impl, non-causal and causal. `mechanisms`: the other
+families (non-causal), against the same dpa rows: the input-dependent sparse kinds
+(sparsemax, entmax, top-k materialised; top-k also streamed by chunked) and the O(L)
+forms (linear, InLine, SOFT), whose memory must grow linearly in L where dpa's grows
+quadratically (the "f+b MiB" column; "mem/xla" compares against the kind's own xla row,
+so it is 1 for kinds with no chunked row).
 
 Prints one table: median wall time (ms) of forward and forward+backward, XLA's
 compiled peak memory (temporaries + outputs, MiB) for forward and fwd+bwd, and
@@ -23,20 +31,35 @@ from attnlab import attention
 from attnlab.attention import chunked
 
 
-def implementations(block_k: int):
-  """name -> attention function (q, k, v) -> out, D=64; non-causal, then causal rows."""
+# The families beside sigmoid and softmax, each with its default options, in the impls it
+# runs (`attention.kind_impls`): the materialised sparse kinds, streamed top-k, O(L) forms.
+MECHANISM_ROWS = (("sparsemax", "xla"), ("entmax", "xla"), ("topk", "xla"),
+                  ("topk", "chunked"), ("linear", "xla"), ("inline", "xla"), ("soft", "xla"))
+
+
+def implementations(block_k: int, rows: str = "core"):
+  """name -> attention function (q, k, v) -> out, D=64: the core rows (non-causal, then
+  causal) and/or the other mechanisms' (non-causal), each set with its dpa reference."""
   impls = {}
-  for causal in (False, True):
+  for causal in (False, True) if rows != "mechanisms" else (False,):
     tag = " causal" if causal else ""
     impls[f"jax.nn.dpa (xla softmax){tag}"] = (lambda c: lambda q, k, v:
         jax.nn.dot_product_attention(q, k, v, implementation="xla", is_causal=c))(causal)
+    if rows == "mechanisms":
+      break
     for kind in ("softmax", "sigmoid"):
       for impl in ("xla", "chunked") if not causal else ("auto",):
-        opts = {"block_k": block_k} if impl == "chunked" else {}
-        impls[f"{kind} {impl}{tag}"] = (lambda kind, impl, opts, c: lambda q, k, v:
-            attention.attend(q, k, v, kind=kind, impl=impl, is_causal=c, **opts))(
-                kind, impl, opts, causal)
+        impls[f"{kind} {impl}{tag}"] = _attend(kind, impl, block_k, causal)
+  if rows in ("mechanisms", "all"):
+    for kind, impl in MECHANISM_ROWS:
+      impls[f"{kind} {impl}"] = _attend(kind, impl, block_k, False)
   return impls
+
+
+def _attend(kind: str, impl: str, block_k: int, causal: bool):
+  opts = {"block_k": block_k} if impl == "chunked" else {}
+  return lambda q, k, v: attention.attend(q, k, v, kind=kind, impl=impl, is_causal=causal,
+                                          **opts)
 
 
 def peak_mib(jitted, args) -> float:
@@ -73,6 +96,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--block-k", type=int, default=chunked.DEFAULT_BLOCK_K)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--rows", choices=("core", "mechanisms", "all"), default="core")
   args = parser.parse_args()
 
   print(f"# attnlab attention_cpu benchmark | jax {jax.__version__} | "
@@ -85,7 +109,7 @@ def main() -> None:
             f"{'fwd mem/xla':>11} | {'f+b mem/xla':>11} | {'bf16 f+b t/dpa':>14}")
   print(header)
   print("-" * len(header))
-  impls = implementations(args.block_k)
+  impls = implementations(args.block_k, args.rows)
   for length in (int(x) for x in args.lengths.split(",")):
     key_q, key_k, key_v = jax.random.split(jax.random.key(length), 3)
     shape = (args.batch, length, args.heads, args.head_dim)
