@@ -13,30 +13,20 @@ with numpy seed 0; its first 297 are `test`, the other 1,500 `train`.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
+
+from attnlab.data import offline
 
 NUM_TEST = 297
 _SPLIT_SEED = 0  # Part of the data set's definition: changing it needs a new VERSION.
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+class Digits(offline.LocalBuilder, tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 8x8 digits with a fixed 1,500 / 297 train/test split."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release: seeded permutation, 297 test images."}
-
-  # TFDS finds a builder's file through importlib resources, which for an
-  # editable install of attnlab (a MultiplexedPath) imports the
-  # `importlib_resources` backport that Python >= 3.9 does not install.
-  # The builder's file is known: say so.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -83,12 +73,4 @@ def split_permutation() -> np.ndarray:
 def prepare(data_dir: str | None = None) -> Digits:
   """Returns the `digits` builder, preparing it into `data_dir` if needed (offline)."""
   builder = Digits(data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
-    print(f"Preparing the digits data set in {builder.data_dir} (first use, offline)...",
-          file=sys.stderr, flush=True)
-    tfds.display_progress_bar(False)  # TFDS's per-split bars are noise for 1,797 images.
-    try:
-      builder.download_and_prepare()
-    finally:
-      tfds.display_progress_bar(True)
-  return builder
+  return offline.prepare(builder, note="first use, offline", progress_bar=False)

@@ -19,9 +19,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from attnlab.data import digits as digits_lib
+from attnlab.data import idx as idx_lib
 
-# Data sets the `prepare` command knows (official TFDS builders that need a
-# download). `digits` is prepared automatically and offline.
+# Data sets the `prepare` command knows (official TFDS builders; mnist and
+# fashion_mnist can also be prepared offline from their IDX files, see
+# attnlab/data/idx.py). `digits` is prepared automatically and offline.
 PREPARABLE = ("mnist", "fashion_mnist", "cifar10", "tiny_shakespeare")
 
 
@@ -36,11 +38,22 @@ def resolve_data_dir(data_dir: str | None) -> str:
   return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
 
-def prepare_command(name: str, data_dir: str) -> str:
-  return (
+def prepare_steps(name: str, data_dir: str) -> str:
+  """How to prepare TFDS data set `name` into `data_dir`: the commands, indented, one a line."""
+  online = (
       "pip install 'attnlab[prepare]'  # TensorFlow, only to write the files\n"
-      f"  python -m attnlab.data.prepare {name} --data_dir {data_dir}"
+      f"python -m attnlab.data.prepare {name} --data_dir {data_dir}"
   )
+  if name in idx_lib.IDX_DATASETS:
+    offline = idx_lib.IDX_DATASETS[name].steps(data_dir)
+    steps = f"Prepare it once, offline from its IDX files:\n{_indent(offline)}\nor with internet:\n"
+  else:
+    steps = "Prepare it once, with internet:\n"
+  return steps + _indent(online)
+
+
+def _indent(lines: str) -> str:
+  return "\n".join(f"  {line}" for line in lines.splitlines())
 
 
 def tfds_source(name: str, split: str, data_dir: str | None) -> Sequence[dict[str, Any]]:
@@ -68,8 +81,7 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> Sequence[dict[st
       raise
     raise DatasetNotPreparedError(
         f"TFDS data set {name!r} is not prepared in {data_dir} (or not in the ArrayRecord "
-        f"format that attnlab reads without TensorFlow). Prepare it once, with internet:\n"
-        f"  {prepare_command(name, data_dir)}\n"
+        f"format that attnlab reads without TensorFlow). {prepare_steps(name, data_dir)}\n"
         f"or point config.data.data_dir / $TFDS_DATA_DIR at a data dir that has it."
     ) from e
 

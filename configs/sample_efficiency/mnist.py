@@ -1,6 +1,12 @@
 r"""Sample efficiency of sigmoid vs softmax attention: a ViT on MNIST or Fashion-MNIST. For a GPU.
 
-Needs the TFDS data prepared once (internet; TensorFlow only while writing):
+Needs the TFDS data prepared once: Fashion-MNIST offline from Debian's package
+(MNIST likewise from any folder with its IDX files: `mnist --from DIR`),
+
+  sudo apt-get install dataset-fashion-mnist
+  python -m attnlab.data.prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
+
+or either with internet (TensorFlow only while writing):
 
   pip install 'attnlab[prepare]'
   python -m attnlab.data.prepare mnist fashion_mnist
