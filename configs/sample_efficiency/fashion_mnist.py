@@ -1,0 +1,106 @@
+r"""Sample efficiency of sigmoid vs softmax attention on real data: a ViT on Fashion-MNIST.
+
+The data comes offline from Debian's package (no internet, no TensorFlow):
+
+  sudo apt-get install dataset-fashion-mnist
+  python -m attnlab.data.prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
+
+  python train.py --config configs/sample_efficiency/fashion_mnist.py         # -> runs/sample_efficiency_fashion_mnist
+  python train.py --config configs/sample_efficiency/fashion_mnist.py:quick   # seconds (tests)
+  python train.py --config configs/sample_efficiency/fashion_mnist.py:long    # twice the budget
+  python eval.py  --config configs/sample_efficiency/fashion_mnist.py         # re-render the report
+
+Argument (after the colon, comma-separated):
+  quick   2 sizes x 2 seeds of a tiny model for a few steps (seconds)
+  all     every attention kind, not only sigmoid and softmax
+  long    twice the budget (20 epochs, at least 1,000 steps): the convergence check
+  tune    the recipe search's entry: never opens the test split. Trains on
+          train[:50000] (5,000 of them carved off for step selection, as usual), scores
+          each cell on the 10,000 images train[50000:], n = 250 ... 4,000, seeds 0-1.
+          Compare recipes with overrides, e.g.
+            python train.py --config configs/sample_efficiency/fashion_mnist.py:tune \
+              --config.optim.learning_rate=3e-3 --config.optim.weight_decay=0.5 \
+              --workdir runs/fashion_tune_lr3e-3_wd0.5
+
+Cells: the first n of one fixed permutation of the 55,000 training images left after
+a fixed 5,000-image validation split, n = 250 ... 55,000 (9 sizes, doubling), 5 paired
+seeds; best step on the validation split; scored on the fixed 10,000-image test split.
+The ViT is the digits study's, on 7x7 patches (16 tokens): width 64, depth 2, 4 heads,
+QK RMS-norm, so that the 90 cells fit about 2 hours on 2 CPU cores. Budget rule: 10
+epochs of each subset, at least 500 steps (batch 128).
+
+Expected (not measured on CPU: the study has not yet been run on the development
+machine; its recipe search (`:tune`) comes first): an estimate from the literature's
+small ViTs, not an attnlab measurement: about 35% test error at n = 250 and 12-15%
+at n = 55,000 for both kinds.
+"""
+
+import ml_collections
+
+from attnlab import configlib
+from attnlab.data import DataConfig
+from attnlab.models import ViTConfig
+from attnlab.optim import OptimConfig
+from attnlab.studies.study import StudyConfig
+
+ALL_KINDS = ("sigmoid", "softmax", "relu", "softplus", "linear", "polynomial", "gaussian",
+             "sparsemax", "entmax", "topk", "inline", "soft")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = configlib.parse_arg(arg, quick=False, all=False, long=False, tune=False)
+  config = ml_collections.ConfigDict()
+
+  config.study = configlib.from_dataclass(
+      StudyConfig,
+      kinds=ALL_KINDS if args.all else ("sigmoid", "softmax"),
+      train_sizes=(250, 500, 1000, 2000, 4000, 8000, 16_000, 32_000, 55_000),
+      seeds=(0, 1, 2, 3, 4),
+      min_steps=500,
+      eval_every_steps=100,
+      checkpoint_every_steps=500,
+      target_error=0.2,
+      compare=("sigmoid", "softmax"),
+  )
+
+  config.data = configlib.from_dataclass(
+      DataConfig, name="fashion_mnist", train_split="train", eval_split="test",
+      validation_examples=5_000,  # carved once from the training split; never trained on
+  )
+
+  config.model_name = "vit"
+  config.model = configlib.from_dataclass(
+      ViTConfig, exclude=("num_classes", "image_size", "num_channels"), patch_size=None,
+      attention="sigmoid",  # each cell sets its kind
+      qk_norm="rms", pool="gap", dropout_rate=0.1,
+      width=None, depth=2, num_heads=None, mlp_dim=None,
+  )
+  config.model.variant = "mu/7"  # width 64, 4 heads, MLP 256; 7x7 patches: 16 tokens
+
+  config.batch_size = 128
+  config.num_epochs = configlib.nullable(10, float)
+  config.total_steps = configlib.nullable(None, int)
+  config.total_examples = configlib.nullable(None, int)
+
+  if args.long:
+    config.num_epochs, config.study.min_steps = 20.0, 1000
+  if args.tune:  # hyperparameters are chosen without the test split (docs/results.md)
+    config.data.update(train_split="train[:50000]", eval_split="train[50000:]")
+    config.study.update(train_sizes=(250, 1000, 4000), seeds=(0, 1))
+
+  config.optim = configlib.from_dataclass(OptimConfig, learning_rate=1e-2, weight_decay=2.0)
+  config.label_smoothing = 0.1
+
+  # The single run's log, eval and checkpoint cadence do not apply: a study
+  # sets its own in config.study.
+  config.eval_batch_size = 1000
+
+  if args.quick:
+    config.study.update(train_sizes=(8, 16), seeds=(0, 1), min_steps=4, eval_every_steps=2,
+                        checkpoint_every_steps=2, bootstrap=50, progress_bar=False)
+    config.data.validation_examples = 8
+    config.model.update(depth=1, width=32, num_heads=2, mlp_dim=64)
+    config.batch_size = 8
+    config.num_epochs = 1.0
+    config.eval_batch_size = 8
+  return config.lock()
