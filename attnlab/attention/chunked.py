@@ -9,11 +9,16 @@ Milakov & Gimelshein 2018, as in FlashAttention). The kinds `blockwise` covers
 normaliser) run there, with a flash-style custom backward; for the others the
 block body here is rematerialised in the backward pass, so gradients do not
 store the tiles either.
+
+Split mode (`key_splits`, the "split" impl) runs the same block body on every key
+block at once and merges the blocks' partial sums (log-sum-exp for softmax, plain sums
+otherwise): the split-K decoding of Flash-Decoding (Dao et al. 2023), where a few
+queries against a long KV cache leave a sequential scan with nothing to run in parallel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -42,27 +47,34 @@ def _broadcast_key_blocks(x: Array | None, axis: int, kv_len: int, block_k: int,
 
 def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, Any], *,
            mask: Array | None, bias: Array | None, is_causal: bool, scale: float,
-           block_k: int = DEFAULT_BLOCK_K) -> Array:
+           block_k: int = DEFAULT_BLOCK_K, q_offset: Array | int | None = None,
+           key_splits: int | None = None) -> Array:
   """Same result as the materialising path, [B, Lq, H, Dv] in q.dtype.
 
   Kinds `blockwise` covers get its flash-style custom_vjp; the rest (l1/count
   normalisations, activations that read row counts) the rematerialised scan below.
+
+  With `key_splits` (the "split" impl, for a few queries against a long KV cache) the keys
+  are cut into that many blocks that run side by side (vmap, not a scan) and are merged at
+  the end (`_merge_blocks`); `block_k` is then ignored.
   """
   if mech.row_map is not None:
     # api.impl_kinds("chunked") leaves these kinds out, so `attend` never gets here with one.
     raise ValueError(f"impl='chunked' cannot run kind={mech.name!r}: its weights need every "
                      "score of a row at once, and the scan holds one key block. Use "
                      "impl='xla'.")
-  common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
-  if blockwise.supports(mech, options):
+  common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale, q_offset=q_offset)
+  if key_splits is None and blockwise.supports(mech, options):
     out_BQHD = blockwise.attend(q, k, v, mech, options, block_k=block_k, **common)
     return core.finish(out_BQHD, mech, options, q.dtype)
   b, lq, h, _ = q.shape
   lk, dv = k.shape[1], v.shape[3]
-  block_k = min(block_k, lk)
+  block_k = min(block_k, lk) if key_splits is None else -(-lk // key_splits)
   num_blocks = -(-lk // block_k)
   has_padding = num_blocks * block_k != lk
   normalization = mech.normalization(options)
+  # A scan walks the blocks one after the other; split mode runs them all at once.
+  reduce_blocks = jax.lax.scan if key_splits is None else _parallel_blocks
 
   xs = {
       "k": core.key_blocks(k, 1, block_k, 0),
@@ -75,7 +87,7 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
   def tile_valid(blk):
     user_mask = mask if blk["mask"] is None and mask is not None else blk["mask"]
     valid = core.valid_mask(lq, lk, blk["pos"], mech, options, is_causal=is_causal,
-                            user_mask=user_mask, has_padding=has_padding)
+                            user_mask=user_mask, has_padding=has_padding, q_offset=q_offset)
     return None if valid is None else jnp.broadcast_to(valid, valid.shape[:2] + (lq, block_k))
 
   def tile_scores(blk):
@@ -93,7 +105,7 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
   zero_count = jnp.zeros(count_shape + (lq, 1), jnp.float32)
   if mech.needs_row_counts:
     # A cheap boolean pre-pass: the activation itself needs each row's number of visible keys.
-    counts, _ = jax.lax.scan(count_step, zero_count, xs)
+    counts, _ = reduce_blocks(count_step, zero_count, xs)
   else:
     counts = None
   ctx = RowContext(kv_len=lk, row_counts=counts)
@@ -118,7 +130,33 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
   init = (jnp.full((b, h, lq, 1), -jnp.inf, jnp.float32),
           jnp.zeros((b, h, lq, 1), jnp.float32), zero_count,
           jnp.zeros((b, h, lq, dv), jnp.float32))
-  (_, row_sum, count, acc_BHQD), _ = jax.lax.scan(step, init, xs)
+  (_, row_sum, count, acc_BHQD), _ = reduce_blocks(step, init, xs)
   divisor = core.row_divisor(normalization, row_sum, count)
   out_BHQD = acc_BHQD if divisor is None else core.safe_divide(acc_BHQD, divisor)
   return core.finish(out_BHQD.transpose(0, 2, 1, 3), mech, options, q.dtype)
+
+
+def _parallel_blocks(step: Callable, init: Any, xs: Any) -> tuple[Any, None]:
+  """`lax.scan(step, init, xs)`'s final carry, with every block's step run from `init` side by
+  side (vmap) and the partial carries merged by `_merge_blocks`."""
+  partials = jax.vmap(lambda blk: step(init, blk)[0])(xs)
+  return _merge_blocks(partials), None
+
+
+def _merge_blocks(partials: Any) -> Any:
+  """Merges per-block carries stacked on a leading block axis.
+
+  A bare array (row counts) and the plain sums (row sum, count, weights @ values) add up;
+  where a block kept a finite row max (softmax), its sums are first rescaled to the global
+  max: the log-sum-exp merge. Kinds without a max keep it at -inf, and add plainly.
+  """
+  if not isinstance(partials, tuple):
+    return jnp.sum(partials, axis=0)
+  m_N, row_sum_N, count_N, acc_N = partials
+  m = jax.lax.stop_gradient(jnp.max(m_N, axis=0))
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  # exp(-inf - m) = 0 drops a block with no visible key; without a row max (m = -inf in
+  # every block) the weights stay 1, a plain sum.
+  rescale_N = jnp.where(jnp.isfinite(m)[None], jnp.exp(m_N - m_safe[None]), 1.0)
+  return (m, jnp.sum(row_sum_N * rescale_N, axis=0), jnp.sum(count_N, axis=0),
+          jnp.sum(acc_N * rescale_N, axis=0))
