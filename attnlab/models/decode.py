@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab.models.layers import KVCache
-from attnlab.models.transformer import Transformer
+from attnlab.models.transformer import Transformer, TransformerConfig
 
 Array = jax.Array
 
@@ -73,10 +73,17 @@ def decode_impl(model: Transformer, key_splits: int | None = None) -> DecodeImpl
 
 def check_decodable(model: Transformer) -> None:
   """Raises ValueError unless `model` is a causal language model with a max_len to cache."""
-  cfg = getattr(model, "cfg", None)
   if not isinstance(model, Transformer):
     raise ValueError(f"decoding needs an attnlab Transformer language model; got "
                      f"{type(model).__name__}.")
+  check_config(model.cfg)
+
+
+def check_config(cfg: Any) -> None:
+  """`check_decodable` for a model config, before any model is built."""
+  if not isinstance(cfg, TransformerConfig):
+    raise ValueError(f"decoding needs a Transformer language model (TransformerConfig); got "
+                     f"{type(cfg).__name__}.")
   if cfg.num_classes is not None or not cfg.causal:
     what = "a classifier (num_classes set)" if cfg.num_classes is not None else "bidirectional"
     raise ValueError(f"cannot decode incrementally with kind={cfg.attention!r}: the model is "
