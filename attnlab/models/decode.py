@@ -176,13 +176,18 @@ def _check_sampling(steps: Any, temperature: Any, top_k: Any, vocab_size: int) -
                      f"{top_k!r}.")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(3,))
-def _jit_step(graphdef: nnx.GraphDef, params: nnx.State, tokens_BL: Array, state: DecodeState,
-              impl: DecodeImpl) -> tuple[Array, DecodeState]:
+def step(graphdef: nnx.GraphDef, params: nnx.State, tokens_BL: Array, state: DecodeState,
+         impl: DecodeImpl) -> tuple[Array, DecodeState]:
+  """The pure decode step `decode_step` and `generate` jit (graphdef and impl static): for
+  custom loops and benchmarks. No checks: see `decode_step`."""
   model = nnx.merge(graphdef, params)
   logits_BLV, cache = model.decode(tokens_BL, state.cache, state.length, impl=impl.impl,
                                    impl_options=dict(impl.options))
   return logits_BLV, DecodeState(cache, state.length + tokens_BL.shape[1])
+
+
+# The cache is donated: decoding updates it in place.
+_jit_step = jax.jit(step, static_argnums=(0, 4), donate_argnums=(3,))
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k"))
