@@ -135,8 +135,9 @@ def check_options(kind: str, impl: str = "xla", **options: Any
   mech = get_kind(kind)
   _check_impl(impl)
   if mech.name not in impl_kinds(impl):
-    why = (f" (its weights need a whole row of scores at once; {impl} cuts the keys into "
-           "blocks)" if impl in ("chunked", "split") and mech.row_map is not None else "")
+    blocks = {"chunked": "chunked scans key blocks", "split": "split cuts the keys into blocks"}
+    why = (f" (its weights need a whole row of scores at once; {blocks[impl]})"
+           if impl in blocks and mech.row_map is not None else "")
     raise ValueError(f"impl={impl!r} supports kinds {list(impl_kinds(impl))}; got kind="
                      f"{mech.name!r}{why}. Use {impls_phrase(mech.name)} for it.")
   return _split_options(mech, impl, options)
