@@ -4,13 +4,14 @@ r"""Evaluates a run's checkpoint, or re-renders a study's report from its record
   python eval.py --config configs/sample_efficiency/digits.py --config.study.target_error=0.05
   python eval.py --config configs/digits_vit.py:softmax --workdir runs/digits_vit_softmax
   python eval.py --config configs/mqar_transformer.py:sigmoid --workdir runs/mqar --attention_png
+  python eval.py --config configs/shakespeare_char.py:sigmoid --workdir runs/shakespeare_char_sigmoid --samples 4
   python eval.py --config configs/digits_vit.py --config.data.train_examples=500
 
 A single run: writes <workdir>/eval_<step>.json (and attention_maps/*.png with
 --attention_png) from the latest (or --step) checkpoint. A study: rewrites
 report.md, results.json/csv and the plots from <workdir>/cells/ without
 training (report settings such as study.target_error may differ from the
-training run's).
+training run's). --samples N (language models) also prints N generated sequences.
 Refuses a config that differs from the run's config.json in what is trained,
 and a workdir with nothing to evaluate (it is never created). Expected failures
 print one `Error: ...` line; ATTNLAB_TRACEBACK=1 shows the traceback.
@@ -27,6 +28,11 @@ from attnlab.studies import study
 
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
 _PNG = flags.DEFINE_bool("attention_png", False, "Also save attention maps as PNG files.")
+_SAMPLES = flags.DEFINE_integer("samples", 0, "A language model run: also print this many "
+                                "generated sequences (prompt: the first quarter of an "
+                                "evaluation window; text for byte-level data).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature of --samples "
+                                  "(0 = greedy).")
 
 
 def main(argv):
@@ -36,7 +42,8 @@ def main(argv):
     elif study.is_study(config):
       cli.report_study(study.render(config, workdir))
     else:
-      evaluate.evaluate(config, workdir, _STEP.value, attention_pngs=_PNG.value)
+      evaluate.evaluate(config, workdir, _STEP.value, attention_pngs=_PNG.value,
+                        samples=_SAMPLES.value, temperature=_TEMPERATURE.value)
 
   cli.run_main(argv, run)
 

@@ -40,12 +40,17 @@ from attnlab import data as data_lib
 from attnlab import experiment
 from attnlab import models
 from attnlab import workdir as workdir_lib
+from attnlab.data import pipeline as data_pipeline
+from attnlab.models import decode as decode_lib
 
 SMALL_WEIGHT = 1e-3
+# --samples: the share of each evaluation window given as the prompt; the model writes the rest.
+SAMPLE_PROMPT_FRACTION = 0.25
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *,
-             attention_pngs: bool = False, verbose: bool = True) -> dict[str, Any]:
+             attention_pngs: bool = False, samples: int = 0, temperature: float = 1.0,
+             verbose: bool = True) -> dict[str, Any]:
   """Evaluates the checkpoint at `step` (default: the latest) of the run in `workdir`.
 
   Args:
@@ -54,12 +59,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     step: a saved step, or None for the latest.
     attention_pngs: also save head-wise attention maps of the first evaluation
       example per layer as PNG files.
+    samples: a language model only: also generate this many sequences (`generate_samples`),
+      printed as text for byte-level data and as token ids otherwise.
+    temperature: the sampling temperature of `samples` (0 = greedy).
     verbose: print the table.
 
   Returns:
     {"step", "split", "num_examples", "loss", "accuracy", "attention": [per
     layer {"layer", "entropy", "row_sum", "first_token", "below_1e-3"}],
-    "path"}; also written to <workdir>/eval_<step>.json.
+    "samples" (with samples > 0: one {"prompt", "completion"} per sequence), "path"}; also written to <workdir>/eval_<step>.json.
 
   Raises:
     FileNotFoundError: the workdir does not exist (it is not created) or has
@@ -73,6 +81,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   # score untrained parameters or fail deep in the restore.
   workdir_lib.check_same_run(config, workdir)
   exp = experiment.load(config)
+  if samples:
+    decode_lib.check_config(exp.model)  # before the restore: --samples needs a causal LM
   fns = exp.fns()
   abstract_state = experiment.abstract_state(fns, exp.trainer.seed)
   shard = experiment.shardings(exp.trainer, abstract_state, batch_fields=("eval_batch_size",))
@@ -96,6 +106,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
       "attention": [{"layer": i, **attention_stats(np.asarray(w), causal=causal)}
                     for i, w in enumerate(maps)],
   }
+  if samples:
+    result["samples"] = generate_samples(exp, fns.merge(state.params), samples,
+                                         seed=exp.trainer.seed, temperature=temperature)
   path = os.path.join(workdir, f"eval_{step}.json")
   with open(path, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
@@ -118,6 +131,28 @@ def _check_has_checkpoint(workdir: str) -> None:
         f"No checkpoint in {checkpoint_lib.checkpoint_dir(workdir)}: the run in {workdir} has not "
         "saved one yet. Train it first with train.py and the same --config, overrides and "
         "--workdir.")
+
+
+def generate_samples(exp: experiment.Experiment, model, n: int, *, seed: int,
+                     temperature: float = 1.0) -> list[dict[str, Any]]:
+  """`n` sequences from a language model: the first quarter of each of the first `n`
+  evaluation windows as the prompt, the rest of the window sampled (`models.decode`).
+
+  Returns one {"prompt", "completion"} per sequence: text for byte-level data sets
+  (`TEXT_DATASETS`: tokens are UTF-8 bytes, undecodable bytes shown as U+FFFD), lists
+  of token ids otherwise.
+  """
+  inputs_BL = _diagnostic_inputs(exp, n)
+  length = inputs_BL.shape[1]
+  prompt_len = max(1, int(length * SAMPLE_PROMPT_FRACTION))
+  tokens_BL = np.asarray(decode_lib.generate(model, inputs_BL[:, :prompt_len],
+                                             steps=length - prompt_len,
+                                             rng=jax.random.key(seed), temperature=temperature))
+  as_text = exp.data.name in data_pipeline.TEXT_DATASETS
+  show = ((lambda ids: bytes(ids.astype(np.uint8).tolist()).decode("utf-8", errors="replace"))
+          if as_text else (lambda ids: ids.tolist()))
+  return [{"prompt": show(row[:prompt_len]), "completion": show(row[prompt_len:])}
+          for row in tokens_BL]
 
 
 def _diagnostic_inputs(exp: experiment.Experiment, n: int) -> np.ndarray:
@@ -168,6 +203,8 @@ def format_table(result: dict[str, Any], workdir: str) -> str:
   for row in result["attention"]:
     lines.append(f"  {row['layer']:>5} {row['entropy']:>8.3f} {row['row_sum']:>8.3f} "
                  f"{row['first_token']:>11.3f} {row['below_1e-3']:>10.3f}")
+  for i, sample in enumerate(result.get("samples", [])):
+    lines.append(f"Sample {i}: prompt {sample['prompt']!r}\n  -> {sample['completion']!r}")
   lines.append(f"Written to {result['path']}")
   return "\n".join(lines)
 

@@ -174,11 +174,12 @@ def test_registered_with_paper_options_and_capabilities(kind, arxiv, options):
   assert not mech.takes_bias and mech.supports_causal == (kind == "inline")
   # Their own O(L) path under every impl but the fused kernels, which run sigmoid and softmax.
   assert kind not in kernel_capabilities.KINDS and kind not in attention.impl_kinds("pallas")
-  assert api.kind_impls(kind) == ("xla", "chunked", "auto")
+  impls = ("xla", "chunked", "split", "auto")
+  assert api.kind_impls(kind) == impls
   q, k, v = make_inputs("gqa_odd", seed=1)
-  outs = [attention.attend(q, k, v, kind=kind, impl=impl) for impl in ("xla", "chunked", "auto")]
-  np.testing.assert_array_equal(outs[0], outs[1])
-  np.testing.assert_array_equal(outs[0], outs[2])
+  outs = [attention.attend(q, k, v, kind=kind, impl=impl) for impl in impls]
+  for out in outs[1:]:
+    np.testing.assert_array_equal(outs[0], out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,7 +573,7 @@ def test_bad_options_are_rejected_at_config_time_and_call_time_alike(kind, optio
 def test_pallas_refuses_naming_the_impls_that_work(kind):
   with pytest.raises(ValueError, match=re.escape(
       f"impl='pallas' supports kinds {list(attention.impl_kinds('pallas'))}; got kind="
-      f"{kind!r}. Use impl='xla' or 'chunked' for it.")):
+      f"{kind!r}. Use impl='xla' or 'chunked' or 'split' for it.")):
     attention.check_options(kind, "pallas")
 
 

@@ -134,14 +134,39 @@ def test_mqar_quick_end_to_end(tmp_path):
   assert layer["entropy"] < np.log(16)
 
 
+def test_eval_samples_from_a_quick_lm_run(tmp_path, capsys):
+  config = configlib.load("configs/mqar_transformer.py:sigmoid,quick")
+  train.train_and_evaluate(config, str(tmp_path))
+  result = evaluate_lib.evaluate(config, str(tmp_path), samples=2, temperature=0.0)
+  seq_len = config.data.mqar.seq_len
+  assert len(result["samples"]) == 2
+  for sample in result["samples"]:  # token ids: MQAR has no text vocabulary
+    assert len(sample["prompt"]) == seq_len // 4
+    assert len(sample["prompt"]) + len(sample["completion"]) == seq_len
+    assert all(0 <= t < config.data.mqar.vocab_size for t in sample["completion"])
+  assert "Sample 1: prompt" in capsys.readouterr().out
+  with open(result["path"], encoding="utf-8") as f:
+    assert json.load(f)["samples"] == result["samples"]
+
+
+def test_eval_samples_refuse_a_classifier(digits_run):
+  config, workdir, _ = digits_run
+  with pytest.raises(ValueError, match="decoding needs a Transformer language model"):
+    evaluate_lib.evaluate(config, workdir, samples=1, verbose=False)
+
+
 @pytest.mark.parametrize("spec", ["mnist_vit.py:mnist,quick", "shakespeare_char.py:quick"])
 def test_tfds_path_end_to_end_on_mocked_data(spec, data_dir, tmp_path):
   config = quick_config(spec, data_dir)
   with tfds.testing.mock_data(num_examples=16):
     summary = train.train_and_evaluate(config, str(tmp_path))
-    result = evaluate_lib.evaluate(config, str(tmp_path), verbose=False)
+    result = evaluate_lib.evaluate(config, str(tmp_path), verbose=False,
+                                   samples=2 if "shakespeare" in spec else 0)
   assert summary["step"] == 4 and result["step"] == 4
   assert np.isfinite(result["loss"])
+  if "shakespeare" in spec:  # bytes decoded to text: 2 of the 8-byte window's prompt
+    assert all(isinstance(s["completion"], str) and 1 <= len(s["prompt"]) <= 2
+               for s in result["samples"])
 
 
 # ----------------------------------------------------------------------------

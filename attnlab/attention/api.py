@@ -19,12 +19,15 @@ from attnlab.kernels import capabilities as kernel_capabilities
 # (the models' configs included) asks `check_options` / `impl_kinds`.
 # "auto" picks one of the others per call (`auto_impl`); it takes no tuning options (to tune,
 # name the impl).
-IMPLS = ("xla", "chunked", "pallas", "auto")
+IMPLS = ("xla", "chunked", "split", "pallas", "auto")
 # Options that belong to an implementation rather than to a kind, with defaults.
 IMPL_OPTIONS: dict[str, dict[str, Any]] = {
     "auto": {},
     "xla": {},
     "chunked": {"block_k": chunked.DEFAULT_BLOCK_K},
+    # Key blocks run side by side and merged (`chunked.attend`'s split mode): for a few
+    # queries against a long KV cache. 8 blocks keep 2-16 cores busy at batch 1.
+    "split": {"key_splits": 8},
     "pallas": dict(kernel_capabilities.OPTIONS),
 }
 
@@ -37,16 +40,19 @@ IMPL_OPTIONS: dict[str, dict[str, Any]] = {
 AUTO_CHUNKED_MIN_KV_LEN = 2048
 
 
-def _check_block_k(block_k: Any) -> None:
-  if not isinstance(block_k, int) or isinstance(block_k, bool) or block_k < 1:
-    raise ValueError(f"impl='chunked': block_k must be a positive int; got {block_k!r}.")
+def _positive_int_option(impl: str, name: str) -> Callable[[Any], None]:
+  def check(value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"impl={impl!r}: {name} must be a positive int; got {value!r}.")
+  return check
 
 
 # Validators of the impl options' values, run by `check_options` so a config fails when it
 # is built, not at the first call. The fused kernels check theirs (block sizes depend on the
 # backend and dtype) when called.
 IMPL_OPTION_CHECKS: dict[str, dict[str, Callable[[Any], None]]] = {
-    "chunked": {"block_k": _check_block_k},
+    "chunked": {"block_k": _positive_int_option("chunked", "block_k")},
+    "split": {"key_splits": _positive_int_option("split", "key_splits")},
 }
 
 
@@ -56,16 +62,17 @@ def platform() -> str:
 
 
 def auto_impl(kind: str, q: Array, k: Array, v: Array, *, mask: Array | None = None,
-              bias: Array | None = None) -> str:
+              bias: Array | None = None, q_offset: Array | int | None = None) -> str:
   """The impl `impl="auto"` runs for this call: static facts only, so it works under jit/vmap.
 
   On GPU and TPU the fused Pallas kernel, for the kinds it implements and calls it can take
-  (no mask or bias arrays, one dtype for q, k, v); otherwise on every platform the chunked
+  (no mask or bias arrays, no q_offset, one dtype for q, k, v); otherwise on every platform the chunked
   path from `AUTO_CHUNKED_MIN_KV_LEN` keys on (for the kinds it runs), and the materialising
   path below that.
   """
   fused = (platform() in ("gpu", "cuda", "rocm", "tpu")
            and kind in impl_kinds("pallas") and mask is None and bias is None
+           and q_offset is None
            and q.dtype == k.dtype == v.dtype
            and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16))
   if fused:
@@ -78,16 +85,19 @@ def impl_kinds(impl: str) -> tuple[str, ...]:
   """The registered kinds `impl` can run: the fused kernels state theirs; chunked runs every
   kind but those with a `row_map` (sparsemax, entmax: a row's weights need all of its
   scores at once, which a scan over key blocks never holds; top-k, whose kept set a
-  running top-k finds, runs); xla and auto (falling
+  running top-k finds, runs); split runs those chunked runs, top-k aside (its kept set
+  would need a merge across blocks); xla and auto (falling
   back from the kernels and from chunked) run every kind. Kinds with an `attend_override`
-  (linear, inline, soft: O(L), no [Lq, Lk] scores) run that same path under xla, chunked
-  and auto."""
+  (linear, inline, soft: O(L), no [Lq, Lk] scores) run that same path under xla, chunked,
+  split and auto."""
   _check_impl(impl)
   if impl == "pallas":
     return tuple(k for k in kernel_capabilities.KINDS if k in KINDS)
   if impl == "chunked":
     return tuple(sorted(k for k, mech in KINDS.items()
                         if mech.row_map is None or mech.top_k_of is not None))
+  if impl == "split":
+    return tuple(sorted(k for k, mech in KINDS.items() if mech.row_map is None))
   return tuple(sorted(KINDS))
 
 
@@ -130,8 +140,9 @@ def check_options(kind: str, impl: str = "xla", **options: Any
   mech = get_kind(kind)
   _check_impl(impl)
   if mech.name not in impl_kinds(impl):
-    why = (" (its weights need a whole row of scores at once; chunked scans key blocks)"
-           if impl == "chunked" and mech.row_map is not None else "")
+    blocks = {"chunked": "chunked scans key blocks", "split": "split cuts the keys into blocks"}
+    why = (f" (its weights need a whole row of scores at once; {blocks[impl]})"
+           if impl in blocks and mech.row_map is not None else "")
     raise ValueError(f"impl={impl!r} supports kinds {list(impl_kinds(impl))}; got kind="
                      f"{mech.name!r}{why}. Use {impls_phrase(mech.name)} for it.")
   return _split_options(mech, impl, options)
@@ -156,7 +167,7 @@ def _split_options(mech: Mechanism, impl: str, options: dict[str, Any]):
   return kind_options, impl_options
 
 
-def _prepare(q, k, v, kind, mask, bias, scale, is_causal, impl, options):
+def _prepare(q, k, v, kind, mask, bias, scale, is_causal, impl, options, q_offset=None):
   mech = get_kind(kind)
   _check_impl(impl)
   dims = validate.check_qkv(q, k, v) if v is not None else None
@@ -166,6 +177,7 @@ def _prepare(q, k, v, kind, mask, bias, scale, is_causal, impl, options):
                          q_shape[3], k_shape[3])
   validate.check_mask_and_bias(mask, bias, dims)
   validate.check_scale(scale)
+  validate.check_q_offset(q_offset, is_causal, dims)
   kind_options, impl_options = check_options(kind, impl, **options)
   mech.check_shapes(kind_options, dims)
   if not mech.has_logits:
@@ -187,7 +199,7 @@ def _prepare(q, k, v, kind, mask, bias, scale, is_causal, impl, options):
 
 def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array | None = None,
            is_causal: bool = False, bias: Array | None = None, scale: float | None = None,
-           impl: str = "xla", **options: Any) -> Array:
+           impl: str = "xla", q_offset: Array | int | None = None, **options: Any) -> Array:
   """Attention of `q` over `k`/`v` with any registered mechanism.
 
   Two semantics differ on purpose from `jax.nn.dot_product_attention`; code
@@ -215,9 +227,19 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
     impl: "auto" (one of the others per call, see `auto_impl`; the models' default), "xla"
       (the plain path: materialised weights, or tiles of `xla.BLOCK_K` keys for the kinds
       with the flash-style backward), "chunked" (blockwise scan, option `block_k`), or
+      "split" (decoding: the keys cut into `key_splits` blocks run side by side and merged,
+      log-sum-exp for softmax and plain sums for the kinds without a row normaliser; every
+      kind chunked runs), or
       "pallas" (the fused kernel of `attnlab.kernels`, for sigmoid and softmax; options
       block_q, block_k, backend, interpret, q_segment_ids, kv_segment_ids, num_warps,
       num_stages).
+    q_offset: with is_causal=True, the position of the first query among the keys (an
+      int, or a traced integer scalar: one compiled step serves every decoding position);
+      query i then sees keys j <= q_offset + i, and local windows centre there. None =
+      Lk - Lq (bottom-right). For decoding against a preallocated KV cache: the cache
+      slots past the current length are simply in the future of every query, so they get
+      no weight for every kind; sigmoid's default bias stays -log(Lk) of the whole cache.
+      Not with impl="pallas".
     **options: the kind's options (see `KINDS[kind].options`) and the impl's.
       kind="sigmoid" (and "local" with base="sigmoid") takes `sigmoid_bias`, the b
       of sigmoid(s + b): None (default) means `default_sigmoid_bias(Lk)` = -log(Lk);
@@ -237,18 +259,25 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
       it, what was seen and what is expected).
   """
   mech, dims, kind_options, impl_options = _prepare(q, k, v, kind, mask, bias, scale,
-                                                    is_causal, impl, options)
+                                                    is_causal, impl, options, q_offset)
   if impl == "auto":
-    impl = auto_impl(mech.name, q, k, v, mask=mask, bias=bias)
+    impl = auto_impl(mech.name, q, k, v, mask=mask, bias=bias, q_offset=q_offset)
     impl_options = dict(IMPL_OPTIONS[impl])  # auto takes no options: the picked impl's defaults
   scale = core.default_scale(dims.head_dim, scale)
   common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
   if impl == "pallas":
+    if q_offset is not None:
+      raise ValueError("impl='pallas' takes no q_offset (the fused kernel has no decoding "
+                       "variant yet); decode with impl='split', 'xla' or 'chunked'.")
     return _attend_pallas(q, k, v, mech, kind_options, impl_options, **common)
+  common["q_offset"] = q_offset
   if mech.attend_override is not None:
     return mech.attend_override(q, k, v, mech, kind_options, **common)
   if impl == "chunked":
     return chunked.attend(q, k, v, mech, kind_options, block_k=impl_options["block_k"],
+                          **common)
+  if impl == "split":
+    return chunked.attend(q, k, v, mech, kind_options, key_splits=impl_options["key_splits"],
                           **common)
   return xla.attend(q, k, v, mech, kind_options, **common)
 

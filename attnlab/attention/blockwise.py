@@ -66,11 +66,12 @@ class _Plan:
 
 def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, Any], *,
            mask: Array | None, bias: Array | None, is_causal: bool, scale: float,
-           block_k: int) -> Array:
+           block_k: int, q_offset: Array | int | None = None) -> Array:
   """Attention for a kind `supports` accepts: [B, Lq, H, Dv] float32, before `output_post`.
 
   Array-valued kind options (a traced `sigmoid_bias`) are differentiable inputs; the
-  rest are static. block_k >= Lk means one block (no scan).
+  rest are static. block_k >= Lk means one block (no scan). `q_offset` (may be traced:
+  a decoding position) places the queries (`core.query_positions`).
   """
   if not supports(mech, options):
     raise ValueError(f"blockwise.attend cannot run kind={mech.name!r} with options "
@@ -82,7 +83,7 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
                is_causal=is_causal, scale=scale, q_len=q.shape[1], kv_len=lk, block_k=block_k,
                mask_blocked=mask is not None and mask.shape[3] == lk > 1,
                bias_blocked=bias is not None and bias.shape[3] == lk > 1)
-  out_BHQD = _attention(plan)(q, k, v, mask, bias, arrays)
+  out_BHQD = _attention(plan)(q, k, v, mask, bias, arrays, q_offset)
   return out_BHQD.transpose(0, 2, 1, 3)
 
 
@@ -116,12 +117,12 @@ def _scan(step: Callable, carry: Any, xs: Any, num_blocks: int) -> tuple[Any, An
   return carry, jax.tree.map(lambda y: y[None], ys)
 
 
-def _tile_valid(plan: _Plan, blk, mask) -> Array | None:
+def _tile_valid(plan: _Plan, blk, mask, q_offset) -> Array | None:
   has_padding = plan.num_blocks * plan.block_k != plan.kv_len
   return core.valid_mask(plan.q_len, plan.kv_len, blk["pos"], plan.mech, plan.static_options,
                          is_causal=plan.is_causal,
                          user_mask=blk["mask"] if plan.mask_blocked else mask,
-                         has_padding=has_padding)
+                         has_padding=has_padding, q_offset=q_offset)
 
 
 def _tile_scores(plan: _Plan, q, k_blk, bias_tile) -> Array:
@@ -141,15 +142,16 @@ def _bias_tile(plan: _Plan, blk, bias):
 
 # --------------------------------------------------------------------------- custom_vjp
 def _attention(plan: _Plan) -> Callable:
-  """(q, k, v, mask, bias, arrays) -> out [B, H, Lq, Dv] float32, with the flash backward."""
+  """(q, k, v, mask, bias, arrays, q_offset) -> out [B, H, Lq, Dv] float32, with the flash
+  backward."""
 
   @jax.custom_vjp
-  def attention(q, k, v, mask, bias, arrays):
-    return _forward(plan, q, k, v, mask, bias, arrays)[0]
+  def attention(q, k, v, mask, bias, arrays, q_offset):
+    return _forward(plan, q, k, v, mask, bias, arrays, q_offset)[0]
 
-  def fwd(q, k, v, mask, bias, arrays):
-    out_BHQD, lse_BHQ1 = _forward(plan, q, k, v, mask, bias, arrays)
-    return out_BHQD, (q, k, v, mask, bias, arrays, out_BHQD, lse_BHQ1)
+  def fwd(q, k, v, mask, bias, arrays, q_offset):
+    out_BHQD, lse_BHQ1 = _forward(plan, q, k, v, mask, bias, arrays, q_offset)
+    return out_BHQD, (q, k, v, mask, bias, arrays, q_offset, out_BHQD, lse_BHQ1)
 
   def bwd(residuals, do_BHQD):
     return _backward(plan, *residuals, do_BHQD)
@@ -158,13 +160,13 @@ def _attention(plan: _Plan) -> Callable:
   return attention
 
 
-def _forward(plan: _Plan, q, k, v, mask, bias, arrays):
+def _forward(plan: _Plan, q, k, v, mask, bias, arrays, q_offset):
   """One pass over the key blocks: (out [B, H, Lq, Dv] f32, log-sum-exp [B, H, Lq, 1] or None)."""
   b, lq, h, _ = q.shape
 
   def step(carry, blk):
     m, row_sum, acc = carry
-    valid = _tile_valid(plan, blk, mask)
+    valid = _tile_valid(plan, blk, mask, q_offset)
     u = _tile_weights(plan, _tile_scores(plan, q, blk["k"], _bias_tile(plan, blk, bias)),
                       valid, arrays)
     if plan.softmax:
@@ -199,15 +201,15 @@ def _finite_or_zero(x: Array) -> Array:
   return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
-def _backward(plan: _Plan, q, k, v, mask, bias, arrays, out_BHQD, lse_BHQ1, do_BHQD):
-  """Recomputes each block's weights and returns the cotangents of (q, k, v, mask, bias, arrays)."""
+def _backward(plan: _Plan, q, k, v, mask, bias, arrays, q_offset, out_BHQD, lse_BHQ1, do_BHQD):
+  """Recomputes each block's weights; the cotangents of (q, k, v, mask, bias, arrays, q_offset)."""
   # softmax: dS = P * (dP - rowsum(dO * O)); the row term is computed once, before the blocks.
   delta_BHQ1 = jnp.sum(do_BHQD * out_BHQD, axis=-1, keepdims=True) if plan.softmax else None
 
   def step(carry, blk):
     dq, d_arrays, d_bias = carry
     bias_tile = _bias_tile(plan, blk, bias)
-    valid = _tile_valid(plan, blk, mask)
+    valid = _tile_valid(plan, blk, mask, q_offset)
     s_BHQK, scores_vjp = jax.vjp(lambda q_, k_, b_: _tile_scores(plan, q_, k_, b_),
                                  q, blk["k"], bias_tile)
     if plan.softmax:
@@ -236,7 +238,8 @@ def _backward(plan: _Plan, q, k, v, mask, bias, arrays, out_BHQD, lse_BHQ1, do_B
   if plan.bias_blocked:
     d_bias = _unblock(d_bias_blocks, 3, plan.kv_len)
   d_bias = None if bias is None else d_bias.astype(bias.dtype)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, d_bias, d_arrays
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, d_bias, d_arrays,
+          None)
 
 
 def _unblock(x_blocks: Array, axis: int, kv_len: int) -> Array:

@@ -9,6 +9,11 @@ Milakov & Gimelshein 2018, as in FlashAttention). The kinds `blockwise` covers
 normaliser) run there, with a flash-style custom backward; for the others the
 block body here is rematerialised in the backward pass, so gradients do not
 store the tiles either.
+
+Split mode (`key_splits`, the "split" impl) runs the same block body on every key
+block at once and merges the blocks' partial sums (log-sum-exp for softmax, plain sums
+otherwise): the split-K decoding of Flash-Decoding (Dao et al. 2023), where a few
+queries against a long KV cache leave a sequential scan with nothing to run in parallel.
 """
 
 from __future__ import annotations
@@ -42,23 +47,29 @@ def _broadcast_key_blocks(x: Array | None, axis: int, kv_len: int, block_k: int,
 
 def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, Any], *,
            mask: Array | None, bias: Array | None, is_causal: bool, scale: float,
-           block_k: int = DEFAULT_BLOCK_K) -> Array:
+           block_k: int = DEFAULT_BLOCK_K, q_offset: Array | int | None = None,
+           key_splits: int | None = None) -> Array:
   """Same result as the materialising path, [B, Lq, H, Dv] in q.dtype.
 
   Kinds `blockwise` covers get its flash-style custom_vjp; top-k two streaming passes
   (`_attend_top_k`); the rest (l1/count normalisations, activations that read row counts)
   the rematerialised scan below.
+
+  With `key_splits` (the "split" impl, for a few queries against a long KV cache) the keys
+  are cut into that many blocks that run side by side (vmap, not a scan) and are merged at
+  the end (`_merge_blocks`); `block_k` is then ignored.
   """
-  common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
-  if mech.row_map is not None and mech.top_k_of is None:
-    # api.impl_kinds("chunked") leaves these kinds out, so `attend` never gets here with one.
-    raise ValueError(f"impl='chunked' cannot run kind={mech.name!r}: its weights need every "
-                     "score of a row at once, and the scan holds one key block. Use "
-                     "impl='xla'.")
-  if blockwise.supports(mech, options):
+  if mech.row_map is not None and (mech.top_k_of is None or key_splits is not None):
+    # api.impl_kinds leaves these kinds out of chunked (and split), so `attend` never gets
+    # here with one.
+    raise ValueError(f"impl={'chunked' if key_splits is None else 'split'!r} cannot run "
+                     f"kind={mech.name!r}: its weights need every score of a row at once, and "
+                     "the scan holds one key block. Use impl='xla'.")
+  common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale, q_offset=q_offset)
+  if key_splits is None and blockwise.supports(mech, options):
     out_BQHD = blockwise.attend(q, k, v, mech, options, block_k=block_k, **common)
     return core.finish(out_BQHD, mech, options, q.dtype)
-  tiles = _Tiles(q, k, v, mech, options, block_k=block_k, **common)
+  tiles = _Tiles(q, k, v, mech, options, block_k=block_k, key_splits=key_splits, **common)
   if mech.top_k_of is not None:
     out_BHQD = _attend_top_k(tiles, mech.top_k_of(options))
   else:
@@ -67,13 +78,22 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
 
 
 class _Tiles:
-  """The key blocks a scan walks over (`xs`) and, per block, its visible pairs and scores."""
+  """The key blocks a scan walks over (`xs`) and, per block, its visible pairs and scores.
 
-  def __init__(self, q, k, v, mech, options, *, mask, bias, is_causal, scale, block_k):
+  `reduce(step, init, xs)` walks them: `lax.scan`, or in split mode every block at once.
+  """
+
+  def __init__(self, q, k, v, mech, options, *, mask, bias, is_causal, scale, block_k,
+               q_offset, key_splits):
     self.q, self.mech, self.options, self.scale = q, mech, options, scale
-    self.mask, self.bias, self.is_causal = mask, bias, is_causal
+    self.mask, self.bias, self.is_causal, self.q_offset = mask, bias, is_causal, q_offset
     self.lq, self.lk = q.shape[1], k.shape[1]
-    self.block_k = block_k = min(block_k, self.lk)
+    if key_splits is None:
+      self.block_k = block_k = min(block_k, self.lk)
+      self.reduce = jax.lax.scan
+    else:
+      self.block_k = block_k = -(-self.lk // key_splits)
+      self.reduce = _parallel_blocks
     num_blocks = -(-self.lk // block_k)
     self.has_padding = num_blocks * block_k != self.lk
     self.xs = {
@@ -90,7 +110,7 @@ class _Tiles:
     user_mask = mask if blk["mask"] is None and mask is not None else blk["mask"]
     valid = core.valid_mask(self.lq, self.lk, blk["pos"], self.mech, self.options,
                             is_causal=self.is_causal, user_mask=user_mask,
-                            has_padding=self.has_padding)
+                            has_padding=self.has_padding, q_offset=self.q_offset)
     return None if valid is None else jnp.broadcast_to(valid, valid.shape[:2]
                                                        + (self.lq, self.block_k))
 
@@ -110,7 +130,7 @@ class _Tiles:
 
 def _scan(tiles: _Tiles, mech: Mechanism, options: Mapping[str, Any],
           select: Callable[[Array, Array], Array] | None = None) -> Array:
-  """sum_j w_ij v_j in float32, [B, H, Lq, Dv], by a rematerialised scan over key blocks.
+  """sum_j w_ij v_j in float32, [B, H, Lq, Dv], by a rematerialised walk over key blocks.
 
   `select(scores, pos)`, if given, narrows each block's visible pairs further (top-k's
   kept set, known from a first pass).
@@ -124,7 +144,7 @@ def _scan(tiles: _Tiles, mech: Mechanism, options: Mapping[str, Any],
   zero_count = jnp.zeros(count_shape + (lq, 1), jnp.float32)
   if mech.needs_row_counts:
     # A cheap boolean pre-pass: the activation itself needs each row's number of visible keys.
-    counts, _ = jax.lax.scan(tiles.count_step, zero_count, tiles.xs)
+    counts, _ = tiles.reduce(tiles.count_step, zero_count, tiles.xs)
   else:
     counts = None
   ctx = RowContext(kv_len=tiles.lk, row_counts=counts)
@@ -153,7 +173,7 @@ def _scan(tiles: _Tiles, mech: Mechanism, options: Mapping[str, Any],
   init = (jnp.full((b, h, lq, 1), -jnp.inf, jnp.float32),
           jnp.zeros((b, h, lq, 1), jnp.float32), zero_count,
           jnp.zeros((b, h, lq, dv), jnp.float32))
-  (_, row_sum, count, acc_BHQD), _ = jax.lax.scan(step, init, tiles.xs)
+  (_, row_sum, count, acc_BHQD), _ = tiles.reduce(step, init, tiles.xs)
   divisor = core.row_divisor(normalization, row_sum, count)
   return acc_BHQD if divisor is None else core.safe_divide(acc_BHQD, divisor)
 
@@ -189,3 +209,29 @@ def _attend_top_k(tiles: _Tiles, top_k: int) -> Array:
     return (s > kth) | ((s == kth) & (pos[None, None, None, :] <= kth_pos))
 
   return _scan(tiles, SOFTMAX, {}, select=kept)
+
+
+def _parallel_blocks(step: Callable, init: Any, xs: Any) -> tuple[Any, None]:
+  """`lax.scan(step, init, xs)`'s final carry, with every block's step run from `init` side by
+  side (vmap) and the partial carries merged by `_merge_blocks`."""
+  partials = jax.vmap(lambda blk: step(init, blk)[0])(xs)
+  return _merge_blocks(partials), None
+
+
+def _merge_blocks(partials: Any) -> Any:
+  """Merges per-block carries stacked on a leading block axis.
+
+  A bare array (row counts) and the plain sums (row sum, count, weights @ values) add up;
+  where a block kept a finite row max (softmax), its sums are first rescaled to the global
+  max: the log-sum-exp merge. Kinds without a max keep it at -inf, and add plainly.
+  """
+  if not isinstance(partials, tuple):
+    return jnp.sum(partials, axis=0)
+  m_N, row_sum_N, count_N, acc_N = partials
+  m = jax.lax.stop_gradient(jnp.max(m_N, axis=0))
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  # exp(-inf - m) = 0 drops a block with no visible key; without a row max (m = -inf in
+  # every block) the weights stay 1, a plain sum.
+  rescale_N = jnp.where(jnp.isfinite(m)[None], jnp.exp(m_N - m_safe[None]), 1.0)
+  return (m, jnp.sum(row_sum_N * rescale_N, axis=0), jnp.sum(count_N, axis=0),
+          jnp.sum(acc_N * rescale_N, axis=0))

@@ -23,9 +23,15 @@ def default_scale(head_dim: int, scale: float | None) -> float:
   return head_dim ** -0.5 if scale is None else scale
 
 
+def query_positions(q_len: int, kv_len: int, q_offset: Array | int | None) -> Array:
+  """Absolute positions of the queries among the keys, [Lq]: from `q_offset` on, or (None)
+  bottom-right, the last query at the last key."""
+  return jnp.arange(q_len) + (kv_len - q_len if q_offset is None else q_offset)
+
+
 def valid_mask(q_len: int, kv_len: int, k_pos: Array, mech: Mechanism, options: Mapping[str, Any],
-               *, is_causal: bool, user_mask: Array | None, has_padding: bool = False
-               ) -> Array | None:
+               *, is_causal: bool, user_mask: Array | None, has_padding: bool = False,
+               q_offset: Array | int | None = None) -> Array | None:
   """Which (query, key) pairs may attend, as a bool array broadcastable to [B, H, Lq, K].
 
   Args:
@@ -33,10 +39,11 @@ def valid_mask(q_len: int, kv_len: int, k_pos: Array, mech: Mechanism, options: 
     k_pos: absolute positions of the keys in this tile, [K].
     user_mask: the caller's mask restricted to this tile, or None.
     has_padding: the tile may hold padding keys (positions >= kv_len) to mask out.
+    q_offset: the first query's position (`query_positions`); None = bottom-right.
   Returns:
     The mask, or None when every pair may attend.
   """
-  q_pos_Q = jnp.arange(q_len) + (kv_len - q_len)
+  q_pos_Q = query_positions(q_len, kv_len, q_offset)
   structural = []
   if has_padding:
     structural.append(jnp.broadcast_to(k_pos[None, :] < kv_len, (q_len, k_pos.shape[0])))

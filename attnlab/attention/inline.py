@@ -62,7 +62,7 @@ def _features(q: Array, k: Array, mask: Array | None, options: Mapping[str, Any]
 
 def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, Any], *,
            mask: Array | None, bias: Array | None, is_causal: bool, scale: float,
-           **unused_impl_options) -> Array:
+           q_offset: Array | int | None = None, **unused_impl_options) -> Array:
   del mech, bias  # bias is rejected earlier: InLine builds no [Lq, Lk] scores
   b, lq, h, d = q.shape
   lk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -76,8 +76,8 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
     v_sum = jnp.sum(v_BKhE, axis=1)[:, None, :, None, :]  # [B, 1, Hkv, 1, Dv]
     n = jnp.sum(keep_BK, axis=1)[:, None, None, None, None]  # [B or 1, 1, 1, 1, 1]
   else:
-    # Prefix sums over keys; query i reads the prefix ending at key i + (Lk - Lq).
-    idx_Q, sees_any_Q = prefix_rows(lq, lk)
+    # Prefix sums over keys; query i reads the prefix ending at its own position.
+    idx_Q, sees_any_Q = prefix_rows(lq, lk, q_offset)
     state_BQhDE = jnp.cumsum(jnp.einsum("bkhd,bkhe->bkhde", phi_k_BKhD, v_BKhE), axis=1)[:, idx_Q]
     qs = jnp.einsum("bqhgd,bqhde->bqhge", phi_q_BQhGD, state_BQhDE)
     z_BQhD = jnp.cumsum(phi_k_BKhD, axis=1)[:, idx_Q]

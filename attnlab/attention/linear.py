@@ -37,10 +37,12 @@ def key_padding_masks_only(kind: str) -> Callable[[Array | None], None]:
   return check_mask
 
 
-def prefix_rows(q_len: int, kv_len: int) -> tuple[Array, Array]:
+def prefix_rows(q_len: int, kv_len: int, q_offset: Array | int | None = None
+                ) -> tuple[Array, Array]:
   """For causal rows read from prefix sums over the keys: the index of each query's last
-  visible key (i + Lk - Lq, clipped into range), and whether it sees any key at all."""
-  last_key_Q = jnp.arange(q_len) + (kv_len - q_len)
+  visible key (its position, `core.query_positions`, clipped into range), and whether it
+  sees any key at all."""
+  last_key_Q = core.query_positions(q_len, kv_len, q_offset)
   return jnp.clip(last_key_Q, 0, kv_len - 1), last_key_Q >= 0
 
 
@@ -56,7 +58,7 @@ def _features(q: Array, k: Array, mask: Array | None, options: Mapping[str, Any]
 
 def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, Any], *,
            mask: Array | None, bias: Array | None, is_causal: bool, scale: float,
-           **unused_impl_options) -> Array:
+           q_offset: Array | int | None = None, **unused_impl_options) -> Array:
   del mech, bias, scale  # rejected earlier: linear attention has no logits to scale or bias
   b, lq, h, d = q.shape
   lk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -70,10 +72,10 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
     num = jnp.einsum("bqhgd,bhde->bqhge", phi_q_BQhGD, state_BhDE)
     den = jnp.einsum("bqhgd,bhd->bqhg", phi_q_BQhGD, norm_BhD)[..., None]
   else:
-    # Prefix sums over keys; query i reads the prefix ending at key i + (Lk - Lq).
+    # Prefix sums over keys; query i reads the prefix ending at its own position.
     state_BKhDE = jnp.cumsum(jnp.einsum("bkhd,bkhe->bkhde", phi_k_BKhD, v_BKhD), axis=1)
     norm_BKhD = jnp.cumsum(phi_k_BKhD, axis=1)
-    idx_Q, sees_any_Q = prefix_rows(lq, lk)
+    idx_Q, sees_any_Q = prefix_rows(lq, lk, q_offset)
     num = jnp.einsum("bqhgd,bqhde->bqhge", phi_q_BQhGD, state_BKhDE[:, idx_Q])
     den = jnp.einsum("bqhgd,bqhd->bqhg", phi_q_BQhGD, norm_BKhD[:, idx_Q])[..., None]
     den = jnp.where(sees_any_Q[None, :, None, None, None], den, 0.0)

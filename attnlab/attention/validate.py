@@ -102,3 +102,22 @@ def check_scale(scale: Any) -> None:
     raise ValueError(f"scale must be a scalar (default 1/sqrt(head_dim)); got shape "
                      f"{np.shape(scale)}.")
 
+
+
+def check_q_offset(q_offset: Any, is_causal: bool, dims: Dims) -> None:
+  """`q_offset`: None, or an integer scalar (traced is fine) with is_causal=True; a Python
+  int must leave every query inside the keys (0 <= q_offset <= Lk - Lq)."""
+  if q_offset is None:
+    return
+  dtype = getattr(q_offset, "dtype", None)
+  is_int = (isinstance(q_offset, (int, np.integer)) and not isinstance(q_offset, bool)) or (
+      dtype is not None and jnp.issubdtype(dtype, jnp.integer) and np.ndim(q_offset) == 0)
+  if not is_int:
+    raise ValueError(f"q_offset must be None or an integer scalar (the first query's position "
+                     f"among the keys); got {q_offset!r}.")
+  if not is_causal:
+    raise ValueError("q_offset places the queries for causal attention (decoding against a KV "
+                     "cache); pass is_causal=True with it, or leave q_offset=None.")
+  if isinstance(q_offset, (int, np.integer)) and not 0 <= q_offset <= dims.kv_len - dims.q_len:
+    raise ValueError(f"q_offset={q_offset} puts queries outside the {dims.kv_len} keys (Lq="
+                     f"{dims.q_len}); expected 0 <= q_offset <= {dims.kv_len - dims.q_len}.")

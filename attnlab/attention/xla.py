@@ -30,14 +30,14 @@ BLOCK_K = 512
 
 def attention_weights(q: Array, k: Array, mech: Mechanism, options: Mapping[str, Any], *,
                       mask: Array | None, bias: Array | None, is_causal: bool,
-                      scale: float) -> Array:
+                      scale: float, q_offset: Array | int | None = None) -> Array:
   """The kind's attention weights, float32 [B, H, Lq, Lk]; exactly 0 where masked."""
   lq, lk = q.shape[1], k.shape[1]
   s_BHQK = mech.logits(q, k, scale)
   if bias is not None:
     s_BHQK = s_BHQK + bias.astype(jnp.float32)
   valid = core.valid_mask(lq, lk, jnp.arange(lk), mech, options, is_causal=is_causal,
-                          user_mask=mask)
+                          user_mask=mask, q_offset=q_offset)
   if mech.row_map is not None:
     return mech.row_map(s_BHQK, valid, options)
   counts = _row_counts(valid, lq, lk) if _uses_row_counts(mech, options) else None
@@ -63,14 +63,15 @@ def _row_counts(valid: Array | None, lq: int, lk: int) -> Array:
 
 
 def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, Any], *,
-           mask: Array | None, bias: Array | None, is_causal: bool, scale: float) -> Array:
+           mask: Array | None, bias: Array | None, is_causal: bool, scale: float,
+           q_offset: Array | int | None = None) -> Array:
   """The materialising attention, [B, Lq, H, Dv] in q.dtype.
 
   Kinds `blockwise` covers run there in tiles of `BLOCK_K` keys (with the flash-style
   backward that recomputes them); the others build the weights and let autodiff
   differentiate them.
   """
-  common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
+  common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale, q_offset=q_offset)
   if blockwise.supports(mech, options):
     out_BQHD = blockwise.attend(q, k, v, mech, options, block_k=_even_blocks(k.shape[1]),
                                 **common)

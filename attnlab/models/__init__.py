@@ -37,7 +37,8 @@ recomputes each block in the backward pass (see `attnlab.models.encoder`).
 Layout: `config` (BackboneConfig and its checks), `params` (parameters with
 logical axis names), `layers` (projections, norms, attention, MLP), `encoder`
 (the block stack, unrolled or scanned, optionally rematerialised), `vit` and
-`transformer` (the two models), `inspection` (functions of a built model).
+`transformer` (the two models), `inspection` (functions of a built model), `decode`
+(KV-cache decoding and `generate` for the language model).
 """
 
 from attnlab.models.config import ACTIVATIONS, BackboneConfig

@@ -23,10 +23,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from attnlab.models.config import BackboneConfig
-from attnlab.models.layers import Mlp, MultiHeadAttention, dropout, norm_layer
+from attnlab.models.layers import KVCache, Mlp, MultiHeadAttention, dropout, norm_layer
 from attnlab.models.params import LAYERS_AXIS, named_param
 
 Array = jax.Array
@@ -60,10 +61,20 @@ class EncoderBlock(nnx.Module):
     """`attn_kwargs` are `MultiHeadAttention`'s (kv_mask_BL, is_causal, bias, rope)."""
     y_BLE, weights = self.attn(self.attn_norm(x_BLE), deterministic=deterministic, rngs=rngs,
                                return_weights=return_weights, **attn_kwargs)
+    return self._after_attention(x_BLE, y_BLE, deterministic, rngs), weights
+
+  def decode(self, x_BLE: Array, cache: KVCache, **decode_kwargs: Any) -> tuple[Array, KVCache]:
+    """The block on new tokens against this layer's cache (`MultiHeadAttention.decode`'s
+    kwargs); no dropout."""
+    y_BLE, cache = self.attn.decode(self.attn_norm(x_BLE), cache, **decode_kwargs)
+    return self._after_attention(x_BLE, y_BLE, True, None), cache
+
+  def _after_attention(self, x_BLE: Array, y_BLE: Array, deterministic: bool | None,
+                       rngs: nnx.Rngs | None) -> Array:
+    """The attention residual, then the MLP's."""
     x_BLE = x_BLE + self._branch(y_BLE, "attn_scale", deterministic, rngs)
     y_BLE = self.mlp(self.mlp_norm(x_BLE), deterministic=deterministic, rngs=rngs)
-    x_BLE = x_BLE + self._branch(y_BLE, "mlp_scale", deterministic, rngs)
-    return x_BLE, weights
+    return x_BLE + self._branch(y_BLE, "mlp_scale", deterministic, rngs)
 
   def _branch(self, y_BLE: Array, scale_name: str, deterministic: bool | None,
               rngs: nnx.Rngs | None) -> Array:
@@ -134,6 +145,27 @@ class Encoder(nnx.Module):
     run = self._scan if self.scan_layers else self._loop
     x_BLE, maps = run(apply, x_BLE, rngs, dict(kv_mask_BL=kv_mask_BL, bias=bias, rope=rope))
     return self.encoder_norm(x_BLE), (maps if return_weights else ())
+
+  def decode(self, x_BLE: Array, cache: KVCache, **decode_kwargs: Any
+             ) -> tuple[Array, KVCache]:
+    """Every block on new tokens against its layer of `cache` (stacked [depth, ...]); returns
+    the normed hidden states and the updated cache. `decode_kwargs`: as
+    `MultiHeadAttention.decode`."""
+    if self.scan_layers:
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                transform_metadata=_STACKED)
+      def body(x_BLE, block, layer_cache):
+        return block.decode(x_BLE, layer_cache, **decode_kwargs)
+
+      x_BLE, cache = body(x_BLE, self.blocks, cache)
+    else:
+      layer_caches = []
+      for i, block in enumerate(self.blocks):
+        x_BLE, layer_cache = block.decode(x_BLE, jax.tree.map(lambda c: c[i], cache),
+                                          **decode_kwargs)
+        layer_caches.append(layer_cache)
+      cache = jax.tree.map(lambda *layers: jnp.stack(layers), *layer_caches)
+    return self.encoder_norm(x_BLE), cache
 
   def _loop(self, apply: BlockFn, x_BLE: Array, rngs: nnx.Rngs | None,
             arrays: dict[str, Any]) -> tuple[Array, tuple[Array | None, ...]]:

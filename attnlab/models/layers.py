@@ -13,7 +13,9 @@ logical axis names (``"embed"``, ``"heads"``, ``"mlp"``, ...).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -160,15 +162,8 @@ class MultiHeadAttention(nnx.Module):
       (out_BLE, weights or None).
     """
     cfg = self.cfg
-    q_BLHD, k_BLhD, v_BLhD = self.query(x_BLE), self.key(x_BLE), self.value(x_BLE)
-    if cfg.qk_norm is not None:
-      q_BLHD, k_BLhD = self.q_norm(q_BLHD), self.k_norm(k_BLhD)
-    if rope is not None:
-      q_BLHD, k_BLhD = apply_rope(q_BLHD, *rope), apply_rope(k_BLhD, *rope)
-
-    kind_options = dict(cfg.attention_options)
-    if cfg.learn_sigmoid_bias:
-      kind_options[SIGMOID_BIAS] = self.sigmoid_bias[...]  # [H], traced: attention grads it
+    q_BLHD, k_BLhD, v_BLhD = self._project(x_BLE, rope)
+    kind_options = self._kind_options()
     drop_weights = cfg.attention_dropout_rate > 0 and not self._is_deterministic(deterministic)
     use_weights = return_weights or drop_weights
     weights_BHLL = None
@@ -184,11 +179,72 @@ class MultiHeadAttention(nnx.Module):
                                   is_causal=is_causal, bias=bias, impl=cfg.attention_impl,
                                   **self._mask_args(kv_mask_BL), **kind_options,
                                   **dict(cfg.attention_impl_options))
+    return self._output(x_BLE, out_BLHD), weights_BHLL
 
+  def decode(self, x_BLE: Array, cache: KVCache, pos: Array, *, bias: Array | None = None,
+             rope: tuple[Array, Array] | None = None, impl: str = "auto",
+             impl_options: dict[str, Any] | None = None) -> tuple[Array, KVCache]:
+    """Causal attention of L new tokens at positions pos..pos+L-1 over the cache.
+
+    Their keys and values are written into `cache` first; the queries then attend to the
+    whole preallocated cache with `q_offset=pos`, so the slots past pos+L-1 (zeros, or
+    stale) are in every query's future and get no weight, for every kind.
+
+    Args:
+      x_BLE: the (already normed) block input of the new tokens.
+      cache: this layer's keys and values, [B, max_len, Hkv, D] each.
+      pos: int32 scalar, the new tokens' first position (traced: one compiled step serves
+        every position).
+      bias: additive logits bias [1|B, H, L, max_len] for these queries (ALiBi).
+      rope: (sin, cos) of the new tokens' positions, [L, head_dim // 2] each.
+      impl, impl_options: the attention implementation to decode with.
+
+    Returns:
+      (out_BLE, the updated cache).
+    """
+    cfg = self.cfg
+    q_BLHD, k_BLhD, v_BLhD = self._project(x_BLE, rope)
+    cache = cache.write(k_BLhD, v_BLhD, pos)
+    out_BLHD = attention.attend(q_BLHD, cache.k_BLhD, cache.v_BLhD, kind=cfg.attention,
+                                is_causal=True, q_offset=pos, bias=bias, impl=impl,
+                                **self._kind_options(pin_sigmoid_bias=True),
+                                **(impl_options or {}))
+    return self._output(x_BLE, out_BLHD), cache
+
+  def _project(self, x_BLE: Array, rope: tuple[Array, Array] | None
+               ) -> tuple[Array, Array, Array]:
+    """q [B, L, H, D], k and v [B, L, Hkv, D], QK-normed and rotated."""
+    q_BLHD, k_BLhD, v_BLhD = self.query(x_BLE), self.key(x_BLE), self.value(x_BLE)
+    if self.cfg.qk_norm is not None:
+      q_BLHD, k_BLhD = self.q_norm(q_BLHD), self.k_norm(k_BLhD)
+    if rope is not None:
+      q_BLHD, k_BLhD = apply_rope(q_BLHD, *rope), apply_rope(k_BLhD, *rope)
+    return q_BLHD, k_BLhD, v_BLhD
+
+  def _kind_options(self, pin_sigmoid_bias: bool = False) -> dict[str, Any]:
+    """The kind's options, with the learned sigmoid bias when there is one.
+
+    pin_sigmoid_bias: a default (None) sigmoid bias becomes the training one, -log(n) of the
+    length the model is built for (`sequence_length`), instead of -log(Lk) of whatever key
+    array the call sees: cached decoding must not change the bias with the cache size.
+    """
+    cfg = self.cfg
+    kind_options = dict(cfg.attention_options)
+    if cfg.learn_sigmoid_bias:
+      kind_options[SIGMOID_BIAS] = self.sigmoid_bias[...]  # [H], traced: attention grads it
+    elif (pin_sigmoid_bias and cfg.sequence_length is not None
+          and SIGMOID_BIAS in attention.KINDS[cfg.attention].options
+          and kind_options.get(SIGMOID_BIAS) is None):
+      kind_options[SIGMOID_BIAS] = attention.default_sigmoid_bias(cfg.sequence_length)
+    return kind_options
+
+  def _output(self, x_BLE: Array, out_BLHD: Array) -> Array:
+    """The output gate (from the block input) and the output projection."""
+    cfg = self.cfg
     if cfg.output_gate is not None:
       gate = jax.nn.sigmoid(self.gate(x_BLE))
       out_BLHD = out_BLHD * (gate[..., None] if cfg.output_gate == "headwise" else gate)
-    return self.out(out_BLHD), weights_BHLL
+    return self.out(out_BLHD)
 
   def _is_deterministic(self, deterministic: bool | None) -> bool:
     return self.weights_dropout.deterministic if deterministic is None else deterministic
@@ -202,6 +258,25 @@ class MultiHeadAttention(nnx.Module):
       seg_BL = kv_mask_BL.astype(jnp.int32)
       return {"q_segment_ids": seg_BL, "kv_segment_ids": seg_BL}
     return {"mask": key_padding_mask(kv_mask_BL)}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of the tokens seen so far, preallocated to the model's max_len.
+
+  Only the Hkv key/value heads are stored (grouped-query attention shares them across
+  query groups). One layer's cache is [B, max_len, Hkv, D]; a model's stacks its layers'
+  along a leading [depth] axis (`attnlab.models.decode.init_cache`).
+  """
+  k_BLhD: Array
+  v_BLhD: Array
+
+  def write(self, k_BLhD: Array, v_BLhD: Array, pos: Array) -> KVCache:
+    """The cache with L new keys and values written at positions pos..pos+L-1."""
+    at = (0, pos, 0, 0)
+    return KVCache(jax.lax.dynamic_update_slice(self.k_BLhD, k_BLhD.astype(self.k_BLhD.dtype), at),
+                   jax.lax.dynamic_update_slice(self.v_BLhD, v_BLhD.astype(self.v_BLhD.dtype), at))
 
 
 def key_padding_mask(kv_mask_BL: Array | None) -> Array | None:

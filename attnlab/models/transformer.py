@@ -125,9 +125,14 @@ def alibi_bias(num_heads: int, length: int) -> Array:
   Sigmoid attention is not invariant to adding a constant to a row, so the
   bias must be the paper's exact values, not a row-shifted equivalent.
   """
-  pos_L = jnp.arange(length, dtype=jnp.float32)
-  distance_LL = jnp.abs(pos_L[:, None] - pos_L[None, :])
-  return -(alibi_slopes(num_heads)[:, None, None] * distance_LL[None])[None]
+  return alibi_bias_at(num_heads, jnp.arange(length), jnp.arange(length))
+
+
+def alibi_bias_at(num_heads: int, q_pos_Q: Array, k_pos_K: Array) -> Array:
+  """`alibi_bias` for queries and keys at the given positions: [1, H, Lq, Lk] (decoding:
+  the new tokens' positions against every cache slot)."""
+  distance_QK = jnp.abs(q_pos_Q[:, None] - k_pos_K[None, :]).astype(jnp.float32)
+  return -(alibi_slopes(num_heads)[:, None, None] * distance_QK[None])[None]
 
 
 class Transformer(nnx.Module):
@@ -200,10 +205,40 @@ class Transformer(nnx.Module):
     if not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
       raise ValueError(f"tokens_BL must hold integer token ids; got dtype {tokens_BL.dtype}.")
     self._check_length(tokens_BL.shape[1])
+    x_BLE = self._embed_at(tokens_BL, 0)
+    return self.dropout(x_BLE, deterministic=deterministic, rngs=rngs)
+
+  def _embed_at(self, tokens_BL: Array, pos: Array | int) -> Array:
+    """Token (+ learned position) embeddings of tokens at positions pos..pos+L-1."""
     x_BLE = self.token_embed(tokens_BL)
     if self.cfg.positions == "learned":
-      x_BLE = x_BLE + self.pos_embedding[: tokens_BL.shape[1]][None].astype(x_BLE.dtype)
-    return self.dropout(x_BLE, deterministic=deterministic, rngs=rngs)
+      pos_LE = jax.lax.dynamic_slice_in_dim(self.pos_embedding[...], pos, tokens_BL.shape[1])
+      x_BLE = x_BLE + pos_LE[None].astype(x_BLE.dtype)
+    return x_BLE
+
+  def decode(self, tokens_BL: Array, cache: layers.KVCache, pos: Array, *, impl: str = "auto",
+             impl_options: dict | None = None) -> tuple[Array, layers.KVCache]:
+    """Logits [B, L, vocab] (float32) of L new tokens at positions pos..pos+L-1, attending
+    to themselves and to the `cache` of the tokens before them; and the updated cache.
+
+    The language model's incremental form (`attnlab.models.decode` drives it): a prompt
+    in one call (prefill), then one token per call. Positions enter at the right offset
+    (RoPE angles, the learned table's rows, ALiBi distances to every cache slot); no
+    dropout. `impl`/`impl_options`: the attention implementation to decode with.
+    """
+    cfg = self.cfg
+    length, max_len = tokens_BL.shape[1], cfg.max_len
+    x_BLE = self._embed_at(tokens_BL, pos)
+    rope = None
+    if cfg.positions == "rope":
+      sin_LK, cos_LK = layers.rope_tables(max_len, cfg.head_dim, cfg.rope_base)
+      rope = (jax.lax.dynamic_slice_in_dim(sin_LK, pos, length),
+              jax.lax.dynamic_slice_in_dim(cos_LK, pos, length))
+    bias = (alibi_bias_at(cfg.num_heads, pos + jnp.arange(length), jnp.arange(max_len))
+            if cfg.positions == "alibi" else None)
+    h_BLE, cache = self.encoder.decode(x_BLE, cache, pos=pos, bias=bias, rope=rope, impl=impl,
+                                       impl_options=impl_options)
+    return self._head(h_BLE, None).astype(jnp.float32), cache
 
   def apply_embedded(self, x_BLE: Array, *, padding_mask_BL: Array | None = None,
                      deterministic: bool | None = None, rngs: nnx.Rngs | None = None,

@@ -1,0 +1,201 @@
+"""Generation from a Transformer language model with a KV cache.
+
+    tokens_BT = generate(model, prompt_BL, steps=32, rng=jax.random.key(0), top_k=5)
+
+The prompt is processed in one call (prefill), then one token per call; each call
+writes its tokens' keys and values into a cache preallocated to the model's max_len
+(`KVCache`, only the Hkv key/value heads, every layer stacked) and attends over the
+whole cache with `attend(..., is_causal=True, q_offset=pos)`: the slots not written yet
+are in the future of every query, so they get no weight, for every kind. Cached
+decoding gives the logits of a forward pass over the whole sequence; sigmoid's default
+bias is the training one, -log(max_len) (`MultiHeadAttention._kind_options`), as in a
+forward pass at max_len.
+
+Every causal kind decodes: each row's weights depend only on the keys up to it (the
+sparse row maps, linear and InLine attention included). A model that is not a causal
+language model (causal=False, a classifier, so also the bidirectional `soft`) cannot
+generate, and is refused. Linear attention reads its prefix sums off the cached keys
+here, O(max_len) per token rather than the O(1) of its recurrent form.
+
+Each (graph, shape, impl, sampling) compiles once: prefill once per prompt shape, the
+step once for all positions (the position is a traced scalar).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnlab.models.layers import KVCache
+from attnlab.models.transformer import Transformer, TransformerConfig
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+  """What decoding carries from call to call.
+
+  Attributes:
+    cache: every layer's keys and values, [depth, B, max_len, Hkv, D] each.
+    length: int32 scalar, the tokens written so far (the next token's position).
+  """
+  cache: KVCache
+  length: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeImpl:
+  """The attention implementation decoding runs (`decode_impl`); hashable, so jit-static."""
+  impl: str
+  options: tuple[tuple[str, Any], ...] = ()
+
+
+def decode_impl(model: Transformer, key_splits: int | None = None) -> DecodeImpl:
+  """The model's own attention impl, or the split-key one with `key_splits` blocks.
+
+  impl="pallas" decodes with "auto" (the fused kernel has no decoding variant yet, and
+  auto picks the jnp paths for calls with a q_offset).
+  """
+  cfg = model.cfg
+  if key_splits is not None:
+    return DecodeImpl("split", (("key_splits", key_splits),))
+  if cfg.attention_impl == "pallas":
+    return DecodeImpl("auto")
+  return DecodeImpl(cfg.attention_impl, tuple(sorted(dict(cfg.attention_impl_options).items())))
+
+
+def check_decodable(model: Transformer) -> None:
+  """Raises ValueError unless `model` is a causal language model with a max_len to cache."""
+  if not isinstance(model, Transformer):
+    raise ValueError(f"decoding needs an attnlab Transformer language model; got "
+                     f"{type(model).__name__}.")
+  check_config(model.cfg)
+
+
+def check_config(cfg: Any) -> None:
+  """`check_decodable` for a model config, before any model is built."""
+  if not isinstance(cfg, TransformerConfig):
+    raise ValueError(f"decoding needs a Transformer language model (TransformerConfig); got "
+                     f"{type(cfg).__name__}.")
+  if cfg.num_classes is not None or not cfg.causal:
+    what = "a classifier (num_classes set)" if cfg.num_classes is not None else "bidirectional"
+    raise ValueError(f"cannot decode incrementally with kind={cfg.attention!r}: the model is "
+                     f"{what}, so a token's output depends on later tokens. Generate from a "
+                     "causal language model (TransformerConfig causal=True, num_classes=None) "
+                     "with a causal kind.")
+  if cfg.max_len is None:
+    raise ValueError("decoding needs TransformerConfig.max_len, the size of the KV cache; "
+                     "set it to the training sequence length.")
+
+
+def init_cache(model: Transformer, batch_size: int, dtype: Any = None) -> DecodeState:
+  """An empty cache for `batch_size` sequences of up to max_len tokens (compute dtype)."""
+  check_decodable(model)
+  cfg = model.cfg
+  shape = (cfg.depth, batch_size, cfg.max_len, cfg.effective_num_kv_heads, cfg.head_dim)
+  dtype = cfg.compute_dtype if dtype is None else dtype
+  return DecodeState(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),
+                     jnp.zeros((), jnp.int32))
+
+
+def decode_step(model: Transformer, tokens_BL: Array, state: DecodeState, *,
+                key_splits: int | None = None) -> tuple[Array, DecodeState]:
+  """Logits [B, L, vocab] of L new tokens after those in `state`, and the advanced state.
+
+  A prompt (prefill) or one token; jitted per shape. The state's buffers are donated:
+  use the returned one.
+  """
+  check_decodable(model)
+  _check_fits(model, tokens_BL, state)
+  graphdef, params = nnx.split(model)
+  return _jit_step(graphdef, params, tokens_BL, state, decode_impl(model, key_splits))
+
+
+def generate(model: Transformer, prompt_BL: Array, steps: int, rng: Array,
+             temperature: float = 1.0, top_k: int | None = None, *,
+             key_splits: int | None = None) -> Array:
+  """The prompt followed by `steps` sampled tokens, [B, L + steps] int32.
+
+  Args:
+    model: a causal Transformer language model with max_len set.
+    prompt_BL: int token ids [B, L], L >= 1.
+    steps: tokens to sample; L + steps must not exceed max_len.
+    rng: a PRNG key; the token at position t draws from fold_in(rng, t), so a fixed key
+      gives a fixed output.
+    temperature: softmax temperature of the logits; 0 = greedy (argmax).
+    top_k: sample among the k most likely tokens only (None: all); 1 = greedy.
+    key_splits: decode with the split-key impl in this many key blocks (None: the model's
+      attention impl).
+  """
+  check_decodable(model)
+  _check_sampling(steps, temperature, top_k, model.cfg.vocab_size)
+  prompt_BL = jnp.asarray(prompt_BL)
+  state = init_cache(model, prompt_BL.shape[0])
+  _check_fits(model, prompt_BL, state, steps)
+  graphdef, params = nnx.split(model)
+  impl = decode_impl(model, key_splits)
+  sample = functools.partial(_jit_sample, temperature=float(temperature), top_k=top_k)
+  tokens, next_B1 = [prompt_BL.astype(jnp.int32)], prompt_BL.astype(jnp.int32)
+  for _ in range(steps):
+    logits_BLV, state = _jit_step(graphdef, params, next_B1, state, impl)
+    # fold_in(rng, position of the token drawn): a fixed key gives a fixed output.
+    next_B1 = sample(logits_BLV[:, -1], jax.random.fold_in(rng, state.length))[:, None]
+    tokens.append(next_B1)
+  return jnp.concatenate(tokens, axis=1)
+
+
+def _check_fits(model: Transformer, tokens_BL: Array, state: DecodeState, steps: int = 0) -> None:
+  if getattr(tokens_BL, "ndim", None) != 2 or tokens_BL.shape[1] < 1:
+    raise ValueError(f"tokens must be int ids [batch, length >= 1]; got shape "
+                     f"{getattr(tokens_BL, 'shape', None)}.")
+  if tokens_BL.shape[0] != state.cache.k_BLhD.shape[1]:
+    raise ValueError(f"tokens have batch {tokens_BL.shape[0]} but the cache holds "
+                     f"{state.cache.k_BLhD.shape[1]} sequences; init_cache with that batch.")
+  max_len = model.cfg.max_len
+  total = int(state.length) + tokens_BL.shape[1] + steps
+  if total > max_len:
+    raise ValueError(f"{int(state.length)} cached + {tokens_BL.shape[1]} new tokens + {steps} "
+                     f"steps = {total} exceeds max_len={max_len}, the cache size (and the "
+                     "longest sequence the model was built for); shorten the prompt or steps.")
+
+
+def _check_sampling(steps: Any, temperature: Any, top_k: Any, vocab_size: int) -> None:
+  if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+    raise ValueError(f"steps must be a non-negative int; got {steps!r}.")
+  if not isinstance(temperature, (int, float)) or temperature < 0:
+    raise ValueError(f"temperature must be a number >= 0 (0 = greedy); got {temperature!r}.")
+  if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= vocab_size):
+    raise ValueError(f"top_k must be None or an int in [1, vocab_size={vocab_size}]; got "
+                     f"{top_k!r}.")
+
+
+def step(graphdef: nnx.GraphDef, params: nnx.State, tokens_BL: Array, state: DecodeState,
+         impl: DecodeImpl) -> tuple[Array, DecodeState]:
+  """The pure decode step `decode_step` and `generate` jit (graphdef and impl static): for
+  custom loops and benchmarks. No checks: see `decode_step`."""
+  model = nnx.merge(graphdef, params)
+  logits_BLV, cache = model.decode(tokens_BL, state.cache, state.length, impl=impl.impl,
+                                   impl_options=dict(impl.options))
+  return logits_BLV, DecodeState(cache, state.length + tokens_BL.shape[1])
+
+
+# The cache is donated: decoding updates it in place.
+_jit_step = jax.jit(step, static_argnums=(0, 4), donate_argnums=(3,))
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k"))
+def _jit_sample(logits_BV: Array, key: Array, *, temperature: float, top_k: int | None) -> Array:
+  """One token id per row, int32 [B]."""
+  if temperature == 0 or top_k == 1:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  if top_k is not None:
+    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  return jax.random.categorical(key, logits_BV / temperature, axis=-1).astype(jnp.int32)

@@ -1,0 +1,205 @@
+"""KV-cache decoding (attnlab/models/decode.py) and the decoding options of `attend`.
+
+The reference is the model's own forward pass over the whole sequence: cached decoding
+must give its logits at every position, for every kind that decodes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from attnlab import attention
+from attnlab.models import Transformer, TransformerConfig
+from attnlab.models import decode as dec
+from attnlab.models.layers import KVCache
+
+pytestmark = pytest.mark.usefixtures("fast_xla_compile")
+
+MAX_LEN, VOCAB, PROMPT = 24, 11, 5
+# Every causal kind decodes; options that make each kind's own machinery matter.
+DECODING_KINDS = {
+    "softmax": {}, "sigmoid": {}, "relu": {}, "polynomial": {"degree": 2}, "softplus": {},
+    "gaussian": {}, "local": {"window": 3, "dilation": 2}, "linear": {}, "inline": {},
+    "sparsemax": {}, "entmax": {}, "topk": {"top_k": 3},
+}
+
+
+def lm(attention_kind="softmax", options=(), **overrides):
+  fields = dict(width=32, depth=2, num_heads=4, num_kv_heads=2, vocab_size=VOCAB,
+                max_len=MAX_LEN, positions="rope", attention=attention_kind,
+                attention_options=dict(options))
+  return Transformer(TransformerConfig(**{**fields, **overrides}), rngs=nnx.Rngs(0))
+
+
+def tokens(batch=2, length=MAX_LEN, seed=1):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
+
+
+def stale_cache(model, batch):
+  """An empty state whose cache slots hold garbage: unwritten slots must get no weight."""
+  state = dec.init_cache(model, batch)
+  noise = lambda x, s: jax.random.normal(jax.random.key(s), x.shape, x.dtype)  # noqa: E731
+  return dec.DecodeState(KVCache(noise(state.cache.k_BLhD, 7), noise(state.cache.v_BLhD, 8)),
+                         state.length)
+
+
+def cached_logits(model, tokens_BL, prompt_len=PROMPT, key_splits=None):
+  """Logits [B, L, V]: the prompt in one call, then one token per call."""
+  state = stale_cache(model, tokens_BL.shape[0])
+  logits, state = dec.decode_step(model, tokens_BL[:, :prompt_len], state,
+                                  key_splits=key_splits)
+  out = [logits]
+  for t in range(prompt_len, tokens_BL.shape[1]):
+    logits, state = dec.decode_step(model, tokens_BL[:, t:t + 1], state, key_splits=key_splits)
+    out.append(logits)
+  assert int(state.length) == tokens_BL.shape[1]
+  return jnp.concatenate(out, axis=1)
+
+
+@pytest.mark.parametrize("kind", sorted(DECODING_KINDS))
+def test_cached_decoding_gives_the_full_forward_logits(kind):
+  # GQA (2 kv heads for 4 query heads), RoPE; the sequence is max_len long, the length
+  # sigmoid's default bias -log(max_len) belongs to in the forward pass as in decoding.
+  model = lm(kind, DECODING_KINDS[kind])
+  tokens_BL = tokens()
+  np.testing.assert_allclose(cached_logits(model, tokens_BL),
+                             model(tokens_BL, deterministic=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    ("sigmoid", dict(positions="learned", learn_sigmoid_bias=True)),
+    ("softmax", dict(positions="alibi", qk_norm="rms", output_gate="headwise")),
+    ("sigmoid", dict(positions="alibi", attention_options={"sigmoid_bias": -1.5})),
+    ("softmax", dict(positions="learned", scan_layers=True, num_kv_heads=1)),
+    ("relu", dict(attention_impl="chunked", attention_impl_options={"block_k": 5})),
+], ids=["sigmoid-learned-pos-and-bias", "softmax-alibi-qknorm-gate", "sigmoid-alibi-fixed-bias",
+        "softmax-learned-scanned-mqa", "relu-chunked"])
+def test_cached_decoding_with_positions_and_layouts(kind, overrides):
+  model = lm(kind, **overrides)
+  tokens_BL = tokens(length=MAX_LEN - 3)  # a fixed or learned bias does not depend on length
+  np.testing.assert_allclose(cached_logits(model, tokens_BL, prompt_len=4),
+                             model(tokens_BL, deterministic=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+def test_cached_decoding_in_bfloat16(kind):
+  model = lm(kind, dtype="bfloat16")
+  tokens_BL = tokens()
+  want = np.asarray(model(tokens_BL, deterministic=True))
+  got = np.asarray(cached_logits(model, tokens_BL))
+  # bf16 keeps 8 bits: the paths round differently (cache writes, block order).
+  np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
+
+
+def test_default_sigmoid_bias_is_the_training_one_not_the_cache_length():
+  # Decoding 6 tokens uses -log(max_len), as a forward pass at max_len (the training
+  # length); a forward pass over just those 6 tokens uses -log(6) and differs.
+  model = lm("sigmoid")
+  tokens_BL = tokens()
+  got = cached_logits(model, tokens_BL[:, :6], prompt_len=2)
+  np.testing.assert_allclose(got, model(tokens_BL, deterministic=True)[:, :6], atol=1e-5)
+  assert not np.allclose(got, model(tokens_BL[:, :6], deterministic=True), atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax", "softplus"])
+@pytest.mark.parametrize("key_splits", [3, 5])  # 24 keys: 3 x 8, and 5 x 5 with one padded
+def test_split_key_decoding_equals_unsplit(kind, key_splits):
+  model = lm(kind)
+  tokens_BL = tokens(length=MAX_LEN - 1)
+  np.testing.assert_allclose(cached_logits(model, tokens_BL, key_splits=key_splits),
+                             cached_logits(model, tokens_BL), atol=1e-5, rtol=1e-5)
+
+
+def _qkv(lq, lk, seed=0):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.normal(size=s), jnp.float32)
+               for s in ((2, lq, 4, 8), (2, lk, 2, 8), (2, lk, 2, 8)))
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax", "relu", "polynomial", "gaussian"])
+@pytest.mark.parametrize("lq,lk,key_splits", [(1, 53, 4), (3, 53, 7), (2, 9, 9)])
+def test_split_impl_equals_xla_with_masks(kind, lq, lk, key_splits):
+  q, k, v = _qkv(lq, lk)
+  lengths = jnp.asarray([lk - 7, lk])  # key padding in the first sequence only
+  mask = (jnp.arange(lk)[None, :] < lengths[:, None])[:, None, None, :]
+  for kwargs in (dict(mask=mask), dict(is_causal=True, q_offset=jnp.int32(lk // 2)),
+                 dict(is_causal=True, mask=mask)):
+    want = attention.attend(q, k, v, kind=kind, impl="xla", **kwargs)
+    got = attention.attend(q, k, v, kind=kind, impl="split", key_splits=key_splits, **kwargs)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_q_offset_matches_attending_to_the_prefix():
+  q, k, v = _qkv(3, 20)
+  pos = 9  # queries at 9, 10, 11 see keys 0..11: the first 12 keys, bottom-right aligned
+  for kind in ("softmax", "relu", "linear", "inline"):
+    got = attention.attend(q, k, v, kind=kind, is_causal=True, q_offset=jnp.int32(pos))
+    want = attention.attend(q, k[:, :pos + 3], v[:, :pos + 3], kind=kind, is_causal=True)
+    np.testing.assert_allclose(got, want, atol=1e-6, err_msg=kind)
+
+
+def test_greedy_generation_is_the_argmax_of_the_full_forward():
+  model = lm("softmax")
+  prompt_BL = tokens(length=PROMPT)
+  got = dec.generate(model, prompt_BL, steps=8, rng=jax.random.key(0), temperature=0.0)
+  # One buffer of the final length (causal: position t's logits ignore what follows it),
+  # so the forward pass compiles once.
+  seq = jnp.concatenate([prompt_BL, jnp.zeros((2, 8), prompt_BL.dtype)], axis=1)
+  for t in range(PROMPT, PROMPT + 8):
+    next_B = jnp.argmax(model(seq, deterministic=True)[:, t - 1], axis=-1)
+    seq = seq.at[:, t].set(next_B.astype(seq.dtype))
+  np.testing.assert_array_equal(got, seq)
+  np.testing.assert_array_equal(
+      dec.generate(model, prompt_BL, steps=8, rng=jax.random.key(3), top_k=1), seq)
+
+
+def test_sampling_is_deterministic_per_key_and_compiles_once_per_shape():
+  model = lm("sigmoid")
+  prompt_BL = tokens(length=PROMPT)
+  sample = lambda key: dec.generate(model, prompt_BL, steps=10, rng=key, top_k=4)  # noqa: E731
+  first = sample(jax.random.key(0))
+  compiled = dec._jit_step._cache_size()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(sample(jax.random.key(0)), first)
+  assert not np.array_equal(sample(jax.random.key(1)), first)
+  assert dec._jit_step._cache_size() == compiled  # pylint: disable=protected-access
+  assert first.shape == (2, PROMPT + 10) and first.dtype == jnp.int32
+  assert int(first.min()) >= 0 and int(first.max()) < VOCAB
+
+
+def test_decoding_refuses_what_it_cannot_do():
+  model = lm("softmax")
+  with pytest.raises(ValueError, match=r"0 cached \+ 25 new tokens .* exceeds max_len=24"):
+    dec.generate(model, tokens(length=MAX_LEN + 1), steps=0, rng=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"5 new tokens \+ 20 steps = 25 exceeds max_len=24"):
+    dec.generate(model, tokens(length=PROMPT), steps=20, rng=jax.random.key(0))
+  state = dec.init_cache(model, 2)
+  _, state = dec.decode_step(model, tokens(length=MAX_LEN), state)
+  with pytest.raises(ValueError, match="24 cached"):
+    dec.decode_step(model, tokens(length=1), state)
+  with pytest.raises(ValueError, match="top_k must be None or an int"):
+    dec.generate(model, tokens(length=PROMPT), steps=2, rng=jax.random.key(0), top_k=0)
+  with pytest.raises(ValueError, match="cannot decode incrementally with kind='soft'.*"
+                                       "bidirectional"):
+    dec.generate(lm("soft", causal=False), tokens(length=PROMPT), 2, jax.random.key(0))
+  with pytest.raises(ValueError, match="classifier"):
+    dec.init_cache(lm("softmax", num_classes=3), 2)
+  with pytest.raises(ValueError, match="needs TransformerConfig.max_len"):
+    dec.init_cache(lm("softmax", max_len=None), 2)
+
+
+def test_attend_refuses_bad_decoding_options():
+  q, k, v = _qkv(1, 12)
+  with pytest.raises(ValueError, match="pass is_causal=True"):
+    attention.attend(q, k, v, q_offset=3)
+  with pytest.raises(ValueError, match=r"expected 0 <= q_offset <= 11"):
+    attention.attend(q, k, v, is_causal=True, q_offset=12)
+  with pytest.raises(ValueError, match="q_offset must be None or an integer scalar"):
+    attention.attend(q, k, v, is_causal=True, q_offset=1.5)
+  with pytest.raises(ValueError, match="impl='split' supports kinds .* cuts the keys into"):
+    attention.attend(q, k, v, kind="sparsemax", impl="split")
+  with pytest.raises(ValueError, match="key_splits must be a positive int"):
+    attention.attend(q, k, v, impl="split", key_splits=0)
+  with pytest.raises(ValueError, match="impl='pallas' takes no q_offset"):
+    attention.attend(q, k, v, kind="softmax", impl="pallas", is_causal=True, q_offset=2)
