@@ -23,6 +23,7 @@ import ml_collections
 
 from attnlab import checkpoint as checkpoint_lib
 from attnlab import configlib
+from attnlab import fileio
 
 CONFIG_FILE = "config.json"
 
@@ -201,7 +202,7 @@ def write_finished(workdir: str, summary: dict[str, Any]) -> None:
   and a run killed before it (e.g. during the final evaluation) has none, so a
   rerun completes that run instead of calling it finished.
   """
-  write_atomic(os.path.join(workdir, FINISHED_FILE), json.dumps(summary, indent=2) + "\n")
+  fileio.write_atomic(os.path.join(workdir, FINISHED_FILE), json.dumps(summary, indent=2) + "\n")
 
 
 def read_finished(workdir: str) -> dict[str, Any] | None:
@@ -219,12 +220,4 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   Written atomically, so that a run checking the workdir at that moment never
   reads half a file.
   """
-  write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
-
-
-def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file, so a reader sees all of it or none."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  fileio.write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from attnlab import fileio
 from attnlab import workdir as workdir_lib
 from attnlab.moe import fit
 from attnlab.moe import losses
@@ -180,8 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       record = fit_group(cfg, expert, n)
       os.makedirs(os.path.join(workdir, GROUPS_DIR), exist_ok=True)
       # NaN (an undefined loss) is written as NaN.
-      workdir_lib.write_atomic(os.path.join(workdir, GROUPS_DIR, f"{group_name(expert, n)}.json"),
-                               json.dumps(record))
+      fileio.write_atomic(os.path.join(workdir, GROUPS_DIR, f"{group_name(expert, n)}.json"),
+                          json.dumps(record))
       print(f"moe: {group_name(expert, n)} fitted in {record['fit_seconds']:.1f} s, scored in "
             f"{record['seconds'] - record['fit_seconds']:.1f} s", flush=True)
       if on_group is not None:
