@@ -21,7 +21,7 @@ step, and only reported.
 `run(config, workdir)` plans the groups (one kind per group, all its sizes and
 seeds together, at most `study.max_cells_per_group` cells), trains each with
 `cells.train_group`, records every finished cell in <workdir>/cells/ at once,
-and writes the report (`analysis.write_report`). A rerun skips the cells
+and writes the report (`report.write_report`). A rerun skips the cells
 recorded there and resumes an unfinished group from its last checkpoint
 (<workdir>/groups/<group>/checkpoints/). `render(config, workdir)` rewrites the
 report from the recorded cells without training (eval.py).
@@ -56,6 +56,8 @@ from attnlab import metrics as metrics_lib
 from attnlab import workdir as workdir_lib
 from attnlab.studies import analysis
 from attnlab.studies import cells as cells_lib
+from attnlab.studies import report as report_lib
+from attnlab.studies import results as results_lib
 
 CELLS_DIR = "cells"
 GROUPS_DIR = "groups"
@@ -357,7 +359,7 @@ def _train_group(group: cells_lib.GroupSpec, setup: cells_lib.GroupSetup, workdi
     if on_step is not None:
       on_step(group.name, step)
 
-  def cell_done(result: analysis.CellResult) -> None:
+  def cell_done(result: results_lib.CellResult) -> None:
     if workdir_lib.writes_files():
       _record_cell(workdir, result)
     progress.cell_done(result)
@@ -385,17 +387,17 @@ def _cell_path(workdir: str, name: str) -> str:
   return os.path.join(workdir, CELLS_DIR, f"{name}.json")
 
 
-def _record_cell(workdir: str, result: analysis.CellResult) -> None:
+def _record_cell(workdir: str, result: results_lib.CellResult) -> None:
   """<workdir>/cells/<cell>.json, written atomically as soon as the cell has finished."""
   name = cells_lib.Cell(result.kind, result.n, result.seed).name
   os.makedirs(os.path.join(workdir, CELLS_DIR), exist_ok=True)
-  analysis.save_cells([result], _cell_path(workdir, name))
+  results_lib.save_cells([result], _cell_path(workdir, name))
 
 
-def _recorded_cells(workdir: str) -> dict[str, analysis.CellResult]:
+def _recorded_cells(workdir: str) -> dict[str, results_lib.CellResult]:
   found = {}
   for path in glob.glob(os.path.join(workdir, CELLS_DIR, "*.json")):
-    (cell,) = analysis.load_cells(path)
+    (cell,) = results_lib.load_cells(path)
     found[cells_lib.Cell(cell.kind, cell.n, cell.seed).name] = cell
   return found
 
@@ -414,7 +416,7 @@ def _report(study: StudyConfig, exp_cfg: experiment.ExperimentConfig, workdir: s
         f"No cell of this study is recorded in {workdir}/{CELLS_DIR}; train it first "
         "(python train.py with the same --config and --workdir).")
   results = [recorded[c.name] for c in wanted if c.name in recorded]
-  paths = analysis.write_report(
+  paths = report_lib.write_report(
       results, workdir, target=study.target_error, compare=study.compare,
       ratio_kinds=(study.compare[1], study.compare[0]), n_boot=study.bootstrap)
   ratio = analysis.samples_ratio(results, study.target_error, (study.compare[1], study.compare[0]),
@@ -450,7 +452,7 @@ class _StudyProgress:
     self._bar.update(self._work, {}, describe=f"group {self._group} step {step}, cells "
                      f"{self._cells}/{self._total_cells} done")
 
-  def cell_done(self, result: analysis.CellResult) -> None:
+  def cell_done(self, result: results_lib.CellResult) -> None:
     self._cells += 1
 
   def close(self) -> None:
