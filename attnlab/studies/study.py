@@ -36,6 +36,7 @@ records and the report and prints progress.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 import shutil
@@ -48,6 +49,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from attnlab import attention as attention_lib
+from attnlab import checks
 from attnlab import checkpoint as checkpoint_lib
 from attnlab import configlib
 from attnlab import data as data_lib
@@ -116,19 +118,16 @@ class StudyConfig:
     if not self.kinds or len(set(self.kinds)) != len(self.kinds):
       raise _error("kinds", self.kinds, "expected at least one kind, each once.")
     sizes = self.train_sizes
-    if not sizes or any(not _is_int(n) or n < 1 for n in sizes) or list(sizes) != sorted(set(sizes)):
+    if not sizes or any(not checks.is_int(n) or n < 1 for n in sizes) or list(sizes) != sorted(set(sizes)):
       raise _error("train_sizes", sizes, "expected positive ints in increasing order, each once.")
-    if not self.seeds or any(not _is_int(s) or s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+    if not self.seeds or any(not checks.is_int(s) or s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
       raise _error("seeds", self.seeds, "expected non-negative ints, each once.")
     if len(self.compare) != 2 or not set(self.compare) <= set(self.kinds) or self.compare[0] == self.compare[1]:
       raise _error("compare", self.compare, f"expected two different kinds of study.kinds={self.kinds}.")
     for name in ("min_steps", "max_cells_per_group", "bootstrap"):
-      if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-        raise _error(name, getattr(self, name), "expected a positive int.")
+      checks.check_positive_int(name, getattr(self, name), section="study")
     for name in ("eval_every_steps", "checkpoint_every_steps", "vmap_cells"):
-      value = getattr(self, name)
-      if value is not None and (not _is_int(value) or value < 1):
-        raise _error(name, value, "expected a positive int or None.")
+      checks.check_positive_int(name, getattr(self, name), or_none=True, section="study")
     if not 0.0 < self.target_error < 1.0:
       raise _error("target_error", self.target_error, "expected a test error in (0, 1).")
 
@@ -137,12 +136,7 @@ class StudyConfig:
     return [cells_lib.Cell(k, n, s) for k in self.kinds for n in self.train_sizes for s in self.seeds]
 
 
-def _error(field: str, value: Any, fix: str) -> configlib.ConfigError:
-  return configlib.ConfigError(f"config.study.{field}={value!r}: {fix}")
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
+_error = functools.partial(checks.field_error, section="study")
 
 
 def is_study(config: ml_collections.ConfigDict) -> bool:
@@ -244,11 +238,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   groups = plan(study, exp_cfg)
   _check_processes(study, groups)
   setups = prepare(study, exp_cfg)
-  os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.lock(workdir):
-    workdir_lib.check_same_run(config, workdir, trained=_has_progress(workdir))
-    if workdir_lib.writes_files():
-      workdir_lib.write_config(config, workdir)
+  with workdir_lib.run_protocol(config, workdir, trained=lambda: _has_progress(workdir)) as run:
     done = _recorded_cells(workdir)
     todo = [g for g in groups if not all(c.name in done for c in g.cells)]
     total = sum(sum(g.budgets) for g in groups)
@@ -268,8 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                    skipped_cells=len(study.cells) - sum(len(g.cells) for g in todo),
                    resumed_groups=resumed,
                    seconds=time.perf_counter() - start)
-    if workdir_lib.writes_files():
-      workdir_lib.write_finished(workdir, summary)
+    run.finish(summary)
   return summary
 
 
