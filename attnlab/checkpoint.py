@@ -45,6 +45,8 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from attnlab import fileio
+
 # Written into each finished step directory; its absence means "unverified"
 # (a checkpoint of an older attnlab, or a process killed before the manifest).
 DIGEST_FILE = "attnlab_digest.json"
@@ -320,12 +322,7 @@ def _sha256(path: str) -> str:
 def _write_manifest(directory: str) -> None:
   """Writes `directory`/DIGEST_FILE atomically (a killed process leaves none, never half of one)."""
   manifest = {"format": _DIGEST_FORMAT, "files": _file_digests(directory)}
-  path = os.path.join(directory, DIGEST_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)
+  fileio.write_atomic(os.path.join(directory, DIGEST_FILE), json.dumps(manifest, indent=1), fsync=True)
 
 
 def _verify_manifest(directory: str) -> tuple[bool, str | None]:

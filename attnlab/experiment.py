@@ -48,11 +48,11 @@ import grain.python as grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
 from attnlab import attention as attention_lib
+from attnlab import checks
 from attnlab import configlib
 from attnlab import data as data_lib
 from attnlab import metrics as metrics_lib
@@ -151,14 +151,14 @@ class TrainerConfig:
     if self.model_name not in MODEL_NAMES:
       hint = configlib.suggest(str(self.model_name), MODEL_NAMES)
       raise _error("model_name", self.model_name, f"expected one of {MODEL_NAMES}.{hint}")
-    if not _is_int(self.seed):
+    if not checks.is_int(self.seed):
       raise _error("seed", self.seed, "expected an int.")
     for field in ("batch_size", "eval_batch_size", "log_every_steps", "keep_checkpoints",
                   "diagnostics_examples"):
-      _check_positive_int(field, getattr(self, field))
+      checks.check_positive_int(field, getattr(self, field))
     for field in ("eval_every_steps", "checkpoint_every_steps", "total_steps", "total_examples"):
-      _check_positive_int(field, getattr(self, field), or_none=True)
-    if self.num_epochs is not None and not (_is_number(self.num_epochs) and self.num_epochs > 0):
+      checks.check_positive_int(field, getattr(self, field), or_none=True)
+    if self.num_epochs is not None and not (checks.is_number(self.num_epochs) and self.num_epochs > 0):
       raise _error("num_epochs", self.num_epochs, "expected a positive number or None.")
     budgets = {f: getattr(self, f) for f in BUDGET_FIELDS if getattr(self, f) is not None}
     if len(budgets) != 1:
@@ -167,29 +167,13 @@ class TrainerConfig:
           f"Training budget: exactly one of config.total_steps, config.num_epochs, "
           f"config.total_examples must be set; got {got}. Set one, and the others to None."
       )
-    if not (_is_number(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
+    if not (checks.is_number(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
       raise _error("label_smoothing", self.label_smoothing, "expected a number in [0, 1); 0: none.")
     if not isinstance(self.progress_bar, bool):
       raise _error("progress_bar", self.progress_bar, "expected True or False.")
 
 
-def _error(field: str, value: Any, fix: str) -> configlib.ConfigError:
-  return configlib.ConfigError(f"config.{field}={value!r}: {fix}")
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-  return _is_int(value) or isinstance(value, (float, np.floating))
-
-
-def _check_positive_int(field: str, value: Any, *, or_none: bool = False) -> None:
-  if value is None and or_none:
-    return
-  if not (_is_int(value) and value >= 1):
-    raise _error(field, value, f"expected a positive int{' or None' if or_none else ''}.")
+_error = checks.field_error
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,9 +42,9 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
+from attnlab import checks
 from attnlab import configlib
 from attnlab.models import inspection
 
@@ -96,8 +96,7 @@ def mesh_shape(mesh: Mapping[str, int] | Sequence[tuple[str, int]] | None, *,
   given = {axis: size for axis, size in dict(mesh or {}).items() if size is not None}
   configlib.check_known(given, MESH_AXES, where=field)
   for axis, size in given.items():
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not (
-        size >= 1 or size == -1):
+    if not checks.is_int(size) or not (size >= 1 or size == -1):
       raise configlib.ConfigError(f"{field}.{axis}={size!r}: expected a positive int, or -1 "
                                   "for the rest of the devices.")
   rest = [axis for axis, size in given.items() if size == -1]

@@ -95,18 +95,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Read-only first, so that rerunning a finished run writes nothing, not even the lock.
   if (finished := _finished_run(config, workdir)) is not None:
     return finished
-  with workdir_lib.lock(workdir):
-    # Again under the lock: another run may have finished (or started) in between.
-    if (finished := _finished_run(config, workdir)) is not None:
-      return finished
-    if workdir_lib.writes_files():
-      workdir_lib.write_config(config, workdir)
-    return _train(exp, fns, abstract_state, shard, workdir, on_step)
+  with workdir_lib.run_protocol(config, workdir, keep_finished=True) as run:
+    # Asked again under the lock: another run may have finished in between.
+    if run.finished is not None:
+      return _already_finished(run.finished, workdir)
+    summary = _train(exp, fns, abstract_state, shard, workdir, on_step)
+    run.finish(summary)
+  return _with_paths(summary, workdir, already_finished=False)
 
 
 def _train(exp: experiment.Experiment, fns: experiment.ModelFns, abstract_state: Any,
            shard: sharding_lib.Shardings, workdir: str, on_step: OnStep | None) -> dict[str, Any]:
-  """Sections 3-6 of `train_and_evaluate`, in a workdir this process holds."""
+  """Sections 3-6 of `train_and_evaluate`, in a workdir this process holds; the final summary."""
   trainer = exp.trainer
 
   # 3. Checkpoints: resume or start.
@@ -169,15 +169,12 @@ def _train(exp: experiment.Experiment, fns: experiment.ModelFns, abstract_state:
       ckpt.close()  # waits for checkpoints in flight (all of them finite)
     train_seconds = time.perf_counter() - loop_start
 
-    # 6. Final evaluation; the finished marker is written last.
+    # 6. Final evaluation (the protocol writes the finished marker after it).
     final_step = int(jax.device_get(state.step))
     result = evaluate(state.params)
     writer.write(final_step, "eval", _prefixed(result))
-    summary = {"step": final_step, "eval_loss": result["loss"],
-               "eval_accuracy": result["accuracy"], "train_seconds": train_seconds}
-    if workdir_lib.writes_files():
-      workdir_lib.write_finished(workdir, summary)
-  return _with_paths(summary, workdir, already_finished=False)
+  return {"step": final_step, "eval_loss": result["loss"],
+          "eval_accuracy": result["accuracy"], "train_seconds": train_seconds}
 
 
 # ----------------------------------------------------------------------------
@@ -193,8 +190,11 @@ def _finished_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   """
   workdir_lib.check_same_run(config, workdir)
   finished = workdir_lib.read_finished(workdir)
-  if finished is None:
-    return None
+  return None if finished is None else _already_finished(finished, workdir)
+
+
+def _already_finished(finished: dict[str, Any], workdir: str) -> dict[str, Any]:
+  """The summary a finished run recorded, as `train_and_evaluate` returns it, saying so."""
   _say(f"{os.path.abspath(workdir)} holds a finished run: step {finished['step']}, eval accuracy "
        f"{finished['eval_accuracy']:.2%} (loss {finished['eval_loss']:.4f}); nothing to do. "
        "To train again, use a new --workdir.")

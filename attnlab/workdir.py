@@ -6,6 +6,9 @@ A workdir belongs to one run:
                  else from them (`train.py` and `eval.py` both ask it);
   .lock          held (flock) by the one live run: `WorkdirLock`;
   finished.json  written last, with the final summary: `read_finished`.
+
+`run_protocol` is the one way a run (the single run, the study, the synthetic
+study) takes a workdir: lock, same-run check, config, work, finished record.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -23,6 +27,7 @@ import ml_collections
 
 from attnlab import checkpoint as checkpoint_lib
 from attnlab import configlib
+from attnlab import fileio
 
 CONFIG_FILE = "config.json"
 
@@ -201,7 +206,7 @@ def write_finished(workdir: str, summary: dict[str, Any]) -> None:
   and a run killed before it (e.g. during the final evaluation) has none, so a
   rerun completes that run instead of calling it finished.
   """
-  write_atomic(os.path.join(workdir, FINISHED_FILE), json.dumps(summary, indent=2) + "\n")
+  fileio.write_atomic(os.path.join(workdir, FINISHED_FILE), json.dumps(summary, indent=2) + "\n")
 
 
 def read_finished(workdir: str) -> dict[str, Any] | None:
@@ -219,12 +224,73 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   Written atomically, so that a run checking the workdir at that moment never
   reads half a file.
   """
-  write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+  fileio.write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file, so a reader sees all of it or none."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+# ----------------------------------------------------------------------------
+# The run protocol: lock, same-run check, config, work, finished record.
+# ----------------------------------------------------------------------------
+
+
+class Run:
+  """The workdir a body of `run_protocol` holds.
+
+  Attributes:
+    workdir: the run directory.
+    finished: the summary of the finished run `run_protocol(keep_finished=True)`
+      found there (the body returns it and does nothing); None otherwise.
+  """
+
+  def __init__(self, workdir: str, finished: dict[str, Any] | None):
+    self.workdir = workdir
+    self.finished = finished
+    self.summary: dict[str, Any] | None = None
+
+  def finish(self, summary: dict[str, Any]) -> None:
+    """Sets the summary that finished.json records once the body has ended without an error."""
+    self.summary = summary
+
+
+@contextlib.contextmanager
+def run_protocol(config: ml_collections.ConfigDict, workdir: str, *,
+                 trained: Callable[[], bool] | None = None,
+                 keep_finished: bool = False) -> Iterator[Run]:
+  """Holds `workdir` for one run of `config`; the body does the work and calls `run.finish`.
+
+  On entry, under the workdir's `lock` (process 0's, in a multi-host run): the
+  workdir must hold this config's run or nothing (`check_same_run`, asked
+  under the lock so no other run changes the answer in between); then process
+  0 writes config.json. On a clean exit process 0 writes finished.json, last.
+  An exception (an error, a NaN, a preemption's SystemExit) leaves the workdir
+  as it is: every checkpoint and cell record already written stays for the
+  rerun to resume from, and no finished record is written.
+
+  Args:
+    config: the config about to run.
+    workdir: the run directory (created if missing).
+    trained: asked under the lock: whether the workdir holds anything trained
+      under its config.json; None: whether it holds a checkpoint (a single run's).
+    keep_finished: a finished run is left as it is: nothing is written and
+      `run.finished` holds its summary. False: the body runs again (a study
+      re-renders its report from its records).
+
+  Raises:
+    configlib.ConfigError: the workdir holds a run of another config.
+    WorkdirLockedError: another live process holds the workdir.
+    RuntimeError: the body ended without `run.finish` (a bug: the record would be lost).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with lock(workdir):
+    check_same_run(config, workdir, trained=None if trained is None else trained())
+    finished = read_finished(workdir) if keep_finished else None
+    if finished is None and writes_files():
+      write_config(config, workdir)
+    run = Run(workdir, finished)
+    yield run
+    if finished is not None:
+      return
+    if run.summary is None:
+      raise RuntimeError(f"the run in {workdir} ended without run.finish(summary), so it has no "
+                         "finished record; call run.finish with the run's summary.")
+    if writes_files():
+      write_finished(workdir, run.summary)

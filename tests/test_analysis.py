@@ -1,4 +1,5 @@
-"""Study analysis: t-intervals, paired differences, power-law fits, samples-to-target, report files.
+"""Study statistics end to end: t-intervals, paired differences, power-law fits, samples-to-target,
+the report files (attnlab/stats, attnlab/studies/{analysis,results,report}.py).
 
 Expected values are computed by hand (in the comments) or come from synthetic curves with a
 known exponent and floor; bootstrap counts are small so the module runs in seconds.
@@ -10,8 +11,14 @@ import math
 import numpy as np
 import pytest
 
+from attnlab.stats import fits
+from attnlab.stats import intervals
+from attnlab.stats import power_law
+from attnlab.stats import targets
 from attnlab.studies import analysis
-from attnlab.studies.analysis import CellResult
+from attnlab.studies import report
+from attnlab.studies import results
+from attnlab.studies.results import CellResult
 
 SIZES = (100, 300, 1000, 3000, 10000, 30000, 100000)
 
@@ -37,7 +44,7 @@ def cell(kind, n, seed, error, loss=None):
 
 def test_t_interval_matches_a_hand_computation():
   # mean 0.2; s = 0.1; se = 0.1 / sqrt(3) = 0.0577350; t(0.975, 2) = 4.3026527 -> half 0.2484138.
-  iv = analysis.t_interval([0.1, 0.2, 0.3])
+  iv = intervals.t_interval([0.1, 0.2, 0.3])
   assert iv.count == 3
   assert iv.mean == pytest.approx(0.2)
   assert iv.low == pytest.approx(0.2 - 0.2484138, abs=1e-6)
@@ -45,7 +52,7 @@ def test_t_interval_matches_a_hand_computation():
 
 
 def test_t_interval_of_one_seed_has_no_width():
-  iv = analysis.t_interval([0.4])
+  iv = intervals.t_interval([0.4])
   assert iv.mean == 0.4 and iv.count == 1
   assert math.isnan(iv.low) and math.isnan(iv.high)
 
@@ -105,7 +112,7 @@ def test_unpaired_size_has_no_pairs():
 
 
 def fit_cells(cells, **kwargs):
-  return analysis.fit_power_law([c.n for c in cells], [c.test_error for c in cells], **kwargs)
+  return power_law.fit_power_law([c.n for c in cells], [c.test_error for c in cells], **kwargs)
 
 
 def test_fit_recovers_exponent_and_floor():
@@ -151,12 +158,12 @@ def test_fit_bootstrap_is_seeded():
 
 
 def test_fit_refuses_what_it_cannot_fit():
-  with pytest.raises(analysis.FitError, match=r">= 3 distinct sizes"):
-    analysis.fit_power_law([100, 100, 1000], [0.3, 0.3, 0.1], floor=True, n_boot=0)
-  with pytest.raises(analysis.FitError, match=r"mean error is 0 at n=\[1000\]"):
-    analysis.fit_power_law([100, 1000], [0.3, 0.0], floor=False, n_boot=0)
+  with pytest.raises(fits.FitError, match=r">= 3 distinct sizes"):
+    power_law.fit_power_law([100, 100, 1000], [0.3, 0.3, 0.1], floor=True, n_boot=0)
+  with pytest.raises(fits.FitError, match=r"mean error is 0 at n=\[1000\]"):
+    power_law.fit_power_law([100, 1000], [0.3, 0.0], floor=False, n_boot=0)
   with pytest.raises(ValueError, match=r"floor must be True, False or 'auto'"):
-    analysis.fit_power_law([100, 1000], [0.3, 0.1], floor="yes")
+    power_law.fit_power_law([100, 1000], [0.3, 0.1], floor="yes")
 
 
 # --------------------------------------------------------------------------- samples to target
@@ -168,7 +175,7 @@ def test_loglog_slope_recovers_a_known_rate_with_an_interval():
   rng = np.random.default_rng(3)
   n = [m for m in SIZES for _ in range(8)]
   value = [3.0 * m ** -0.5 * np.exp(0.1 * rng.standard_normal()) for m in n]
-  fit = analysis.loglog_slope(n, value, n_boot=200)
+  fit = fits.loglog_slope(n, value, n_boot=200)
   assert abs(fit.slope + 0.5) < 0.03
   assert fit.slope_ci[0] < fit.slope < fit.slope_ci[1] and fit.slope_ci[1] - fit.slope_ci[0] < 0.1
 
@@ -180,34 +187,34 @@ def test_loglog_slope_of_medians_ignores_what_carries_the_mean():
   for m in SIZES:
     n += [m] * 5
     value += [m ** -1.0] * 4 + [10.0]
-  mean_fit = analysis.loglog_slope(n, value, n_boot=0)
-  median_fit = analysis.loglog_slope(n, value, n_boot=0, statistic="median")
+  mean_fit = fits.loglog_slope(n, value, n_boot=0)
+  median_fit = fits.loglog_slope(n, value, n_boot=0, statistic="median")
   assert median_fit.slope == pytest.approx(-1.0, abs=1e-9)
   assert mean_fit.slope > -0.05
   with pytest.raises(ValueError, match="statistic='mode'.*median"):
-    analysis.loglog_slope(n, value, statistic="mode")
+    fits.loglog_slope(n, value, statistic="mode")
 
 
 def test_samples_to_target_interpolates_linearly_in_log_n():
   # 0.2 lies halfway between 0.3 (n=1000) and 0.1 (n=10000): log10 n = 3.5, n = 3162.28.
-  s = analysis.samples_to_target(N3, [0.5, 0.3, 0.1], 0.2)
+  s = targets.samples_to_target(N3, [0.5, 0.3, 0.1], 0.2)
   assert s.status == "interpolated"
   assert s.value == pytest.approx(10 ** 3.5)
   # Unsorted input is the same curve.
-  assert analysis.samples_to_target(N3[::-1], [0.1, 0.3, 0.5], 0.2) == s
+  assert targets.samples_to_target(N3[::-1], [0.1, 0.3, 0.5], 0.2) == s
   # A non-monotone curve: the first crossing counts. (0.5 - 0.2) / (0.5 - 0.15) = 6/7 of a
   # decade above 100: n = 100 * 10^(6/7) = 719.69.
-  s = analysis.samples_to_target([100, 1000, 3000, 10000], [0.5, 0.15, 0.3, 0.1], 0.2)
+  s = targets.samples_to_target([100, 1000, 3000, 10000], [0.5, 0.15, 0.3, 0.1], 0.2)
   assert s.value == pytest.approx(100 * 10 ** (6 / 7))
 
 
 def test_samples_to_target_not_reached_and_at_most():
-  s = analysis.samples_to_target(N3, [0.5, 0.3, 0.1], 0.05)
+  s = targets.samples_to_target(N3, [0.5, 0.3, 0.1], 0.05)
   assert (s.value, s.status, str(s)) == (None, "not_reached", "not reached")
-  s = analysis.samples_to_target(N3, [0.5, 0.3, 0.1], 0.6)
+  s = targets.samples_to_target(N3, [0.5, 0.3, 0.1], 0.6)
   assert (s.value, s.status, str(s)) == (100.0, "at_most", "<= 100")
   # Reaching the target exactly at a grid size is that size.
-  assert analysis.samples_to_target(N3, [0.5, 0.3, 0.1], 0.3).value == pytest.approx(1000)
+  assert targets.samples_to_target(N3, [0.5, 0.3, 0.1], 0.3).value == pytest.approx(1000)
 
 
 def ratio_cells(seed_spread=0.0):
@@ -274,10 +281,10 @@ def test_write_report_writes_every_file_and_the_key_numbers(tmp_path):
            + synthetic_cells("sigmoid", a=2.0, b=0.5, c=0.05, seeds=3, rng_seed=3))
   cells.append(CellResult("sigmoid", 100, 7, math.nan, math.nan, best_step=0, steps=10,
                           wall_seconds=1.5, budget="steps=10"))
-  paths = analysis.write_report(cells, str(tmp_path / "report"), target=0.1, n_boot=20)
+  paths = report.write_report(cells, str(tmp_path / "report"), target=0.1, n_boot=20)
   assert set(paths) == {"json", "csv", "report", "error_plot", "difference_plot"}
 
-  loaded = analysis.load_cells(paths["json"])
+  loaded = results.load_cells(paths["json"])
   assert loaded[:-1] == cells[:-1]
   assert loaded[-1].budget == "steps=10" and math.isnan(loaded[-1].test_error)
   with open(paths["json"]) as f:
@@ -291,7 +298,7 @@ def test_write_report_writes_every_file_and_the_key_numbers(tmp_path):
   text = open(paths["report"], encoding="utf-8").read()
   rows = analysis.summarize(cells)
   assert f"| sigmoid | 100 | 3 | 1 | {rows[0].error.mean:.4g} ±" in text
-  fit = analysis.fit_power_law([c.n for c in cells if c.kind == "sigmoid"],
+  fit = power_law.fit_power_law([c.n for c in cells if c.kind == "sigmoid"],
                                [c.test_error for c in cells if c.kind == "sigmoid"], n_boot=20)
   assert f"{fit.b:.4g} [{fit.b_ci[0]:.4g}, {fit.b_ci[1]:.4g}]" in text
   ratio = analysis.samples_ratio(cells, 0.1, n_boot=20)
@@ -309,9 +316,9 @@ def test_write_report_writes_every_file_and_the_key_numbers(tmp_path):
 def test_report_warns_when_too_few_seeds_back_the_ratio_interval(tmp_path, seeds):
   cells = (synthetic_cells("softmax", a=2.0, b=0.4, c=0.05, seeds=seeds, rng_seed=2)
            + synthetic_cells("sigmoid", a=2.0, b=0.5, c=0.05, seeds=seeds, rng_seed=3))
-  paths = analysis.write_report(cells, str(tmp_path), target=0.1, n_boot=20)
+  paths = report.write_report(cells, str(tmp_path), target=0.1, n_boot=20)
   text = open(paths["report"], encoding="utf-8").read()
-  if seeds < analysis.MIN_SEEDS_FOR_EVIDENCE:
+  if seeds < report.MIN_SEEDS_FOR_EVIDENCE:
     # 3 seeds: multisets of size 3 drawn from 3 values, C(5, 3) = 10.
     assert "**Caveat.** Only 3 paired seeds: a bootstrap over them can draw at most 10 " in text
   else:
@@ -319,7 +326,7 @@ def test_report_warns_when_too_few_seeds_back_the_ratio_interval(tmp_path, seeds
 
 
 def test_write_report_says_not_reached(tmp_path):
-  paths = analysis.write_report(ratio_cells(), str(tmp_path), target=0.08, n_boot=5)
+  paths = report.write_report(ratio_cells(), str(tmp_path), target=0.08, n_boot=5)
   text = open(paths["report"], encoding="utf-8").read()
   assert "| softmax | not reached |" in text
   assert "**not reached by softmax**" in text
@@ -330,7 +337,7 @@ def test_load_cells_names_unknown_fields(tmp_path):
   path.write_text(json.dumps({"cells": [{"kind": "softmax", "n": 1, "seed": 0, "test_error": 0.1,
                                          "test_loss": 0.2, "accuracy": 0.9}]}))
   with pytest.raises(ValueError, match=r"unknown fields \['accuracy'\]"):
-    analysis.load_cells(str(path))
+    results.load_cells(str(path))
 
 
 def test_budget_check_compares_the_change_with_the_seed_spread():
@@ -344,6 +351,6 @@ def test_budget_check_compares_the_change_with_the_seed_spread():
   assert [(r.n, r.converged) for r in rows] == [(100, True), (200, False)]
   assert rows[0].seed_spread == pytest.approx(0.02) and rows[0].change == pytest.approx(0.0033333, abs=1e-6)
   assert rows[1].change == pytest.approx(-0.05)
-  assert "| sigmoid | 200 |" in analysis.budget_check_markdown(rows)
+  assert "| sigmoid | 200 |" in report.budget_check_markdown(rows)
   with pytest.raises(ValueError, match="differ in their"):
     analysis.budget_check(base, cells({100: [0.3, 0.3]}))

@@ -32,7 +32,7 @@ from attnlab import experiment
 from attnlab import metrics
 from attnlab import sharding
 from attnlab import train
-from attnlab.studies import analysis
+from attnlab.studies import results as results_lib
 from attnlab.studies import cells
 from attnlab.studies import study
 from test_sharding import STATE_TOLERANCE, assert_close_to_scale
@@ -278,8 +278,8 @@ def test_a_study_on_two_processes_resumes_and_gives_each_cell_what_one_process_g
     assert stopped is None and resumed["resumed_groups"] == {STUDY_STOP[0]: STUDY_SAVED_AT}
     assert resumed["trained_cells"] == 8
   assert "paths" not in runs["1"]["study"][-1]  # only process 0 wrote the report
-  got = analysis.load_cells(os.path.join(two, "results.json"))
-  want = analysis.load_cells(os.path.join(single, "results.json"))
+  got = results_lib.load_cells(os.path.join(two, "results.json"))
+  want = results_lib.load_cells(os.path.join(single, "results.json"))
   assert [(c.kind, c.n, c.seed) for c in got] == [(c.kind, c.n, c.seed) for c in want]
   assert len(got) == 8 and len(os.listdir(os.path.join(two, study.CELLS_DIR))) == 8
   for g, w in zip(got, want):

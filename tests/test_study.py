@@ -16,7 +16,7 @@ import textwrap
 import pytest
 
 from attnlab import configlib
-from attnlab.studies import analysis
+from attnlab.studies import results
 from attnlab.studies import study as study_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ def run_python(*args, check=True):
 
 
 def cells_without_times(workdir):
-  cells = analysis.load_cells(os.path.join(workdir, "results.json"))
+  cells = results.load_cells(os.path.join(workdir, "results.json"))
   return [{k: v for k, v in c.to_dict().items() if k != "wall_seconds"} for c in cells]
 
 
@@ -51,7 +51,7 @@ def test_the_quick_study_runs_end_to_end_and_writes_its_report(uninterrupted):
   for name in ("results.json", "results.csv", "report.md", "error_vs_n.png",
                "paired_difference.png", "config.json", "finished.json"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
-  cells = analysis.load_cells(os.path.join(workdir, "results.json"))
+  cells = results.load_cells(os.path.join(workdir, "results.json"))
   assert sorted((c.kind, c.n, c.seed) for c in cells) == sorted(
       (k, n, s) for k in ("sigmoid", "softmax") for n in (32, 64) for s in (0, 1))
   for c in cells:
@@ -209,7 +209,7 @@ def test_the_other_quick_studies_run_end_to_end(spec, tmp_path):
   config.data.data_dir = str(tmp_path / "tfds")
   with tfds.testing.mock_data(num_examples=40):
     summary = study_lib.run(config, str(tmp_path / "run"))
-  cells = analysis.load_cells(summary["paths"]["json"])
+  cells = results.load_cells(summary["paths"]["json"])
   assert len(cells) == 8 and summary["trained_cells"] == 8
   assert all(0.0 <= c.test_error <= 1.0 for c in cells)
   assert os.path.getsize(summary["paths"]["error_plot"]) > 0

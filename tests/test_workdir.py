@@ -126,3 +126,46 @@ def test_finished_marker_round_trips_and_config_is_written_whole(tmp_path):
   assert workdir_lib.read_finished(str(tmp_path)) == summary
   workdir_lib.write_config(_config(), str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ["config.json", "finished.json"]  # no temporary left
+
+
+def test_run_protocol_writes_config_then_finished_and_releases_the_lock(tmp_path):
+  workdir = str(tmp_path / "run")
+  with workdir_lib.run_protocol(_config(), workdir) as run:
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+    with pytest.raises(workdir_lib.WorkdirLockedError):  # held for the whole body
+      workdir_lib.WorkdirLock(workdir).acquire()
+    assert workdir_lib.read_finished(workdir) is None
+    run.finish({"step": 1})
+  assert workdir_lib.read_finished(workdir) == {"step": 1}
+  workdir_lib.WorkdirLock(workdir).acquire()  # released on the way out
+
+
+def test_run_protocol_crash_keeps_what_was_written_and_writes_no_finished_record(tmp_path):
+  workdir = str(tmp_path / "run")
+  with pytest.raises(SystemExit):  # e.g. a preemption after a checkpoint
+    with workdir_lib.run_protocol(_config(), workdir) as run:
+      _fake_run(workdir, _config())
+      run.finish({"step": 2})
+      raise SystemExit(143)
+  assert workdir_lib.read_finished(workdir) is None
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+  # The rerun resumes under the same config, and another config is refused.
+  with pytest.raises(configlib.ConfigError, match="another config"):
+    with workdir_lib.run_protocol(_config("digits_vit.py:softmax,quick"), workdir):
+      pass
+  with workdir_lib.run_protocol(_config(), workdir) as run:
+    run.finish({"step": 4})
+  assert workdir_lib.read_finished(workdir) == {"step": 4}
+
+
+def test_run_protocol_keep_finished_writes_nothing_and_a_body_must_finish(tmp_path):
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  workdir_lib.write_finished(workdir, {"step": 3})
+  with workdir_lib.run_protocol(_config(), workdir, keep_finished=True) as run:
+    assert run.finished == {"step": 3}
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
+  with pytest.raises(RuntimeError, match=r"without run\.finish"):
+    with workdir_lib.run_protocol(_config(), str(tmp_path / "other")):
+      pass
+  assert workdir_lib.read_finished(str(tmp_path / "other")) is None

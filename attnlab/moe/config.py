@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
 
 import ml_collections
 
+from attnlab import checks
 from attnlab import configlib
 
 SECTION = "moe"
@@ -105,18 +106,17 @@ class MoEStudyConfig:
       raise _error("experts", self.experts, "the attention family mixes linear values: "
                    "set experts=('linear',).")
     sizes = self.train_sizes
-    if not sizes or any(not _is_int(n) or n < 2 for n in sizes) or list(sizes) != sorted(set(sizes)):
+    if not sizes or any(not checks.is_int(n) or n < 2 for n in sizes) or list(sizes) != sorted(set(sizes)):
       raise _error("train_sizes", sizes, "expected ints >= 2 in increasing order, each once.")
     for name in ("seeds", "truth_seeds"):
       values = getattr(self, name)
-      if not values or any(not _is_int(s) or s < 0 for s in values) or len(set(values)) != len(values):
+      if not values or any(not checks.is_int(s) or s < 0 for s in values) or len(set(values)) != len(values):
         raise _error(name, values, "expected non-negative ints, each once.")
     for name in ("dim", "tokens", "true_experts", "restarts", "test_examples", "bootstrap",
                  "lbfgs_rounds"):
-      if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-        raise _error(name, getattr(self, name), "expected a positive int.")
+      checks.check_positive_int(name, getattr(self, name), section=SECTION)
     for name in ("adam_steps", "adam_examples", "lbfgs_steps", "rate_min_n"):
-      if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+      if not checks.is_int(getattr(self, name)) or getattr(self, name) < 0:
         raise _error(name, getattr(self, name), "expected a non-negative int.")
     if self.fitted_experts < self.true_experts:
       raise _error("fitted_experts", self.fitted_experts,
@@ -132,8 +132,7 @@ class MoEStudyConfig:
     for name in ("noise_std", "learning_rate", "init_scale", "lbfgs_tolerance", "negligible"):
       value = getattr(self, name)
       may_be_zero = name in ("noise_std", "lbfgs_tolerance", "negligible")
-      if (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0
-          or (value == 0 and not may_be_zero)):
+      if not checks.is_number(value) or value < 0 or (value == 0 and not may_be_zero):
         raise _error(name, value, "expected a positive number (noise_std, lbfgs_tolerance and "
                      "negligible may be 0).")
 
@@ -143,17 +142,12 @@ class MoEStudyConfig:
     return tuple(n for n in self.train_sizes if n >= self.rate_min_n)
 
 
-def _error(field: str, value: Any, fix: str) -> configlib.ConfigError:
-  return configlib.ConfigError(f"config.{SECTION}.{field}={value!r}: {fix}")
+_error = functools.partial(checks.field_error, section=SECTION)
 
 
 def _choice(field: str, value: str, known: tuple[str, ...]) -> None:
   if value not in known:
     raise _error(field, value, f"expected one of {known}.{configlib.suggest(value, known)}")
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_moe_study(config: ml_collections.ConfigDict) -> bool:

@@ -4,7 +4,9 @@ The independent unit of the synthetic study is a (truth, repetition) pair:
 its data at every n are nested draws of one pool, so its losses over n form
 one curve. The bootstrap here resamples whole curves (units), never results
 within one n, and a difference of two students' slopes resamples the same
-units for both (paired: the same truths and data).
+units for both (paired: the same truths and data). `attnlab.stats.fits`'s
+`loglog_slope` is the other reading, for independent results at each n: it
+resamples within each n.
 
 A curve is a row of `values` [units, sizes]; NaN marks a result left out
 (an unconverged fit), dropped from that size's statistic only.
@@ -19,8 +21,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from attnlab.stats import intervals
+
 STATISTICS = {"mean": np.nanmean, "median": np.nanmedian}
-CONFIDENCE = 0.95
 # (z_{1-alpha/2} + z_{power}): the smallest true difference a two-sided 5% test
 # detects with 80% power is about this many standard errors.
 _DETECTABLE_SE = 1.959964 + 0.841621
@@ -64,11 +67,11 @@ def slope(sizes: Sequence[float], values: np.ndarray, statistic: str = "mean") -
 
 
 def _interval(x: np.ndarray) -> tuple[float, float]:
+  """The percentile interval of the replicates whose slope is defined (NaN below 2 of them)."""
   x = x[np.isfinite(x)]
   if x.size < 2:
     return (math.nan, math.nan)
-  tail = 100 * (1 - CONFIDENCE) / 2
-  return float(np.percentile(x, tail)), float(np.percentile(x, 100 - tail))
+  return intervals.percentile_interval(x)
 
 
 def _draws(units: int, n_boot: int, seed: int) -> np.ndarray:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from attnlab import workdir as workdir_lib
+from attnlab import fileio
 from attnlab.moe import rates
 from attnlab.moe.config import MoEStudyConfig
 
@@ -227,9 +227,7 @@ def plot(cfg: MoEStudyConfig, table, path: str) -> None:
              title=f"truth {truth}, {expert}" if row == 0 else None)
       ax.legend(fontsize=6)
   fig.tight_layout()
-  tmp = f"{path}.tmp-{os.getpid()}"
-  fig.savefig(tmp, format="png", dpi=100)
-  os.replace(tmp, path)
+  fileio.write_png(path, fig, dpi=100)
 
 
 def write(cfg: MoEStudyConfig, table, missing: Sequence[str], seconds: dict[str, float],
@@ -237,9 +235,9 @@ def write(cfg: MoEStudyConfig, table, missing: Sequence[str], seconds: dict[str,
   """Writes results.json, report.md and rates.png; returns the summary the entry points print."""
   paths = {"json": os.path.join(workdir, "results.json"), "report": os.path.join(workdir, "report.md"),
            "plot": os.path.join(workdir, "rates.png")}
-  workdir_lib.write_atomic(paths["json"], json.dumps({"rows": table}))
+  fileio.write_atomic(paths["json"], json.dumps({"rows": table}))
   diff_rows = difference_rows(cfg, table)
-  workdir_lib.write_atomic(paths["report"], markdown(cfg, table, missing, seconds, diff_rows))
+  fileio.write_atomic(paths["report"], markdown(cfg, table, missing, seconds, diff_rows))
   plot(cfg, table, paths["plot"])
   differences = [{"expert": r["expert"], "comparison": r["comparison"], "metric": r["metric"],
                   "difference": r["mean"].difference, "ci": list(r["mean"].ci),

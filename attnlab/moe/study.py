@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from attnlab import fileio
 from attnlab import workdir as workdir_lib
 from attnlab.moe import fit
 from attnlab.moe import losses
@@ -170,26 +171,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """
   start = time.perf_counter()
   cfg = study_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.WorkdirLock(workdir):
-    workdir_lib.check_same_run(config, workdir, trained=bool(recorded(workdir)))
-    workdir_lib.write_config(config, workdir)
+  with workdir_lib.run_protocol(config, workdir, trained=lambda: bool(recorded(workdir))) as run:
     done = recorded(workdir)
     todo = [g for g in groups(cfg) if group_name(*g) not in done]
     for expert, n in todo:
       record = fit_group(cfg, expert, n)
-      os.makedirs(os.path.join(workdir, GROUPS_DIR), exist_ok=True)
-      # NaN (an undefined loss) is written as NaN.
-      workdir_lib.write_atomic(os.path.join(workdir, GROUPS_DIR, f"{group_name(expert, n)}.json"),
-                               json.dumps(record))
+      if workdir_lib.writes_files():  # every process fits every group; process 0 records it
+        os.makedirs(os.path.join(workdir, GROUPS_DIR), exist_ok=True)
+        # NaN (an undefined loss) is written as NaN.
+        fileio.write_atomic(os.path.join(workdir, GROUPS_DIR, f"{group_name(expert, n)}.json"),
+                            json.dumps(record))
       print(f"moe: {group_name(expert, n)} fitted in {record['fit_seconds']:.1f} s, scored in "
             f"{record['seconds'] - record['fit_seconds']:.1f} s", flush=True)
       if on_group is not None:
         on_group(group_name(expert, n))
-    summary = _report(cfg, workdir)
+    summary = _report(cfg, workdir) if workdir_lib.writes_files() else {"workdir": workdir}
     summary.update(fitted_groups=len(todo), skipped_groups=len(groups(cfg)) - len(todo),
                    seconds=time.perf_counter() - start)
-    workdir_lib.write_finished(workdir, summary)
+    run.finish(summary)
   return summary
 
 

@@ -2,7 +2,8 @@
 
 `study` turns a study config into a plan of groups, trains them (resumably)
 and writes the report; `cells` trains one group of cells together under
-`jax.vmap`; `analysis` turns per-cell results into intervals, paired
-differences, power-law fits, samples-to-target ratios, plots and a budget
-check.
+`jax.vmap`; `results` is the record of one cell and the files of a study's
+cells; `analysis` turns cells into intervals, paired differences, power-law
+fits, samples-to-target ratios and a budget check (the statistics themselves
+live in `attnlab/stats`); `report` writes report.md and the plots.
 """

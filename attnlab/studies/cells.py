@@ -39,7 +39,7 @@ different budgets in steps (a fixed-epochs budget gives a larger n more steps):
     checkpoint needs no other bookkeeping (finished cells kept in the stack
     are left out of it).
 
-  results = cells.train_group(spec, setup)      # one analysis.CellResult per cell
+  results = cells.train_group(spec, setup)      # one CellResult per cell
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from attnlab import checkpoint as checkpoint_lib
 from attnlab import data as data_lib
 from attnlab import experiment
 from attnlab import metrics as metrics_lib
-from attnlab.studies import analysis
+from attnlab.studies.results import CellResult
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -238,8 +238,8 @@ def _shrinks(setup: GroupSetup) -> bool:
 
 def train_group(spec: GroupSpec, setup: GroupSetup, *,
                 checkpointer: checkpoint_lib.Checkpointer | None = None,
-                on_cell_done: Callable[[analysis.CellResult], None] | None = None,
-                on_step: Callable[[int, int], None] | None = None) -> list[analysis.CellResult]:
+                on_cell_done: Callable[[CellResult], None] | None = None,
+                on_step: Callable[[int, int], None] | None = None) -> list[CellResult]:
   """Trains the group's cells together, each to its budget, and scores each on the test split.
 
   Args:
@@ -265,7 +265,7 @@ def train_group(spec: GroupSpec, setup: GroupSetup, *,
   alive = spec.alive_at(step)  # the cells still training
   members = list(alive)  # the cells in the stack, in its order (finished ones too, when kept)
   seconds = {i: seconds.get(spec.cells[i].name, 0.0) for i in range(len(spec.cells))}
-  results: dict[int, analysis.CellResult] = {}
+  results: dict[int, CellResult] = {}
   train_step = _group_step(setup.fns, setup.vmap_cells)
   score = _group_score(setup.fns, setup.vmap_cells)
   budgets_C = np.asarray([spec.budgets[i] for i in members], np.int32)
@@ -515,12 +515,12 @@ def _score_split(setup: GroupSetup, score, params_C, split: dict[str, jax.Array]
 
 
 def _cell_result(spec: GroupSpec, setup: GroupSetup, i: int, per_cell: dict[str, np.ndarray],
-                 tests: dict[str, np.ndarray], p: int, seconds: float) -> analysis.CellResult:
+                 tests: dict[str, np.ndarray], p: int, seconds: float) -> CellResult:
   cell, budget = spec.cells[i], spec.budgets[i]
   applied = int(per_cell["applied"][p])
   diverged = applied < budget
   has_val = setup.data.validation is not None
-  return analysis.CellResult(
+  return CellResult(
       kind=cell.kind, n=cell.n, seed=cell.seed,
       # A diverged cell failed: NaN metrics are counted by the analysis, never averaged.
       test_error=float("nan") if diverged else float(1.0 - tests["accuracy"][p]),

@@ -21,7 +21,7 @@ step, and only reported.
 `run(config, workdir)` plans the groups (one kind per group, all its sizes and
 seeds together, at most `study.max_cells_per_group` cells), trains each with
 `cells.train_group`, records every finished cell in <workdir>/cells/ at once,
-and writes the report (`analysis.write_report`). A rerun skips the cells
+and writes the report (`report.write_report`). A rerun skips the cells
 recorded there and resumes an unfinished group from its last checkpoint
 (<workdir>/groups/<group>/checkpoints/). `render(config, workdir)` rewrites the
 report from the recorded cells without training (eval.py).
@@ -36,6 +36,7 @@ records and the report and prints progress.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 import shutil
@@ -48,6 +49,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from attnlab import attention as attention_lib
+from attnlab import checks
 from attnlab import checkpoint as checkpoint_lib
 from attnlab import configlib
 from attnlab import data as data_lib
@@ -56,6 +58,8 @@ from attnlab import metrics as metrics_lib
 from attnlab import workdir as workdir_lib
 from attnlab.studies import analysis
 from attnlab.studies import cells as cells_lib
+from attnlab.studies import report as report_lib
+from attnlab.studies import results as results_lib
 
 CELLS_DIR = "cells"
 GROUPS_DIR = "groups"
@@ -114,19 +118,16 @@ class StudyConfig:
     if not self.kinds or len(set(self.kinds)) != len(self.kinds):
       raise _error("kinds", self.kinds, "expected at least one kind, each once.")
     sizes = self.train_sizes
-    if not sizes or any(not _is_int(n) or n < 1 for n in sizes) or list(sizes) != sorted(set(sizes)):
+    if not sizes or any(not checks.is_int(n) or n < 1 for n in sizes) or list(sizes) != sorted(set(sizes)):
       raise _error("train_sizes", sizes, "expected positive ints in increasing order, each once.")
-    if not self.seeds or any(not _is_int(s) or s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+    if not self.seeds or any(not checks.is_int(s) or s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
       raise _error("seeds", self.seeds, "expected non-negative ints, each once.")
     if len(self.compare) != 2 or not set(self.compare) <= set(self.kinds) or self.compare[0] == self.compare[1]:
       raise _error("compare", self.compare, f"expected two different kinds of study.kinds={self.kinds}.")
     for name in ("min_steps", "max_cells_per_group", "bootstrap"):
-      if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-        raise _error(name, getattr(self, name), "expected a positive int.")
+      checks.check_positive_int(name, getattr(self, name), section="study")
     for name in ("eval_every_steps", "checkpoint_every_steps", "vmap_cells"):
-      value = getattr(self, name)
-      if value is not None and (not _is_int(value) or value < 1):
-        raise _error(name, value, "expected a positive int or None.")
+      checks.check_positive_int(name, getattr(self, name), or_none=True, section="study")
     if not 0.0 < self.target_error < 1.0:
       raise _error("target_error", self.target_error, "expected a test error in (0, 1).")
 
@@ -135,12 +136,7 @@ class StudyConfig:
     return [cells_lib.Cell(k, n, s) for k in self.kinds for n in self.train_sizes for s in self.seeds]
 
 
-def _error(field: str, value: Any, fix: str) -> configlib.ConfigError:
-  return configlib.ConfigError(f"config.study.{field}={value!r}: {fix}")
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
+_error = functools.partial(checks.field_error, section="study")
 
 
 def is_study(config: ml_collections.ConfigDict) -> bool:
@@ -242,11 +238,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   groups = plan(study, exp_cfg)
   _check_processes(study, groups)
   setups = prepare(study, exp_cfg)
-  os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.lock(workdir):
-    workdir_lib.check_same_run(config, workdir, trained=_has_progress(workdir))
-    if workdir_lib.writes_files():
-      workdir_lib.write_config(config, workdir)
+  with workdir_lib.run_protocol(config, workdir, trained=lambda: _has_progress(workdir)) as run:
     done = _recorded_cells(workdir)
     todo = [g for g in groups if not all(c.name in done for c in g.cells)]
     total = sum(sum(g.budgets) for g in groups)
@@ -266,8 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                    skipped_cells=len(study.cells) - sum(len(g.cells) for g in todo),
                    resumed_groups=resumed,
                    seconds=time.perf_counter() - start)
-    if workdir_lib.writes_files():
-      workdir_lib.write_finished(workdir, summary)
+    run.finish(summary)
   return summary
 
 
@@ -357,7 +348,7 @@ def _train_group(group: cells_lib.GroupSpec, setup: cells_lib.GroupSetup, workdi
     if on_step is not None:
       on_step(group.name, step)
 
-  def cell_done(result: analysis.CellResult) -> None:
+  def cell_done(result: results_lib.CellResult) -> None:
     if workdir_lib.writes_files():
       _record_cell(workdir, result)
     progress.cell_done(result)
@@ -385,17 +376,17 @@ def _cell_path(workdir: str, name: str) -> str:
   return os.path.join(workdir, CELLS_DIR, f"{name}.json")
 
 
-def _record_cell(workdir: str, result: analysis.CellResult) -> None:
+def _record_cell(workdir: str, result: results_lib.CellResult) -> None:
   """<workdir>/cells/<cell>.json, written atomically as soon as the cell has finished."""
   name = cells_lib.Cell(result.kind, result.n, result.seed).name
   os.makedirs(os.path.join(workdir, CELLS_DIR), exist_ok=True)
-  analysis.save_cells([result], _cell_path(workdir, name))
+  results_lib.save_cells([result], _cell_path(workdir, name))
 
 
-def _recorded_cells(workdir: str) -> dict[str, analysis.CellResult]:
+def _recorded_cells(workdir: str) -> dict[str, results_lib.CellResult]:
   found = {}
   for path in glob.glob(os.path.join(workdir, CELLS_DIR, "*.json")):
-    (cell,) = analysis.load_cells(path)
+    (cell,) = results_lib.load_cells(path)
     found[cells_lib.Cell(cell.kind, cell.n, cell.seed).name] = cell
   return found
 
@@ -414,7 +405,7 @@ def _report(study: StudyConfig, exp_cfg: experiment.ExperimentConfig, workdir: s
         f"No cell of this study is recorded in {workdir}/{CELLS_DIR}; train it first "
         "(python train.py with the same --config and --workdir).")
   results = [recorded[c.name] for c in wanted if c.name in recorded]
-  paths = analysis.write_report(
+  paths = report_lib.write_report(
       results, workdir, target=study.target_error, compare=study.compare,
       ratio_kinds=(study.compare[1], study.compare[0]), n_boot=study.bootstrap)
   ratio = analysis.samples_ratio(results, study.target_error, (study.compare[1], study.compare[0]),
@@ -450,7 +441,7 @@ class _StudyProgress:
     self._bar.update(self._work, {}, describe=f"group {self._group} step {step}, cells "
                      f"{self._cells}/{self._total_cells} done")
 
-  def cell_done(self, result: analysis.CellResult) -> None:
+  def cell_done(self, result: results_lib.CellResult) -> None:
     self._cells += 1
 
   def close(self) -> None:

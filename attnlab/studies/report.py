@@ -1,0 +1,197 @@
+"""A study's report: report.md, the two PNG plots and the cell files, from its cells.
+
+Statistical choices (`attnlab/stats` states each) are repeated in report.md
+for its reader. Every file is written whole or not at all (`fileio`), so a
+killed re-render leaves the previous report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from attnlab import fileio
+from attnlab.stats import intervals
+from attnlab.stats import power_law
+from attnlab.stats import targets
+from attnlab.studies import analysis
+from attnlab.studies import results
+from attnlab.studies.results import CellResult
+
+CONFIDENCE = intervals.CONFIDENCE
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+  return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
+
+
+def _fmt_interval(iv: intervals.Interval) -> str:
+  if not math.isfinite(iv.mean):
+    return "n/a"
+  if not math.isfinite(iv.low):
+    return f"{_fmt(iv.mean)} (one seed, no interval)"
+  return f"{_fmt(iv.mean)} ± {_fmt(iv.half_width, 2)} [{_fmt(iv.low)}, {_fmt(iv.high)}]"
+
+
+def _fmt_ci(ci: tuple[float, float]) -> str:
+  return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+# Below this many paired seeds a percentile interval over seeds is too narrow to read as
+# evidence: resampling N seeds gives at most C(2N-1, N) distinct draws (10 for N = 3), and
+# on digits seeds 0-2 gave a ratio of 0.83 [0.78, 0.90] where seeds 0-9 give 1.00
+# [0.89, 1.16] (docs/results.md, "Ten seeds").
+MIN_SEEDS_FOR_EVIDENCE = 10
+
+
+def few_seeds_caveat(pairs: int) -> str | None:
+  """The report's warning for a bootstrap over fewer than MIN_SEEDS_FOR_EVIDENCE seeds, or None."""
+  if pairs >= MIN_SEEDS_FOR_EVIDENCE:
+    return None
+  return (f"Only {pairs} paired seed{'s' if pairs != 1 else ''}: a bootstrap over them can draw "
+          f"at most {math.comb(2 * pairs - 1, pairs)} distinct seed sets, so this interval (and "
+          "the fits' intervals) understate the uncertainty. Read them as indicative; run at least "
+          f"{MIN_SEEDS_FOR_EVIDENCE} seeds (--config.study.seeds) before reading them as evidence.")
+
+
+def budget_check_markdown(rows: Sequence[analysis.BudgetCheckRow]) -> str:
+  """The rows of `analysis.budget_check` as a markdown table."""
+  lines = ["| kind | n | test error | larger budget | change | seed std | converged |",
+           "|---|---|---|---|---|---|---|"]
+  lines += [f"| {r.kind} | {r.n} | {_fmt(r.base)} | {_fmt(r.larger)} | {r.change:+.4f} | "
+            f"{_fmt(r.seed_spread)} | {'yes' if r.converged else 'no'} |" for r in rows]
+  return "\n".join(lines)
+
+
+def _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot) -> str:
+  lines = ["# Sample-efficiency study", "",
+           f"Test error and loss per (kind, n): mean over seeds ± half-width of the "
+           f"{CONFIDENCE:.0%} Student-t interval [low, high].", "",
+           "| kind | n | seeds | failed | test error | test loss |", "|---|---|---|---|---|---|"]
+  lines += [f"| {r.kind} | {r.n} | {r.seeds} | {r.failed} | {_fmt_interval(r.error)} | "
+            f"{_fmt_interval(r.loss)} |" for r in rows]
+  lines += ["", f"## Paired difference {compare[0]} - {compare[1]}", "",
+            f"Per seed, {compare[0]} minus {compare[1]}, over the seeds both finished (pairs); "
+            "negative error means "
+            f"{compare[0]} is better. {CONFIDENCE:.0%} t-interval over pairs.", "",
+            "| n | pairs | Δ test error | Δ test loss |", "|---|---|---|---|"]
+  lines += [f"| {d.n} | {d.pairs} | {_fmt_interval(d.error)} | {_fmt_interval(d.loss)} |" for d in diffs]
+  lines += ["", "## Power-law fit: error(n) = a · n^-b + c", "",
+            "Least squares on per-n mean test error in log space; 95% bootstrap percentile intervals "
+            f"({n_boot} replicates, seeds resampled within each n).", "",
+            "| kind | a | b | c | floor rule | bootstrap refits |", "|---|---|---|---|---|---|"]
+  for kind, fit in fits.items():
+    if isinstance(fit, str):
+      lines.append(f"| {kind} | – | – | – | {fit} | – |")
+    else:
+      c = f"{_fmt(fit.c)} {_fmt_ci(fit.c_ci)}" if fit.floor else "0 (no floor)"
+      lines.append(f"| {kind} | {_fmt(fit.a)} {_fmt_ci(fit.a_ci)} | {_fmt(fit.b)} {_fmt_ci(fit.b_ci)} "
+                   f"| {c} | {fit.criterion} | {fit.boot_ok}/{fit.n_boot} |")
+  lines += ["", f"## Samples to target error {target:g}", "",
+            "Smallest n at which the mean test error reaches the target, interpolated linearly in log n "
+            "between the two bracketing sizes; never extrapolated beyond the grid.", "",
+            "| kind | samples to target |", "|---|---|"]
+  lines += [f"| {kind} | {s} |" for kind, s in crossings.items()]
+  lines += ["", f"Ratio {ratio.kinds[0]} / {ratio.kinds[1]} (> 1: {ratio.kinds[1]} needs fewer samples), "
+            f"over {ratio.pairs} paired seeds: **{ratio}**"]
+  if ratio.value is not None:
+    lines.append(f"(95% bootstrap interval over seeds, paired across kinds and sizes; "
+                 f"{ratio.boot_ok}/{ratio.n_boot} resamples reached the target for both kinds)"
+                 + (f". {ratio.note}." if ratio.note else "."))
+    caveat = few_seeds_caveat(ratio.pairs)
+    if caveat:
+      lines += ["", f"**Caveat.** {caveat}"]
+  return "\n".join(lines) + "\n"
+
+
+def _plot(rows, diffs, fits, compare, error_path: str, diff_path: str) -> None:
+  # A bare Figure renders with Agg and leaves pyplot's global backend (a notebook's) alone.
+  from matplotlib.figure import Figure  # noqa: PLC0415  (matplotlib only when a report is drawn)
+
+  fig = Figure(figsize=(6, 4.5))
+  ax = fig.subplots()
+  for kind in sorted({r.kind for r in rows}):
+    mine = [r for r in rows if r.kind == kind and math.isfinite(r.error.mean)]
+    n = np.array([r.n for r in mine], dtype=np.float64)
+    mean = np.array([r.error.mean for r in mine])
+    (line,) = ax.plot(n, mean, "o-", label=kind)
+    low = np.array([r.error.low for r in mine])
+    high = np.array([r.error.high for r in mine])
+    ok = np.isfinite(low)
+    # A t-interval can dip below 0; clip at a tenth of the mean so the log axis can draw it.
+    ax.fill_between(n[ok], np.maximum(low[ok], mean[ok] / 10), high[ok], color=line.get_color(), alpha=0.2)
+    fit = fits.get(kind)
+    if isinstance(fit, power_law.PowerLawFit) and n.size:
+      grid = np.geomspace(n.min(), n.max(), 100)
+      ax.plot(grid, fit.predict(grid), "--", color=line.get_color(),
+              label=f"{kind} fit: b={fit.b:.2f}" + (f", c={fit.c:.3g}" if fit.floor else ""))
+  ax.set(xscale="log", yscale="log", xlabel="training examples n", ylabel="test error",
+         title=f"Test error vs n (mean, {CONFIDENCE:.0%} t-interval over seeds)")
+  ax.legend()
+  fig.tight_layout()
+  fileio.write_png(error_path, fig, dpi=120)
+
+  fig = Figure(figsize=(6, 4.5))
+  ax = fig.subplots()
+  d = [r for r in diffs if math.isfinite(r.error.mean)]
+  n = np.array([r.n for r in d], dtype=np.float64)
+  ax.plot(n, [r.error.mean for r in d], "o-")
+  low = np.array([r.error.low for r in d])
+  high = np.array([r.error.high for r in d])
+  ok = np.isfinite(low)
+  ax.fill_between(n[ok], low[ok], high[ok], alpha=0.2)
+  ax.axhline(0.0, color="black", linewidth=0.8)
+  ax.set(xscale="log", xlabel="training examples n", ylabel=f"test error, {compare[0]} - {compare[1]}",
+         title=f"Paired difference ({CONFIDENCE:.0%} t-interval over paired seeds)")
+  fig.tight_layout()
+  fileio.write_png(diff_path, fig, dpi=120)
+
+
+def write_report(cells: Sequence[CellResult], directory: str, *, target: float,
+                 compare: tuple[str, str] = ("sigmoid", "softmax"),
+                 ratio_kinds: tuple[str, str] = ("softmax", "sigmoid"),
+                 floor: bool | Literal["auto"] = "auto", n_boot: int = 1000,
+                 seed: int = 0) -> dict[str, str]:
+  """Writes results.json, results.csv, report.md and two PNG plots into `directory`.
+
+  Args:
+    cells: every cell of the study (failed cells included; they are counted, not averaged).
+    directory: where to write (created if missing); existing report files are replaced.
+    target: test error that samples-to-target is measured at.
+    compare: kinds of the paired difference, compare[0] - compare[1].
+    ratio_kinds: kinds of the samples ratio, ratio_kinds[0] / ratio_kinds[1].
+    floor: power-law floor rule, as in `power_law.fit_power_law`.
+    n_boot: bootstrap replicates for the fits and the ratio.
+    seed: bootstrap seed.
+
+  Returns:
+    {"json", "csv", "report", "error_plot", "difference_plot"}: the paths written.
+  """
+  cells = results.check_cells(cells)
+  results.check_kinds(cells, compare, "compare")
+  results.check_kinds(cells, ratio_kinds, "ratio_kinds")
+  os.makedirs(directory, exist_ok=True)
+  paths = {name: os.path.join(directory, file) for name, file in (
+      ("json", "results.json"), ("csv", "results.csv"), ("report", "report.md"),
+      ("error_plot", "error_vs_n.png"), ("difference_plot", "paired_difference.png"))}
+
+  rows = analysis.summarize(cells)
+  diffs = analysis.paired_differences(cells, compare)
+  kinds = sorted({c.kind for c in cells})
+  fits = analysis.fit_kinds(results.finite(cells), kinds, floor, n_boot, seed)
+  crossings = {}
+  for kind in kinds:
+    mine = [r for r in rows if r.kind == kind and r.seeds]
+    crossings[kind] = (targets.samples_to_target([r.n for r in mine], [r.error.mean for r in mine], target)
+                       if mine else "no finished cells")
+  ratio = analysis.samples_ratio(cells, target, ratio_kinds, n_boot=n_boot, seed=seed)
+
+  results.save_cells(cells, paths["json"])
+  results.save_csv(cells, paths["csv"])
+  text = _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot)
+  fileio.write_atomic(paths["report"], text)
+  _plot(rows, diffs, fits, compare, paths["error_plot"], paths["difference_plot"])
+  return paths
