@@ -412,9 +412,11 @@ class ModelFns:
       dropout_key None: deterministic (no dropout).
     train_step: (state, batch, total_steps=None) -> (state, metrics): one
       optimizer update, at the learning rate of a run of `total_steps` steps
-      (None: the experiment's budget). A (traced) int array gives each cell
-      of a vmapped study the schedule of its own budget; the metrics hold the
-      "learning_rate" used.
+      (None: the experiment's budget). An `optim.Budget` of (traced) int arrays
+      (from `budget`) gives each cell of a vmapped study the schedule of its own
+      budget; the metrics hold the "learning_rate" used.
+    budget: total steps (an int array, one per cell) -> their `optim.Budget`,
+      computed on the host with the experiment's optimizer config.
     eval_step: (params, batch) -> weighted sums of the plain loss and accuracy.
     merge: params -> the nnx model (for diagnostics such as attention maps).
   """
@@ -426,6 +428,7 @@ class ModelFns:
   train_step: Callable[..., tuple[TrainState, dict]]
   eval_step: Callable[[nnx.State, dict], dict]
   merge: Callable[[nnx.State], nnx.Module]
+  budget: Callable[[Any], optim.Budget]
 
 
 def build_model(model_cfg: ModelConfig, key: jax.Array) -> nnx.Module:
@@ -482,7 +485,7 @@ def make_model_fns(model_cfg: ModelConfig, optim_cfg: optim.OptimConfig, num_ste
     return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
 
   def train_step(state: TrainState, batch: dict,
-                 total_steps: int | jax.Array | None = None) -> tuple[TrainState, dict]:
+                 total_steps: int | optim.Budget | None = None) -> tuple[TrainState, dict]:
     dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (mean_loss, sums), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch,
                                                                        dropout_key)
@@ -505,7 +508,8 @@ def make_model_fns(model_cfg: ModelConfig, optim_cfg: optim.OptimConfig, num_ste
     return metrics_lib.weighted_sums(logits, batch["targets"], batch["weights"])
 
   return ModelFns(graphdef=graphdef, init=init, apply=apply, loss=loss, train_step=train_step,
-                  eval_step=eval_step, merge=merge)
+                  eval_step=eval_step, merge=merge,
+                  budget=functools.partial(optim.budget, optim_cfg))
 
 
 @functools.lru_cache(maxsize=8)

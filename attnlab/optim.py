@@ -51,32 +51,71 @@ class OptimConfig:
       raise ValueError(f"config.optim.grad_clip_norm={self.grad_clip_norm}: expected > 0 or None.")
 
 
-def learning_rate(cfg: OptimConfig, step: ArrayLike, total_steps: ArrayLike) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """A run's budget in steps and its warmup, as the train step takes them for a study's cells.
+
+  Both are known on the host before training (`budget`); carried as (traced) int arrays,
+  one entry per cell of a vmapped study, so cells of different budgets share one step
+  function and the warmup's rounding is Python's, not the device's.
+  """
+  total_steps: ArrayLike
+  warmup_steps: ArrayLike
+
+  def at(self, i: int) -> Budget:
+    """Cell i's budget, of a budget with one entry per cell."""
+    return Budget(self.total_steps[i], self.warmup_steps[i])
+
+
+def budget(cfg: OptimConfig, total_steps: ArrayLike) -> Budget:
+  """The budgets of runs of `total_steps` steps (an int or an int array), on the host.
+
+  The warmup is min(warmup_steps or round(warmup_fraction * total_steps), total_steps),
+  rounded in float64 half to even as Python's `round` does (at nominal ties, such as
+  0.15 * 190 = 28.5, float32 arithmetic on the device would round the other way).
+  """
+  total = np.asarray(total_steps)
+  if not np.issubdtype(total.dtype, np.integer):
+    raise TypeError(f"total_steps must be ints (steps); got {total.dtype} {total_steps!r}.")
+  if cfg.warmup_steps is not None:
+    warmup = np.minimum(cfg.warmup_steps, total)
+  else:
+    warmup = np.minimum(np.round(cfg.warmup_fraction * total.astype(np.float64)), total)
+  return Budget(total, warmup.astype(total.dtype))
+
+
+def learning_rate(cfg: OptimConfig, step: ArrayLike, total_steps: int | Budget) -> jax.Array:
   """Linear warmup to cfg.learning_rate, then cfg.schedule down to the end value.
 
-  `step` and `total_steps` may be Python ints or (traced) int arrays, e.g.
-  one total per cell of a vmapped study, so that cells of different budgets
-  train in one step function. The arithmetic is optax's own, op for op
-  (`join_schedules` of `linear_schedule` warmup and `cosine_decay_schedule` /
-  `linear_schedule` / `constant_schedule` decay), so a run gets the float32
-  learning rates that those schedules gave (tests check every step).
+  `step` may be a Python int or a (traced) int array. `total_steps` is a Python int (a
+  single run: the schedule's constants are then folded into the step) or a `Budget` of
+  (traced) arrays from `budget`, e.g. one per cell of a vmapped study, so that cells of
+  different budgets train in one step function. The arithmetic is optax's own, op for
+  op (`join_schedules` of `linear_schedule` warmup and `cosine_decay_schedule` /
+  `linear_schedule` / `constant_schedule` decay), so a run gets the float32 learning
+  rates that those schedules gave (tests check every step).
 
-  A traced `total_steps` can differ from a Python int one in the last bit:
-  XLA turns a division by a compile-time constant into a multiplication by
-  its float32 reciprocal, while a traced total divides at run time. With
-  `cfg.warmup_steps` None, a traced total costs one scalar host call per
-  step (see `_warmup_steps`).
+  A traced budget can differ from a Python int one in the last bit: XLA turns a
+  division by a compile-time constant into a multiplication by its float32 reciprocal,
+  while a traced total divides at run time.
 
   Args:
     cfg: the optimizer config.
     step: updates applied so far (the schedule's count).
-    total_steps: the run's budget in steps (>= 1).
+    total_steps: the run's budget in steps (>= 1), or its `Budget`.
 
   Returns:
     The float32 learning rate at `step`.
   """
-  warmup = _warmup_steps(cfg, total_steps)
-  decay_steps = jnp.maximum(total_steps - warmup, 1)
+  if not isinstance(total_steps, Budget):
+    if not isinstance(total_steps, (int, np.integer)):
+      raise TypeError(f"total_steps must be a Python int or an optim.Budget (per-cell arrays "
+                      f"from optim.budget(cfg, totals), computed on the host); got "
+                      f"{type(total_steps).__name__}.")
+    total_steps = Budget(int(total_steps), int(budget(cfg, int(total_steps)).warmup_steps))
+  total, warmup = total_steps.total_steps, total_steps.warmup_steps
+  decay_steps = jnp.maximum(total - warmup, 1)
   peak = cfg.learning_rate
   # Warmup: optax.linear_schedule(0.0, peak, warmup). For warmup 0 its 0/0 is
   # never selected below (step >= 0), as join_schedules then drops it.
@@ -113,28 +152,6 @@ def _constant(cfg: OptimConfig, count: jax.Array, decay_steps: ArrayLike) -> jax
 
 
 _DECAYS = {"cosine": _cosine_decay, "linear": _linear_decay, "constant": _constant}
-
-
-def _warmup_steps(cfg: OptimConfig, total_steps: ArrayLike) -> ArrayLike:
-  """min(warmup_steps or round(warmup_fraction * total_steps), total_steps)."""
-  if cfg.warmup_steps is not None:
-    return jnp.minimum(cfg.warmup_steps, total_steps)
-  if isinstance(total_steps, (int, np.integer)):
-    return min(round(cfg.warmup_fraction * int(total_steps)), int(total_steps))
-  # A traced total: Python rounds the float64 product, and at nominal ties
-  # (0.15 * 190 = 28.5) its float64 rounding decides the step, which a float32
-  # product does not reproduce (it gives 29 there, Python 28). The host does
-  # the same float64 arithmetic, so a cell of a vmapped study gets the warmup
-  # of the same run trained alone (at the cost of a scalar host round trip;
-  # a study that minds it sets warmup_steps).
-  def host_round(total):
-    total = np.asarray(total)
-    return np.minimum(np.round(cfg.warmup_fraction * total.astype(np.float64)),
-                      total).astype(total.dtype)
-
-  total_steps = jnp.asarray(total_steps)
-  return jax.pure_callback(host_round, jax.ShapeDtypeStruct(total_steps.shape, total_steps.dtype),
-                           total_steps, vmap_method="expand_dims")
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

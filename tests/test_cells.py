@@ -73,7 +73,7 @@ def train_by_hand(setup, cell: Cell, budget: int):
   best, best_key, best_step = None, (math.inf, math.inf), 0
   for s in range(budget):
     state, metrics = step_fn(state, {k: v[indices[s]] for k, v in data.train.items()},
-                             jnp.int32(budget))
+                             fns.budget(np.int32(budget)))
     if (s + 1) % setup.eval_every_steps == 0 or s + 1 == budget:
       val = score(state.params, data.validation)
       key = (1.0 - val["accuracy"], val["loss"])
@@ -166,8 +166,8 @@ def test_each_cell_follows_its_own_learning_rate_schedule(setup):
   state = jax.jit(fns.init)(0)
   batch = {k: v[:setup.batch_size] for k, v in setup.data.train.items()}
   state = state.replace(step=jnp.int32(5))
-  _, short = fns.train_step(state, batch, jnp.int32(6))
-  _, long = fns.train_step(state, batch, jnp.int32(600))
+  _, short = fns.train_step(state, batch, fns.budget(np.int32(6)))
+  _, long = fns.train_step(state, batch, fns.budget(np.int32(600)))
   peak = configlib.load(QUICK_STUDY).optim.learning_rate  # the config's, not the step's
   assert float(short["learning_rate"]) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
   assert float(long["learning_rate"]) == pytest.approx(peak * 5 / 30)

@@ -90,6 +90,7 @@ def test_learning_rate_is_the_optax_schedule_bit_for_bit(fields):
   # In the train step both the step and (for a vmapped study) the total are
   # traced int32; a single run's total is a Python int closed over.
   traced = jax.jit(jax.vmap(lambda s, t: optim.learning_rate(cfg, s, t), in_axes=(0, None)))
+  budget = lambda total: optim.budget(cfg, np.int32(total))  # noqa: E731
   for total in (1, 2, 7, 100, 190, 1172):
     steps = jnp.arange(total + 3, dtype=jnp.int32)
     want = np.asarray(jax.jit(jax.vmap(optax_schedule(cfg, total)))(steps), np.float32)
@@ -99,17 +100,37 @@ def test_learning_rate_is_the_optax_schedule_bit_for_bit(fields):
     # total) into a multiplication by its float32 reciprocal; a traced total
     # divides at run time, so step / total may differ in the last bit (and
     # 1 + cos(pi * step / total) near the end of a cosine carries it over).
-    np.testing.assert_allclose(traced(steps, jnp.int32(total)), want, rtol=0,
+    np.testing.assert_allclose(traced(steps, budget(total)), want, rtol=0,
                                atol=4e-7 * cfg.learning_rate, err_msg=f"traced total={total}")
     # Eagerly (op by op, no constant folding) too.
     assert optim.make_schedule(cfg, total)(steps[-1]) == optax_schedule(cfg, total)(steps[-1])
 
 
-def test_traced_warmup_fraction_rounds_like_python():
+def test_host_budgets_round_the_warmup_like_python():
   cfg = optim.OptimConfig(warmup_fraction=0.15)
-  totals = np.array([190, 350, 10, 1172], np.int32)
-  warmups = jax.jit(jax.vmap(lambda t: optim._warmup_steps(cfg, t)))(totals)
-  np.testing.assert_array_equal(warmups, [round(0.15 * int(t)) for t in totals])
+  totals = np.array([190, 350, 10, 1172, 3], np.int32)
+  budgets = optim.budget(cfg, totals)
+  assert budgets.warmup_steps.dtype == np.int32
+  # 0.15 * 190 = 28.5 in float64: Python rounds to 28, float32 arithmetic would give 29.
+  np.testing.assert_array_equal(budgets.warmup_steps, [28, 52, 2, 176, 0])
+  np.testing.assert_array_equal(budgets.warmup_steps, [round(0.15 * int(t)) for t in totals])
+  np.testing.assert_array_equal(budgets.total_steps, totals)
+  fixed = optim.budget(optim.OptimConfig(warmup_steps=5), totals)
+  np.testing.assert_array_equal(fixed.warmup_steps, [5, 5, 5, 5, 3])  # never past the total
+  assert fixed.at(4) == optim.Budget(3, 3)
+
+
+def test_no_host_callback_in_the_step_and_traced_totals_need_a_budget():
+  """The per-cell warmup arrives computed; the step program calls nothing on the host."""
+  cfg = optim.OptimConfig(warmup_fraction=0.15)
+  jaxpr = jax.make_jaxpr(lambda s, b: optim.learning_rate(cfg, s, b))(
+      jnp.int32(3), optim.budget(cfg, np.array([190, 10], np.int32)))
+  assert "callback" not in str(jaxpr)
+  with pytest.raises(TypeError, match=r"total_steps must be a Python int or an optim\.Budget "
+                                      r"\(per-cell arrays from optim\.budget"):
+    jax.jit(lambda s, t: optim.learning_rate(cfg, s, t))(jnp.int32(3), jnp.int32(190))
+  with pytest.raises(TypeError, match=r"total_steps must be ints"):
+    optim.budget(cfg, 190.0)
 
 
 # ----------------------------------------------------------------------------
@@ -135,12 +156,12 @@ def tiny_fns():
 
 def test_vmapped_cells_follow_their_own_budgets(tiny_fns):
   fns, state, batch = tiny_fns
-  totals = jnp.array([10, 20], jnp.int32)
+  totals = fns.budget(np.array([10, 20], np.int32))
   stack = lambda *xs: jnp.stack(xs)  # noqa: E731
   batched = jax.jit(jax.vmap(fns.train_step))(jax.tree.map(stack, state, state),
                                               jax.tree.map(stack, batch, batch), totals)
   step = jax.jit(fns.train_step)
-  singles = [step(state, batch, t) for t in (10, 20)]
+  singles = [step(state, batch, totals.at(i)) for i in range(2)]
   for i, single in enumerate(singles):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x[i], y, rtol=1e-6, atol=1e-7),
                  batched, single)
@@ -156,6 +177,6 @@ def test_train_step_defaults_to_the_experiment_budget(tiny_fns):
                jax.jit(lambda s, b: fns.train_step(s, b, 10))(state, batch))
   # A traced 10 divides at run time (see the schedule test): equal to a float32 ulp.
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
-               default, step(state, batch, jnp.int32(10)))
-  other = step(state, batch, 20)
+               default, step(state, batch, fns.budget(np.int32(10))))
+  other = step(state, batch, fns.budget(np.int32(20)))
   assert float(other[1]["learning_rate"]) != float(default[1]["learning_rate"])

@@ -268,7 +268,7 @@ def train_group(spec: GroupSpec, setup: GroupSetup, *,
   results: dict[int, CellResult] = {}
   train_step = _group_step(setup.fns, setup.vmap_cells)
   score = _group_score(setup.fns, setup.vmap_cells)
-  budgets_C = np.asarray([spec.budgets[i] for i in members], np.int32)
+  budgets_C = setup.fns.budget(np.asarray([spec.budgets[i] for i in members], np.int32))
   while alive:
     start = time.perf_counter()
     segment_end = _segment_end(spec, setup, alive, step, checkpointer)
@@ -298,7 +298,8 @@ def train_group(spec: GroupSpec, setup: GroupSetup, *,
       alive = [i for i in alive if spec.budgets[i] > step]
       if _shrinks(setup) and alive:
         stack, setup = _place(stack.take([members.index(i) for i in alive]), setup)
-        members, budgets_C = list(alive), np.asarray([spec.budgets[i] for i in alive], np.int32)
+        members = list(alive)
+        budgets_C = setup.fns.budget(np.asarray([spec.budgets[i] for i in alive], np.int32))
     if checkpointer is not None and alive and checkpointer.should_save(step):
       # Only the cells still training: the saved stack is a function of the step.
       saved = stack if members == alive else stack.take([members.index(i) for i in alive])
@@ -613,7 +614,7 @@ def _one_cell_at_a_time(train_cell):
 
   def step(stack: _Stack, pool, indices_CB, budgets_C, training_C) -> _Stack:
     for i in np.flatnonzero(training_C):
-      stack = update(stack, pool, np.int32(i), indices_CB[i], budgets_C[i])
+      stack = update(stack, pool, np.int32(i), indices_CB[i], budgets_C.at(i))
     return stack
 
   return step
