@@ -5,6 +5,7 @@ Expected values are computed by hand (in the comments) or come from synthetic cu
 known exponent and floor; bootstrap counts are small so the module runs in seconds.
 """
 
+import dataclasses
 import json
 import math
 
@@ -330,6 +331,24 @@ def test_write_report_says_not_reached(tmp_path):
   text = open(paths["report"], encoding="utf-8").read()
   assert "| softmax | not reached |" in text
   assert "**not reached by softmax**" in text
+
+
+def test_report_compares_every_other_kind_with_the_compared_pair(tmp_path):
+  # relu's curve is sigmoid's, so relu / sigmoid = 1 exactly and relu / softmax is the
+  # inverse of softmax / sigmoid (10^-0.5); linear's cells all failed: no paired seed.
+  cells = ratio_cells()
+  cells += [dataclasses.replace(c, kind="relu") for c in cells if c.kind == "sigmoid"]
+  cells += [cell("linear", n, s, math.nan, math.nan) for n in N3 for s in (0, 1)]
+  text = open(report.write_report(cells, str(tmp_path), target=0.2, n_boot=10)["report"],
+              encoding="utf-8").read()
+  assert "## Every other kind against sigmoid and softmax" in text
+  assert "| kind | / sigmoid | / softmax |" in text
+  assert "| relu | 1 [1, 1] | 0.316 [0.316, 0.316] |" in text
+  assert "| linear | no seed has results for both ('linear', 'sigmoid')" in text
+  # Two kinds only: no such section.
+  text = open(report.write_report(ratio_cells(), str(tmp_path / "two"), target=0.2,
+                                  n_boot=10)["report"], encoding="utf-8").read()
+  assert "Every other kind" not in text
 
 
 def test_load_cells_names_unknown_fields(tmp_path):

@@ -66,7 +66,31 @@ def budget_check_markdown(rows: Sequence[analysis.BudgetCheckRow]) -> str:
   return "\n".join(lines)
 
 
-def _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot) -> str:
+def _other_kinds_markdown(others: dict[str, dict[str, targets.SamplesRatio | str]],
+                          refs: tuple[str, ...]) -> list[str]:
+  """Each further kind's samples-to-target over the reference kinds', with intervals."""
+  if not others:
+    return []
+  lines = ["", "## Every other kind against " + " and ".join(refs), "",
+           "Samples to target of the kind over the reference kind's (< 1: the kind needs "
+           "fewer samples), on the seeds both finished, with the same paired bootstrap as the "
+           "ratio above.", "",
+           "| kind | " + " | ".join(f"/ {ref}" for ref in refs) + " |",
+           "|---|" + "---|" * len(refs)]
+  lines += [f"| {kind} | " + " | ".join(str(r) for r in by_ref.values()) + " |"
+            for kind, by_ref in others.items()]
+  return lines
+
+
+def _ratio_or_reason(cells, target, kinds, n_boot, seed) -> targets.SamplesRatio | str:
+  try:
+    return analysis.samples_ratio(cells, target, kinds, n_boot=n_boot, seed=seed)
+  except ValueError as e:  # no seed finished both kinds: say so in the cell
+    return str(e)
+
+
+def _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot,
+                     others=None) -> str:
   lines = ["# Sample-efficiency study", "",
            f"Test error and loss per (kind, n): mean over seeds ± half-width of the "
            f"{CONFIDENCE:.0%} Student-t interval [low, high].", "",
@@ -104,6 +128,7 @@ def _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boo
     caveat = few_seeds_caveat(ratio.pairs)
     if caveat:
       lines += ["", f"**Caveat.** {caveat}"]
+  lines += _other_kinds_markdown(others or {}, tuple(compare))
   return "\n".join(lines) + "\n"
 
 
@@ -188,10 +213,14 @@ def write_report(cells: Sequence[CellResult], directory: str, *, target: float,
     crossings[kind] = (targets.samples_to_target([r.n for r in mine], [r.error.mean for r in mine], target)
                        if mine else "no finished cells")
   ratio = analysis.samples_ratio(cells, target, ratio_kinds, n_boot=n_boot, seed=seed)
+  # A study of more kinds (`:all`) asks how each compares with the two compared ones.
+  others = {kind: {ref: _ratio_or_reason(cells, target, (kind, ref), n_boot, seed)
+                   for ref in compare}
+            for kind in kinds if kind not in compare}
 
   results.save_cells(cells, paths["json"])
   results.save_csv(cells, paths["csv"])
-  text = _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot)
+  text = _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot, others)
   fileio.write_atomic(paths["report"], text)
   _plot(rows, diffs, fits, compare, paths["error_plot"], paths["difference_plot"])
   return paths
