@@ -131,6 +131,40 @@ def test_split_impl_equals_xla_with_masks(kind, lq, lk, key_splits):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+# (kind, options, num_kv_heads, dtype): both feature maps of linear attention and three of
+# InLine's, GQA (4 query heads on 2) and MQA (on 1), bfloat16 for each kind.
+RECURRENT_CASES = [
+    ("linear", {"feature_map": "elu+1"}, 2, jnp.float32),
+    ("linear", {"feature_map": "relu"}, 1, jnp.float32),
+    ("linear", {"feature_map": "elu+1"}, 2, jnp.bfloat16),
+    ("inline", {"feature_map": "identity"}, 2, jnp.float32),
+    ("inline", {"feature_map": "exp"}, 1, jnp.float32),
+    ("inline", {"feature_map": "relu"}, 2, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("kind,options,hkv,dtype", RECURRENT_CASES,
+                         ids=lambda x: getattr(x, "__name__", str(x)))
+def test_recurrent_state_decoding_equals_causal_attention(kind, options, hkv, dtype):
+  # A 4-token prefill, then one token per call: each call sees only its own k and v, the
+  # rest lives in the state; together they must give causal attention over all 11 tokens.
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 11, h, 8)), dtype) for h in (4, hkv, hkv))
+  want = attention.attend(q, k, v, kind=kind, is_causal=True, **options)
+  state = attention.init_decode_state(kind, 2, hkv, 8, **options)
+  outs = []
+  for lo, hi in [(0, 4)] + [(t, t + 1) for t in range(4, 11)]:
+    out, state = attention.attend_with_state(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], state,
+                                             kind=kind, **options)
+    outs.append(out)
+  got = jnp.concatenate(outs, axis=1)
+  assert got.dtype == dtype
+  # bf16: only the output is rounded (both paths sum in float32), so 1-2 bf16 units apart.
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=tol, rtol=tol)
+
+
 def test_q_offset_matches_attending_to_the_prefix():
   q, k, v = _qkv(3, 20)
   pos = 9  # queries at 9, 10, 11 see keys 0..11: the first 12 keys, bottom-right aligned
@@ -203,3 +237,11 @@ def test_attend_refuses_bad_decoding_options():
     attention.attend(q, k, v, impl="split", key_splits=0)
   with pytest.raises(ValueError, match="impl='pallas' takes no q_offset"):
     attention.attend(q, k, v, kind="softmax", impl="pallas", is_causal=True, q_offset=2)
+  with pytest.raises(ValueError, match="kind='softmax' has no recurrent decode state.*"
+                                       r"Kinds with one: \['inline', 'linear'\]"):
+    attention.init_decode_state("softmax", 2, 2, 8)
+  state = attention.init_decode_state("linear", 2, 2, 8)
+  with pytest.raises(ValueError, match="share their length"):
+    attention.attend_with_state(q, k, v, state, kind="linear")
+  with pytest.raises(ValueError, match=r"state does not fit kind='inline'.*init_decode_state"):
+    attention.attend_with_state(q, k[:, :1], v[:, :1], state, kind="inline")
