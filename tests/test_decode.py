@@ -1,4 +1,5 @@
-"""KV-cache decoding (attnlab/models/decode.py) and the decoding options of `attend`.
+"""Decoding (attnlab/models/decode.py): from a KV cache, or from a recurrent state for the
+kinds that have one (linear, inline); and the decoding options of `attend`.
 
 The reference is the model's own forward pass over the whole sequence: cached decoding
 must give its logits at every position, for every kind that decodes.
@@ -38,8 +39,11 @@ def tokens(batch=2, length=MAX_LEN, seed=1):
 
 
 def stale_cache(model, batch):
-  """An empty state whose cache slots hold garbage: unwritten slots must get no weight."""
+  """An empty state whose KV cache slots hold garbage: unwritten slots must get no weight.
+  (A recurrent state has no unwritten slots: it starts empty.)"""
   state = dec.init_cache(model, batch)
+  if not isinstance(state.cache, KVCache):
+    return state
   noise = lambda x, s: jax.random.normal(jax.random.key(s), x.shape, x.dtype)  # noqa: E731
   return dec.DecodeState(KVCache(noise(state.cache.k_BLhD, 7), noise(state.cache.v_BLhD, 8)),
                          state.length)
@@ -83,7 +87,7 @@ def test_cached_decoding_with_positions_and_layouts(kind, overrides):
                              model(tokens_BL, deterministic=True), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax", "linear"])  # linear: its state
 def test_cached_decoding_in_bfloat16(kind):
   model = lm(kind, dtype="bfloat16")
   tokens_BL = tokens()
@@ -163,6 +167,22 @@ def test_recurrent_state_decoding_equals_causal_attention(kind, options, hkv, dt
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", ["linear", "inline"])
+def test_recurrent_kinds_keep_a_state_whose_size_does_not_depend_on_max_len(kind):
+  # depth 2, batch 3, Hkv 2, head_dim 8: the running sums, never a [max_len] axis.
+  want = {"linear": {"s_BhDE": (2, 3, 2, 8, 8), "z_BhD": (2, 3, 2, 8)},
+          "inline": {"sums.s_BhDE": (2, 3, 2, 8, 8), "sums.z_BhD": (2, 3, 2, 8),
+                     "v_sum_BhE": (2, 3, 2, 8), "n_B": (2, 3)}}[kind]
+  for max_len in (MAX_LEN, 4 * MAX_LEN):
+    model = lm(kind, max_len=max_len)
+    state = dec.init_cache(model, 3)
+    _, state = dec.decode_step(model, tokens(batch=3, length=PROMPT), state)
+    shapes = {".".join(key.name for key in path): leaf.shape
+              for path, leaf in jax.tree_util.tree_flatten_with_path(state.cache)[0]}
+    assert shapes == want, max_len
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.cache))
 
 
 def test_q_offset_matches_attending_to_the_prefix():
