@@ -10,6 +10,7 @@ error keeps its traceback.
 """
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -215,6 +216,37 @@ def test_eval_of_an_empty_workdir_writes_nothing(data_dir, tmp_path):
   line = _error_line(_run("eval.py", data_dir, "--workdir", str(tmp_path)))
   assert f"No checkpoint in {tmp_path / 'checkpoints'}" in line
   assert os.listdir(tmp_path) == []  # no checkpoints/ made by opening it
+
+
+def test_eval_samples_prints_sequences_generated_by_a_trained_lm(data_dir, tmp_path):
+  # The whole path behind --samples: the run's checkpoint, decoding, the printed table.
+  lm, workdir = "configs/mqar_transformer.py:sigmoid,quick", str(tmp_path / "lm")
+  trained = _run("train.py", data_dir, "--workdir", workdir, config=lm)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  proc = _run("eval.py", data_dir, "--workdir", workdir, "--samples=2", "--temperature=0",
+              config=lm)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Sample 0: prompt" in proc.stdout and "Sample 1: prompt" in proc.stdout
+  (written,) = _eval_files(workdir)
+  with open(os.path.join(workdir, written), encoding="utf-8") as f:
+    samples = json.load(f)["samples"]
+  mqar = configlib.load(lm).data.mqar
+  assert [len(s["prompt"]) + len(s["completion"]) for s in samples] == [mqar.seq_len] * 2
+  assert all(0 <= t < mqar.vocab_size for s in samples for t in s["completion"])
+
+
+@pytest.mark.parametrize("flag_args, named", [
+    (("--samples=2",), "--samples acts on one trained run's checkpoint"),
+    (("--step=3", "--attention_png"), "--step and --attention_png act on one trained run's"),
+], ids=["samples", "step-and-attention-png"])
+def test_eval_refuses_single_run_flags_with_a_study(data_dir, tmp_path, flag_args, named):
+  # Was silently ignored: the study's report was re-rendered and no sample printed.
+  workdir = tmp_path / "study"
+  line = _error_line(_run("eval.py", data_dir, "--workdir", str(workdir), *flag_args,
+                          config="configs/sample_efficiency/digits.py:quick"))
+  assert named in line and "--config is a study" in line
+  assert "pass the --config and --workdir of a single run" in line
+  assert not workdir.exists()
 
 
 # ----------------------------------------------------------------------------
