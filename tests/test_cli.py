@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from absl import flags
 from absl import logging
@@ -24,8 +26,10 @@ from attnlab import checkpoint as checkpoint_lib
 from attnlab import cli
 from attnlab import configlib
 from attnlab import data as data_lib
+from attnlab import evaluate as evaluate_lib
 from attnlab import experiment
 from attnlab import workdir as workdir_lib
+from attnlab.models import decode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "configs/digits_vit.py:sigmoid,quick"
@@ -230,9 +234,18 @@ def test_eval_samples_prints_sequences_generated_by_a_trained_lm(data_dir, tmp_p
   (written,) = _eval_files(workdir)
   with open(os.path.join(workdir, written), encoding="utf-8") as f:
     samples = json.load(f)["samples"]
-  mqar = configlib.load(lm).data.mqar
+  config = configlib.load(lm)
+  mqar = config.data.mqar
   assert [len(s["prompt"]) + len(s["completion"]) for s in samples] == [mqar.seq_len] * 2
   assert all(0 <= t < mqar.vocab_size for s in samples for t in s["completion"])
+  # evaluate.load_model (the notebook's way in) restores the same model: greedy decoding
+  # from it writes the same completions.
+  model, step = evaluate_lib.load_model(config, workdir)
+  assert written == f"eval_{step}.json"
+  prompts = np.asarray([s["prompt"] for s in samples])
+  tokens = decode.generate(model, prompts, steps=len(samples[0]["completion"]),
+                           rng=jax.random.key(1), temperature=0.0)
+  assert np.asarray(tokens)[:, prompts.shape[1]:].tolist() == [s["completion"] for s in samples]
 
 
 @pytest.mark.parametrize("flag_args, named", [
