@@ -13,7 +13,8 @@ report.md, results.json/csv and the plots from <workdir>/cells/ without
 training (report settings such as study.target_error may differ from the
 training run's). --samples N (language models) also prints N generated sequences.
 Refuses a config that differs from the run's config.json in what is trained,
-and a workdir with nothing to evaluate (it is never created). Expected failures
+a workdir with nothing to evaluate (it is never created), and the flags of a
+single run (--samples, --temperature, --step, --attention_png) with a study. Expected failures
 print one `Error: ...` line; ATTNLAB_TRACEBACK=1 shows the traceback.
 """
 
@@ -21,6 +22,7 @@ from absl import app
 from absl import flags
 
 from attnlab import cli
+from attnlab import configlib
 from attnlab import evaluate
 from attnlab.moe import config as moe_config
 from attnlab.moe import study as moe_study
@@ -33,13 +35,31 @@ _SAMPLES = flags.DEFINE_integer("samples", 0, "A language model run: also print 
                                 "evaluation window; text for byte-level data).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature of --samples "
                                   "(0 = greedy).")
+# The flags that act on one run's checkpoint. A study's report is re-rendered from its
+# recorded cells without loading any model, so there they would silently do nothing.
+_RUN_ONLY_FLAGS = (_SAMPLES, _TEMPERATURE, _STEP, _PNG)
+
+
+def _refuse_run_only_flags(what: str) -> None:
+  given = [f"--{holder.name}" for holder in _RUN_ONLY_FLAGS if flags.FLAGS[holder.name].present]
+  if not given:
+    return
+  named = given[0] if len(given) == 1 else ", ".join(given[:-1]) + " and " + given[-1]
+  acts, them = ("acts", "it") if len(given) == 1 else ("act", "them")
+  raise configlib.ConfigError(
+      f"{named} {acts} on one trained run's checkpoint, but --config is {what}, whose report "
+      f"eval.py re-renders from the recorded cells without loading a model; drop {them}, or "
+      "pass the --config and --workdir of a single run (e.g. configs/shakespeare_char.py:sigmoid "
+      "for --samples).")
 
 
 def main(argv):
   def run(config, workdir):
     if moe_config.is_moe_study(config):
+      _refuse_run_only_flags("an MoE study")
       moe_study.print_summary(moe_study.render(config, workdir))
     elif study.is_study(config):
+      _refuse_run_only_flags("a study")
       cli.report_study(study.render(config, workdir))
     else:
       evaluate.evaluate(config, workdir, _STEP.value, attention_pngs=_PNG.value,

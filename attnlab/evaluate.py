@@ -14,7 +14,8 @@ evaluation split and measures what each layer's attention does:
   below_1e-3   fraction of (allowed) weights below 1e-3 (sparsity).
 
 Writes <workdir>/eval_<step>.json and prints a table; optionally saves
-attention-map PNGs under <workdir>/attention_maps/. A workdir with no
+attention-map PNGs under <workdir>/attention_maps/. `load_model(config, workdir)`
+returns the run's trained model itself (to generate from, or to probe). A workdir with no
 checkpoint, or whose config.json differs from `config` in what is trained
 (`workdir.check_same_run`, the check train.py makes before resuming), is
 refused before anything is read or written.
@@ -76,19 +77,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
       with (`workdir.check_same_run`: the message names the fields that
       differ), or is invalid.
   """
-  _check_has_checkpoint(workdir)
-  # Before the data opens: a model of another kind or shape would otherwise
-  # score untrained parameters or fail deep in the restore.
-  workdir_lib.check_same_run(config, workdir)
-  exp = experiment.load(config)
+  exp = _load_run(config, workdir)
   if samples:
     decode_lib.check_config(exp.model)  # before the restore: --samples needs a causal LM
-  fns = exp.fns()
-  abstract_state = experiment.abstract_state(fns, exp.trainer.seed)
-  shard = experiment.shardings(exp.trainer, abstract_state, batch_fields=("eval_batch_size",))
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=exp.trainer.keep_checkpoints)
-  state, _, step = ckpt.restore(checkpoint_lib.with_shardings(abstract_state, shard.state), step)
-  ckpt.close()
+  fns, shard, state, step = _restore(exp, workdir, step)
 
   scores = experiment.evaluate_params(experiment.jit_eval_step(fns, shard), state.params,
                                       exp.datasets.eval, batch_size=exp.trainer.eval_batch_size,
@@ -118,6 +110,38 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   if verbose:
     print(format_table(result, workdir))
   return result
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+               ) -> tuple[Any, int]:
+  """The run's model with the parameters of its checkpoint at `step` (default: the latest),
+  and that step; e.g. to generate from a language model (`attnlab.models.decode.generate`).
+
+  Raises as `evaluate` does (no run or checkpoint in `workdir`, another config).
+  """
+  exp = _load_run(config, workdir)
+  fns, _, state, step = _restore(exp, workdir, step)
+  return fns.merge(state.params), step
+
+
+def _load_run(config: ml_collections.ConfigDict, workdir: str) -> experiment.Experiment:
+  """The experiment of the run in `workdir`, once it is known to be this config's run."""
+  _check_has_checkpoint(workdir)
+  # Before the data opens: a model of another kind or shape would otherwise
+  # score untrained parameters or fail deep in the restore.
+  workdir_lib.check_same_run(config, workdir)
+  return experiment.load(config)
+
+
+def _restore(exp: experiment.Experiment, workdir: str, step: int | None):
+  """(model functions, shardings, the train state at `step` or the latest, its step)."""
+  fns = exp.fns()
+  abstract_state = experiment.abstract_state(fns, exp.trainer.seed)
+  shard = experiment.shardings(exp.trainer, abstract_state, batch_fields=("eval_batch_size",))
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=exp.trainer.keep_checkpoints)
+  state, _, step = ckpt.restore(checkpoint_lib.with_shardings(abstract_state, shard.state), step)
+  ckpt.close()
+  return fns, shard, state, step
 
 
 def _check_has_checkpoint(workdir: str) -> None:

@@ -10,11 +10,14 @@ error keeps its traceback.
 """
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from absl import flags
 from absl import logging
@@ -23,8 +26,10 @@ from attnlab import checkpoint as checkpoint_lib
 from attnlab import cli
 from attnlab import configlib
 from attnlab import data as data_lib
+from attnlab import evaluate as evaluate_lib
 from attnlab import experiment
 from attnlab import workdir as workdir_lib
+from attnlab.models import decode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "configs/digits_vit.py:sigmoid,quick"
@@ -215,6 +220,46 @@ def test_eval_of_an_empty_workdir_writes_nothing(data_dir, tmp_path):
   line = _error_line(_run("eval.py", data_dir, "--workdir", str(tmp_path)))
   assert f"No checkpoint in {tmp_path / 'checkpoints'}" in line
   assert os.listdir(tmp_path) == []  # no checkpoints/ made by opening it
+
+
+def test_eval_samples_prints_sequences_generated_by_a_trained_lm(data_dir, tmp_path):
+  # The whole path behind --samples: the run's checkpoint, decoding, the printed table.
+  lm, workdir = "configs/mqar_transformer.py:sigmoid,quick", str(tmp_path / "lm")
+  trained = _run("train.py", data_dir, "--workdir", workdir, config=lm)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  proc = _run("eval.py", data_dir, "--workdir", workdir, "--samples=2", "--temperature=0",
+              config=lm)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Sample 0: prompt" in proc.stdout and "Sample 1: prompt" in proc.stdout
+  (written,) = _eval_files(workdir)
+  with open(os.path.join(workdir, written), encoding="utf-8") as f:
+    samples = json.load(f)["samples"]
+  config = configlib.load(lm)
+  mqar = config.data.mqar
+  assert [len(s["prompt"]) + len(s["completion"]) for s in samples] == [mqar.seq_len] * 2
+  assert all(0 <= t < mqar.vocab_size for s in samples for t in s["completion"])
+  # evaluate.load_model (the notebook's way in) restores the same model: greedy decoding
+  # from it writes the same completions.
+  model, step = evaluate_lib.load_model(config, workdir)
+  assert written == f"eval_{step}.json"
+  prompts = np.asarray([s["prompt"] for s in samples])
+  tokens = decode.generate(model, prompts, steps=len(samples[0]["completion"]),
+                           rng=jax.random.key(1), temperature=0.0)
+  assert np.asarray(tokens)[:, prompts.shape[1]:].tolist() == [s["completion"] for s in samples]
+
+
+@pytest.mark.parametrize("flag_args, named", [
+    (("--samples=2",), "--samples acts on one trained run's checkpoint"),
+    (("--step=3", "--attention_png"), "--step and --attention_png act on one trained run's"),
+], ids=["samples", "step-and-attention-png"])
+def test_eval_refuses_single_run_flags_with_a_study(data_dir, tmp_path, flag_args, named):
+  # Was silently ignored: the study's report was re-rendered and no sample printed.
+  workdir = tmp_path / "study"
+  line = _error_line(_run("eval.py", data_dir, "--workdir", str(workdir), *flag_args,
+                          config="configs/sample_efficiency/digits.py:quick"))
+  assert named in line and "--config is a study" in line
+  assert "pass the --config and --workdir of a single run" in line
+  assert not workdir.exists()
 
 
 # ----------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""KV-cache decoding (attnlab/models/decode.py) and the decoding options of `attend`.
+"""Decoding (attnlab/models/decode.py): from a KV cache, or from a recurrent state for the
+kinds that have one (linear, inline); and the decoding options of `attend`.
 
 The reference is the model's own forward pass over the whole sequence: cached decoding
 must give its logits at every position, for every kind that decodes.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +36,35 @@ def lm(attention_kind="softmax", options=(), **overrides):
   return Transformer(TransformerConfig(**{**fields, **overrides}), rngs=nnx.Rngs(0))
 
 
+def forward(model, tokens_BL):
+  """The model's logits over the whole sequence (the reference), jitted: one compile, not
+  one per operation as eagerly (most of this file's time went to those)."""
+  graphdef, params = nnx.split(model)
+  return _jit_forward(graphdef, params, tokens_BL)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_forward(graphdef, params, tokens_BL):
+  return nnx.merge(graphdef, params)(tokens_BL, deterministic=True)
+
+
+# `attention.attend` and `attend_with_state` jitted, for the same reason; arrays traced (the
+# decoding position q_offset too, as in decoding), the options static.
+_STATIC = ("kind", "impl", "is_causal", "key_splits", "feature_map")
+attend = jax.jit(attention.attend, static_argnames=_STATIC)
+attend_with_state = jax.jit(attention.attend_with_state, static_argnames=_STATIC)
+
+
 def tokens(batch=2, length=MAX_LEN, seed=1):
   return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
 
 
 def stale_cache(model, batch):
-  """An empty state whose cache slots hold garbage: unwritten slots must get no weight."""
+  """An empty state whose KV cache slots hold garbage: unwritten slots must get no weight.
+  (A recurrent state has no unwritten slots: it starts empty.)"""
   state = dec.init_cache(model, batch)
+  if not isinstance(state.cache, KVCache):
+    return state
   noise = lambda x, s: jax.random.normal(jax.random.key(s), x.shape, x.dtype)  # noqa: E731
   return dec.DecodeState(KVCache(noise(state.cache.k_BLhD, 7), noise(state.cache.v_BLhD, 8)),
                          state.length)
@@ -65,7 +90,7 @@ def test_cached_decoding_gives_the_full_forward_logits(kind):
   model = lm(kind, DECODING_KINDS[kind])
   tokens_BL = tokens()
   np.testing.assert_allclose(cached_logits(model, tokens_BL),
-                             model(tokens_BL, deterministic=True), atol=1e-5, rtol=1e-5)
+                             forward(model, tokens_BL), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind,overrides", [
@@ -80,14 +105,16 @@ def test_cached_decoding_with_positions_and_layouts(kind, overrides):
   model = lm(kind, **overrides)
   tokens_BL = tokens(length=MAX_LEN - 3)  # a fixed or learned bias does not depend on length
   np.testing.assert_allclose(cached_logits(model, tokens_BL, prompt_len=4),
-                             model(tokens_BL, deterministic=True), atol=1e-5, rtol=1e-5)
+                             forward(model, tokens_BL), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+# sigmoid through the KV cache (softmax shares every step of it but the kind's own math,
+# which tests/test_attention.py covers in bf16), linear through its recurrent state.
+@pytest.mark.parametrize("kind", ["sigmoid", "linear"])
 def test_cached_decoding_in_bfloat16(kind):
   model = lm(kind, dtype="bfloat16")
   tokens_BL = tokens()
-  want = np.asarray(model(tokens_BL, deterministic=True))
+  want = np.asarray(forward(model, tokens_BL))
   got = np.asarray(cached_logits(model, tokens_BL))
   # bf16 keeps 8 bits: the paths round differently (cache writes, block order).
   np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
@@ -98,13 +125,15 @@ def test_default_sigmoid_bias_is_the_training_one_not_the_cache_length():
   # length); a forward pass over just those 6 tokens uses -log(6) and differs.
   model = lm("sigmoid")
   tokens_BL = tokens()
-  got = cached_logits(model, tokens_BL[:, :6], prompt_len=2)
-  np.testing.assert_allclose(got, model(tokens_BL, deterministic=True)[:, :6], atol=1e-5)
-  assert not np.allclose(got, model(tokens_BL[:, :6], deterministic=True), atol=1e-3)
+  got = cached_logits(model, tokens_BL[:, :6])  # the prompt, then one step
+  np.testing.assert_allclose(got, forward(model, tokens_BL)[:, :6], atol=1e-5)
+  assert not np.allclose(got, forward(model, tokens_BL[:, :6]), atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "softmax", "softplus"])
-@pytest.mark.parametrize("key_splits", [3, 5])  # 24 keys: 3 x 8, and 5 x 5 with one padded
+# One kind per merge of the key blocks: a plain sum (sigmoid), the log-sum-exp (softmax),
+# sums of numerator and row sum (softplus, l1). 24 keys: 3 x 8, and 5 x 5 with one padded.
+# Every kind and split shape against the xla impl: test_split_impl_equals_xla_with_masks.
+@pytest.mark.parametrize("kind,key_splits", [("sigmoid", 3), ("softmax", 5), ("softplus", 5)])
 def test_split_key_decoding_equals_unsplit(kind, key_splits):
   model = lm(kind)
   tokens_BL = tokens(length=MAX_LEN - 1)
@@ -118,25 +147,86 @@ def _qkv(lq, lk, seed=0):
                for s in ((2, lq, 4, 8), (2, lk, 2, 8), (2, lk, 2, 8)))
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "softmax", "relu", "polynomial", "gaussian"])
-@pytest.mark.parametrize("lq,lk,key_splits", [(1, 53, 4), (3, 53, 7), (2, 9, 9)])
+# (lq, lk, key_splits): one query against uneven blocks (53 = 4 x 14 with 3 padded); three
+# queries, the last block padded; one key per block. The log-sum-exp merge (softmax) at every
+# shape; the plain sum at every shape too, through kinds that bring their own logits, bias
+# or post-op (sigmoid's -log(Lk) must be the whole cache's, not a block's).
+@pytest.mark.parametrize("kind,lq,lk,key_splits", [
+    ("softmax", 1, 53, 4), ("softmax", 3, 53, 7), ("softmax", 2, 9, 9),
+    ("sigmoid", 1, 53, 4), ("sigmoid", 3, 53, 7), ("relu", 3, 53, 7),
+    ("polynomial", 1, 53, 4), ("gaussian", 2, 9, 9),
+])
 def test_split_impl_equals_xla_with_masks(kind, lq, lk, key_splits):
   q, k, v = _qkv(lq, lk)
   lengths = jnp.asarray([lk - 7, lk])  # key padding in the first sequence only
   mask = (jnp.arange(lk)[None, :] < lengths[:, None])[:, None, None, :]
   for kwargs in (dict(mask=mask), dict(is_causal=True, q_offset=jnp.int32(lk // 2)),
                  dict(is_causal=True, mask=mask)):
-    want = attention.attend(q, k, v, kind=kind, impl="xla", **kwargs)
-    got = attention.attend(q, k, v, kind=kind, impl="split", key_splits=key_splits, **kwargs)
+    want = attend(q, k, v, kind=kind, impl="xla", **kwargs)
+    got = attend(q, k, v, kind=kind, impl="split", key_splits=key_splits, **kwargs)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+# (kind, options, num_kv_heads, dtype): both feature maps of linear attention and three of
+# InLine's, GQA (4 query heads on 2) and MQA (on 1), bfloat16 for each kind.
+RECURRENT_CASES = [
+    ("linear", {"feature_map": "elu+1"}, 2, jnp.float32),
+    ("linear", {"feature_map": "relu"}, 1, jnp.float32),
+    ("linear", {"feature_map": "elu+1"}, 2, jnp.bfloat16),
+    ("inline", {"feature_map": "identity"}, 2, jnp.float32),
+    ("inline", {"feature_map": "exp"}, 1, jnp.float32),
+    ("inline", {"feature_map": "relu"}, 2, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("kind,options,hkv,dtype", RECURRENT_CASES,
+                         ids=lambda x: getattr(x, "__name__", str(x)))
+def test_recurrent_state_decoding_equals_causal_attention(kind, options, hkv, dtype):
+  # A 4-token prefill, then one token per call: each call sees only its own k and v, the
+  # rest lives in the state; together they must give causal attention over all 11 tokens.
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 11, h, 8)), dtype) for h in (4, hkv, hkv))
+  want = attend(q, k, v, kind=kind, is_causal=True, **options)
+  state = attention.init_decode_state(kind, 2, hkv, 8, **options)
+  outs = []
+  for lo, hi in [(0, 4)] + [(t, t + 1) for t in range(4, 11)]:
+    out, state = attend_with_state(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], state,
+                                   kind=kind, **options)
+    outs.append(out)
+  got = jnp.concatenate(outs, axis=1)
+  assert got.dtype == dtype
+  # bf16: only the output is rounded (both paths sum in float32), so 1-2 bf16 units apart.
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", ["linear", "inline"])
+def test_recurrent_kinds_keep_a_state_whose_size_does_not_depend_on_max_len(kind):
+  # depth 2, batch 3, Hkv 2, head_dim 8: the running sums, never a [max_len] axis.
+  want = {"linear": {"s_BhDE": (2, 3, 2, 8, 8), "z_BhD": (2, 3, 2, 8)},
+          "inline": {"sums.s_BhDE": (2, 3, 2, 8, 8), "sums.z_BhD": (2, 3, 2, 8),
+                     "v_sum_BhE": (2, 3, 2, 8), "n_B": (2, 3)}}[kind]
+  def shapes(state):
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.cache))
+    return {".".join(key.name for key in path): leaf.shape
+            for path, leaf in jax.tree_util.tree_flatten_with_path(state.cache)[0]}
+
+  assert shapes(dec.init_cache(lm(kind, max_len=MAX_LEN), 3)) == want
+  model = lm(kind, max_len=4 * MAX_LEN)
+  state = dec.init_cache(model, 3)
+  assert shapes(state) == want
+  _, state = dec.decode_step(model, tokens(batch=3, length=PROMPT), state)
+  assert shapes(state) == want and int(state.length) == PROMPT
 
 
 def test_q_offset_matches_attending_to_the_prefix():
   q, k, v = _qkv(3, 20)
   pos = 9  # queries at 9, 10, 11 see keys 0..11: the first 12 keys, bottom-right aligned
-  for kind in ("softmax", "relu", "linear", "inline"):
-    got = attention.attend(q, k, v, kind=kind, is_causal=True, q_offset=jnp.int32(pos))
-    want = attention.attend(q, k[:, :pos + 3], v[:, :pos + 3], kind=kind, is_causal=True)
+  # The xla path (every scoring kind's), and the prefix sums of the two O(L) kinds.
+  for kind in ("softmax", "linear", "inline"):
+    got = attend(q, k, v, kind=kind, is_causal=True, q_offset=jnp.int32(pos))
+    want = attend(q, k[:, :pos + 3], v[:, :pos + 3], kind=kind, is_causal=True)
     np.testing.assert_allclose(got, want, atol=1e-6, err_msg=kind)
 
 
@@ -148,7 +238,7 @@ def test_greedy_generation_is_the_argmax_of_the_full_forward():
   # so the forward pass compiles once.
   seq = jnp.concatenate([prompt_BL, jnp.zeros((2, 8), prompt_BL.dtype)], axis=1)
   for t in range(PROMPT, PROMPT + 8):
-    next_B = jnp.argmax(model(seq, deterministic=True)[:, t - 1], axis=-1)
+    next_B = jnp.argmax(forward(model, seq)[:, t - 1], axis=-1)
     seq = seq.at[:, t].set(next_B.astype(seq.dtype))
   np.testing.assert_array_equal(got, seq)
   np.testing.assert_array_equal(
@@ -174,10 +264,12 @@ def test_decoding_refuses_what_it_cannot_do():
     dec.generate(model, tokens(length=MAX_LEN + 1), steps=0, rng=jax.random.key(0))
   with pytest.raises(ValueError, match=r"5 new tokens \+ 20 steps = 25 exceeds max_len=24"):
     dec.generate(model, tokens(length=PROMPT), steps=20, rng=jax.random.key(0))
-  state = dec.init_cache(model, 2)
-  _, state = dec.decode_step(model, tokens(length=MAX_LEN), state)
+  full = dec.DecodeState(dec.init_cache(model, 2).cache, jnp.int32(MAX_LEN))
   with pytest.raises(ValueError, match="24 cached"):
-    dec.decode_step(model, tokens(length=1), state)
+    dec.decode_step(model, tokens(length=1), full)
+  for kind in ("softmax", "linear"):  # a KV cache and a recurrent state know their batch
+    with pytest.raises(ValueError, match="tokens have batch 3 but the cache holds 2"):
+      dec.decode_step(lm(kind), tokens(batch=3, length=1), dec.init_cache(lm(kind), 2))
   with pytest.raises(ValueError, match="top_k must be None or an int"):
     dec.generate(model, tokens(length=PROMPT), steps=2, rng=jax.random.key(0), top_k=0)
   with pytest.raises(ValueError, match="cannot decode incrementally with kind='soft'.*"
@@ -203,3 +295,11 @@ def test_attend_refuses_bad_decoding_options():
     attention.attend(q, k, v, impl="split", key_splits=0)
   with pytest.raises(ValueError, match="impl='pallas' takes no q_offset"):
     attention.attend(q, k, v, kind="softmax", impl="pallas", is_causal=True, q_offset=2)
+  with pytest.raises(ValueError, match="kind='softmax' has no recurrent decode state.*"
+                                       r"Kinds with one: \['inline', 'linear'\]"):
+    attention.init_decode_state("softmax", 2, 2, 8)
+  state = attention.init_decode_state("linear", 2, 2, 8)
+  with pytest.raises(ValueError, match="share their length"):
+    attention.attend_with_state(q, k, v, state, kind="linear")
+  with pytest.raises(ValueError, match=r"state does not fit kind='inline'.*init_decode_state"):
+    attention.attend_with_state(q, k[:, :1], v[:, :1], state, kind="inline")

@@ -282,6 +282,77 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
   return xla.attend(q, k, v, mech, kind_options, **common)
 
 
+def recurrent_kinds() -> tuple[str, ...]:
+  """The kinds that decode from a constant-size recurrent state (`Mechanism.decode_step`)
+  instead of a cache of every key and value."""
+  return tuple(sorted(k for k, mech in KINDS.items() if mech.decode_step is not None))
+
+
+def init_decode_state(kind: str, batch: int, num_kv_heads: int, head_dim: int,
+                      value_dim: int | None = None, **options: Any) -> Any:
+  """The empty recurrent state of a kind in `recurrent_kinds` (before any token).
+
+  Its size depends on the batch, heads and head dims only, never on a sequence length.
+  `value_dim` defaults to `head_dim`; `options` are the kind's, as `attend` takes them.
+  """
+  mech = _recurrent_kind(kind)
+  kind_options, _ = check_options(kind, "xla", **options)
+  return mech.decode_state_init(batch, num_kv_heads, head_dim,
+                                head_dim if value_dim is None else value_dim, kind_options)
+
+
+def attend_with_state(q: Array, k: Array, v: Array, state: Any, *, kind: str,
+                      scale: float | None = None, **options: Any) -> tuple[Array, Any]:
+  """Causal attention of L new tokens from a recurrent state: decoding for the kinds in
+  `recurrent_kinds`, O(L) whatever the number of tokens before them.
+
+  The new tokens (q [B, L, H, D], their own k [B, L, Hkv, D] and v [B, L, Hkv, Dv]) attend
+  to themselves causally and to every token folded into `state` (from `init_decode_state`,
+  then from earlier calls), as `attend(..., is_causal=True)` over the whole sequence does.
+
+  Returns:
+    (out [B, L, H, Dv] in q.dtype, the state with the new tokens folded in).
+  """
+  mech = _recurrent_kind(kind)
+  _, dims, kind_options, _ = _prepare(q, k, v, kind, None, None, scale, True, "xla", options)
+  if dims.q_len != dims.kv_len:
+    raise ValueError(f"attend_with_state takes the new tokens' own keys and values (the "
+                     f"earlier ones are in `state`), so q and k share their length; got "
+                     f"q_length={dims.q_len}, kv_length={dims.kv_len}.")
+  _check_state(mech, state, dims, kind_options)
+  return mech.decode_step(q, k, v, state, kind_options, core.default_scale(dims.head_dim, scale))
+
+
+def _recurrent_kind(kind: str) -> Mechanism:
+  mech = get_kind(kind)
+  if mech.decode_step is None:
+    raise ValueError(f"kind={kind!r} has no recurrent decode state: it decodes from a cache of "
+                     f"its keys and values (attend with is_causal=True and q_offset). Kinds "
+                     f"with one: {list(recurrent_kinds())}.")
+  return mech
+
+
+def _check_state(mech: Mechanism, state: Any, dims: validate.Dims, kind_options: Any) -> None:
+  """Raises unless `state` has the structure, shapes and dtypes of this call's empty state."""
+  want = jax.eval_shape(lambda: mech.decode_state_init(
+      dims.batch, dims.num_kv_heads, dims.head_dim, dims.value_dim, kind_options))
+  if _layout(state) != _layout(want):
+    raise ValueError(f"state does not fit kind={mech.name!r} with batch={dims.batch}, "
+                     f"num_kv_heads={dims.num_kv_heads}, head_dim={dims.head_dim}, value_dim="
+                     f"{dims.value_dim}: expected {_layout(want)}, got {_layout(state)}. Start "
+                     "from init_decode_state with these sizes and pass on the state each call "
+                     "returns.")
+
+
+def _layout(tree: Any) -> Any:
+  """`tree` with each array as its "dtype[shape]" (anything else as its type name)."""
+  def describe(x: Any) -> str:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      return type(x).__name__
+    return f"{jnp.dtype(x.dtype).name}{list(x.shape)}"
+  return jax.tree.map(describe, tree)
+
+
 def weights(q: Array, k: Array, *, kind: str = "softmax", mask: Array | None = None,
             is_causal: bool = False, bias: Array | None = None, scale: float | None = None,
             **options: Any) -> Array:

@@ -16,6 +16,8 @@ into phi (LeapLabTHU/InLine, models/inline_deit.py: kv = k^T v * scale / n); sca
 so it is O(L) in time and memory, never an [Lq, Lk] array; causal rows use prefix sums
 (N, S, z and vbar over the visible prefix). As for linear attention, only key-padding
 masks keep this form; no additive bias (there are no [Lq, Lk] scores to add it to).
+Decoding keeps those four sums as a recurrent state (`InlineState`), O(1) in the sequence
+length per token, instead of caching keys and values.
 
 The paper's second ingredient, a local residual (a 3x3 depthwise convolution of v over
 the image grid with weights predicted from the block input), is left out: it needs the
@@ -24,6 +26,7 @@ the image grid with weights predicted from the block input), is left out: it nee
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,7 +35,8 @@ import jax.numpy as jnp
 
 from attnlab.attention import core
 from attnlab.attention.kinds import Mechanism, register_kind
-from attnlab.attention.linear import key_padding_masks_only, prefix_rows
+from attnlab.attention.linear import (LinearState, key_padding_masks_only, prefix_rows,
+                                     query_products, running_sums)
 
 Array = jax.Array
 
@@ -60,6 +64,31 @@ def _features(q: Array, k: Array, mask: Array | None, options: Mapping[str, Any]
   return phi_q_BQHD, phi_k_BKhD, keep_BK.astype(jnp.float32)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class InlineState:
+  """InLine's recurrent state: the sums a causal row reads, over the keys so far (float32,
+  as `linear.LinearState`, whose S and z it shares).
+
+  Attributes:
+    sums: S = sum_j phi(k_j) v_j^T [B, Hkv, D, Dv] and z = sum_j phi(k_j) [B, Hkv, D].
+    v_sum_BhE: sum_j v_j, [B, Hkv, Dv].
+    n_B: N, the number of keys, [B].
+  """
+  sums: LinearState
+  v_sum_BhE: Array
+  n_B: Array
+
+
+def _rows(qs: Array, qz: Array, v_sum: Array, n: Array, scale: float) -> Array:
+  """out_i = (scale / N)(phi(q_i)^T S - (phi(q_i).z) vbar) + vbar, [B, Lq, Hkv, G, Dv], from
+  phi(q_i)^T S [B, Lq, Hkv, G, Dv], phi(q_i).z [.., 1], sum_j v_j [B, Lq or 1, Hkv, 1, Dv]
+  and N (broadcastable to those)."""
+  v_mean = core.safe_divide(v_sum, n)
+  # A row with no visible key (n = 0) gives zeros, as every kind does.
+  return core.safe_divide(scale * (qs - qz * v_mean), n) + v_mean
+
+
 def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, Any], *,
            mask: Array | None, bias: Array | None, is_causal: bool, scale: float,
            q_offset: Array | int | None = None, **unused_impl_options) -> Array:
@@ -78,17 +107,41 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
   else:
     # Prefix sums over keys; query i reads the prefix ending at its own position.
     idx_Q, sees_any_Q = prefix_rows(lq, lk, q_offset)
-    state_BQhDE = jnp.cumsum(jnp.einsum("bkhd,bkhe->bkhde", phi_k_BKhD, v_BKhE), axis=1)[:, idx_Q]
-    qs = jnp.einsum("bqhgd,bqhde->bqhge", phi_q_BQhGD, state_BQhDE)
-    z_BQhD = jnp.cumsum(phi_k_BKhD, axis=1)[:, idx_Q]
-    qz = jnp.einsum("bqhgd,bqhd->bqhg", phi_q_BQhGD, z_BQhD)[..., None]
+    s_BKhDE, z_BKhD = running_sums(phi_k_BKhD, v_BKhE)
+    qs, qz = query_products(phi_q_BQhGD, s_BKhDE[:, idx_Q], z_BKhD[:, idx_Q])
     v_sum = jnp.cumsum(v_BKhE, axis=1)[:, idx_Q][:, :, :, None, :]  # [B, Lq, Hkv, 1, Dv]
     n_BQ = jnp.where(sees_any_Q[None, :], jnp.cumsum(keep_BK, axis=1)[:, idx_Q], 0.0)
     n = n_BQ[:, :, None, None, None]
-  v_mean = core.safe_divide(v_sum, n)
-  # A row with no visible key (n = 0) gives zeros, as every kind does.
-  out_BQhGE = core.safe_divide(scale * (qs - qz * v_mean), n) + v_mean
+  out_BQhGE = _rows(qs, qz, v_sum, n, scale)
   return out_BQhGE.reshape(b, lq, h, dv).astype(q.dtype)
+
+
+def init_state(batch: int, num_kv_heads: int, head_dim: int, value_dim: int,
+               options: Mapping[str, Any]) -> InlineState:
+  """The state before any token: zero sums, N = 0 (`Mechanism.decode_state_init`)."""
+  del options  # the feature map keeps the sums' shapes
+  return InlineState(
+      LinearState(jnp.zeros((batch, num_kv_heads, head_dim, value_dim), jnp.float32),
+                  jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32)),
+      jnp.zeros((batch, num_kv_heads, value_dim), jnp.float32),
+      jnp.zeros((batch,), jnp.float32))
+
+
+def decode_step(q: Array, k: Array, v: Array, state: InlineState, options: Mapping[str, Any],
+                scale: float) -> tuple[Array, InlineState]:
+  """L new tokens attending causally to themselves and to the tokens folded into `state`;
+  their output [B, L, H, Dv] and the state with them folded in (`Mechanism.decode_step`)."""
+  b, lq, h, d = q.shape
+  hkv, dv = k.shape[2], v.shape[3]
+  phi_q_BQHD, phi_k_BQhD, _ = _features(q, k, None, options)
+  v_BQhE = v.astype(jnp.float32)
+  s_BQhDE, z_BQhD = running_sums(phi_k_BQhD, v_BQhE, state.sums)
+  v_sum_BQhE = jnp.cumsum(v_BQhE, axis=1) + state.v_sum_BhE[:, None]
+  n_BQ = state.n_B[:, None] + jnp.arange(1, lq + 1, dtype=jnp.float32)[None, :]
+  qs, qz = query_products(phi_q_BQHD.reshape(b, lq, hkv, h // hkv, d), s_BQhDE, z_BQhD)
+  out_BQhGE = _rows(qs, qz, v_sum_BQhE[:, :, :, None, :], n_BQ[:, :, None, None, None], scale)
+  state = InlineState(LinearState(s_BQhDE[:, -1], z_BQhD[:, -1]), v_sum_BQhE[:, -1], n_BQ[:, -1])
+  return out_BQhGE.reshape(b, lq, h, dv).astype(q.dtype), state
 
 
 def weights(q: Array, k: Array, mech: Mechanism, options: Mapping[str, Any], *,
@@ -132,5 +185,7 @@ INLINE = register_kind(Mechanism(
     attend_override=attend,
     weights_override=weights,
     check_mask=key_padding_masks_only("inline"),
+    decode_state_init=init_state,
+    decode_step=decode_step,
     takes_bias=False,
 ))

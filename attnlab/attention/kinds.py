@@ -19,7 +19,9 @@ only accumulates sums over key blocks; softmax additionally keeps the row max. A
 implementation runs it (`api.impl_kinds`), except top-k: a running top-k over key
 blocks finds its kept set, and chunked runs softmax over that.
 Linear attention, InLine and SOFT never build [Lq, Lk] scores and bring their own
-``attend_override`` (see `linear.py`, `inline.py`, `soft.py`).
+``attend_override`` (see `linear.py`, `inline.py`, `soft.py`). A causal kind whose rows
+read running sums over the keys (linear, InLine) also brings a constant-size decode state
+(``decode_state_init``, ``decode_step``), which decoding keeps instead of a KV cache.
 """
 
 from __future__ import annotations
@@ -147,6 +149,14 @@ class Mechanism:
     top_k_of: ``options -> k`` for a row_map that is softmax over each row's k largest
       scores (ties to the lower key index): the chunked impl then runs the kind in two
       streaming passes (a running top-k, then softmax over the kept set) instead.
+    decode_state_init: ``(batch, num_kv_heads, head_dim, value_dim, options) -> state``,
+      the constant-size state a causal kind decodes from instead of a cache of keys and
+      values (a pytree of arrays, each leading with the batch axis); ``None`` (the
+      default): the kind decodes from a KV cache.
+    decode_step: ``(q, k, v, state, options, scale) -> (out, state)``: L new tokens (q
+      [B, L, H, D], their k and v) attend causally to themselves and to every token folded
+      into `state`; returns out [B, L, H, Dv] and the state with them folded in. Set with
+      `decode_state_init`.
   """
   name: str
   paper: str
@@ -167,6 +177,13 @@ class Mechanism:
   supports_causal: bool = True
   row_map: Callable[[Array, Array | None, Mapping[str, Any]], Array] | None = None
   top_k_of: Callable[[Mapping[str, Any]], int] | None = None
+  decode_state_init: Callable[[int, int, int, int, Mapping[str, Any]], Any] | None = None
+  decode_step: Callable[..., tuple[Array, Any]] | None = None
+
+  def __post_init__(self):
+    if (self.decode_state_init is None) != (self.decode_step is None):
+      raise ValueError(f"kind={self.name!r}: decode_state_init and decode_step come together "
+                       "(a recurrent decode state needs both); set both or neither.")
 
 
 KINDS: dict[str, Mechanism] = {}

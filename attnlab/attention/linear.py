@@ -5,10 +5,15 @@ z = sum_j phi(k_j) over the keys row i may see: O(L) memory, never an [Lq, Lk]
 array. Causal rows use cumulative sums over the keys. Only key-padding masks
 ([B, 1, 1, Lk]) keep the O(L) form, so other masks and additive biases are
 rejected rather than silently materialised.
+
+Decoding keeps the recurrent form instead of keys and values: `LinearState` holds S and z
+over the tokens so far, and `decode_step` folds new tokens in, O(1) in the sequence length
+per token (`Mechanism.decode_step`; `attnlab.attention.attend_with_state`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -56,6 +61,51 @@ def _features(q: Array, k: Array, mask: Array | None, options: Mapping[str, Any]
   return phi_q_BQHD, phi_k_BKhD
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LinearState:
+  """Linear attention's recurrent state: the sums a causal row reads, over the keys so far.
+
+  float32 whatever the compute dtype: the sums accumulate every token, and 16 bits would
+  round the late ones away.
+
+  Attributes:
+    s_BhDE: S = sum_j phi(k_j) v_j^T, [B, Hkv, D, Dv].
+    z_BhD: z = sum_j phi(k_j), [B, Hkv, D].
+  """
+  s_BhDE: Array
+  z_BhD: Array
+
+
+def running_sums(phi_k_BKhD: Array, v_BKhE: Array, start: LinearState | None = None
+                 ) -> tuple[Array, Array]:
+  """S and z after each key, [B, Lk, Hkv, D, Dv] and [B, Lk, Hkv, D]: prefix sums over the
+  keys, on top of the sums in `start` (None: none before them)."""
+  s_BKhDE = jnp.cumsum(jnp.einsum("bkhd,bkhe->bkhde", phi_k_BKhD, v_BKhE), axis=1)
+  z_BKhD = jnp.cumsum(phi_k_BKhD, axis=1)
+  if start is not None:
+    s_BKhDE = s_BKhDE + start.s_BhDE[:, None]
+    z_BKhD = z_BKhD + start.z_BhD[:, None]
+  return s_BKhDE, z_BKhD
+
+
+def query_products(phi_q_BQhGD: Array, s_BQhDE: Array, z_BQhD: Array) -> tuple[Array, Array]:
+  """phi(q_i)^T S_i [B, Lq, Hkv, G, Dv] and phi(q_i).z_i [B, Lq, Hkv, G, 1], each query
+  against its own sums (causal rows)."""
+  return (jnp.einsum("bqhgd,bqhde->bqhge", phi_q_BQhGD, s_BQhDE),
+          jnp.einsum("bqhgd,bqhd->bqhg", phi_q_BQhGD, z_BQhD)[..., None])
+
+
+def _causal_rows(phi_q_BQhGD: Array, s_BQhDE: Array, z_BQhD: Array,
+                 sees_any_Q: Array | None = None) -> Array:
+  """phi(q_i)^T S_i / phi(q_i)^T z_i per query from its own sums, [B, Lq, Hkv, G, Dv]; rows
+  that see no key (sees_any_Q False) give zeros."""
+  num, den = query_products(phi_q_BQhGD, s_BQhDE, z_BQhD)
+  if sees_any_Q is not None:
+    den = jnp.where(sees_any_Q[None, :, None, None, None], den, 0.0)
+  return core.safe_divide(num, den)
+
+
 def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, Any], *,
            mask: Array | None, bias: Array | None, is_causal: bool, scale: float,
            q_offset: Array | int | None = None, **unused_impl_options) -> Array:
@@ -71,16 +121,36 @@ def attend(q: Array, k: Array, v: Array, mech: Mechanism, options: Mapping[str, 
     norm_BhD = jnp.sum(phi_k_BKhD, axis=1).reshape(b, hkv, d)
     num = jnp.einsum("bqhgd,bhde->bqhge", phi_q_BQhGD, state_BhDE)
     den = jnp.einsum("bqhgd,bhd->bqhg", phi_q_BQhGD, norm_BhD)[..., None]
+    out_BQhGE = core.safe_divide(num, den)
   else:
     # Prefix sums over keys; query i reads the prefix ending at its own position.
-    state_BKhDE = jnp.cumsum(jnp.einsum("bkhd,bkhe->bkhde", phi_k_BKhD, v_BKhD), axis=1)
-    norm_BKhD = jnp.cumsum(phi_k_BKhD, axis=1)
+    s_BKhDE, z_BKhD = running_sums(phi_k_BKhD, v_BKhD)
     idx_Q, sees_any_Q = prefix_rows(lq, lk, q_offset)
-    num = jnp.einsum("bqhgd,bqhde->bqhge", phi_q_BQhGD, state_BKhDE[:, idx_Q])
-    den = jnp.einsum("bqhgd,bqhd->bqhg", phi_q_BQhGD, norm_BKhD[:, idx_Q])[..., None]
-    den = jnp.where(sees_any_Q[None, :, None, None, None], den, 0.0)
-  out_BQhGE = core.safe_divide(num, den)
+    out_BQhGE = _causal_rows(phi_q_BQhGD, s_BKhDE[:, idx_Q], z_BKhD[:, idx_Q], sees_any_Q)
   return out_BQhGE.reshape(b, lq, h, dv).astype(q.dtype)
+
+
+def init_state(batch: int, num_kv_heads: int, head_dim: int, value_dim: int,
+               options: Mapping[str, Any]) -> LinearState:
+  """The state before any token: zero sums (`Mechanism.decode_state_init`)."""
+  del options  # the feature map keeps the sums' shapes
+  return LinearState(jnp.zeros((batch, num_kv_heads, head_dim, value_dim), jnp.float32),
+                     jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32))
+
+
+def decode_step(q: Array, k: Array, v: Array, state: LinearState, options: Mapping[str, Any],
+                scale: float) -> tuple[Array, LinearState]:
+  """L new tokens attending causally to themselves and to the tokens folded into `state`;
+  returns their output [B, L, H, Dv] and the state with them folded in
+  (`Mechanism.decode_step`). O(L) work, whatever the number of tokens before them."""
+  del scale  # no logits to scale
+  b, lq, h, d = q.shape
+  hkv, dv = k.shape[2], v.shape[3]
+  phi_q_BQHD, phi_k_BQhD = _features(q, k, None, options)
+  s_BQhDE, z_BQhD = running_sums(phi_k_BQhD, v.astype(jnp.float32), state)
+  out_BQhGE = _causal_rows(phi_q_BQHD.reshape(b, lq, hkv, h // hkv, d), s_BQhDE, z_BQhD)
+  return (out_BQhGE.reshape(b, lq, h, dv).astype(q.dtype),
+          LinearState(s_BQhDE[:, -1], z_BQhD[:, -1]))
 
 
 def weights(q: Array, k: Array, mech: Mechanism, options: Mapping[str, Any], *,
@@ -116,6 +186,8 @@ LINEAR = register_kind(Mechanism(
     attend_override=attend,
     weights_override=weights,
     check_mask=key_padding_masks_only("linear"),
+    decode_state_init=init_state,
+    decode_step=decode_step,
     has_logits=False,
     takes_bias=False,
 ))

@@ -2,20 +2,23 @@
 
     tokens_BT = generate(model, prompt_BL, steps=32, rng=jax.random.key(0), top_k=5)
 
-The prompt is processed in one call (prefill), then one token per call; each call
-writes its tokens' keys and values into a cache preallocated to the model's max_len
-(`KVCache`, only the Hkv key/value heads, every layer stacked) and attends over the
-whole cache with `attend(..., is_causal=True, q_offset=pos)`: the slots not written yet
-are in the future of every query, so they get no weight, for every kind. Cached
-decoding gives the logits of a forward pass over the whole sequence; sigmoid's default
-bias is the training one, -log(max_len) (`MultiHeadAttention._kind_options`), as in a
-forward pass at max_len.
+The prompt is processed in one call (prefill), then one token per call. Each layer
+carries a decode cache (`layers.empty_cache`, every layer stacked) of one of two forms:
 
+* a KV cache (`KVCache`, preallocated to the model's max_len, only the Hkv key/value
+  heads): each call writes its tokens' keys and values and attends over the whole cache
+  with `attend(..., is_causal=True, q_offset=pos)`; the slots not written yet are in the
+  future of every query, so they get no weight, for every kind. Sigmoid's default bias
+  is the training one, -log(max_len) (`MultiHeadAttention._kind_options`), as in a
+  forward pass at max_len.
+* a recurrent state, for the kinds that have one (`attention.recurrent_kinds()`: linear
+  and InLine attention): their running sums over the tokens so far, whose size does not
+  depend on max_len; each token costs O(1) in the sequence length.
+
+Either way cached decoding gives the logits of a forward pass over the whole sequence.
 Every causal kind decodes: each row's weights depend only on the keys up to it (the
-sparse row maps, linear and InLine attention included). A model that is not a causal
-language model (causal=False, a classifier, so also the bidirectional `soft`) cannot
-generate, and is refused. Linear attention reads its prefix sums off the cached keys
-here, O(max_len) per token rather than the O(1) of its recurrent form.
+sparse row maps included). A model that is not a causal language model (causal=False,
+a classifier, so also the bidirectional `soft`) cannot generate, and is refused.
 
 Each (graph, shape, impl, sampling) compiles once: prefill once per prompt shape, the
 step once for all positions (the position is a traced scalar).
@@ -31,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnlab.models.layers import KVCache
+from attnlab.models.layers import LayerCache, empty_cache
 from attnlab.models.transformer import Transformer, TransformerConfig
 
 Array = jax.Array
@@ -43,11 +46,17 @@ class DecodeState:
   """What decoding carries from call to call.
 
   Attributes:
-    cache: every layer's keys and values, [depth, B, max_len, Hkv, D] each.
+    cache: every layer's `layers.empty_cache`, each leaf stacked [depth, B, ...]: keys and
+      values [depth, B, max_len, Hkv, D] (`KVCache`), or the kind's recurrent state.
     length: int32 scalar, the tokens written so far (the next token's position).
   """
-  cache: KVCache
+  cache: LayerCache
   length: Array
+
+  @property
+  def batch_size(self) -> int:
+    """The number of sequences decoded (every cache leaf is [depth, B, ...])."""
+    return jax.tree.leaves(self.cache)[0].shape[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +105,16 @@ def check_config(cfg: Any) -> None:
 
 
 def init_cache(model: Transformer, batch_size: int, dtype: Any = None) -> DecodeState:
-  """An empty cache for `batch_size` sequences of up to max_len tokens (compute dtype)."""
+  """An empty cache for `batch_size` sequences of up to max_len tokens.
+
+  `dtype`: the KV cache's (None: the compute dtype); recurrent states keep float32 sums.
+  """
   check_decodable(model)
   cfg = model.cfg
-  shape = (cfg.depth, batch_size, cfg.max_len, cfg.effective_num_kv_heads, cfg.head_dim)
-  dtype = cfg.compute_dtype if dtype is None else dtype
-  return DecodeState(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),
-                     jnp.zeros((), jnp.int32))
+  layer = empty_cache(cfg, batch_size, cfg.max_len,
+                      cfg.compute_dtype if dtype is None else dtype)
+  stacked = jax.tree.map(lambda x: jnp.repeat(x[None], cfg.depth, axis=0), layer)
+  return DecodeState(stacked, jnp.zeros((), jnp.int32))
 
 
 def decode_step(model: Transformer, tokens_BL: Array, state: DecodeState, *,
@@ -132,7 +144,7 @@ def generate(model: Transformer, prompt_BL: Array, steps: int, rng: Array,
     temperature: softmax temperature of the logits; 0 = greedy (argmax).
     top_k: sample among the k most likely tokens only (None: all); 1 = greedy.
     key_splits: decode with the split-key impl in this many key blocks (None: the model's
-      attention impl).
+      attention impl); no effect on kinds that decode from a recurrent state.
   """
   check_decodable(model)
   _check_sampling(steps, temperature, top_k, model.cfg.vocab_size)
@@ -155,9 +167,9 @@ def _check_fits(model: Transformer, tokens_BL: Array, state: DecodeState, steps:
   if getattr(tokens_BL, "ndim", None) != 2 or tokens_BL.shape[1] < 1:
     raise ValueError(f"tokens must be int ids [batch, length >= 1]; got shape "
                      f"{getattr(tokens_BL, 'shape', None)}.")
-  if tokens_BL.shape[0] != state.cache.k_BLhD.shape[1]:
+  if tokens_BL.shape[0] != state.batch_size:
     raise ValueError(f"tokens have batch {tokens_BL.shape[0]} but the cache holds "
-                     f"{state.cache.k_BLhD.shape[1]} sequences; init_cache with that batch.")
+                     f"{state.batch_size} sequences; init_cache with that batch.")
   max_len = model.cfg.max_len
   total = int(state.length) + tokens_BL.shape[1] + steps
   if total > max_len:

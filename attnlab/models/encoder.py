@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab.models.config import BackboneConfig
-from attnlab.models.layers import KVCache, Mlp, MultiHeadAttention, dropout, norm_layer
+from attnlab.models.layers import LayerCache, Mlp, MultiHeadAttention, dropout, norm_layer
 from attnlab.models.params import LAYERS_AXIS, named_param
 
 Array = jax.Array
@@ -63,7 +63,8 @@ class EncoderBlock(nnx.Module):
                                return_weights=return_weights, **attn_kwargs)
     return self._after_attention(x_BLE, y_BLE, deterministic, rngs), weights
 
-  def decode(self, x_BLE: Array, cache: KVCache, **decode_kwargs: Any) -> tuple[Array, KVCache]:
+  def decode(self, x_BLE: Array, cache: LayerCache, **decode_kwargs: Any
+             ) -> tuple[Array, LayerCache]:
     """The block on new tokens against this layer's cache (`MultiHeadAttention.decode`'s
     kwargs); no dropout."""
     y_BLE, cache = self.attn.decode(self.attn_norm(x_BLE), cache, **decode_kwargs)
@@ -146,11 +147,11 @@ class Encoder(nnx.Module):
     x_BLE, maps = run(apply, x_BLE, rngs, dict(kv_mask_BL=kv_mask_BL, bias=bias, rope=rope))
     return self.encoder_norm(x_BLE), (maps if return_weights else ())
 
-  def decode(self, x_BLE: Array, cache: KVCache, **decode_kwargs: Any
-             ) -> tuple[Array, KVCache]:
-    """Every block on new tokens against its layer of `cache` (stacked [depth, ...]); returns
-    the normed hidden states and the updated cache. `decode_kwargs`: as
-    `MultiHeadAttention.decode`."""
+  def decode(self, x_BLE: Array, cache: LayerCache, **decode_kwargs: Any
+             ) -> tuple[Array, LayerCache]:
+    """Every block on new tokens against its layer of `cache` (`layers.empty_cache` with
+    every leaf stacked [depth, ...]); returns the normed hidden states and the updated
+    cache. `decode_kwargs`: as `MultiHeadAttention.decode`."""
     if self.scan_layers:
       @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
                 transform_metadata=_STACKED)

@@ -181,29 +181,36 @@ class MultiHeadAttention(nnx.Module):
                                   **dict(cfg.attention_impl_options))
     return self._output(x_BLE, out_BLHD), weights_BHLL
 
-  def decode(self, x_BLE: Array, cache: KVCache, pos: Array, *, bias: Array | None = None,
+  def decode(self, x_BLE: Array, cache: LayerCache, pos: Array, *, bias: Array | None = None,
              rope: tuple[Array, Array] | None = None, impl: str = "auto",
-             impl_options: dict[str, Any] | None = None) -> tuple[Array, KVCache]:
-    """Causal attention of L new tokens at positions pos..pos+L-1 over the cache.
+             impl_options: dict[str, Any] | None = None) -> tuple[Array, LayerCache]:
+    """Causal attention of L new tokens at positions pos..pos+L-1 over the tokens before.
 
-    Their keys and values are written into `cache` first; the queries then attend to the
-    whole preallocated cache with `q_offset=pos`, so the slots past pos+L-1 (zeros, or
-    stale) are in every query's future and get no weight, for every kind.
+    A kind with a recurrent decode state (`attention.recurrent_kinds`: linear, inline)
+    folds the new tokens into it (`attention.attend_with_state`): O(L) work whatever the
+    tokens before, and no impl to choose. Every other kind writes their keys and values
+    into the `KVCache` first; the queries then attend to the whole preallocated cache
+    with `q_offset=pos`, so the slots past pos+L-1 (zeros, or stale) are in every
+    query's future and get no weight, for every kind.
 
     Args:
       x_BLE: the (already normed) block input of the new tokens.
-      cache: this layer's keys and values, [B, max_len, Hkv, D] each.
+      cache: this layer's `empty_cache`, as the previous call returned it.
       pos: int32 scalar, the new tokens' first position (traced: one compiled step serves
         every position).
       bias: additive logits bias [1|B, H, L, max_len] for these queries (ALiBi).
       rope: (sin, cos) of the new tokens' positions, [L, head_dim // 2] each.
-      impl, impl_options: the attention implementation to decode with.
+      impl, impl_options: the attention implementation to decode with (KV cache).
 
     Returns:
       (out_BLE, the updated cache).
     """
     cfg = self.cfg
     q_BLHD, k_BLhD, v_BLhD = self._project(x_BLE, rope)
+    if cfg.attention in attention.recurrent_kinds():
+      out_BLHD, cache = attention.attend_with_state(q_BLHD, k_BLhD, v_BLhD, cache,
+                                                    kind=cfg.attention, **self._kind_options())
+      return self._output(x_BLE, out_BLHD), cache
     cache = cache.write(k_BLhD, v_BLhD, pos)
     out_BLHD = attention.attend(q_BLHD, cache.k_BLhD, cache.v_BLhD, kind=cfg.attention,
                                 is_causal=True, q_offset=pos, bias=bias, impl=impl,
@@ -267,7 +274,8 @@ class KVCache:
 
   Only the Hkv key/value heads are stored (grouped-query attention shares them across
   query groups). One layer's cache is [B, max_len, Hkv, D]; a model's stacks its layers'
-  along a leading [depth] axis (`attnlab.models.decode.init_cache`).
+  along a leading [depth] axis (`attnlab.models.decode.init_cache`). The decode cache of
+  every kind without a recurrent state (`empty_cache`).
   """
   k_BLhD: Array
   v_BLhD: Array
@@ -277,6 +285,26 @@ class KVCache:
     at = (0, pos, 0, 0)
     return KVCache(jax.lax.dynamic_update_slice(self.k_BLhD, k_BLhD.astype(self.k_BLhD.dtype), at),
                    jax.lax.dynamic_update_slice(self.v_BLhD, v_BLhD.astype(self.v_BLhD.dtype), at))
+
+
+# One layer's decode cache: a `KVCache`, or the recurrent state of a kind that has one
+# (`attention.init_decode_state`); a pytree whose every array leads with the batch axis.
+LayerCache = Any
+
+
+def empty_cache(cfg: BackboneConfig, batch: int, max_len: int, dtype: Any) -> LayerCache:
+  """One attention layer's decode cache before any token.
+
+  A kind with a recurrent state (`attention.recurrent_kinds`) gets that state: float32
+  sums whose size does not depend on max_len (`dtype` does not apply). Every other kind
+  gets a zero `KVCache` of `max_len` slots in `dtype`.
+  """
+  hkv, d = cfg.effective_num_kv_heads, cfg.head_dim
+  if cfg.attention in attention.recurrent_kinds():
+    return attention.init_decode_state(cfg.attention, batch, hkv, d,
+                                       **dict(cfg.attention_options))
+  shape = (batch, max_len, hkv, d)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 def key_padding_mask(kv_mask_BL: Array | None) -> Array | None:

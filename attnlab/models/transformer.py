@@ -216,10 +216,12 @@ class Transformer(nnx.Module):
       x_BLE = x_BLE + pos_LE[None].astype(x_BLE.dtype)
     return x_BLE
 
-  def decode(self, tokens_BL: Array, cache: layers.KVCache, pos: Array, *, impl: str = "auto",
-             impl_options: dict | None = None) -> tuple[Array, layers.KVCache]:
+  def decode(self, tokens_BL: Array, cache: layers.LayerCache, pos: Array, *,
+             impl: str = "auto", impl_options: dict | None = None
+             ) -> tuple[Array, layers.LayerCache]:
     """Logits [B, L, vocab] (float32) of L new tokens at positions pos..pos+L-1, attending
-    to themselves and to the `cache` of the tokens before them; and the updated cache.
+    to themselves and to the `cache` of the tokens before them (every layer's
+    `layers.empty_cache`, stacked [depth, ...]); and the updated cache.
 
     The language model's incremental form (`attnlab.models.decode` drives it): a prompt
     in one call (prefill), then one token per call. Positions enter at the right offset
