@@ -21,8 +21,8 @@ from absl import app
 from absl import flags
 
 from attnlab import cli
+from attnlab import configlib
 from attnlab import evaluate
-from attnlab.moe import config as moe_config
 from attnlab.moe import study as moe_study
 from attnlab.studies import study
 
@@ -37,9 +37,10 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature of -
 
 def main(argv):
   def run(config, workdir):
-    if moe_config.is_moe_study(config):
+    engine = configlib.engine(config)
+    if engine == "moe":
       moe_study.print_summary(moe_study.render(config, workdir))
-    elif study.is_study(config):
+    elif engine == "study":
       cli.report_study(study.render(config, workdir))
     else:
       evaluate.evaluate(config, workdir, _STEP.value, attention_pngs=_PNG.value,

@@ -63,8 +63,14 @@ from attnlab import sharding as sharding_lib
 MODEL_NAMES = ("vit", "transformer")
 BUDGET_FIELDS = ("total_steps", "num_epochs", "total_examples")
 # Top-level sections that become their own dataclasses; every other top-level
-# field is a TrainerConfig field.
+# field but `engine` (what runs the config: `configlib.engine`) is a TrainerConfig field.
 SECTIONS = ("data", "model", "optim")
+ENGINE_FIELD = "engine"
+# The TrainerConfig fields a study's config leaves out (at their defaults): the
+# single run's cadence, which a study sets in config.study, and its seed (each
+# cell's seed is in study.seeds; the subsets are one fixed permutation).
+SINGLE_RUN_FIELDS = ("seed", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                     "keep_checkpoints", "progress_bar", "diagnostics_examples")
 # The fields of config.model that the data set decides (they override the config).
 _DATA_MODEL_FIELDS = {"vit": ("num_classes", "image_size", "num_channels"),
                       "transformer": ("vocab_size", "max_len")}
@@ -242,17 +248,58 @@ class ExperimentConfig:
                                        "max_len": spec.input_shape[0]})
 
 
+def new_config(engine: str, **fields: Any) -> ml_collections.ConfigDict:
+  """A config's top level: its `engine`, the TrainerConfig fields, `mesh` and `sharding_rules`.
+
+  Config files start from it, state only the trainer values that differ from
+  `TrainerConfig`'s defaults, then add the data, model and optim sections (and
+  a study's `study`). Every field is listed (`configlib.from_dataclass`), so
+  the locked config takes a `--config.<field>=...` override of any of them,
+  and `sharding.config_sections` gives the mesh and sharding_rules sections
+  every field (`--config.mesh.fsdp=-1`).
+
+  Args:
+    engine: "train" (one run) or "study" (a study's base experiment: without
+      `SINGLE_RUN_FIELDS`, which a study does not read from here).
+    **fields: TrainerConfig values; model_name, batch_size and
+      eval_batch_size are required.
+
+  Raises:
+    configlib.ConfigError: another engine, an unknown or missing field, or a
+      single-run field given to a study (each named, with the fix).
+  """
+  if engine not in ("train", "study"):
+    raise configlib.ConfigError(
+        f"new_config(engine={engine!r}): expected 'train' or 'study' (an experiment's engines; "
+        f"configlib.ENGINES lists every one).{configlib.suggest(str(engine), ('train', 'study'))}")
+  excluded = ("mesh", "sharding_rules") + (SINGLE_RUN_FIELDS if engine == "study" else ())
+  for name in sorted(set(fields) & set(excluded)):
+    fix = ("a study sets its cadence in config.study and its seeds in config.study.seeds"
+           if name in SINGLE_RUN_FIELDS else f"set the fields of config.{name} after new_config")
+    raise configlib.ConfigError(f"new_config(engine={engine!r}, {name}=...): {fix}.")
+  required = [f.name for f in dataclasses.fields(TrainerConfig) if f.default is dataclasses.MISSING]
+  missing = [name for name in required if name not in fields]
+  if missing:
+    raise configlib.ConfigError(f"new_config(...) lacks {missing}: a config states these.")
+  config = configlib.from_dataclass(TrainerConfig, exclude=excluded, **fields)
+  config.engine = engine
+  for name, section in sharding_lib.config_sections().items():
+    config[name] = section
+  return config
+
+
 def trainer_config(config: ml_collections.ConfigDict) -> TrainerConfig:
   """The TrainerConfig of `config`'s top-level fields; rejects unknown and missing ones."""
   trainer_fields = dataclasses.fields(TrainerConfig)
-  configlib.check_known(config.keys(), [f.name for f in trainer_fields] + list(SECTIONS),
+  not_trainer = SECTIONS + (ENGINE_FIELD,)
+  configlib.check_known(config.keys(), [f.name for f in trainer_fields] + list(not_trainer),
                         where="config")
   required = [f.name for f in trainer_fields if f.default is dataclasses.MISSING]
   missing = sorted(set(SECTIONS + tuple(required)) - set(config.keys()))
   if missing:
     raise configlib.ConfigError(f"Config lacks fields {missing}; start from a file in configs/.")
   return configlib.to_dataclass(
-      TrainerConfig, {k: v for k, v in config.items() if k not in SECTIONS}, where="config")
+      TrainerConfig, {k: v for k, v in config.items() if k not in not_trainer}, where="config")
 
 
 def model_fields(model_name: str, section: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """A sample-efficiency study from its config: plan, train every group, report.
 
-A study config is an ordinary experiment config (the base experiment) with a
-`study` section (`StudyConfig`): the attention kinds, the training-set sizes
-(nested subsets of one fixed permutation), the seeds, and the model-selection
-and report settings. Every (kind, n, seed) is a cell; seeds are paired across
+A study config (engine "study": `experiment.new_config("study", ...)`) is an
+ordinary experiment config (the base experiment) with a `study` section
+(`StudyConfig`): the attention kinds, the training-set sizes (nested subsets
+of one fixed permutation), the seeds, and the model-selection and report
+settings. Every (kind, n, seed) is a cell; seeds are paired across
 kinds (same subset, same initial key, same training order).
 
 The budget rule is the base experiment's own budget, with a floor:
@@ -139,20 +140,16 @@ class StudyConfig:
 _error = functools.partial(checks.field_error, section="study")
 
 
-def is_study(config: ml_collections.ConfigDict) -> bool:
-  """Whether `config` describes a study (it has a `study` section) rather than one run."""
-  return "study" in config
-
-
 def split_config(config: ml_collections.ConfigDict) -> tuple[StudyConfig, experiment.ExperimentConfig]:
   """The study section and the base experiment (validated; no data read).
 
   Raises:
     configlib.ConfigError: a bad study or base-experiment field (named).
   """
-  if not is_study(config):
-    raise configlib.ConfigError("The config has no `study` section; start from a file in "
-                                "configs/sample_efficiency/.")
+  if configlib.engine(config) != "study":
+    raise configlib.ConfigError(
+        f"config.engine={config.engine!r}: a study's config has engine 'study' and a `study` "
+        "section; start from a file in configs/sample_efficiency/.")
   study = configlib.to_dataclass(StudyConfig, config.study, where="config.study")
   base = ml_collections.ConfigDict({k: v for k, v in config.items() if k != "study"})
   exp_cfg = experiment.ExperimentConfig.from_config(base)
@@ -219,7 +216,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains every cell of the study not yet recorded in `workdir`, then writes the report.
 
   Args:
-    config: a study config (`is_study`).
+    config: a study config (engine "study").
     workdir: where cells, checkpoints and the report go.
     on_step: called with (group name, step) after every step of a group: a
       seam for notebooks and tests (e.g. to kill the process mid-group).
