@@ -30,6 +30,7 @@ import pytest
 from attnlab import configlib
 from attnlab import experiment
 from attnlab import metrics
+from attnlab import placement
 from attnlab import sharding
 from attnlab import train
 from attnlab.studies import results as results_lib
@@ -149,7 +150,7 @@ def _child(role, out_dir, data_dir, port):
     config = _config(data_dir, MESHES["first"])
   seen["result"] = train.train_and_evaluate(config, workdir, on_step=keep_last)
   exp = experiment.load(config)  # the rows of each batch that this process read
-  shard = experiment.shardings(exp.trainer, experiment.abstract_state(exp.fns(), 0))
+  shard = placement.shardings(exp.trainer, placement.abstract_state(exp.fns(), 0))
   seen["rows"] = sharding.process_rows(shard.batch, exp.trainer.batch_size)
   seen["state"] = jax.device_get(seen["state"])
   # The processes holding a group of 4 cells, then of 2, 1.

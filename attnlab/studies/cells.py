@@ -59,8 +59,8 @@ from jax.experimental import multihost_utils
 
 from attnlab import checkpoint as checkpoint_lib
 from attnlab import data as data_lib
-from attnlab import experiment
 from attnlab import metrics as metrics_lib
+from attnlab import model_fns
 from attnlab.studies.results import CellResult
 
 
@@ -190,7 +190,7 @@ class GroupSetup:
       (`cell_mesh`); None: every device (of every process).
   """
 
-  fns: experiment.ModelFns
+  fns: model_fns.ModelFns
   data: StudyData
   batch_size: int
   eval_batch_size: int
@@ -208,7 +208,7 @@ class GroupSetup:
 class _Stack:
   """The group's per-cell arrays along a leading cell axis (one pytree: it is checkpointed)."""
 
-  state: experiment.TrainState
+  state: model_fns.TrainState
   best_params: Any
   best_error: jax.Array  # [C] float32: validation error of best_params (inf: none yet)
   best_loss: jax.Array  # [C] float32
@@ -535,7 +535,7 @@ def _cell_result(spec: GroupSpec, setup: GroupSetup, i: int, per_cell: dict[str,
 
 
 @functools.lru_cache(maxsize=8)
-def _jit_init(fns: experiment.ModelFns):
+def _jit_init(fns: model_fns.ModelFns):
   return jax.jit(fns.init)
 
 
@@ -565,7 +565,7 @@ def _over_cells(fn, in_axes, vmap_cells: int | None):
 
 
 @functools.lru_cache(maxsize=16)
-def _group_step(fns: experiment.ModelFns, vmap_cells: int | None = None):
+def _group_step(fns: model_fns.ModelFns, vmap_cells: int | None = None):
   """One step of every cell in the stack: batches gathered on the device, each cell its schedule.
 
   Memoised per (`fns`, vmap_cells), so groups of the same model and optimizer
@@ -621,6 +621,6 @@ def _one_cell_at_a_time(train_cell):
 
 
 @functools.lru_cache(maxsize=16)
-def _group_score(fns: experiment.ModelFns, vmap_cells: int | None = None):
+def _group_score(fns: model_fns.ModelFns, vmap_cells: int | None = None):
   """`fns.eval_step` of stacked parameters on one (shared) batch."""
   return jax.jit(_over_cells(fns.eval_step, (0, None), vmap_cells))

@@ -56,6 +56,7 @@ from attnlab import configlib
 from attnlab import data as data_lib
 from attnlab import experiment
 from attnlab import metrics as metrics_lib
+from attnlab import model_fns
 from attnlab import workdir as workdir_lib
 from attnlab.studies import analysis
 from attnlab.studies import cells as cells_lib
@@ -315,7 +316,7 @@ def prepare(study: StudyConfig, exp_cfg: experiment.ExperimentConfig
     kind_cfg = dataclasses.replace(exp_cfg, model_fields={**exp_cfg.model_fields, "attention": kind})
     with experiment.as_config_error():
       model = kind_cfg.model_config(exp.datasets.spec)
-    fns = experiment.experiment_fns(model, exp_cfg.optim, num_steps, exp_cfg.trainer.label_smoothing)
+    fns = model_fns.experiment_fns(model, exp_cfg.optim, num_steps, exp_cfg.trainer.label_smoothing)
     setups[kind] = cells_lib.GroupSetup(
         fns=fns, data=data, batch_size=exp_cfg.trainer.batch_size,
         eval_batch_size=exp_cfg.trainer.eval_batch_size, eval_every_steps=study.eval_every_steps,
