@@ -1,4 +1,4 @@
-"""A run's train state and batches on the devices of its mesh, and the jitted steps that keep them there.
+"""A run's state and batches on the devices of its mesh, and the jitted steps that keep them there.
 
   1. `abstract_state` (shapes from `jax.eval_shape`, nothing allocated),
      `shardings` (the config's mesh and sharding rules: `attnlab.sharding`),

@@ -34,7 +34,7 @@ from attnlab import placement
 from attnlab import sharding
 from attnlab import train
 from attnlab.studies import results as results_lib
-from attnlab.studies import cells
+from attnlab.studies import stack
 from attnlab.studies import study
 from test_sharding import STATE_TOLERANCE, assert_close_to_scale
 
@@ -154,7 +154,7 @@ def _child(role, out_dir, data_dir, port):
   seen["rows"] = sharding.process_rows(shard.batch, exp.trainer.batch_size)
   seen["state"] = jax.device_get(seen["state"])
   # The processes holding a group of 4 cells, then of 2, 1.
-  seen["cell_processes"] = [sorted({d.process_index for d in cells.cell_mesh(n).devices.flat})
+  seen["cell_processes"] = [sorted({d.process_index for d in stack.cell_mesh(n).devices.flat})
                             for n in (4, 2, 1)]
   seen["study"] = _study(data_dir, os.path.join(out_dir, f"study_{runs_as}"),
                          None if role == "single" else STUDY_STOP)

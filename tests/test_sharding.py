@@ -35,6 +35,7 @@ from attnlab import sharding
 from attnlab import train
 from attnlab.kernels import flash_attention
 from attnlab.studies import cells
+from attnlab.studies import stack
 from attnlab.studies import study
 
 # The parent's own run (a resume on one device) compiles as the child's do.
@@ -224,7 +225,7 @@ def _study_group(data_dir, devices):
   setup = study.prepare(study_cfg, exp_cfg)[group.cells[0].kind]
   setup = dataclasses.replace(setup, vmap_cells=None, devices=devices)
   # The devices the stack uses at the start and after each cell finishes.
-  used = [cells.cell_mesh(len(group.alive_at(step)), devices).size
+  used = [stack.cell_mesh(len(group.alive_at(step)), devices).size
           for step in sorted({0, *(b for b in group.budgets if b < max(group.budgets))})]
   return cells.train_group(group, setup), group.budgets, used
 
