@@ -24,7 +24,6 @@ from absl import flags
 from attnlab import cli
 from attnlab import configlib
 from attnlab import evaluate
-from attnlab.moe import config as moe_config
 from attnlab.moe import study as moe_study
 from attnlab.studies import study
 
@@ -55,10 +54,11 @@ def _refuse_run_only_flags(what: str) -> None:
 
 def main(argv):
   def run(config, workdir):
-    if moe_config.is_moe_study(config):
+    engine = configlib.engine(config)
+    if engine == "moe":
       _refuse_run_only_flags("an MoE study")
       moe_study.print_summary(moe_study.render(config, workdir))
-    elif study.is_study(config):
+    elif engine == "study":
       _refuse_run_only_flags("a study")
       cli.report_study(study.render(config, workdir))
     else:

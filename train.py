@@ -10,7 +10,8 @@ r"""Trains an attnlab experiment or sample-efficiency study; resumes from what -
   python train.py --config configs/digits_vit.py --config.mesh.fsdp=-1   # FSDP over every device
   python train.py --jax_distributed ...   # one of several processes: docs/distributed.md
 
-A config with a `study` section (configs/sample_efficiency/) runs a study: every
+The config's engine (`config.engine`, `configlib.ENGINES`) says what runs: "train"
+one run; "study" (configs/sample_efficiency/) a study: every
 (kind, training-set size, seed) cell, trained in vmapped groups, then the
 report (report.md, results.json/csv, plots) in the workdir. A rerun skips the
 cells already recorded and resumes an unfinished group from its checkpoint.
@@ -29,17 +30,18 @@ print one `Error: ...` line; ATTNLAB_TRACEBACK=1 shows the traceback.
 from absl import app
 
 from attnlab import cli
+from attnlab import configlib
 from attnlab import train
-from attnlab.moe import config as moe_config
 from attnlab.moe import study as moe_study
 from attnlab.studies import study
 
 
 def main(argv):
   def run(config, workdir):
-    if moe_config.is_moe_study(config):
+    engine = configlib.engine(config)
+    if engine == "moe":
       moe_study.print_summary(moe_study.run(config, workdir))
-    elif study.is_study(config):
+    elif engine == "study":
       cli.report_study(study.run(config, workdir))
     else:
       cli.report_training(train.train_and_evaluate(config, workdir))

@@ -37,7 +37,6 @@ from ml_collections import config_flags
 
 from attnlab import checkpoint as checkpoint_lib
 from attnlab import configlib
-from attnlab import sharding
 from attnlab import workdir as workdir_lib
 from attnlab.data import DatasetNotPreparedError
 
@@ -96,30 +95,12 @@ def define_flags(*, default_config: str, flag_values: flags.FlagValues = FLAGS,
     _define_distributed_flags(flag_values)
 
 
-class _ConfigFileParser(config_flags.config_flags.ConfigFileFlagParser):
-  """ml_collections' config-file parser, completing a training config before overrides apply.
-
-  `sharding.complete_config` adds the mesh and sharding_rules sections that
-  config files leave out, so `--config.mesh.fsdp=-1` finds its field.
-  """
-
-  def parse(self, path):
-    return sharding.complete_config(super().parse(path))
-
-
 def _define_config_flag(default: str, flag_values: flags.FlagValues,
                         argv: list[str] | None) -> None:
-  """`config_flags.DEFINE_config_file(_CONFIG, default, ...)`, with `_ConfigFileParser`.
-
-  DEFINE_config_file takes no parser, so its body is repeated with ours
-  (`_ConfigFlag`'s arguments are the same in ml_collections 1.0 and 1.1).
-  """
-  flag = config_flags.config_flags._ConfigFlag(  # pylint: disable=protected-access
-      parser=_ConfigFileParser(name=_CONFIG, lock_config=True),
-      serializer=flags.ArgumentSerializer(), name=_CONFIG, default=default,
-      help_string="Experiment config: path.py[:arg].", flag_values=flag_values,
-      accept_new_attributes=False, sys_argv=argv)
-  flags.DEFINE_flag(flag, flag_values)
+  """--config: a config file (path.py[:arg]), locked; --config.x=y overrides its fields."""
+  config_flags.DEFINE_config_file(_CONFIG, default, "Experiment config: path.py[:arg].",
+                                  flag_values=flag_values, lock_config=True,
+                                  accept_new_attributes=False, sys_argv=argv)
 
 
 def _define_distributed_flags(flag_values: flags.FlagValues) -> None:

@@ -316,9 +316,6 @@ def _convert(value: str, default: Any, key: str) -> Any:
 def load(spec: str) -> ml_collections.ConfigDict:
   """Loads "path/to/config.py[:arg]" as `--config` does (for tests and notebooks).
 
-  A training config gains the sections every one of them has, `mesh` and
-  `sharding_rules` (`attnlab.sharding.complete_config`).
-
   A relative path is tried from the working directory, then from the
   repository root (where configs/ lives).
   """
@@ -331,9 +328,38 @@ def load(spec: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"No config file {spec.partition(':')[0]!r}.")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  # Imported here: attnlab.sharding imports this module. The --config flag adds the same.
-  from attnlab import sharding  # pylint: disable=g-import-not-at-top
-  return sharding.complete_config(module.get_config(arg or None))
+  return module.get_config(arg or None)
+
+
+# ----------------------------------------------------------------------------
+# What runs a config: its engine.
+# ----------------------------------------------------------------------------
+
+# Every config names the engine that runs it (`config.engine`); train.py and
+# eval.py dispatch on it. Name -> what it runs.
+ENGINES = {
+    "train": "one run (attnlab.train, attnlab.evaluate): configs/*.py",
+    "study": "a sample-efficiency study of many cells (attnlab.studies): configs/sample_efficiency/",
+    "moe": "the synthetic MoE estimation study (attnlab.moe): configs/sample_efficiency/moe_synthetic.py",
+}
+
+
+def engine(config: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
+  """`config.engine`, checked: one of `ENGINES`.
+
+  Raises:
+    ConfigError: the config names no engine, or an unknown one (with "did you
+      mean"); the message lists the engines and the fix.
+  """
+  name = config.get("engine") if isinstance(config, (ml_collections.ConfigDict, Mapping)) else None
+  if name in ENGINES:
+    return name
+  what = ("names no engine (config.engine)" if name is None
+          else f"names engine {name!r}, which is not one.{suggest(str(name), ENGINES)}")
+  engines = "; ".join(f"{key!r}: {value}" for key, value in ENGINES.items())
+  raise ConfigError(f"The config {what} Engines: {engines}. Set config.engine in the config "
+                    "file's get_config (e.g. config.engine = \"train\"), or start from a file in "
+                    "configs/.")
 
 
 # ----------------------------------------------------------------------------
@@ -353,6 +379,10 @@ RUN_NEUTRAL_FIELDS = (
     # How a group's cells are laid out in its program (side by side or in
     # turn): the same numbers to float rounding, as any change of group does.
     "study.vmap_cells",
+    # What runs the config (`engine`): fixed by the file, not a choice of what is trained
+    # (another engine fails on the sections this file lacks), and absent from the
+    # config.json of runs recorded before configs named it, which must still resume.
+    "engine",
 )
 # Top-level sections all of whose fields are run-neutral: where a run's arrays
 # live (`attnlab.sharding`), not what it trains. Another mesh gives the same

@@ -39,7 +39,9 @@ import numpy as np
 from attnlab import checkpoint as checkpoint_lib
 from attnlab import data as data_lib
 from attnlab import experiment
+from attnlab import model_fns
 from attnlab import models
+from attnlab import placement
 from attnlab import workdir as workdir_lib
 from attnlab.data import pipeline as data_pipeline
 from attnlab.models import decode as decode_lib
@@ -82,7 +84,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     decode_lib.check_config(exp.model)  # before the restore: --samples needs a causal LM
   fns, shard, state, step = _restore(exp, workdir, step)
 
-  scores = experiment.evaluate_params(experiment.jit_eval_step(fns, shard), state.params,
+  scores = placement.evaluate_params(placement.jit_eval_step(fns, shard), state.params,
                                       exp.datasets.eval, batch_size=exp.trainer.eval_batch_size,
                                       batch_sharding=shard.batch)
   inputs = _diagnostic_inputs(exp, exp.trainer.diagnostics_examples)
@@ -136,8 +138,8 @@ def _load_run(config: ml_collections.ConfigDict, workdir: str) -> experiment.Exp
 def _restore(exp: experiment.Experiment, workdir: str, step: int | None):
   """(model functions, shardings, the train state at `step` or the latest, its step)."""
   fns = exp.fns()
-  abstract_state = experiment.abstract_state(fns, exp.trainer.seed)
-  shard = experiment.shardings(exp.trainer, abstract_state, batch_fields=("eval_batch_size",))
+  abstract_state = placement.abstract_state(fns, exp.trainer.seed)
+  shard = placement.shardings(exp.trainer, abstract_state, batch_fields=("eval_batch_size",))
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=exp.trainer.keep_checkpoints)
   state, _, step = ckpt.restore(checkpoint_lib.with_shardings(abstract_state, shard.state), step)
   ckpt.close()
@@ -184,12 +186,12 @@ def _diagnostic_inputs(exp: experiment.Experiment, n: int) -> np.ndarray:
   return next(data_lib.eval_batches(exp.datasets.eval, n))["inputs"]
 
 
-def _attention_maps(fns: experiment.ModelFns, params, inputs):
+def _attention_maps(fns: model_fns.ModelFns, params, inputs):
   return jax.jit(_maps_fn(fns))(params, inputs)
 
 
 @functools.lru_cache(maxsize=8)
-def _maps_fn(fns: experiment.ModelFns):
+def _maps_fn(fns: model_fns.ModelFns):
   # One function object per model, so jit compiles it once per process.
   return lambda params, inputs: models.attention_maps(fns.merge(params), inputs)
 

@@ -1,61 +1,46 @@
-"""Experiment assembly: a config becomes typed pieces, model functions, a state and shardings.
+"""Experiment assembly: a config becomes typed pieces, then an experiment with its data opened.
 
-Everything a run needs except its loop, in the order a caller uses it:
+In the order a caller uses it:
 
   1. `ExperimentConfig.from_config(config)`: the ml_collections ConfigDict
      (the command-line boundary: nothing below sees it) becomes frozen
      dataclasses, `TrainerConfig` (the config's own top-level fields),
      `DataConfig`, `OptimConfig` and the model section (field names checked),
-     without reading any data, so a typo fails at once.
+     without reading any data, so a typo fails at once. Config files build
+     their top level with `new_config` (the TrainerConfig fields, the mesh and
+     the sharding rules), stating only what they change.
   2. `build(exp_cfg)` opens the data (a missing data set fails in seconds,
      before any model is built) and completes what the data dictates: the
      model config (classes, image size, vocabulary) and the number of steps
      of the budget. The result is an `Experiment`; `load(config)` is 1 + 2.
-  3. `experiment_fns` / `make_model_fns`: the model's pure, unjitted
-     functions on a `TrainState` pytree (init, apply, loss, train_step,
-     eval_step, merge); the caller picks jit, vmap and shardings.
-  4. `abstract_state` (shapes from `jax.eval_shape`, nothing allocated),
-     `shardings` (the config's mesh and sharding rules: `attnlab.sharding`),
-     then `create_state` makes each array directly where its sharding puts
-     it; `jit_train_step` / `jit_eval_step` keep them there.
-  5. `evaluate_params`: loss and accuracy of parameters on a whole split.
+
+Then `Experiment.fns()` gives the model's pure functions on a train state
+(`attnlab.model_fns`), and `attnlab.placement` puts that state and the
+batches on the devices of the config's mesh and jits the steps.
 
 `attnlab.train` (the single-run loop) and `attnlab.evaluate` (scoring a
-checkpoint) both build on this module and neither imports the other. A study
+checkpoint) both build on these modules and neither imports the other. A study
 (`attnlab.studies`) that trains many (kind, subset-size, seed) cells at once
 assembles the same way without the loop: it `build`s the experiment once with
 the largest subset, `dataclasses.replace`s the model fields per kind, and
 `jax.vmap`s `fns.train_step` over (state, batch, total_steps), each cell with
 its own budget and so its own learning-rate schedule.
-
-The train state is a plain pytree (`TrainState`): the model's parameters split
-off its `nnx.GraphDef`, the optax state, the step and a PRNG key. Dropout keys
-are derived from (key, step) inside the step and passed to the model at call
-time, so the state holds no hidden RNG counters and a resumed run draws the
-same masks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-import flax
-import grain.python as grain
-import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
-from flax import nnx
 
 from attnlab import attention as attention_lib
 from attnlab import checks
 from attnlab import configlib
 from attnlab import data as data_lib
-from attnlab import metrics as metrics_lib
+from attnlab import model_fns as model_fns_lib
 from attnlab import models
 from attnlab import optim
 from attnlab import sharding as sharding_lib
@@ -63,18 +48,17 @@ from attnlab import sharding as sharding_lib
 MODEL_NAMES = ("vit", "transformer")
 BUDGET_FIELDS = ("total_steps", "num_epochs", "total_examples")
 # Top-level sections that become their own dataclasses; every other top-level
-# field is a TrainerConfig field.
+# field but `engine` (what runs the config: `configlib.engine`) is a TrainerConfig field.
 SECTIONS = ("data", "model", "optim")
+ENGINE_FIELD = "engine"
+# The TrainerConfig fields a study's config leaves out (at their defaults): the
+# single run's cadence, which a study sets in config.study, and its seed (each
+# cell's seed is in study.seeds; the subsets are one fixed permutation).
+SINGLE_RUN_FIELDS = ("seed", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                     "keep_checkpoints", "progress_bar", "diagnostics_examples")
 # The fields of config.model that the data set decides (they override the config).
 _DATA_MODEL_FIELDS = {"vit": ("num_classes", "image_size", "num_channels"),
                       "transformer": ("vocab_size", "max_len")}
-
-ModelConfig = models.ViTConfig | models.TransformerConfig
-
-# optax.tree.norm (optax >= 0.2.5) is the global L2 norm; optax 0.2.8 deprecates
-# optax.global_norm in its favour, and the floor (0.2.4) has only the latter.
-# Both sum the squares leaf by leaf in tree order: the same numbers.
-_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
 # ----------------------------------------------------------------------------
@@ -217,7 +201,7 @@ class ExperimentConfig:
         batch_size=t.batch_size, num_train_examples=spec.num_train_examples,
         total_steps=t.total_steps, num_epochs=t.num_epochs, total_examples=t.total_examples)
 
-  def model_config(self, spec: data_lib.DataSpec) -> ModelConfig:
+  def model_config(self, spec: data_lib.DataSpec) -> model_fns_lib.ModelConfig:
     """The model's frozen dataclass: config.model plus what the data set dictates.
 
     For the ViT, `variant` (e.g. "mu/2") names a size and config.model fields
@@ -242,17 +226,58 @@ class ExperimentConfig:
                                        "max_len": spec.input_shape[0]})
 
 
+def new_config(engine: str, **fields: Any) -> ml_collections.ConfigDict:
+  """A config's top level: its `engine`, the TrainerConfig fields, `mesh` and `sharding_rules`.
+
+  Config files start from it, state only the trainer values that differ from
+  `TrainerConfig`'s defaults, then add the data, model and optim sections (and
+  a study's `study`). Every field is listed (`configlib.from_dataclass`), so
+  the locked config takes a `--config.<field>=...` override of any of them,
+  and `sharding.config_sections` gives the mesh and sharding_rules sections
+  every field (`--config.mesh.fsdp=-1`).
+
+  Args:
+    engine: "train" (one run) or "study" (a study's base experiment: without
+      `SINGLE_RUN_FIELDS`, which a study does not read from here).
+    **fields: TrainerConfig values; model_name, batch_size and
+      eval_batch_size are required.
+
+  Raises:
+    configlib.ConfigError: another engine, an unknown or missing field, or a
+      single-run field given to a study (each named, with the fix).
+  """
+  if engine not in ("train", "study"):
+    raise configlib.ConfigError(
+        f"new_config(engine={engine!r}): expected 'train' or 'study' (an experiment's engines; "
+        f"configlib.ENGINES lists every one).{configlib.suggest(str(engine), ('train', 'study'))}")
+  excluded = ("mesh", "sharding_rules") + (SINGLE_RUN_FIELDS if engine == "study" else ())
+  for name in sorted(set(fields) & set(excluded)):
+    fix = ("a study sets its cadence in config.study and its seeds in config.study.seeds"
+           if name in SINGLE_RUN_FIELDS else f"set the fields of config.{name} after new_config")
+    raise configlib.ConfigError(f"new_config(engine={engine!r}, {name}=...): {fix}.")
+  required = [f.name for f in dataclasses.fields(TrainerConfig) if f.default is dataclasses.MISSING]
+  missing = [name for name in required if name not in fields]
+  if missing:
+    raise configlib.ConfigError(f"new_config(...) lacks {missing}: a config states these.")
+  config = configlib.from_dataclass(TrainerConfig, exclude=excluded, **fields)
+  config.engine = engine
+  for name, section in sharding_lib.config_sections().items():
+    config[name] = section
+  return config
+
+
 def trainer_config(config: ml_collections.ConfigDict) -> TrainerConfig:
   """The TrainerConfig of `config`'s top-level fields; rejects unknown and missing ones."""
   trainer_fields = dataclasses.fields(TrainerConfig)
-  configlib.check_known(config.keys(), [f.name for f in trainer_fields] + list(SECTIONS),
+  not_trainer = SECTIONS + (ENGINE_FIELD,)
+  configlib.check_known(config.keys(), [f.name for f in trainer_fields] + list(not_trainer),
                         where="config")
   required = [f.name for f in trainer_fields if f.default is dataclasses.MISSING]
   missing = sorted(set(SECTIONS + tuple(required)) - set(config.keys()))
   if missing:
     raise configlib.ConfigError(f"Config lacks fields {missing}; start from a file in configs/.")
   return configlib.to_dataclass(
-      TrainerConfig, {k: v for k, v in config.items() if k not in SECTIONS}, where="config")
+      TrainerConfig, {k: v for k, v in config.items() if k not in not_trainer}, where="config")
 
 
 def model_fields(model_name: str, section: Mapping[str, Any]) -> dict[str, Any]:
@@ -311,7 +336,7 @@ class Experiment:
     trainer: the top-level fields.
     data: the data config.
     datasets: both splits, opened, and their spec.
-    model: the model's config (hashable: it keys `experiment_fns`).
+    model: the model's config (hashable: it keys `model_fns.experiment_fns`).
     optim: the optimizer's config (hashable, likewise).
     num_steps: the budget in optimizer steps.
   """
@@ -319,7 +344,7 @@ class Experiment:
   trainer: TrainerConfig
   data: data_lib.DataConfig
   datasets: data_lib.Datasets
-  model: ModelConfig
+  model: model_fns_lib.ModelConfig
   optim: optim.OptimConfig
   num_steps: int
 
@@ -327,9 +352,10 @@ class Experiment:
   def task(self) -> str:
     return self.datasets.spec.task
 
-  def fns(self) -> ModelFns:
-    """The model functions of this experiment (memoised: see `experiment_fns`)."""
-    return experiment_fns(self.model, self.optim, self.num_steps, self.trainer.label_smoothing)
+  def fns(self) -> model_fns_lib.ModelFns:
+    """The model functions of this experiment (memoised: `model_fns.experiment_fns`)."""
+    return model_fns_lib.experiment_fns(self.model, self.optim, self.num_steps,
+                                        self.trainer.label_smoothing)
 
 
 def build(cfg: ExperimentConfig) -> Experiment:
@@ -376,246 +402,3 @@ def check_batch_size(trainer: TrainerConfig, data: data_lib.DataConfig,
 def load(config: ml_collections.ConfigDict) -> Experiment:
   """`build(ExperimentConfig.from_config(config))`: validate, then open the data."""
   return build(ExperimentConfig.from_config(config))
-
-
-# ----------------------------------------------------------------------------
-# 3. The model's pure functions on a train state.
-# ----------------------------------------------------------------------------
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training, as one pytree (vmap- and shard-able).
-
-  Attributes:
-    step: int32 [], number of updates applied.
-    params: the model's nnx.Param state.
-    opt_state: the optax state.
-    rng: uint32 key data; dropout at step s uses fold_in(rng, s).
-  """
-
-  step: jax.Array
-  params: nnx.State
-  opt_state: optax.OptState
-  rng: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelFns:
-  """The model's static structure and the pure functions built on it.
-
-  Attributes:
-    graphdef: the model's structure, parameters split off.
-    init: seed -> a fresh TrainState.
-    apply: (params, inputs, deterministic=, rngs=) -> logits ([B, C] or [B, L, V]).
-    loss: (params, batch, dropout_key) -> (mean training loss, weighted sums);
-      dropout_key None: deterministic (no dropout).
-    train_step: (state, batch, total_steps=None) -> (state, metrics): one
-      optimizer update, at the learning rate of a run of `total_steps` steps
-      (None: the experiment's budget). An `optim.Budget` of (traced) int arrays
-      (from `budget`) gives each cell of a vmapped study the schedule of its own
-      budget; the metrics hold the "learning_rate" used.
-    budget: total steps (an int array, one per cell) -> their `optim.Budget`,
-      computed on the host with the experiment's optimizer config.
-    eval_step: (params, batch) -> weighted sums of the plain loss and accuracy.
-    merge: params -> the nnx model (for diagnostics such as attention maps).
-  """
-
-  graphdef: nnx.GraphDef
-  init: Callable[[jax.Array], TrainState]
-  apply: Callable[..., jax.Array]
-  loss: Callable[[nnx.State, dict, jax.Array | None], tuple[jax.Array, dict]]
-  train_step: Callable[..., tuple[TrainState, dict]]
-  eval_step: Callable[[nnx.State, dict], dict]
-  merge: Callable[[nnx.State], nnx.Module]
-  budget: Callable[[Any], optim.Budget]
-
-
-def build_model(model_cfg: ModelConfig, key: jax.Array) -> nnx.Module:
-  """The NNX model for `model_cfg`, its parameters and dropout streams seeded from `key`."""
-  rngs = nnx.Rngs(params=jax.random.fold_in(key, 0), dropout=jax.random.fold_in(key, 1))
-  if isinstance(model_cfg, models.ViTConfig):
-    return models.ViT(model_cfg, rngs=rngs)
-  return models.Transformer(model_cfg, rngs=rngs)
-
-
-def make_model_fns(model_cfg: ModelConfig, optim_cfg: optim.OptimConfig, num_steps: int, *,
-                   label_smoothing: float = 0.0) -> ModelFns:
-  """Builds the model's functions for a model config and optimizer.
-
-  All of them are pure and unjitted: the caller picks jit / vmap / shardings.
-
-  Args:
-    model_cfg: the model.
-    optim_cfg: the optimizer and its learning-rate schedule.
-    num_steps: the budget whose schedule `train_step` follows by default.
-    label_smoothing: of the training targets (see `TrainerConfig`).
-  """
-  tx = optim.make_optimizer(optim_cfg)
-  abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, jax.random.key(0)))
-  graphdef, _, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-  _check_only_rng_state(abstract_rest)
-  # The non-parameter state (if any) is the dropout streams the model was
-  # built with. Every call below passes its own dropout key instead, so those
-  # streams are never read or advanced: one concrete copy serves every state,
-  # step and vmapped cell, and the train state holds parameters only.
-  rest = jax.jit(lambda: nnx.split(build_model(model_cfg, jax.random.key(0)), nnx.Param, ...)[2])()
-
-  def init(seed: jax.Array) -> TrainState:
-    key = jax.random.key(seed)
-    params = nnx.state(build_model(model_cfg, jax.random.fold_in(key, 0)), nnx.Param)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
-
-  def merge(params: nnx.State) -> nnx.Module:
-    # copy=True: fresh variables in the current trace, so that NNX never sees
-    # a variable created at another trace level.
-    return nnx.merge(graphdef, params, rest, copy=True)
-
-  def apply(params: nnx.State, inputs: jax.Array, *, deterministic: bool, rngs=None) -> jax.Array:
-    # Both model families take the inputs first.
-    return merge(params)(inputs, deterministic=deterministic, rngs=rngs)
-
-  def loss(params: nnx.State, batch: dict, dropout_key: jax.Array | None):
-    deterministic = dropout_key is None
-    logits = apply(params, batch["inputs"], deterministic=deterministic,
-                   rngs=None if deterministic else nnx.Rngs(dropout=dropout_key))
-    sums = metrics_lib.weighted_sums(logits, batch["targets"], batch["weights"],
-                                     label_smoothing=label_smoothing)
-    return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
-
-  def train_step(state: TrainState, batch: dict,
-                 total_steps: int | optim.Budget | None = None) -> tuple[TrainState, dict]:
-    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (mean_loss, sums), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch,
-                                                                       dropout_key)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    total = num_steps if total_steps is None else total_steps
-    lr = optim.learning_rate(optim_cfg, state.step, total)
-    params = optax.apply_updates(state.params, optim.scale_by_learning_rate(updates, lr))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    step_metrics = {
-        "loss": mean_loss,
-        "accuracy": sums["correct_sum"] / jnp.maximum(sums["weight_sum"], 1.0),
-        "grad_norm": _global_norm(grads),
-        "learning_rate": lr,
-        "finite": jnp.isfinite(mean_loss) & _all_finite(params),
-    }
-    return new_state, step_metrics
-
-  def eval_step(params: nnx.State, batch: dict) -> dict:
-    logits = apply(params, batch["inputs"], deterministic=True)
-    return metrics_lib.weighted_sums(logits, batch["targets"], batch["weights"])
-
-  return ModelFns(graphdef=graphdef, init=init, apply=apply, loss=loss, train_step=train_step,
-                  eval_step=eval_step, merge=merge,
-                  budget=functools.partial(optim.budget, optim_cfg))
-
-
-@functools.lru_cache(maxsize=8)
-def experiment_fns(model_cfg: ModelConfig, optim_cfg: optim.OptimConfig, num_steps: int,
-                   label_smoothing: float = 0.0) -> ModelFns:
-  """`make_model_fns` with the experiment's optimizer, memoised.
-
-  The same experiment in one process (train then evaluate, repeated runs in
-  a notebook or tests) gets the same function objects, so jax.jit reuses the
-  compiled executables instead of compiling again.
-  """
-  return make_model_fns(model_cfg, optim_cfg, num_steps, label_smoothing=label_smoothing)
-
-
-def _check_only_rng_state(rest: nnx.State) -> None:
-  for path, variable in nnx.to_flat_state(rest):
-    if not isinstance(variable, nnx.RngState):
-      raise NotImplementedError(
-          f"The model has non-parameter state {'/'.join(map(str, path))} "
-          f"({type(variable).__name__}); the train state carries parameters only."
-      )
-
-
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves))
-
-
-# ----------------------------------------------------------------------------
-# 4. State from shapes, and where it lives.
-# ----------------------------------------------------------------------------
-
-
-def shardings(trainer: TrainerConfig, abstract_state: TrainState, *,
-              batch_fields: Iterable[str] = ("batch_size", "eval_batch_size"),
-              devices: Iterable[jax.Device] | None = None) -> sharding_lib.Shardings:
-  """Where the state and batches of a run live: the trainer's mesh and sharding rules.
-
-  Args:
-    trainer: its `mesh` and `sharding_rules` (see `attnlab.sharding`).
-    abstract_state: the state's shapes (`abstract_state`: nothing allocated).
-    batch_fields: the trainer fields whose batch sizes must split over the
-      data axes (evaluation alone checks only "eval_batch_size").
-    devices: the mesh's devices; None: every device.
-
-  Raises:
-    configlib.ConfigError: a mesh that does not fit the devices, a batch
-      size that does not split, or a parameter that its rule cannot split.
-  """
-  mesh = sharding_lib.make_mesh(trainer.mesh, devices)
-  return sharding_lib.Shardings.create(
-      abstract_state, mesh, trainer.sharding_rules,
-      batch_sizes={f"config.{f}": getattr(trainer, f) for f in batch_fields})
-
-
-def abstract_state(fns: ModelFns, seed: int) -> TrainState:
-  """The train state's shapes and dtypes (jax.ShapeDtypeStruct leaves; nothing allocated)."""
-  return jax.eval_shape(fns.init, seed)
-
-
-def create_state(fns: ModelFns, seed: int, shard: sharding_lib.Shardings) -> TrainState:
-  """A fresh train state, each array created directly where `shard` puts it."""
-  return jax.jit(fns.init, out_shardings=shard.state)(seed)
-
-
-def jit_train_step(fns: ModelFns, shard: sharding_lib.Shardings) -> Callable[..., tuple]:
-  """`fns.train_step` jitted for a state and batches placed by `shard`, the state donated.
-
-  The state comes back with the same shardings (FSDP's stay split); the
-  metrics are replicated. Traced with the mesh in context, so the fused
-  kernel runs per shard (`sharding.under_mesh`).
-  """
-  return jax.jit(sharding_lib.under_mesh(fns.train_step, shard.mesh), donate_argnums=0,
-                 in_shardings=(shard.state, shard.batch), out_shardings=(shard.state, None))
-
-
-def jit_eval_step(fns: ModelFns, shard: sharding_lib.Shardings
-                  ) -> Callable[[nnx.State, dict], dict]:
-  """`fns.eval_step` jitted for parameters and batches placed by `shard` (mesh in context)."""
-  return jax.jit(sharding_lib.under_mesh(fns.eval_step, shard.mesh),
-                 in_shardings=(shard.state.params, shard.batch))
-
-
-# ----------------------------------------------------------------------------
-# 5. Evaluating parameters on a split.
-# ----------------------------------------------------------------------------
-
-
-def evaluate_params(eval_step: Callable[[nnx.State, dict], dict], params: nnx.State,
-                    dataset: grain.MapDataset, *, batch_size: int,
-                    batch_sharding: jax.sharding.Sharding | None = None) -> dict[str, float]:
-  """Loss and accuracy of `params` on the whole of `dataset` (e.g. `exp.datasets.eval`).
-
-  Args:
-    eval_step: `fns.eval_step`, jitted or not (`jit_eval_step`).
-    params: the model's parameters.
-    dataset: unbatched examples; the last batch is padded with weight-0 examples.
-    batch_size: examples per batch.
-    batch_sharding: where to put each batch (each process reads only its
-      rows of it: `sharding.put_batch`); None: where jit puts it.
-  """
-  totals = None
-  rows = None if batch_sharding is None else sharding_lib.process_rows(batch_sharding, batch_size)
-  for batch in data_lib.eval_batches(dataset, batch_size, rows):
-    if batch_sharding is not None:
-      batch = sharding_lib.put_batch(batch, batch_sharding, batch_size)
-    sums = eval_step(params, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  return metrics_lib.means(jax.device_get(totals))

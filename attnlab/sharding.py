@@ -17,9 +17,9 @@ The rules are one set; the mesh's shape picks the strategy (the presets):
 
 -1 is "the rest of the devices"; an axis left out (or None) has size 1, except
 "data", which takes the rest unless another axis does. Every training config has
-both sections with every field (`config_sections`, added when a config is loaded),
-so `--config.mesh.fsdp=-1` works on any of them; neither changes what is trained
-(`configlib.RUN_NEUTRAL_SECTIONS`).
+both sections with every field (`config_sections`, which the configs' helper
+`experiment.new_config` adds), so `--config.mesh.fsdp=-1` works on any of them;
+neither changes what is trained (`configlib.RUN_NEUTRAL_SECTIONS`).
 
 Several processes (`jax.distributed`): the mesh spans every process's devices;
 each process reads only the rows of a global batch its devices hold
@@ -148,27 +148,6 @@ def config_sections() -> dict[str, ml_collections.ConfigDict]:
   rules = {name: configlib.nullable(axes, object) for name, axes in DEFAULT_RULES.items()}
   return {"mesh": ml_collections.ConfigDict(mesh),
           "sharding_rules": ml_collections.ConfigDict(rules)}
-
-
-def complete_config(config: Any) -> Any:
-  """`config` with the fields of `config_sections` it lacks, if it is a training config.
-
-  Called wherever a config file is loaded (`configlib.load`, the --config
-  flag), so no config file repeats the sections and every one takes a
-  --config.mesh... override; fields the file sets itself are kept. Other
-  configs (no `model_name`, e.g. the synthetic MoE study) are returned as they are.
-  """
-  if not isinstance(config, ml_collections.ConfigDict) or "model_name" not in config:
-    return config
-  with config.unlocked():
-    for name, defaults in config_sections().items():
-      if name not in config:
-        config[name] = defaults
-        continue
-      for field in defaults.keys():
-        if field not in config[name]:
-          config[name][field] = defaults.get_ref(field)
-  return config
 
 
 def _as_tuple(axes: str | Sequence[str] | None) -> tuple[str, ...]:

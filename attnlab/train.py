@@ -40,13 +40,15 @@ from attnlab import checkpoint as checkpoint_lib
 from attnlab import data as data_lib
 from attnlab import experiment
 from attnlab import metrics as metrics_lib
+from attnlab import model_fns
 from attnlab import optim as optim_lib
+from attnlab import placement
 from attnlab import sharding as sharding_lib
 from attnlab import workdir as workdir_lib
 
 # Called after each step's checkpoint decision with (step, state). The state
 # is valid during the call only: the next step donates its buffers.
-OnStep = Callable[[int, experiment.TrainState], None]
+OnStep = Callable[[int, model_fns.TrainState], None]
 
 # Exit statuses of a run stopped by a signal after saving: 128 + the signal
 # number, as a shell reports a process killed by it.
@@ -90,8 +92,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # batch its data axes cannot split, fails here, before any file is written); then the workdir.
   exp = experiment.load(config)
   fns = exp.fns()
-  abstract_state = experiment.abstract_state(fns, exp.trainer.seed)
-  shard = experiment.shardings(exp.trainer, abstract_state)
+  abstract_state = placement.abstract_state(fns, exp.trainer.seed)
+  shard = placement.shardings(exp.trainer, abstract_state)
   # Read-only first, so that rerunning a finished run writes nothing, not even the lock.
   if (finished := _finished_run(config, workdir)) is not None:
     return finished
@@ -104,7 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return _with_paths(summary, workdir, already_finished=False)
 
 
-def _train(exp: experiment.Experiment, fns: experiment.ModelFns, abstract_state: Any,
+def _train(exp: experiment.Experiment, fns: model_fns.ModelFns, abstract_state: Any,
            shard: sharding_lib.Shardings, workdir: str, on_step: OnStep | None) -> dict[str, Any]:
   """Sections 3-6 of `train_and_evaluate`, in a workdir this process holds; the final summary."""
   trainer = exp.trainer
@@ -121,16 +123,16 @@ def _train(exp: experiment.Experiment, fns: experiment.ModelFns, abstract_state:
         checkpoint_lib.with_shardings(abstract_state, shard.state))
     _say(f"Resuming from step {start} in {checkpoint_lib.checkpoint_dir(workdir)}")
   else:
-    state = experiment.create_state(fns, trainer.seed, shard)
+    state = placement.create_state(fns, trainer.seed, shard)
     data_state, start = None, 0
   data_iter = data_lib.train_iterator(batches, data_state)
 
   # 4. The jitted steps (the train state is donated: updated in place).
-  train_step = experiment.jit_train_step(fns, shard)
-  eval_step = experiment.jit_eval_step(fns, shard)
+  train_step = placement.jit_train_step(fns, shard)
+  eval_step = placement.jit_eval_step(fns, shard)
 
   def evaluate(params) -> dict[str, float]:
-    return experiment.evaluate_params(eval_step, params, exp.datasets.eval,
+    return placement.evaluate_params(eval_step, params, exp.datasets.eval,
                                       batch_size=trainer.eval_batch_size,
                                       batch_sharding=shard.batch)
 

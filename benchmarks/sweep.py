@@ -62,6 +62,7 @@ def measure(args) -> dict:
   """One measurement of one mode, in this process: seconds and every cell's test loss."""
   import jax  # pylint: disable=import-outside-toplevel
   from attnlab.studies import cells as cells_lib  # pylint: disable=import-outside-toplevel
+  from attnlab.studies import groups as groups_lib  # pylint: disable=import-outside-toplevel
 
   compile_seconds = []  # XLA's own compile time: with short budgets it dominates a mode
 
@@ -80,7 +81,7 @@ def measure(args) -> dict:
   if args.mode == "vmapped":
     setups = {k: dataclasses.replace(s, vmap_cells=None) for k, s in setups.items()}
   if args.mode == "sequential":
-    groups = [cells_lib.GroupSpec(name=c.name, cells=(c,), budgets=(b,))
+    groups = [groups_lib.GroupSpec(name=c.name, cells=(c,), budgets=(b,))
               for g in groups for c, b in zip(g.cells, g.budgets)]
   results = [r for g in groups for r in cells_lib.train_group(g, setups[g.cells[0].kind])]
   seconds = time.perf_counter() - start

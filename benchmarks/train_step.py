@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import timing  # benchmarks/timing.py (this script runs as `python benchmarks/train_step.py`)
 
-from attnlab import experiment
+from attnlab import model_fns
 from attnlab import models
 from attnlab import optim
 
@@ -64,7 +64,7 @@ def build_step(kind: str, image: int, channels: int, variant: str, batch: int):
   cfg = models.ViTConfig.from_variant(variant, num_classes=10, image_size=image,
                                       num_channels=channels, attention=kind, qk_norm="rms",
                                       pool="gap")
-  fns = experiment.make_model_fns(cfg, optim.OptimConfig(), 1000)
+  fns = model_fns.make_model_fns(cfg, optim.OptimConfig(), 1000)
   rng = np.random.default_rng(0)
   batch_data = {
       "inputs": jnp.asarray(rng.uniform(-1, 1, (batch, image, image, channels)), jnp.float32),

@@ -24,6 +24,7 @@ test accuracy, in about 20 minutes on one modern GPU.
 import ml_collections
 
 from attnlab import configlib
+from attnlab import experiment
 from attnlab.data import DataConfig
 from attnlab.models import ViTConfig
 from attnlab.optim import OptimConfig
@@ -31,35 +32,22 @@ from attnlab.optim import OptimConfig
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_arg(arg, attention="sigmoid", quick=False, train_examples=0)
-  config = ml_collections.ConfigDict()
-  config.seed = 0
+  config = experiment.new_config(
+      "train", model_name="vit", batch_size=256, eval_batch_size=500, num_epochs=100,
+      label_smoothing=0.1, log_every_steps=100, eval_every_steps=2_000,
+      checkpoint_every_steps=2_000, keep_checkpoints=2)
 
   config.data = configlib.from_dataclass(
       DataConfig, name="cifar10", train_split="train", eval_split="test",
       train_examples=args.train_examples or None)
 
-  config.model_name = "vit"
   # Ti = width 192, depth 12, 3 heads, MLP 768; /4 = 4x4 patches: 64 tokens.
   config.model = configlib.from_dataclass(
       ViTConfig, exclude=("num_classes", "image_size", "num_channels"), patch_size=None,
       attention=args.attention, qk_norm="rms", pool="gap", dropout_rate=0.1)
   config.model.variant = "Ti/4"
 
-  config.batch_size = 256
-  config.num_epochs = configlib.nullable(100, float)
-  config.total_steps = configlib.nullable(None, int)
-  config.total_examples = configlib.nullable(None, int)
-
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=1e-3, weight_decay=0.05)
-  config.label_smoothing = 0.1
-
-  config.log_every_steps = 100
-  config.eval_every_steps = configlib.nullable(2_000, int)
-  config.eval_batch_size = 500
-  config.checkpoint_every_steps = configlib.nullable(2_000, int)
-  config.keep_checkpoints = 2
-  config.progress_bar = True
-  config.diagnostics_examples = 64
 
   if args.quick:
     config.model.variant = "mu/8"

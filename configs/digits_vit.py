@@ -34,6 +34,7 @@ several seeds, never one run.
 import ml_collections
 
 from attnlab import configlib
+from attnlab import experiment
 from attnlab.data import DataConfig
 from attnlab.models import ViTConfig
 from attnlab.optim import OptimConfig
@@ -41,8 +42,12 @@ from attnlab.optim import OptimConfig
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_arg(arg, attention="sigmoid", quick=False, train_examples=0)
-  config = ml_collections.ConfigDict()
-  config.seed = 0
+  config = experiment.new_config(
+      "train", model_name="vit", batch_size=128, eval_batch_size=300,
+      num_epochs=100,  # = 1,172 steps; exactly one of num_epochs / total_steps / total_examples
+      label_smoothing=0.1, log_every_steps=50,
+      eval_every_steps=None,  # None: evaluate at the end only
+      checkpoint_every_steps=200, keep_checkpoints=2)
 
   config.data = configlib.from_dataclass(
       DataConfig,
@@ -52,7 +57,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       train_examples=args.train_examples or None,
   )
 
-  config.model_name = "vit"
   # Sizes left at None come from `variant`: mu = width 64, depth 4, 4 heads,
   # MLP 256; /2 = 2x2 patches, so 16 tokens per 8x8 image.
   config.model = configlib.from_dataclass(
@@ -66,22 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   config.model.variant = "mu/2"
 
-  config.batch_size = 128
-  # Exactly one budget of num_epochs / total_steps / total_examples; 100 epochs = 1,172 steps.
-  config.num_epochs = configlib.nullable(100, float)
-  config.total_steps = configlib.nullable(None, int)
-  config.total_examples = configlib.nullable(None, int)
-
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=3e-3, weight_decay=0.05)
-  config.label_smoothing = 0.1
-
-  config.log_every_steps = 50
-  config.eval_every_steps = configlib.nullable(None, int)  # None: evaluate at the end only
-  config.eval_batch_size = 300
-  config.checkpoint_every_steps = configlib.nullable(200, int)
-  config.keep_checkpoints = 2
-  config.progress_bar = True
-  config.diagnostics_examples = 64  # evaluation: attention statistics on this many test images
 
   if args.quick:
     config.model.variant = "mu/4"

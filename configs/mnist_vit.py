@@ -32,6 +32,7 @@ steps); minutes on a GPU.
 import ml_collections
 
 from attnlab import configlib
+from attnlab import experiment
 from attnlab.data import DataConfig
 from attnlab.models import ViTConfig
 from attnlab.optim import OptimConfig
@@ -43,35 +44,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if args.dataset not in ("mnist", "fashion_mnist"):
     raise ValueError(f"configs/mnist_vit.py: dataset={args.dataset!r}; expected mnist or "
                      "fashion_mnist (CIFAR-10: configs/cifar10_vit.py).")
-  config = ml_collections.ConfigDict()
-  config.seed = 0
+  config = experiment.new_config(
+      "train", model_name="vit", batch_size=128, eval_batch_size=500, num_epochs=10,
+      label_smoothing=0.1, log_every_steps=100, eval_every_steps=1_000,
+      checkpoint_every_steps=1_000, keep_checkpoints=2)
 
   config.data = configlib.from_dataclass(
       DataConfig, name=args.dataset, train_split="train", eval_split="test",
       train_examples=args.train_examples or None)
 
-  config.model_name = "vit"
   # mu = width 64, depth 4, 4 heads, MLP 256; /4 = 4x4 patches: 49 tokens.
   config.model = configlib.from_dataclass(
       ViTConfig, exclude=("num_classes", "image_size", "num_channels"), patch_size=None,
       attention=args.attention, qk_norm="rms", pool="gap", dropout_rate=0.1)
   config.model.variant = "mu/4"
 
-  config.batch_size = 128
-  config.num_epochs = configlib.nullable(10, float)
-  config.total_steps = configlib.nullable(None, int)
-  config.total_examples = configlib.nullable(None, int)
-
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=2e-3, weight_decay=0.05)
-  config.label_smoothing = 0.1
-
-  config.log_every_steps = 100
-  config.eval_every_steps = configlib.nullable(1_000, int)
-  config.eval_batch_size = 500
-  config.checkpoint_every_steps = configlib.nullable(1_000, int)
-  config.keep_checkpoints = 2
-  config.progress_bar = True
-  config.diagnostics_examples = 64
 
   if args.quick:
     config.model.variant = "mu/7"

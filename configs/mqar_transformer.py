@@ -34,6 +34,7 @@ seed/subset study. About 2-4 minutes per run on 2 CPU cores, incl. compilation.
 import ml_collections
 
 from attnlab import configlib
+from attnlab import experiment
 from attnlab.data import DataConfig
 from attnlab.data import MQARSpec
 from attnlab.models import TransformerConfig
@@ -42,8 +43,10 @@ from attnlab.optim import OptimConfig
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_arg(arg, attention="sigmoid", quick=False, train_examples=0)
-  config = ml_collections.ConfigDict()
-  config.seed = 0
+  config = experiment.new_config(
+      "train", model_name="transformer", batch_size=64, eval_batch_size=250, total_steps=1_500,
+      log_every_steps=100, eval_every_steps=500, checkpoint_every_steps=500,
+      keep_checkpoints=2, diagnostics_examples=16)
 
   config.data = configlib.from_dataclass(
       DataConfig,
@@ -57,7 +60,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                     seq_len=32),
   )
 
-  config.model_name = "transformer"
   config.model = configlib.from_dataclass(
       TransformerConfig, exclude=("vocab_size", "max_len", "num_classes"),
       width=64, depth=2, num_heads=2,  # Zoology's smallest MQAR models: 2 layers
@@ -65,22 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       qk_norm="rms",  # stabilises sigmoid attention; kept for softmax (one difference only)
   )
 
-  config.batch_size = 64
-  config.total_steps = configlib.nullable(1_500, int)
-  config.num_epochs = configlib.nullable(None, float)
-  config.total_examples = configlib.nullable(None, int)
-
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=3e-3, weight_decay=0.1,
                                           warmup_fraction=0.1)
-  config.label_smoothing = 0.0
-
-  config.log_every_steps = 100
-  config.eval_every_steps = configlib.nullable(500, int)
-  config.eval_batch_size = 250
-  config.checkpoint_every_steps = configlib.nullable(500, int)
-  config.keep_checkpoints = 2
-  config.progress_bar = True
-  config.diagnostics_examples = 16
 
   if args.quick:
     config.data.train_size = 512

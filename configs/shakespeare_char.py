@@ -25,6 +25,7 @@ steps (nanoGPT's character baseline reaches ~1.47 with a larger model); about
 import ml_collections
 
 from attnlab import configlib
+from attnlab import experiment
 from attnlab.data import DataConfig
 from attnlab.models import TransformerConfig
 from attnlab.optim import OptimConfig
@@ -32,35 +33,22 @@ from attnlab.optim import OptimConfig
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_arg(arg, attention="sigmoid", quick=False)
-  config = ml_collections.ConfigDict()
-  config.seed = 0
+  config = experiment.new_config(
+      "train", model_name="transformer", batch_size=64, eval_batch_size=64, total_steps=5_000,
+      log_every_steps=100, eval_every_steps=1_000, checkpoint_every_steps=1_000,
+      keep_checkpoints=2, diagnostics_examples=8)
 
   config.data = configlib.from_dataclass(
       DataConfig, name="tiny_shakespeare", train_split="train", eval_split="validation",
       seq_len=256)
 
-  config.model_name = "transformer"
   config.model = configlib.from_dataclass(
       TransformerConfig, exclude=("vocab_size", "max_len", "num_classes"),
       width=256, depth=6, num_heads=8, attention=args.attention, positions="rope", causal=True,
       qk_norm="rms", dropout_rate=0.1)
 
-  config.batch_size = 64
-  config.total_steps = configlib.nullable(5_000, int)
-  config.num_epochs = configlib.nullable(None, float)
-  config.total_examples = configlib.nullable(None, int)
-
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=1e-3, weight_decay=0.1,
                                           b2=0.99)
-  config.label_smoothing = 0.0
-
-  config.log_every_steps = 100
-  config.eval_every_steps = configlib.nullable(1_000, int)
-  config.eval_batch_size = 64
-  config.checkpoint_every_steps = configlib.nullable(1_000, int)
-  config.keep_checkpoints = 2
-  config.progress_bar = True
-  config.diagnostics_examples = 8
 
   if args.quick:
     config.data.seq_len = 8

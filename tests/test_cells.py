@@ -19,8 +19,9 @@ from attnlab import configlib
 from attnlab import data as data_lib
 from attnlab import metrics as metrics_lib
 from attnlab.studies import cells as cells_lib
+from attnlab.studies import groups as groups_lib
 from attnlab.studies import study as study_lib
-from attnlab.studies.cells import Cell
+from attnlab.studies.groups import Cell
 
 # Compile time dominates these tests; both sides of every comparison run the
 # same unoptimised programs, so the comparisons are as strict as with XLA's passes.
@@ -50,7 +51,7 @@ def setup():
 
 @pytest.fixture(scope="module")
 def spec():
-  return cells_lib.GroupSpec(name="sigmoid", cells=CELLS, budgets=BUDGETS, budget_rule="test")
+  return groups_lib.GroupSpec(name="sigmoid", cells=CELLS, budgets=BUDGETS, budget_rule="test")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_a_batched_group_equals_each_cell_trained_alone(spec, setup, batched):
   assert [r.steps for r in batched] == list(BUDGETS)
   for cell, budget, result in zip(CELLS, BUDGETS, batched):
     (alone,) = cells_lib.train_group(
-        cells_lib.GroupSpec(name="one", cells=(cell,), budgets=(budget,), budget_rule="test"), setup)
+        groups_lib.GroupSpec(name="one", cells=(cell,), budgets=(budget,), budget_rule="test"), setup)
     assert_same(result, alone)
     assert result.budget == "test" and result.wall_seconds > 0
   # The cells really differ, by much more than the tolerance: a group that
@@ -139,7 +140,7 @@ def test_finished_cells_are_skipped_in_place_one_at_a_time_and_leave_a_vmapped_s
     return recorded
 
   monkeypatch.setattr(cells_lib, "_group_step", recording_group_step)
-  spec = cells_lib.GroupSpec(name="three", cells=CELLS[:3], budgets=BUDGETS[:3], budget_rule="test")
+  spec = groups_lib.GroupSpec(name="three", cells=CELLS[:3], budgets=BUDGETS[:3], budget_rule="test")
   results = cells_lib.train_group(spec, dataclasses.replace(setup, vmap_cells=vmap_cells))
   assert sizes == stack_sizes
   for result, reference in zip(results, batched):

@@ -143,6 +143,17 @@ def test_unknown_attention_kind_override_is_one_line(data_dir, tmp_path):
   assert not workdir.exists()
 
 
+def test_a_config_without_an_engine_is_one_line(data_dir, tmp_path):
+  config_file = tmp_path / "no_engine.py"
+  config_file.write_text("import ml_collections\n\n\ndef get_config(arg=None):\n"
+                         "  return ml_collections.ConfigDict({'batch_size': 8}).lock()\n")
+  workdir = tmp_path / "run"
+  line = _error_line(_run("train.py", data_dir, "--workdir", str(workdir),
+                          config=str(config_file)))
+  assert "names no engine (config.engine)" in line and "'study':" in line
+  assert not workdir.exists()
+
+
 def test_model_value_error_is_one_line(data_dir, tmp_path):
   # A ValueError of the model config (here: heads that do not divide the
   # width) arrives as a ConfigError: one line, nothing written.

@@ -108,10 +108,10 @@ def test_the_expected_section_rule(doc, problem):
   assert (found is None) if problem is None else (problem in found)
 
 
-# The studies run by attnlab.studies.study (a `study` section); the synthetic MoE
-# estimation study (a `moe` section) is checked in tests/test_moe_study.py.
+# The studies run by attnlab.studies.study (engine "study"); the synthetic MoE
+# estimation study (engine "moe") is checked in tests/test_moe_study.py.
 ENGINE_STUDY_CONFIG_FILES = [name for name in STUDY_CONFIG_FILES
-                             if "study" in configlib.load(f"configs/{name}")]
+                             if configlib.engine(configlib.load(f"configs/{name}")) == "study"]
 
 
 @pytest.mark.parametrize("name", ENGINE_STUDY_CONFIG_FILES)
@@ -169,6 +169,48 @@ def test_from_dataclass_lists_every_field_and_rejects_unknown_ones():
   assert section.learning_rate == 0.5 and section.b2 == optim.OptimConfig().b2
   with pytest.raises(configlib.ConfigError, match='Did you mean "weight_decay"'):
     configlib.from_dataclass(optim.OptimConfig, weight_decy=0.1)
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES + STUDY_CONFIG_FILES)
+def test_every_config_names_its_engine(name):
+  config = configlib.load(f"configs/{name}")
+  expected = ("moe" if name.endswith("moe_synthetic.py") else
+              "study" if name in STUDY_CONFIG_FILES else "train")
+  assert configlib.engine(config) == expected
+
+
+@pytest.mark.parametrize("engine, message", [
+    (None, "names no engine (config.engine)"),
+    ("studdy", "names engine 'studdy', which is not one. Did you mean \"study\"?"),
+])
+def test_a_missing_or_unknown_engine_names_the_engines_and_the_fix(engine, message):
+  config = ml_collections.ConfigDict({} if engine is None else {"engine": engine})
+  with pytest.raises(configlib.ConfigError) as raised:
+    configlib.engine(config)
+  assert message in str(raised.value)
+  assert all(f"{name!r}:" in str(raised.value) for name in configlib.ENGINES)
+  assert 'config.engine = "train"' in str(raised.value)
+
+
+def test_new_config_lists_the_trainer_fields_the_mesh_and_the_rules():
+  config = experiment.new_config("train", model_name="vit", batch_size=8, eval_batch_size=4,
+                                 total_steps=3)
+  assert config.engine == "train" and config.seed == 0 and config.num_epochs is None
+  assert set(config.mesh) == {"data", "fsdp", "model"} and "embed" in config.sharding_rules
+  trainer = experiment.trainer_config(
+      ml_collections.ConfigDict({**config.to_dict(), "data": {}, "model": {}, "optim": {}}))
+  assert trainer == experiment.TrainerConfig(model_name="vit", batch_size=8, eval_batch_size=4,
+                                             total_steps=3)
+  study = experiment.new_config("study", model_name="vit", batch_size=8, eval_batch_size=4,
+                                total_steps=3)
+  assert not set(experiment.SINGLE_RUN_FIELDS) & set(study)
+  with pytest.raises(configlib.ConfigError, match="a study sets its cadence in config.study"):
+    experiment.new_config("study", model_name="vit", batch_size=8, eval_batch_size=4,
+                          total_steps=3, log_every_steps=5)
+  with pytest.raises(configlib.ConfigError, match=r"lacks \['eval_batch_size'\]"):
+    experiment.new_config("train", model_name="vit", batch_size=8, total_steps=3)
+  with pytest.raises(configlib.ConfigError, match="expected 'train' or 'study'"):
+    experiment.new_config("moe", model_name="vit", batch_size=8, eval_batch_size=4)
 
 
 def test_to_dataclass_suggests_the_nearest_field():

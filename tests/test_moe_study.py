@@ -21,7 +21,6 @@ from attnlab.moe import model
 from attnlab.moe import rates
 from attnlab.moe import study
 from attnlab.moe.config import MoEStudyConfig
-from attnlab.moe.config import is_moe_study
 from attnlab.moe.config import study_config
 
 CONFIG = "configs/sample_efficiency/moe_synthetic.py"
@@ -158,7 +157,7 @@ def test_the_quick_variant_runs_end_to_end_and_resumes(tmp_path):
                                  "quick,attention", "linear,gelu"])
 def test_every_variant_of_the_config_builds(arg):
   config = configlib.load(os.path.join(ROOT, CONFIG) + (f":{arg}" if arg else ""))
-  assert config.is_locked and is_moe_study(config)
+  assert config.is_locked and configlib.engine(config) == "moe"
   cfg = study_config(config)
   assert set(cfg.students) == set(cfg.truths) == {"sigmoid", "softmax"}
   if arg in (None, "large", "sparse", "partial", "relu", "linear,gelu"):

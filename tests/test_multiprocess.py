@@ -30,10 +30,11 @@ import pytest
 from attnlab import configlib
 from attnlab import experiment
 from attnlab import metrics
+from attnlab import placement
 from attnlab import sharding
 from attnlab import train
 from attnlab.studies import results as results_lib
-from attnlab.studies import cells
+from attnlab.studies import stack
 from attnlab.studies import study
 from test_sharding import STATE_TOLERANCE, assert_close_to_scale
 
@@ -149,11 +150,11 @@ def _child(role, out_dir, data_dir, port):
     config = _config(data_dir, MESHES["first"])
   seen["result"] = train.train_and_evaluate(config, workdir, on_step=keep_last)
   exp = experiment.load(config)  # the rows of each batch that this process read
-  shard = experiment.shardings(exp.trainer, experiment.abstract_state(exp.fns(), 0))
+  shard = placement.shardings(exp.trainer, placement.abstract_state(exp.fns(), 0))
   seen["rows"] = sharding.process_rows(shard.batch, exp.trainer.batch_size)
   seen["state"] = jax.device_get(seen["state"])
   # The processes holding a group of 4 cells, then of 2, 1.
-  seen["cell_processes"] = [sorted({d.process_index for d in cells.cell_mesh(n).devices.flat})
+  seen["cell_processes"] = [sorted({d.process_index for d in stack.cell_mesh(n).devices.flat})
                             for n in (4, 2, 1)]
   seen["study"] = _study(data_dir, os.path.join(out_dir, f"study_{runs_as}"),
                          None if role == "single" else STUDY_STOP)

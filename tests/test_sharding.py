@@ -30,10 +30,12 @@ from attnlab import evaluate
 from attnlab import experiment
 from attnlab import metrics
 from attnlab import models
+from attnlab import placement
 from attnlab import sharding
 from attnlab import train
 from attnlab.kernels import flash_attention
 from attnlab.studies import cells
+from attnlab.studies import stack
 from attnlab.studies import study
 
 # The parent's own run (a resume on one device) compiles as the child's do.
@@ -84,11 +86,11 @@ def _train(spec, data_dir, mesh, devices):
   """STEPS train steps as attnlab.train takes them; losses, state and shardings."""
   exp = experiment.load(_config(spec, data_dir, mesh))
   fns = exp.fns()
-  abstract = experiment.abstract_state(fns, exp.trainer.seed)
-  shard = experiment.shardings(exp.trainer, abstract, batch_fields=("batch_size",),
+  abstract = placement.abstract_state(fns, exp.trainer.seed)
+  shard = placement.shardings(exp.trainer, abstract, batch_fields=("batch_size",),
                                devices=devices)
-  state = experiment.create_state(fns, exp.trainer.seed, shard)
-  train_step = experiment.jit_train_step(fns, shard)
+  state = placement.create_state(fns, exp.trainer.seed, shard)
+  train_step = placement.jit_train_step(fns, shard)
   batches = data_lib.train_batches(exp.datasets, batch_size=exp.trainer.batch_size,
                                    num_steps=STEPS, seed=exp.trainer.seed)
   losses = []
@@ -125,7 +127,7 @@ def _errors(data_dir):
     config.update(overrides)
     exp = experiment.load(config)
     try:
-      experiment.shardings(exp.trainer, experiment.abstract_state(exp.fns(), 0))
+      placement.shardings(exp.trainer, placement.abstract_state(exp.fns(), 0))
     except configlib.ConfigError as e:
       messages[name] = str(e)
   return messages
@@ -170,12 +172,12 @@ def _pallas_model_traces_shard_map(data_dir):
   config.model.attention_impl = "pallas"
   exp = experiment.load(config)
   fns = exp.fns()
-  abstract = experiment.abstract_state(fns, 0)
-  shard = experiment.shardings(exp.trainer, abstract, batch_fields=("batch_size",))
+  abstract = placement.abstract_state(fns, 0)
+  shard = placement.shardings(exp.trainer, abstract, batch_fields=("batch_size",))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                        data_lib.train_batches(exp.datasets, batch_size=exp.trainer.batch_size,
                                               num_steps=1, seed=0)[0])
-  return "shard_map" in str(experiment.jit_train_step(fns, shard).trace(abstract, batch).jaxpr)
+  return "shard_map" in str(placement.jit_train_step(fns, shard).trace(abstract, batch).jaxpr)
 
 
 class _Preempted(Exception):
@@ -223,7 +225,7 @@ def _study_group(data_dir, devices):
   setup = study.prepare(study_cfg, exp_cfg)[group.cells[0].kind]
   setup = dataclasses.replace(setup, vmap_cells=None, devices=devices)
   # The devices the stack uses at the start and after each cell finishes.
-  used = [cells.cell_mesh(len(group.alive_at(step)), devices).size
+  used = [stack.cell_mesh(len(group.alive_at(step)), devices).size
           for step in sorted({0, *(b for b in group.budgets if b < max(group.budgets))})]
   return cells.train_group(group, setup), group.budgets, used
 
@@ -301,11 +303,11 @@ def test_sharded_run_equals_single_device_run(runs, model, mesh):
 
 @pytest.mark.parametrize("model, mesh", CASES + [("vit", "combined")])
 def test_every_parameter_has_its_declared_sharding(runs, model, mesh):
-  *_, placement = runs[model, mesh]
+  *_, placed = runs[model, mesh]
   splits = EXPECTED_SPLITS[mesh]
-  assert len(placement) > 20
+  assert len(placed) > 20
   split_any = False
-  for path, (axes, mesh_shape, spec, shard_shape, shape) in placement.items():
+  for path, (axes, mesh_shape, spec, shard_shape, shape) in placed.items():
     assert axes is not None and len(axes) == len(shape), path
     expected = tuple(splits.get(name, ()) for name in axes)
     expected = tuple(tuple(a for a in axes_ if mesh_shape[a] > 1) for axes_ in expected)
@@ -360,8 +362,8 @@ def test_a_run_saved_on_8_devices_resumes_on_one(runs):
 
 
 def test_the_optimizer_state_is_split_like_the_parameters(runs):
-  *_, placement = runs["vit", "fsdp"]
-  kernel = [v for k, v in placement.items() if k.endswith("['mlp']['fc_in']['kernel']")]
+  *_, placed = runs["vit", "fsdp"]
+  kernel = [v for k, v in placed.items() if k.endswith("['mlp']['fc_in']['kernel']")]
   assert len(kernel) == 3  # the parameter, Adam's mu and nu
   assert {v[3] for v in kernel} == {(32 // NUM_DEVICES, 64)}
 

@@ -30,6 +30,7 @@ from attnlab import data as data_lib
 from attnlab import evaluate as evaluate_lib
 from attnlab import experiment
 from attnlab import metrics as metrics_lib
+from attnlab import placement
 from attnlab import train
 from attnlab import workdir as workdir_lib
 
@@ -62,7 +63,7 @@ def train_metrics(workdir):
 
 def restore(config, workdir, step=None):
   exp = experiment.load(config)
-  abstract = checkpoint_lib.with_shardings(experiment.abstract_state(exp.fns(), exp.trainer.seed))
+  abstract = checkpoint_lib.with_shardings(placement.abstract_state(exp.fns(), exp.trainer.seed))
   ckpt = checkpoint_lib.Checkpointer(workdir)
   state, data_state, step = ckpt.restore(abstract, step)
   ckpt.close()

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from attnlab import experiment
+from attnlab import model_fns
 from attnlab import models
 from attnlab import optim
 
@@ -142,7 +142,7 @@ def test_no_host_callback_in_the_step_and_traced_totals_need_a_budget():
 def tiny_fns():
   cfg = models.ViTConfig.from_variant("mu/4", num_classes=10, image_size=8, num_channels=1,
                                       depth=1)
-  fns = experiment.make_model_fns(cfg, optim.OptimConfig(learning_rate=1e-2, warmup_steps=2),
+  fns = model_fns.make_model_fns(cfg, optim.OptimConfig(learning_rate=1e-2, warmup_steps=2),
                                   num_steps=10)
   rng = np.random.default_rng(0)
   batch = {"inputs": jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32),

@@ -150,14 +150,10 @@ def _choice(field: str, value: str, known: tuple[str, ...]) -> None:
     raise _error(field, value, f"expected one of {known}.{configlib.suggest(value, known)}")
 
 
-def is_moe_study(config: ml_collections.ConfigDict) -> bool:
-  """Whether `config` describes this study (a `moe` section) rather than a run or attention study."""
-  return SECTION in config
-
-
 def study_config(config: ml_collections.ConfigDict) -> MoEStudyConfig:
   """The typed `config.moe` section. Raises configlib.ConfigError naming a bad field."""
-  if not is_moe_study(config):
-    raise configlib.ConfigError(f"The config has no `{SECTION}` section; start from "
-                                "configs/sample_efficiency/moe_synthetic.py.")
+  if configlib.engine(config) != "moe":
+    raise configlib.ConfigError(
+        f"config.engine={config.engine!r}: this study's config has engine 'moe' and a "
+        f"`{SECTION}` section; start from configs/sample_efficiency/moe_synthetic.py.")
   return configlib.to_dataclass(MoEStudyConfig, config[SECTION], where=f"config.{SECTION}")

@@ -1,9 +1,10 @@
 """A sample-efficiency study from its config: plan, train every group, report.
 
-A study config is an ordinary experiment config (the base experiment) with a
-`study` section (`StudyConfig`): the attention kinds, the training-set sizes
-(nested subsets of one fixed permutation), the seeds, and the model-selection
-and report settings. Every (kind, n, seed) is a cell; seeds are paired across
+A study config (engine "study": `experiment.new_config("study", ...)`) is an
+ordinary experiment config (the base experiment) with a `study` section
+(`StudyConfig`): the attention kinds, the training-set sizes (nested subsets
+of one fixed permutation), the seeds, and the model-selection and report
+settings. Every (kind, n, seed) is a cell; seeds are paired across
 kinds (same subset, same initial key, same training order).
 
 The budget rule is the base experiment's own budget, with a floor:
@@ -28,7 +29,7 @@ report from the recorded cells without training (eval.py).
 
 Several processes (train.py --jax_distributed): every process plans the same
 groups and loads the same data, and each group's cells, side by side, are
-split over every process's devices (`cells.cell_mesh`); every process takes
+split over every process's devices (`stack.cell_mesh`); every process takes
 part in the group checkpoints, and only process 0 writes the config, the cell
 records and the report and prints progress.
 """
@@ -55,9 +56,11 @@ from attnlab import configlib
 from attnlab import data as data_lib
 from attnlab import experiment
 from attnlab import metrics as metrics_lib
+from attnlab import model_fns
 from attnlab import workdir as workdir_lib
 from attnlab.studies import analysis
 from attnlab.studies import cells as cells_lib
+from attnlab.studies import groups as groups_lib
 from attnlab.studies import report as report_lib
 from attnlab.studies import results as results_lib
 
@@ -82,7 +85,7 @@ class StudyConfig:
     max_cells_per_group: most cells trained together (memory).
     vmap_cells: cells computed side by side in a group's program, the rest one
       chunk after another in the same program; 1: one dispatch per cell of a
-      single-cell program (`cells.GroupSetup.vmap_cells`); None: by platform,
+      single-cell program (`groups.GroupSetup.vmap_cells`); None: by platform,
       1 on CPU (where side by side is slower per cell), the whole group on GPU
       and TPU. At least a group's size: that whole group side by side, its
       cells split over the devices (several processes need this).
@@ -132,16 +135,11 @@ class StudyConfig:
       raise _error("target_error", self.target_error, "expected a test error in (0, 1).")
 
   @property
-  def cells(self) -> list[cells_lib.Cell]:
-    return [cells_lib.Cell(k, n, s) for k in self.kinds for n in self.train_sizes for s in self.seeds]
+  def cells(self) -> list[groups_lib.Cell]:
+    return [groups_lib.Cell(k, n, s) for k in self.kinds for n in self.train_sizes for s in self.seeds]
 
 
 _error = functools.partial(checks.field_error, section="study")
-
-
-def is_study(config: ml_collections.ConfigDict) -> bool:
-  """Whether `config` describes a study (it has a `study` section) rather than one run."""
-  return "study" in config
 
 
 def split_config(config: ml_collections.ConfigDict) -> tuple[StudyConfig, experiment.ExperimentConfig]:
@@ -150,9 +148,10 @@ def split_config(config: ml_collections.ConfigDict) -> tuple[StudyConfig, experi
   Raises:
     configlib.ConfigError: a bad study or base-experiment field (named).
   """
-  if not is_study(config):
-    raise configlib.ConfigError("The config has no `study` section; start from a file in "
-                                "configs/sample_efficiency/.")
+  if configlib.engine(config) != "study":
+    raise configlib.ConfigError(
+        f"config.engine={config.engine!r}: a study's config has engine 'study' and a `study` "
+        "section; start from a file in configs/sample_efficiency/.")
   study = configlib.to_dataclass(StudyConfig, config.study, where="config.study")
   base = ml_collections.ConfigDict({k: v for k, v in config.items() if k != "study"})
   exp_cfg = experiment.ExperimentConfig.from_config(base)
@@ -189,7 +188,7 @@ def cell_budget(study: StudyConfig, exp_cfg: experiment.ExperimentConfig, n: int
   return max(study.min_steps, steps)
 
 
-def plan(study: StudyConfig, exp_cfg: experiment.ExperimentConfig) -> list[cells_lib.GroupSpec]:
+def plan(study: StudyConfig, exp_cfg: experiment.ExperimentConfig) -> list[groups_lib.GroupSpec]:
   """The groups: per kind, its cells ordered by budget, in chunks of max_cells_per_group.
 
   Cells with close budgets share a group, so that a finished cell leaving the
@@ -203,7 +202,7 @@ def plan(study: StudyConfig, exp_cfg: experiment.ExperimentConfig) -> list[cells
     chunks = [kind_cells[i:i + study.max_cells_per_group]
               for i in range(0, len(kind_cells), study.max_cells_per_group)]
     for j, chunk in enumerate(chunks):
-      groups.append(cells_lib.GroupSpec(
+      groups.append(groups_lib.GroupSpec(
           name=kind if len(chunks) == 1 else f"{kind}.{j}", cells=tuple(chunk),
           budgets=tuple(cell_budget(study, exp_cfg, c.n) for c in chunk), budget_rule=rule))
   return groups
@@ -219,7 +218,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains every cell of the study not yet recorded in `workdir`, then writes the report.
 
   Args:
-    config: a study config (`is_study`).
+    config: a study config (engine "study").
     workdir: where cells, checkpoints and the report go.
     on_step: called with (group name, step) after every step of a group: a
       seam for notebooks and tests (e.g. to kill the process mid-group).
@@ -262,7 +261,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   return summary
 
 
-def _check_processes(study: StudyConfig, groups: list[cells_lib.GroupSpec]) -> None:
+def _check_processes(study: StudyConfig, groups: list[groups_lib.GroupSpec]) -> None:
   """Refuses several processes unless every group trains side by side (its cells split over them).
 
   Cells one at a time or in chunks stay on one device: every process would
@@ -270,7 +269,7 @@ def _check_processes(study: StudyConfig, groups: list[cells_lib.GroupSpec]) -> N
   over the processes instead is another scheme, worth it only on CPU hosts).
   """
   largest, chunk = max(len(g.cells) for g in groups), vmap_cells(study)
-  if jax.process_count() > 1 and not cells_lib.side_by_side(chunk, largest):
+  if jax.process_count() > 1 and not groups_lib.side_by_side(chunk, largest):
     raise configlib.ConfigError(
         f"config.study.vmap_cells={study.vmap_cells!r} trains {chunk} cell(s) of a group at a "
         f"time on one device, and this is one of {jax.process_count()} processes: set "
@@ -291,7 +290,7 @@ def render(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def prepare(study: StudyConfig, exp_cfg: experiment.ExperimentConfig
-            ) -> dict[str, cells_lib.GroupSetup]:
+            ) -> dict[str, groups_lib.GroupSetup]:
   """Opens the data (in memory) and builds, per kind, what its groups share (data included).
 
   For callers that train groups themselves (benchmarks, notebooks, tests);
@@ -311,15 +310,15 @@ def prepare(study: StudyConfig, exp_cfg: experiment.ExperimentConfig
         f"config.batch_size={exp_cfg.trainer.batch_size} is larger than the smallest training "
         f"set, config.study.train_sizes[0]={min(study.train_sizes)}: every batch would repeat "
         "examples. Lower the batch size or drop the smallest sizes.")
-  data = cells_lib.StudyData.load(exp.datasets, exp.trainer.eval_batch_size)
+  data = groups_lib.StudyData.load(exp.datasets, exp.trainer.eval_batch_size)
   num_steps = max(cell_budget(study, exp_cfg, n) for n in study.train_sizes)
   setups = {}
   for kind in study.kinds:
     kind_cfg = dataclasses.replace(exp_cfg, model_fields={**exp_cfg.model_fields, "attention": kind})
     with experiment.as_config_error():
       model = kind_cfg.model_config(exp.datasets.spec)
-    fns = experiment.experiment_fns(model, exp_cfg.optim, num_steps, exp_cfg.trainer.label_smoothing)
-    setups[kind] = cells_lib.GroupSetup(
+    fns = model_fns.experiment_fns(model, exp_cfg.optim, num_steps, exp_cfg.trainer.label_smoothing)
+    setups[kind] = groups_lib.GroupSetup(
         fns=fns, data=data, batch_size=exp_cfg.trainer.batch_size,
         eval_batch_size=exp_cfg.trainer.eval_batch_size, eval_every_steps=study.eval_every_steps,
         vmap_cells=vmap_cells(study))
@@ -333,7 +332,7 @@ def vmap_cells(study: StudyConfig) -> int | None:
   return 1 if jax.default_backend() == "cpu" else None
 
 
-def _train_group(group: cells_lib.GroupSpec, setup: cells_lib.GroupSetup, workdir: str,
+def _train_group(group: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, workdir: str,
                  study: StudyConfig, progress: _StudyProgress,
                  on_step: Callable[[str, int], None] | None) -> int | None:
   """Trains (or resumes) one group, recording each cell as it finishes; returns the resumed step."""
@@ -378,7 +377,7 @@ def _cell_path(workdir: str, name: str) -> str:
 
 def _record_cell(workdir: str, result: results_lib.CellResult) -> None:
   """<workdir>/cells/<cell>.json, written atomically as soon as the cell has finished."""
-  name = cells_lib.Cell(result.kind, result.n, result.seed).name
+  name = groups_lib.Cell(result.kind, result.n, result.seed).name
   os.makedirs(os.path.join(workdir, CELLS_DIR), exist_ok=True)
   results_lib.save_cells([result], _cell_path(workdir, name))
 
@@ -387,7 +386,7 @@ def _recorded_cells(workdir: str) -> dict[str, results_lib.CellResult]:
   found = {}
   for path in glob.glob(os.path.join(workdir, CELLS_DIR, "*.json")):
     (cell,) = results_lib.load_cells(path)
-    found[cells_lib.Cell(cell.kind, cell.n, cell.seed).name] = cell
+    found[groups_lib.Cell(cell.kind, cell.n, cell.seed).name] = cell
   return found
 
 
@@ -431,7 +430,7 @@ class _StudyProgress:
     self._work, self._cells, self._total_cells = done_work, done_cells, total_cells
     self._group = ""
 
-  def start_group(self, group: cells_lib.GroupSpec, step: int) -> None:
+  def start_group(self, group: groups_lib.GroupSpec, step: int) -> None:
     self._group = group.name
     # A group resumed at `step`: each cell has done min(budget, step) steps.
     self._work += sum(min(b, step) for b in group.budgets)

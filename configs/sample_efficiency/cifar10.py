@@ -27,6 +27,7 @@ n = 500 to about 25-30% at n = 45,000; several GPU-hours.
 import ml_collections
 
 from attnlab import configlib
+from attnlab import experiment
 from attnlab.data import DataConfig
 from attnlab.models import ViTConfig
 from attnlab.optim import OptimConfig
@@ -37,7 +38,11 @@ ALL_KINDS = ("sigmoid", "softmax", "relu", "softplus", "linear", "polynomial", "
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_arg(arg, quick=False, all=False)
-  config = ml_collections.ConfigDict()
+  # A study: the single run's seed and its log, eval and checkpoint cadence do not
+  # apply (`experiment.SINGLE_RUN_FIELDS`); it sets its own in config.study.
+  config = experiment.new_config(
+      "study", model_name="vit", batch_size=256, eval_batch_size=500,
+      num_epochs=50, label_smoothing=0.1)
 
   config.study = configlib.from_dataclass(
       StudyConfig, kinds=ALL_KINDS if args.all else ("sigmoid", "softmax"),
@@ -49,23 +54,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       DataConfig, name="cifar10", train_split="train", eval_split="test",
       validation_examples=5_000)
 
-  config.model_name = "vit"
   config.model = configlib.from_dataclass(
       ViTConfig, exclude=("num_classes", "image_size", "num_channels"), patch_size=None,
       attention="sigmoid", qk_norm="rms", pool="gap", dropout_rate=0.1)
   config.model.variant = "Ti/4"
 
-  config.batch_size = 256
-  config.num_epochs = configlib.nullable(50, float)
-  config.total_steps = configlib.nullable(None, int)
-  config.total_examples = configlib.nullable(None, int)
-
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=1e-3, weight_decay=0.05)
-  config.label_smoothing = 0.1
-
-  # The single run's log, eval and checkpoint cadence do not apply: a study
-  # sets its own in config.study.
-  config.eval_batch_size = 500
 
   if args.quick:
     config.study.update(train_sizes=(8, 16), seeds=(0, 1), min_steps=4, eval_every_steps=2,

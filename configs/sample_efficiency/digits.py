@@ -52,6 +52,7 @@ same code (float rounding is one more source of variation), and its report says 
 import ml_collections
 
 from attnlab import configlib
+from attnlab import experiment
 from attnlab.data import DataConfig
 from attnlab.models import ViTConfig
 from attnlab.optim import OptimConfig
@@ -67,7 +68,11 @@ ALL_KINDS = ("sigmoid", "softmax", "relu", "softplus", "linear", "polynomial", "
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_arg(arg, quick=False, all=False, long=False, tune=False)
-  config = ml_collections.ConfigDict()
+  # A study: the single run's seed and its log, eval and checkpoint cadence do not
+  # apply (`experiment.SINGLE_RUN_FIELDS`); it sets its own in config.study.
+  config = experiment.new_config(
+      "study", model_name="vit", batch_size=64, eval_batch_size=300,
+      num_epochs=30, label_smoothing=0.1)
 
   config.study = configlib.from_dataclass(
       StudyConfig,
@@ -86,7 +91,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       validation_examples=300,  # carved once from the training split; never trained on
   )
 
-  config.model_name = "vit"
   config.model = configlib.from_dataclass(
       ViTConfig, exclude=("num_classes", "image_size", "num_channels"), patch_size=None,
       attention="sigmoid",  # each cell sets its kind
@@ -95,11 +99,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       width=None, depth=2, num_heads=None, mlp_dim=None,
   )
   config.model.variant = "mu/2"  # width 64, 4 heads, MLP 256; 2x2 patches: 16 tokens
-
-  config.batch_size = 64
-  config.num_epochs = configlib.nullable(30, float)
-  config.total_steps = configlib.nullable(None, int)
-  config.total_examples = configlib.nullable(None, int)
 
   if args.long:
     config.num_epochs, config.study.min_steps = 60.0, 1000
@@ -112,11 +111,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # decay's time scale 1 / (lr * wd): ~6,700 steps at 3e-3 x 0.05, 50 here). At 1e-2 x 0.5
   # (200 steps) the small subsets still improved when the budget doubled; at 2.0 they do not.
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=1e-2, weight_decay=2.0)
-  config.label_smoothing = 0.1
-
-  # The single run's log, eval and checkpoint cadence do not apply: a study
-  # sets its own in config.study.
-  config.eval_batch_size = 300
 
   if args.quick:
     config.study.update(train_sizes=(32, 64), seeds=(0, 1), min_steps=6, eval_every_steps=3,

@@ -38,6 +38,7 @@ at n = 55,000 for both kinds.
 import ml_collections
 
 from attnlab import configlib
+from attnlab import experiment
 from attnlab.data import DataConfig
 from attnlab.models import ViTConfig
 from attnlab.optim import OptimConfig
@@ -49,7 +50,11 @@ ALL_KINDS = ("sigmoid", "softmax", "relu", "softplus", "linear", "polynomial", "
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_arg(arg, quick=False, all=False, long=False, tune=False)
-  config = ml_collections.ConfigDict()
+  # A study: the single run's seed and its log, eval and checkpoint cadence do not
+  # apply (`experiment.SINGLE_RUN_FIELDS`); it sets its own in config.study.
+  config = experiment.new_config(
+      "study", model_name="vit", batch_size=128, eval_batch_size=1000,
+      num_epochs=10, label_smoothing=0.1)
 
   config.study = configlib.from_dataclass(
       StudyConfig,
@@ -68,7 +73,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       validation_examples=5_000,  # carved once from the training split; never trained on
   )
 
-  config.model_name = "vit"
   config.model = configlib.from_dataclass(
       ViTConfig, exclude=("num_classes", "image_size", "num_channels"), patch_size=None,
       attention="sigmoid",  # each cell sets its kind
@@ -77,11 +81,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   config.model.variant = "mu/7"  # width 64, 4 heads, MLP 256; 7x7 patches: 16 tokens
 
-  config.batch_size = 128
-  config.num_epochs = configlib.nullable(10, float)
-  config.total_steps = configlib.nullable(None, int)
-  config.total_examples = configlib.nullable(None, int)
-
   if args.long:
     config.num_epochs, config.study.min_steps = 20.0, 1000
   if args.tune:  # hyperparameters are chosen without the test split (docs/results.md)
@@ -89,11 +88,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.study.update(train_sizes=(250, 1000, 4000), seeds=(0, 1))
 
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=1e-2, weight_decay=2.0)
-  config.label_smoothing = 0.1
-
-  # The single run's log, eval and checkpoint cadence do not apply: a study
-  # sets its own in config.study.
-  config.eval_batch_size = 1000
 
   if args.quick:
     config.study.update(train_sizes=(8, 16), seeds=(0, 1), min_steps=4, eval_every_steps=2,

@@ -34,6 +34,7 @@ n = 100 to about 1.5% at n = 55,000 for both kinds; half an hour on one GPU.
 import ml_collections
 
 from attnlab import configlib
+from attnlab import experiment
 from attnlab.data import DataConfig
 from attnlab.models import ViTConfig
 from attnlab.optim import OptimConfig
@@ -47,7 +48,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if args.dataset not in ("mnist", "fashion_mnist"):
     raise ValueError(f"configs/sample_efficiency/mnist.py: dataset={args.dataset!r}; expected "
                      "mnist or fashion_mnist.")
-  config = ml_collections.ConfigDict()
+  # A study: the single run's seed and its log, eval and checkpoint cadence do not
+  # apply (`experiment.SINGLE_RUN_FIELDS`); it sets its own in config.study.
+  config = experiment.new_config(
+      "study", model_name="vit", batch_size=128, eval_batch_size=500,
+      num_epochs=10, label_smoothing=0.1)
 
   config.study = configlib.from_dataclass(
       StudyConfig, kinds=ALL_KINDS if args.all else ("sigmoid", "softmax"),
@@ -59,24 +64,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       DataConfig, name=args.dataset, train_split="train", eval_split="test",
       validation_examples=5_000)
 
-  config.model_name = "vit"
   # mu = width 64, depth 4, 4 heads, MLP 256; /4 = 4x4 patches: 49 tokens.
   config.model = configlib.from_dataclass(
       ViTConfig, exclude=("num_classes", "image_size", "num_channels"), patch_size=None,
       attention="sigmoid", qk_norm="rms", pool="gap", dropout_rate=0.1)
   config.model.variant = "mu/4"
 
-  config.batch_size = 128
-  config.num_epochs = configlib.nullable(10, float)
-  config.total_steps = configlib.nullable(None, int)
-  config.total_examples = configlib.nullable(None, int)
-
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=2e-3, weight_decay=0.05)
-  config.label_smoothing = 0.1
-
-  # The single run's log, eval and checkpoint cadence do not apply: a study
-  # sets its own in config.study.
-  config.eval_batch_size = 500
 
   if args.quick:
     config.study.update(train_sizes=(8, 16), seeds=(0, 1), min_steps=4, eval_every_steps=2,

@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                              partial=False, oracle=False, **{e: False for e in EXPERT_NAMES})
   only = tuple(e for e in EXPERT_NAMES if args[e])
   config = ml_collections.ConfigDict()
+  config.engine = "moe"
   config.moe = configlib.from_dataclass(
       MoEStudyConfig,
       family="attention" if args.attention else "moe",

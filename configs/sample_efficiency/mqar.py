@@ -38,6 +38,7 @@ not samples; softmax's n = 8,000 failures are still on the plateau at 2,000 step
 import ml_collections
 
 from attnlab import configlib
+from attnlab import experiment
 from attnlab.data import DataConfig
 from attnlab.data import MQARSpec
 from attnlab.models import TransformerConfig
@@ -49,7 +50,11 @@ ALL_KINDS = ("sigmoid", "softmax", "relu", "softplus", "linear", "polynomial", "
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_arg(arg, quick=False, all=False)
-  config = ml_collections.ConfigDict()
+  # A study: the single run's seed and its log, eval and checkpoint cadence do not
+  # apply (`experiment.SINGLE_RUN_FIELDS`); it sets its own in config.study.
+  config = experiment.new_config(
+      "study", model_name="transformer", batch_size=64, eval_batch_size=250,
+      total_steps=1_000)
 
   config.study = configlib.from_dataclass(
       StudyConfig,
@@ -71,25 +76,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                     seq_len=32),
   )
 
-  config.model_name = "transformer"
   config.model = configlib.from_dataclass(
       TransformerConfig, exclude=("vocab_size", "max_len", "num_classes"),
       width=64, depth=2, num_heads=2, attention="sigmoid", positions="rope", causal=True,
       qk_norm="rms",
   )
 
-  config.batch_size = 64
-  config.total_steps = configlib.nullable(1_000, int)
-  config.num_epochs = configlib.nullable(None, float)
-  config.total_examples = configlib.nullable(None, int)
-
   config.optim = configlib.from_dataclass(OptimConfig, learning_rate=3e-3, weight_decay=0.1,
                                           warmup_fraction=0.1)
-  config.label_smoothing = 0.0
-
-  # The single run's log, eval and checkpoint cadence do not apply: a study
-  # sets its own in config.study.
-  config.eval_batch_size = 250
 
   if args.quick:
     config.study.update(train_sizes=(32, 64), seeds=(0, 1), eval_every_steps=3,
