@@ -41,9 +41,8 @@ def _fmt_ci(ci: tuple[float, float]) -> str:
 
 
 # Below this many paired seeds a percentile interval over seeds is too narrow to read as
-# evidence: resampling N seeds gives at most C(2N-1, N) distinct draws (10 for N = 3), and
-# on digits seeds 0-2 gave a ratio of 0.83 [0.78, 0.90] where seeds 0-9 give 1.00
-# [0.89, 1.16] (docs/results.md, "Ten seeds").
+# evidence: resampling N seeds gives at most C(2N-1, N) distinct draws (10 for N = 3); the
+# digits study shows what that did to its 3-seed ratio (docs/results.md, "Ten seeds").
 MIN_SEEDS_FOR_EVIDENCE = 10
 
 

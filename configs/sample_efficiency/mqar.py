@@ -17,22 +17,11 @@ Budget rule: fixed steps (1,000 at batch 64) for every size: a small set is
 seen many times, a large one about once, so a cell's error measures what n
 examples can teach, not how many updates it got.
 
-Expected (measured, seeds 0-2, 2 CPU cores shared with other jobs, jax
-0.12.0.1; 30 min 31 s for the 30 cells): answer error, mean ± half-width of
-the 95% t-interval, and the seeds that solved the task (error < 5%):
-
-  n          500           1000           2000         4000         8000
-  sigmoid  75.2±3.7% 0/3   7.2±28% 2/3   0.0±0.1% 3/3  0.0±0.0% 3/3  0.0±0.0% 3/3
-  softmax  74.6±4.5% 0/3   44±95%  1/3   0.1±0.3% 3/3  0.1±0.3% 3/3  31±68%   1/3
-
-Samples to 10% error: sigmoid 972, softmax 1,713; softmax/sigmoid ratio 1.76
-[1.00, 1.95]. Learning is a phase transition between 500 and 2,000 sequences,
-not a power law. Softmax's two failures at n = 8,000 end with training loss
-0.8 (sigmoid's: 0.001): an optimisation plateau within the 1,000-step budget
-(as in configs/mqar_transformer.py), not a lack of data; docs/results.md.
-Budget NOT converged: with 2,000 steps every n = 1,000 cell of both kinds solves
-the task (softmax 0.3/0.1/1.5%), so the ratio 1.76 measures optimisation speed,
-not samples; softmax's n = 8,000 failures are still on the plateau at 2,000 steps.
+Expected (measured, seeds 0-2, 2 shared CPU cores, jax 0.12.0.1; 30 min 31 s for the 30
+cells): a phase transition between 500 and 2,000 sequences; samples to 10% error sigmoid 972,
+softmax 1,713 (ratio 1.76 [1.00, 1.95]), but the budget has NOT converged: with 2,000 steps
+every n = 1,000 cell of both kinds solves the task, so the ratio measures optimisation speed,
+not samples. Tables and the budget check: docs/results.md, "MQAR".
 """
 
 import ml_collections
