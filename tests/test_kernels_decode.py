@@ -19,7 +19,7 @@ from flax import nnx
 
 from attnlab import attention
 from attnlab.attention import api
-from attnlab.kernels import capabilities, decode_attention
+from attnlab.kernels import capabilities, common, decode_attention
 from attnlab.models import Transformer, TransformerConfig
 from attnlab.models import decode as dec
 
@@ -207,3 +207,31 @@ def test_attend_pallas_with_q_offset_refuses_segment_ids():
   with pytest.raises(ValueError, match="decode kernel.*takes no q_segment_ids"):
     attention.attend(q, k, v, kind="softmax", impl="pallas", is_causal=True, q_offset=2,
                      q_segment_ids=seg, kv_segment_ids=jnp.zeros((1, 32), jnp.int32))
+
+# ------------------------------------------------- native lowering (no device needed)
+@pytest.mark.parametrize("kind,dtype", [("sigmoid", jnp.bfloat16), ("softmax", jnp.float32)])
+def test_native_gpu_kernel_lowers(kind, dtype, monkeypatch):
+  """The decode kernel lowers to Triton for an abstract H200 (block shapes, the scalar
+  offset block, tanh.approx), as tests/test_kernels.py checks the training kernels; running
+  it natively needs the GPU (benchmarks/gpu_check.sh)."""
+  export = pytest.importorskip("jax.export")
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    pytest.skip("this jax has no abstract devices for cross-platform Pallas lowering")
+  monkeypatch.setattr(common, "resolve_backend", lambda b, i: ("gpu", False))  # lower, not run
+  q = jax.ShapeDtypeStruct((2, 1, 8, 80), dtype)
+  k = jax.ShapeDtypeStruct((2, 1000, 2, 80), dtype)
+  offset = jax.ShapeDtypeStruct((), jnp.int32)
+
+  def step(q, k, v, offset):
+    return decode_attention(q, k, v, offset, kind=kind, sigmoid_bias=None)
+
+  try:
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=1, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  except TypeError as e:  # older jax: a different abstract-device API
+    pytest.skip(f"this jax cannot build an abstract H200: {e}")
+  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  with jax.sharding.use_abstract_mesh(mesh):
+    exported = export.export(jax.jit(step), platforms=["cuda"], disabled_checks=checks)(
+        q, k, k, offset)
+  assert exported.mlir_module().count("xla.gpu.triton") == 1
