@@ -1,8 +1,9 @@
 """attnlab.kernels.decode_attention (split-key decoding) against a float64 NumPy reference and
 attend(impl="xla", q_offset=...), and the pallas models' decoding through it.
 
-On CPU the kernel runs in Pallas interpret mode at tiny shapes with 16-key tiles, so a
-cache of 50 slots is 4 tiles (the last one padded) shared out among the splits. The
+On CPU both backends run in Pallas interpret mode (GPU-style and TPU) at tiny shapes: GPU
+16-key tiles, so a cache of 50 slots is 4 tiles (the last one padded), TPU 128-key tiles
+(its minimum), so a cache of 300 slots is 3 tiles, shared out among the splits. The
 cache slots past the valid length hold large random values: they must get no weight.
 The decoding position is traced, so one compilation serves every position tested.
 """
@@ -25,10 +26,13 @@ from attnlab.models import decode as dec
 
 PLATFORM = jax.default_backend()
 ON_GPU = PLATFORM in ("gpu", "cuda", "rocm")
+ON_TPU = PLATFORM == "tpu"
 
 pytestmark = pytest.mark.usefixtures("fast_xla_compile")
 
-KV_LEN, HEAD_DIM, BLOCK_K = 50, 32, 16
+HEAD_DIM = 32
+# (cache slots, key tile) per backend: several tiles, the last one padded.
+SIZES = {"gpu": (50, 16), "tpu": (300, 128)}
 TOL = {"float32": dict(atol=2e-5, rtol=1e-5), "bfloat16": dict(atol=2e-2, rtol=2e-2)}
 
 
@@ -54,11 +58,11 @@ def np_decode(q, k, v, offset, *, kind, scale, bias):
   return np.einsum("bhqk,bkhd->bqhd", p, ve)
 
 
-def make_inputs(q_len, heads, kv_heads, dtype="float32", seed=0):
+def make_inputs(q_len, kv_len, heads, kv_heads, dtype="float32", seed=0):
   rng = np.random.default_rng(seed)
   q = rng.normal(size=(2, q_len, heads, HEAD_DIM))
-  k = rng.normal(size=(2, KV_LEN, kv_heads, HEAD_DIM))
-  v = rng.normal(size=(2, KV_LEN, kv_heads, HEAD_DIM))
+  k = rng.normal(size=(2, kv_len, kv_heads, HEAD_DIM))
+  v = rng.normal(size=(2, kv_len, kv_heads, HEAD_DIM))
   return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
@@ -69,10 +73,10 @@ def with_garbage(x, valid_len, seed):
   return jnp.where(slots, jnp.asarray(noise, x.dtype), x)
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "num_splits"))
-def kernel(q, k, v, offset, bias, *, kind, num_splits):
+@functools.partial(jax.jit, static_argnames=("kind", "num_splits", "backend"))
+def kernel(q, k, v, offset, bias, *, kind, num_splits, backend):
   return decode_attention(q, k, v, offset, kind=kind, sigmoid_bias=bias, num_splits=num_splits,
-                          block_k=BLOCK_K, interpret=True)
+                          block_k=SIZES[backend][1], backend=backend, interpret=True)
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
@@ -95,22 +99,25 @@ CASES = [(1, 4, 2, "float32"), (3, 4, 2, "float32"), (1, 2, 1, "float32"),
          (3, 2, 1, "float32"), (3, 4, 2, "bfloat16")]
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("q_len,heads,kv_heads,dtype", CASES)
-def test_matches_numpy_float64_and_attend_xla(kind, q_len, heads, kv_heads, dtype):
-  q, k, v = make_inputs(q_len, heads, kv_heads, dtype)
+def test_matches_numpy_float64_and_attend_xla(kind, q_len, heads, kv_heads, dtype, backend):
+  kv_len = SIZES[backend][0]
+  q, k, v = make_inputs(q_len, kv_len, heads, kv_heads, dtype)
   # Sigmoid: one bias per query head around the default (a kernel reading the wrong head's
   # scalar would be caught); softmax takes none.
-  bias = (jnp.asarray(-np.log(KV_LEN) + np.linspace(-1, 1, heads), jnp.float32)
+  bias = (jnp.asarray(-np.log(kv_len) + np.linspace(-1, 1, heads), jnp.float32)
           if kind == "sigmoid" else None)
   # The first position (the first split alone has keys), one inside a tile, and the last.
-  for offset in (0, 21, KV_LEN - q_len):
+  for offset in (0, kv_len // 2 - 4, kv_len - q_len):
     kk, vv = with_garbage(k, offset + q_len, 1), with_garbage(v, offset + q_len, 2)
     want = np_decode(q, kk, vv, offset, kind=kind, scale=HEAD_DIM ** -0.5,
                      bias=None if bias is None else np.asarray(bias))
-    one = kernel(q, kk, vv, jnp.int32(offset), bias, kind=kind, num_splits=1)
-    split = kernel(q, kk, vv, jnp.int32(offset), bias, kind=kind, num_splits=3)
-    what = f"{kind} Lq={q_len} H={heads}/{kv_heads} {dtype} offset={offset}"
+    run = functools.partial(kernel, q, kk, vv, jnp.int32(offset), bias, kind=kind,
+                            backend=backend)
+    one, split = run(num_splits=1), run(num_splits=3)
+    what = f"{backend}/{kind} Lq={q_len} H={heads}/{kv_heads} {dtype} offset={offset}"
     assert one.shape == q.shape and one.dtype == q.dtype, what
     check(one, want, dtype, f"{what}, 1 split")
     check(split, want, dtype, f"{what}, 3 splits")
@@ -172,7 +179,7 @@ def test_pallas_model_decodes_like_its_xla_twin(kind):
 def test_auto_picks_the_decode_kernel_only_where_it_exists(monkeypatch):
   q, k = jnp.zeros((1, 1, 4, 16)), jnp.zeros((1, 64, 2, 16))
   long_q = jnp.zeros((1, capabilities.DECODE_MAX_Q_LEN + 1, 4, 16))
-  for platform, want in (("cpu", "xla"), ("gpu", "pallas"), ("tpu", "xla")):
+  for platform, want in (("cpu", "xla"), ("gpu", "pallas"), ("tpu", "pallas")):
     monkeypatch.setattr(api, "platform", lambda p=platform: p)
     assert api.auto_impl("sigmoid", q, k, k, q_offset=3) == want, platform
     assert api.auto_impl("softmax", long_q, k, k, q_offset=3) == "xla", platform
@@ -193,7 +200,8 @@ def _qkv(lq=1, lk=32, h=4, hkv=2, d=16, dtype=jnp.float32):
     (_qkv(), dict(kind="relu"), "kind must be one of"),
     (_qkv(), dict(num_splits=0), "num_splits must be a positive int"),
     (_qkv(), dict(block_k=24), "power of two >= 16"),
-    (_qkv(), dict(backend="tpu", interpret=True), "no decode kernel for backend='tpu'"),
+    (_qkv(), dict(backend="tpu", block_k=64, interpret=True), "multiple of 128"),
+    (_qkv(), dict(backend="cuda"), "backend must be one of"),
     (_qkv(dtype=jnp.int32), {}, "unsupported dtype"),
     (_qkv(h=3, hkv=2), {}, "multiple of num_kv_heads"),
     (_qkv(), dict(num_warps=3), "num_warps must be one of"),
@@ -211,14 +219,28 @@ def test_attend_pallas_with_q_offset_refuses_segment_ids():
     attention.attend(q, k, v, kind="softmax", impl="pallas", is_causal=True, q_offset=2,
                      q_segment_ids=seg, kv_segment_ids=jnp.zeros((1, 32), jnp.int32))
 
-# ------------------------------------------------------------------- native (GPU) runs
+# ------------------------------------------------------------- native (GPU / TPU) runs
+NATIVE = dict(argnames="kind,dtype,q_len", argvalues=[
+    (kind, dtype, q_len) for kind in ("sigmoid", "softmax")
+    for dtype in ("float32", "bfloat16") for q_len in (1, 4)])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason=f"needs a GPU; platform is {PLATFORM}")
-@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("q_len", [1, 4])
+@pytest.mark.parametrize(**NATIVE)
 def test_native_gpu_kernel_matches_reference(kind, dtype, q_len):
-  """The native Triton kernel, default tiles and splits: a 3000-slot cache (padded to whole
+  _native(kind, dtype, q_len)
+
+
+@pytest.mark.tpu
+@pytest.mark.skipif(not ON_TPU, reason=f"needs a TPU; platform is {PLATFORM}")
+@pytest.mark.parametrize(**NATIVE)
+def test_native_tpu_kernel_matches_reference(kind, dtype, q_len):
+  _native(kind, dtype, q_len)
+
+
+def _native(kind, dtype, q_len):
+  """The native kernel, default tiles and splits: a 3000-slot cache (padded to whole
   tiles), GQA 8 on 2, D = 128, stale slots past the valid length."""
   rng = np.random.default_rng(5)
   q = jnp.asarray(rng.normal(size=(2, q_len, 8, 128)), dtype)
@@ -260,3 +282,30 @@ def test_native_gpu_kernel_lowers(kind, dtype, monkeypatch):
     exported = export.export(jax.jit(step), platforms=["cuda"], disabled_checks=checks)(
         q, k, k, offset)
   assert exported.mlir_module().count("xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("kind,dtype", [("sigmoid", jnp.bfloat16), ("softmax", jnp.float32)])
+def test_native_tpu_kernel_lowers(kind, dtype, monkeypatch):
+  """The decode kernel lowers to Mosaic for an abstract TPU (scalar prefetch, the column
+  blocks of the [B, Lk, Hkv * D] cache view, the (8, 128) tiling)."""
+  export = pytest.importorskip("jax.export")
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    pytest.skip("this jax has no abstract devices for cross-platform Pallas lowering")
+  monkeypatch.setattr(common, "resolve_backend", lambda b, i: ("tpu", False))  # lower, not run
+  q = jax.ShapeDtypeStruct((2, 3, 8, 128), dtype)
+  k = jax.ShapeDtypeStruct((2, 1000, 2, 128), dtype)
+  offset = jax.ShapeDtypeStruct((), jnp.int32)
+
+  def step(q, k, v, offset):
+    return decode_attention(q, k, v, offset, kind=kind, sigmoid_bias=None)
+
+  try:
+    device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  except TypeError as e:  # older jax: a different abstract-device API
+    pytest.skip(f"this jax cannot build an abstract TPU: {e}")
+  checks = [export.DisabledSafetyCheck.custom_call("tpu_custom_call")]
+  with jax.sharding.use_abstract_mesh(mesh):
+    exported = export.export(jax.jit(step), platforms=["tpu"], disabled_checks=checks)(
+        q, k, k, offset)
+  assert exported.mlir_module().count("tpu_custom_call") == 1

@@ -24,8 +24,8 @@ TAKES_MASK_AND_BIAS_ARRAYS = False
 # KV cache, forward only. The same kinds, and the same input dtypes (float32, bfloat16,
 # float16; float32 accumulation) as the training kernels.
 DECODE_KINDS = KINDS
-# The kernel families it exists for. TPU decoding runs the jnp paths (`impl="split"`).
-DECODE_BACKENDS = ("gpu",)
+# The kernel families it exists for (GPU: Triton, `decode_gpu`; TPU: Mosaic, `decode_tpu`).
+DECODE_BACKENDS = ("gpu", "tpu")
 # At most this many queries per call (one decoded token, or a short chunk of them): the
 # G * Lq rows of a GQA group (padded to a power of two) form one tile of queries.
 DECODE_MAX_Q_LEN = 16

@@ -9,7 +9,7 @@ and row sum and the merge is the log-sum-exp one (Dao et al., Flash-Decoding, 20
 
 Forward only (decoding takes no gradient). This file validates, lays the queries of
 each GQA group out as the rows of one tile, pads, calls the backend (one per file:
-`decode_gpu`) and merges. The plain jnp reference it must match is
+`decode_gpu` for Triton, `decode_tpu` for Mosaic) and merges. The plain jnp reference it must match is
 `attnlab.attention.attend(impl="xla", is_causal=True, q_offset=...)`; the jnp split
 impl (`impl="split"`) is the same algorithm without the kernel.
 """
@@ -25,9 +25,10 @@ import numpy as np
 from attnlab.kernels import capabilities
 from attnlab.kernels import common
 from attnlab.kernels import decode_gpu
+from attnlab.kernels import decode_tpu
 from attnlab.kernels.common import DecodeConfig
 
-_BACKENDS = {"gpu": decode_gpu}
+_BACKENDS = {"gpu": decode_gpu, "tpu": decode_tpu}
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Any, *,
@@ -51,13 +52,14 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Any, *,
     scale: logit scale; default 1 / sqrt(D).
     num_splits: key ranges per (batch, kv head) run in parallel (default: enough programs
       to fill a GPU, at most one per key tile). The result does not depend on it.
-    block_k: key tile length (GPU: a power of two >= 16); default 128 for 16-bit inputs
-      and 64 for float32, halved while it does not divide Lk (a cache of a multiple of the
-      tile is never padded, i.e. copied).
-    backend: "gpu" (Triton); default from the platform, the GPU kernel in interpret mode
-      on CPU. TPU has no decode kernel yet (use `attend(impl="split")`).
-    interpret: run in Pallas interpret mode; default True exactly off a GPU.
-    num_warps, num_stages: Triton's (defaults 4 and 2).
+    block_k: key tile length. GPU: a power of two >= 16, default 128 for 16-bit inputs
+      and 64 for float32; TPU: a multiple of 128, default 512; halved while it does not
+      divide Lk (a cache of a multiple of the tile is never padded, i.e. copied).
+    backend: "gpu" (Triton) or "tpu" (Mosaic); default from the platform, the GPU kernel
+      in interpret mode on CPU.
+    interpret: run in Pallas interpret mode; default True exactly when the backend does
+      not match the platform.
+    num_warps, num_stages: GPU only, Triton's (defaults 4 and 2).
 
   Returns:
     [B, Lq, H, Dv] in q.dtype.
@@ -77,7 +79,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Any, *,
                      "attnlab.attention.attend(impl='split', q_offset=...) there.")
   scale = common.check_scalar("scale", scale)
   module = _BACKENDS[backend]
-  if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+  if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):  # ignored on TPU
     raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16 (Triton); got {num_warps!r}.")
   if num_stages is not None and not (isinstance(num_stages, int) and num_stages >= 1):
     raise ValueError(f"num_stages must be a positive int (Triton pipelining); got {num_stages!r}.")

@@ -69,7 +69,7 @@ class DecodeImpl:
   def for_tokens(self, q_len: int, head_dim: int) -> DecodeImpl:
     """The impl a call with `q_len` new tokens runs: "pallas" only where the decode kernel
     takes the call (`attention.pallas_decodes`: its backend, up to its query limit), the
-    prompt (prefill) and kernel-less backends (TPU) "auto", i.e. the jnp paths."""
+    prompt (prefill) and backends without a decode kernel "auto", i.e. the jnp paths."""
     backend = dict(self.options).get("backend")
     if self.impl == "pallas" and not attention.pallas_decodes(q_len, head_dim, backend):
       return DecodeImpl("auto")
