@@ -4,11 +4,17 @@
 
 One decode step of a small Transformer LM (`attnlab.models.decode`): one new token per
 sequence attending to a cache of L tokens (its slots filled; the step sits at position
-L - 1), for sigmoid and softmax, with the model's own attention impl ("auto": on CPU
-the blockwise scan from 2,048 keys on, below that the materialising path) and with the
-split-key impl (`key_splits` blocks run side by side, then merged). Every row is
-measured in the same run; the table gives medians and the ratios split/unsplit and
-sigmoid/softmax. CPU timings are noisy on shared machines: trust the ratios.
+L - 1), for sigmoid and softmax, with the jnp path the model's "auto" impl takes off the
+fused kernels (the blockwise scan from 2,048 keys on, below that the materialising
+path: "unsplit"), with the split-key jnp impl (`key_splits` blocks run side by side, then
+merged: "split") and, on a GPU, with the split-key Pallas decode kernel
+(`kernels.decode_attention`, what a pallas model decodes with: "pallas"). Off a GPU the
+kernel would run in Pallas interpret mode, which times the interpreter, so its columns
+are skipped there (a note says so). A row for linear attention decodes from its recurrent
+state: O(1) in L (the cache length only sets max_len), no split or kernel path. Every
+row is measured in the same run; the table gives medians and the ratios split/unsplit,
+pallas/split and sigmoid/softmax. CPU timings are noisy on shared machines: trust the
+ratios.
 """
 
 from __future__ import annotations
@@ -22,25 +28,40 @@ from flax import nnx
 
 from timing import median_ms  # benchmarks/timing.py
 
+from attnlab import attention
+from attnlab.attention import api
 from attnlab.models import Transformer, TransformerConfig
 from attnlab.models import decode
 from attnlab.models.layers import KVCache
 
 KINDS = ("sigmoid", "softmax")
+RECURRENT_KIND = "linear"  # O(1) per token: its state does not grow with L
 
 
-def step_ms(kind: str, length: int, batch: int, key_splits: int | None, args) -> float:
-  """Median ms of one decode step at position length - 1 of a cache of `length` slots."""
+def step_ms(kind: str, length: int, batch: int, path: str, args) -> float:
+  """Median ms of one decode step at position length - 1 of a cache of `length` slots.
+
+  path: "unsplit" (the jnp impl "auto" picks off the kernels), "split" or "pallas".
+  """
   cfg = TransformerConfig(width=args.width, depth=args.depth, num_heads=args.heads,
                           num_kv_heads=args.kv_heads, vocab_size=256, max_len=length,
-                          attention=kind)
+                          attention=kind, attention_impl="pallas" if path == "pallas" else "xla",
+                          dtype=args.dtype)
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   empty = decode.init_cache(model, batch)
-  noise = lambda x, s: jax.random.normal(jax.random.key(s), x.shape, x.dtype)  # noqa: E731
-  state = decode.DecodeState(KVCache(noise(empty.cache.k_BLhD, 1), noise(empty.cache.v_BLhD, 2)),
-                             jnp.int32(length - 1))
-  impl = decode.decode_impl(model, key_splits)
+  if isinstance(empty.cache, KVCache):
+    noise = lambda x, s: jax.random.normal(jax.random.key(s), x.shape, x.dtype)  # noqa: E731
+    cache = KVCache(noise(empty.cache.k_BLhD, 1), noise(empty.cache.v_BLhD, 2))
+  else:  # a recurrent state: its size does not depend on the position
+    cache = empty.cache
+  state = decode.DecodeState(cache, jnp.int32(length - 1))
+  if path == "split":
+    impl = decode.decode_impl(model, args.key_splits)
+  elif path == "pallas":
+    impl = decode.decode_impl(model)  # the decode kernel for one token (DecodeImpl.for_tokens)
+  else:
+    impl = decode.DecodeImpl("chunked" if length >= api.AUTO_CHUNKED_MIN_KV_LEN else "xla")
   tokens_B1 = jnp.zeros((batch, 1), jnp.int32)
   # Jitted without donation: every timed call must see the same cache.
   step = jax.jit(lambda p, t, s: decode.step(graphdef, p, t, s, impl))
@@ -56,29 +77,64 @@ def main() -> None:
   parser.add_argument("--depth", type=int, default=2)
   parser.add_argument("--heads", type=int, default=4)
   parser.add_argument("--kv-heads", type=int, default=2)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--repeats", type=int, default=9)
+  parser.add_argument("--out", default=None, help="also write the table to this file")
   args = parser.parse_args()
 
-  print(f"# attnlab decode benchmark | jax {jax.__version__} | {jax.devices()[0].platform} x"
-        f"{jax.device_count()} | {platform.processor() or platform.machine()} | LM width="
-        f"{args.width} depth={args.depth} H={args.heads} Hkv={args.kv_heads} float32 | one "
-        f"token per sequence per step | split: key_splits={args.key_splits} | median of "
-        f"{args.repeats}")
+  device = jax.devices()[0]
+  # The kernel's columns only where it runs natively (a GPU): interpret mode is no timing.
+  with_kernel = (device.platform == "gpu"
+                 and attention.pallas_decodes(1, args.width // args.heads))
+  lines = [f"# attnlab decode benchmark | jax {jax.__version__} | {device.platform} "
+           f"({device.device_kind}) x{jax.device_count()} | "
+           f"{platform.processor() or platform.machine()} | LM width={args.width} "
+           f"depth={args.depth} H={args.heads} Hkv={args.kv_heads} {args.dtype} | one token per "
+           f"sequence per step | split: key_splits={args.key_splits} | median of {args.repeats}"]
+  if not with_kernel:
+    lines.append(f"# pallas: skipped on platform {device.platform!r} (the decode kernel runs "
+                 "natively on GPU only; interpret mode would time the interpreter)")
   header = (f"{'L':>6} | {'B':>3} | {'kind':<8} | {'unsplit ms':>10} | {'split ms':>9} | "
-            f"{'unsplit tok/s':>13} | {'split tok/s':>11} | {'split/unsplit t':>15} | "
-            f"{'t/softmax unsplit':>17} | {'t/softmax split':>15}")
-  print(header)
-  print("-" * len(header))
+            + (f"{'pallas ms':>9} | " if with_kernel else "")
+            + f"{'unsplit tok/s':>13} | {'split tok/s':>11} | "
+            + (f"{'pallas tok/s':>12} | " if with_kernel else "")
+            + f"{'split/unsplit t':>15} | "
+            + (f"{'pallas/split t':>14} | " if with_kernel else "")
+            + f"{'t/softmax unsplit':>17} | {'t/softmax split':>15}"
+            + (f" | {'t/softmax pallas':>16}" if with_kernel else ""))
+  lines += [header, "-" * len(header)]
+  emit(lines, args.out, mode="w")
+  paths = ("unsplit", "split") + (("pallas",) if with_kernel else ())
   for length in (int(x) for x in args.lengths.split(",")):
     for batch in (int(x) for x in args.batches.split(",")):
-      rows = {(kind, splits): step_ms(kind, length, batch, splits, args)
-              for kind in KINDS for splits in (None, args.key_splits)}
+      t = {(kind, path): step_ms(kind, length, batch, path, args)
+           for kind in KINDS for path in paths}
       for kind in KINDS:
-        unsplit, split = rows[kind, None], rows[kind, args.key_splits]
-        print(f"{length:>6} | {batch:>3} | {kind:<8} | {unsplit:>10.2f} | {split:>9.2f} | "
-              f"{1e3 * batch / unsplit:>13.0f} | {1e3 * batch / split:>11.0f} | "
-              f"{split / unsplit:>15.2f} | {unsplit / rows['softmax', None]:>17.2f} | "
-              f"{split / rows['softmax', args.key_splits]:>15.2f}", flush=True)
+        tok = {p: 1e3 * batch / t[kind, p] for p in paths}
+        row = (f"{length:>6} | {batch:>3} | {kind:<8} | {t[kind, 'unsplit']:>10.2f} | "
+               f"{t[kind, 'split']:>9.2f} | "
+               + (f"{t[kind, 'pallas']:>9.3f} | " if with_kernel else "")
+               + f"{tok['unsplit']:>13.0f} | {tok['split']:>11.0f} | "
+               + (f"{tok['pallas']:>12.0f} | " if with_kernel else "")
+               + f"{t[kind, 'split'] / t[kind, 'unsplit']:>15.2f} | "
+               + (f"{t[kind, 'pallas'] / t[kind, 'split']:>14.2f} | " if with_kernel else "")
+               + f"{t[kind, 'unsplit'] / t['softmax', 'unsplit']:>17.2f} | "
+               f"{t[kind, 'split'] / t['softmax', 'split']:>15.2f}"
+               + (f" | {t[kind, 'pallas'] / t['softmax', 'pallas']:>16.2f}"
+                  if with_kernel else ""))
+        emit([row], args.out)
+      # Linear attention: one recurrent-state step, whatever L (only the unsplit column).
+      rec = step_ms(RECURRENT_KIND, length, batch, "unsplit", args)
+      emit([f"{length:>6} | {batch:>3} | {RECURRENT_KIND:<8} | {rec:>10.2f} | "
+            f"{'recurrent state: O(1) per token, no split or kernel path':<}"], args.out)
+
+
+def emit(lines: list[str], out: str | None, mode: str = "a") -> None:
+  for line in lines:
+    print(line, flush=True)
+  if out is not None:
+    with open(out, mode) as f:
+      f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -293,8 +293,6 @@ def test_attend_refuses_bad_decoding_options():
     attention.attend(q, k, v, kind="sparsemax", impl="split")
   with pytest.raises(ValueError, match="key_splits must be a positive int"):
     attention.attend(q, k, v, impl="split", key_splits=0)
-  with pytest.raises(ValueError, match="impl='pallas' takes no q_offset"):
-    attention.attend(q, k, v, kind="softmax", impl="pallas", is_causal=True, q_offset=2)
   with pytest.raises(ValueError, match="kind='softmax' has no recurrent decode state.*"
                                        r"Kinds with one: \['inline', 'linear'\]"):
     attention.init_decode_state("softmax", 2, 2, 8)

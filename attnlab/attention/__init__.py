@@ -11,10 +11,11 @@ from attnlab.attention import linear as _linear  # registers kind="linear"
 from attnlab.attention import soft as _soft  # registers kind="soft"
 from attnlab.attention import sparse as _sparse  # registers sparsemax, entmax, topk
 from attnlab.attention.api import (IMPLS, apply_weights, attend, attend_with_state, check_options,
-                                  impl_kinds, init_decode_state, recurrent_kinds, weights)
+                                  impl_kinds, init_decode_state, pallas_decodes, recurrent_kinds,
+                                  weights)
 from attnlab.attention.kinds import (KINDS, Mechanism, RowContext, default_sigmoid_bias,
                                     register_kind)
 
 __all__ = ["IMPLS", "KINDS", "Mechanism", "RowContext", "apply_weights", "attend",
            "attend_with_state", "check_options", "default_sigmoid_bias", "impl_kinds",
-           "init_decode_state", "recurrent_kinds", "register_kind", "weights"]
+           "init_decode_state", "pallas_decodes", "recurrent_kinds", "register_kind", "weights"]

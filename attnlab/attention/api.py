@@ -28,7 +28,9 @@ IMPL_OPTIONS: dict[str, dict[str, Any]] = {
     # Key blocks run side by side and merged (`chunked.attend`'s split mode): for a few
     # queries against a long KV cache. 8 blocks keep 2-16 cores busy at batch 1.
     "split": {"key_splits": 8},
-    "pallas": dict(kernel_capabilities.OPTIONS),
+    # The training kernel's options and the decode kernel's (q_offset given); each kernel
+    # reads its own tuning options and ignores the other's.
+    "pallas": {**kernel_capabilities.OPTIONS, **kernel_capabilities.DECODE_OPTIONS},
 }
 
 # impl="auto" off the fused kernels: the chunked path from this key length on. Measured side
@@ -66,19 +68,31 @@ def auto_impl(kind: str, q: Array, k: Array, v: Array, *, mask: Array | None = N
   """The impl `impl="auto"` runs for this call: static facts only, so it works under jit/vmap.
 
   On GPU and TPU the fused Pallas kernel, for the kinds it implements and calls it can take
-  (no mask or bias arrays, no q_offset, one dtype for q, k, v); otherwise on every platform the chunked
+  (no mask or bias arrays, one dtype for q, k, v; with a q_offset, decoding, only where a
+  decode kernel exists: `pallas_decodes`); otherwise on every platform the chunked
   path from `AUTO_CHUNKED_MIN_KV_LEN` keys on (for the kinds it runs), and the materialising
   path below that.
   """
   fused = (platform() in ("gpu", "cuda", "rocm", "tpu")
            and kind in impl_kinds("pallas") and mask is None and bias is None
-           and q_offset is None
+           and (q_offset is None or pallas_decodes(q.shape[1], max(q.shape[3], v.shape[3])))
            and q.dtype == k.dtype == v.dtype
            and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16))
   if fused:
     return "pallas"
   long = k.shape[1] >= AUTO_CHUNKED_MIN_KV_LEN
   return "chunked" if long and kind in impl_kinds("chunked") else "xla"
+
+
+def pallas_decodes(q_len: int, head_dim: int = 0, backend: str | None = None) -> bool:
+  """Whether `attend(impl="pallas", q_offset=...)` has a decode kernel for `q_len` queries
+  (head dims up to `head_dim`) on `backend`: None is the kernels' default for this platform
+  (TPU on a TPU, else the GPU kernel, interpreted off a GPU)."""
+  if backend is None:
+    backend = "tpu" if platform() == "tpu" else "gpu"
+  return (backend in kernel_capabilities.DECODE_BACKENDS
+          and q_len <= kernel_capabilities.DECODE_MAX_Q_LEN
+          and head_dim <= kernel_capabilities.DECODE_MAX_HEAD_DIM)
 
 
 def impl_kinds(impl: str) -> tuple[str, ...]:
@@ -232,14 +246,16 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
       kind chunked runs), or
       "pallas" (the fused kernel of `attnlab.kernels`, for sigmoid and softmax; options
       block_q, block_k, backend, interpret, q_segment_ids, kv_segment_ids, num_warps,
-      num_stages).
+      num_stages; with q_offset the split-key decode kernel `kernels.decode_attention`,
+      for up to `kernels.capabilities.DECODE_MAX_Q_LEN` queries, options num_splits,
+      block_k, backend, interpret, num_warps, num_stages).
     q_offset: with is_causal=True, the position of the first query among the keys (an
       int, or a traced integer scalar: one compiled step serves every decoding position);
       query i then sees keys j <= q_offset + i, and local windows centre there. None =
       Lk - Lq (bottom-right). For decoding against a preallocated KV cache: the cache
       slots past the current length are simply in the future of every query, so they get
       no weight for every kind; sigmoid's default bias stays -log(Lk) of the whole cache.
-      Not with impl="pallas".
+      With impl="pallas": the split-key decode kernel (few queries; no segment ids).
     **options: the kind's options (see `KINDS[kind].options`) and the impl's.
       kind="sigmoid" (and "local" with base="sigmoid") takes `sigmoid_bias`, the b
       of sigmoid(s + b): None (default) means `default_sigmoid_bias(Lk)` = -log(Lk);
@@ -266,10 +282,8 @@ def attend(q: Array, k: Array, v: Array, *, kind: str = "softmax", mask: Array |
   scale = core.default_scale(dims.head_dim, scale)
   common = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale)
   if impl == "pallas":
-    if q_offset is not None:
-      raise ValueError("impl='pallas' takes no q_offset (the fused kernel has no decoding "
-                       "variant yet); decode with impl='split', 'xla' or 'chunked'.")
-    return _attend_pallas(q, k, v, mech, kind_options, impl_options, **common)
+    return _attend_pallas(q, k, v, mech, kind_options, impl_options, q_offset=q_offset,
+                          **common)
   common["q_offset"] = q_offset
   if mech.attend_override is not None:
     return mech.attend_override(q, k, v, mech, kind_options, **common)
@@ -386,7 +400,8 @@ def apply_weights(w: Array, v: Array, *, kind: str = "softmax", out_dtype: Any =
   return xla.apply_weights(w, v, mech, kind_options, v.dtype if out_dtype is None else out_dtype)
 
 
-def _attend_pallas(q, k, v, mech, kind_options, impl_options, *, mask, bias, is_causal, scale):
+def _attend_pallas(q, k, v, mech, kind_options, impl_options, *, mask, bias, is_causal, scale,
+                   q_offset):
   if mask is not None or bias is not None:
     raise ValueError("impl='pallas' takes no mask/bias arrays (the fused kernel never builds "
                      "[Lq, Lk]); use is_causal=True and q_segment_ids/kv_segment_ids for "
@@ -397,5 +412,15 @@ def _attend_pallas(q, k, v, mech, kind_options, impl_options, *, mask, bias, is_
     raise NotImplementedError(
         "impl='pallas' needs attnlab.kernels (the fused Pallas kernel), which is not "
         f"available here: {e}") from e
+  if q_offset is not None:  # decoding: is_causal=True (checked), the split-key kernel
+    for name in ("q_segment_ids", "kv_segment_ids"):
+      if impl_options[name] is not None:
+        raise ValueError(f"impl='pallas' with q_offset (the decode kernel) takes no {name}: "
+                         "the cache's valid length is q_offset + Lq. Use impl='split' with a "
+                         "mask for padded sequences.")
+    decode_options = {name: impl_options[name] for name in kernel_capabilities.DECODE_OPTIONS}
+    return kernels.decode_attention(q, k, v, q_offset, kind=mech.name, scale=scale,
+                                    **kind_options, **decode_options)
+  training_options = {name: impl_options[name] for name in kernel_capabilities.OPTIONS}
   return kernels.flash_attention(q, k, v, kind=mech.name, scale=scale, is_causal=is_causal,
-                                 **kind_options, **impl_options)
+                                 **kind_options, **training_options)

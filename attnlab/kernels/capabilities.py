@@ -18,3 +18,22 @@ OPTIONS = {
 # The kernels never build [Lq, Lk]: no mask or bias arrays (segment ids and
 # is_causal instead).
 TAKES_MASK_AND_BIAS_ARRAYS = False
+
+# ------------------------------------------------------------------ the decode kernel
+# `attnlab.kernels.decode_attention` (split-key "flash-decoding"): a few queries against a
+# KV cache, forward only. The same kinds, and the same input dtypes (float32, bfloat16,
+# float16; float32 accumulation) as the training kernels.
+DECODE_KINDS = KINDS
+# The kernel families it exists for (GPU: Triton, `decode_gpu`; TPU: Mosaic, `decode_tpu`).
+DECODE_BACKENDS = ("gpu", "tpu")
+# At most this many queries per call (one decoded token, or a short chunk of them): the
+# G * Lq rows of a GQA group (padded to a power of two) form one tile of queries.
+DECODE_MAX_Q_LEN = 16
+# Head dims (of keys and of values) up to this: one [rows, D] query tile and [block_k, D]
+# key/value tiles per program.
+DECODE_MAX_HEAD_DIM = 256
+# The options `decode_attention` takes besides the kind's own, with their defaults.
+DECODE_OPTIONS = {
+    "num_splits": None, "block_k": None, "backend": None, "interpret": None,
+    "num_warps": None, "num_stages": None,
+}

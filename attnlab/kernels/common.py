@@ -73,6 +73,63 @@ class KernelConfig:
     return self.kv_len_padded != self.kv_len
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """Everything static about one split-key decode call (`attnlab.kernels.decode_attention`).
+
+  The queries of one kv head's GQA group are the rows of one tile: row r is query
+  r % q_len of query head r // q_len of the group; `rows_padded` >= group * q_len.
+  Keys are cut into `num_splits` ranges of the *valid* keys (computed in the kernel from the
+  traced offset), each a whole number of `block_k` tiles.
+  """
+  kind: str
+  backend: str
+  interpret: bool
+  scale: float
+  q_len: int
+  kv_len: int
+  kv_len_padded: int
+  group: int
+  rows_padded: int
+  block_k: int
+  num_splits: int
+  fast_tanh: bool  # GPU only: tanh.approx for 16-bit inputs, exact tanh otherwise
+  num_warps: int | None = None  # GPU only
+  num_stages: int | None = None  # GPU only
+
+  @property
+  def num_tiles(self) -> int:
+    return self.kv_len_padded // self.block_k
+
+
+def decode_split_range(offset: Any, split: Any, cfg: DecodeConfig) -> tuple[Any, Any, Any]:
+  """(start, unmasked_end, end) key tiles of split `split` for queries from position `offset`.
+
+  The valid keys are [0, min(offset + q_len, kv_len)) (query i sees keys j <= offset + i,
+  and no padded key); their tiles are shared out evenly, so every split has work however
+  full the cache is. Tiles [start, unmasked_end) are visible to every query (no mask),
+  [unmasked_end, end) need the mask. int32 scalars (traced), all divisions on
+  non-negative numbers.
+  """
+  bk = cfg.block_k
+  length = jnp.clip(offset + cfg.q_len, 0, cfg.kv_len)
+  n_valid = lax.div(length + bk - 1, bk)
+  per_split = lax.div(n_valid + cfg.num_splits - 1, cfg.num_splits)
+  start = jnp.minimum(split * per_split, n_valid)
+  end = jnp.minimum(start + per_split, n_valid)
+  # Key j is visible to every query iff j <= offset (query 0) and j < kv_len.
+  n_full = jnp.minimum(lax.div(jnp.maximum(offset + 1, 0), bk), cfg.kv_len // bk)
+  return start, jnp.clip(n_full, start, end), end
+
+
+def decode_tile_mask(offset: Any, k_start: Any, shape: tuple[int, int],
+                     cfg: DecodeConfig) -> jax.Array:
+  """bool [rows, K]: row r (query r % q_len) sees key j iff j <= offset + r % q_len, j < Lk."""
+  q_pos = offset + lax.rem(lax.broadcasted_iota(jnp.int32, shape, 0), jnp.int32(cfg.q_len))
+  k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
+  return jnp.logical_and(k_pos <= q_pos, k_pos < cfg.kv_len)
+
+
 # --------------------------------------------------------------------------- validation
 def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, bool]:
   """Picks the kernel family and whether to interpret it on this platform.

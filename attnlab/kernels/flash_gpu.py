@@ -37,7 +37,7 @@ _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a @ b.T
 _CONTRACT_FIRST = (((0,), (0,)), ((), ()))  # a.T @ b
 # Softmax runs in base 2 (exp2 is one MUFU op; Triton's exp is libdevice's accurate
 # expf), with log2(e) folded into the logit scale; the saved lse is base 2 as well.
-_LOG2_E = 1.4426950408889634
+LOG2_E = 1.4426950408889634
 
 
 # ------------------------------------------------------------------------ configuration
@@ -68,12 +68,12 @@ def padded_head_dim(d: int) -> int:
   return max(16, common.next_power_of_two(d))
 
 
-def _compiler_params(num_warps: int | None, num_stages: int | None) -> Any:
+def compiler_params(num_warps: int | None, num_stages: int | None) -> Any:
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _tanh_fn(cfg: KernelConfig):
+def tanh_fn(cfg: KernelConfig):
   if cfg.fast_tanh:
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
     return plgpu.approx_tanh  # tanh.approx.f32: one MUFU instruction (FlashSigmoid's trick)
@@ -87,7 +87,7 @@ def _num_warps(cfg: KernelConfig, head_dim_padded: int) -> int:
 
 
 # ------------------------------------------------------------------------------ kernels
-def _dot_t(a_XD: jax.Array, b_YD: jax.Array, precision: Any) -> jax.Array:
+def dot_t(a_XD: jax.Array, b_YD: jax.Array, precision: Any) -> jax.Array:
   """a @ b.T accumulated in float32: the scores S = Q K^T and dP = dO V^T."""
   return lax.dot_general(a_XD, b_YD, _CONTRACT_LAST, precision=precision,
                          preferred_element_type=jnp.float32)
@@ -103,7 +103,7 @@ def _key_tile(k_ref, v_ref, kv_seg_ref, k_block, q_QD, q_start, q_seg_Q1, cfg: K
   k_start = k_block * bk
   k_KD = k_ref[pl.ds(k_start, bk), :]
   v_KD = v_ref[pl.ds(k_start, bk), :]
-  s_QK = _dot_t(q_QD, k_KD, common.dot_precision(q_QD.dtype))
+  s_QK = dot_t(q_QD, k_KD, common.dot_precision(q_QD.dtype))
   mask_QK = None
   if masked:
     kv_seg_1K = kv_seg_ref[pl.ds(k_start, bk)][None, :] if kv_seg_ref is not None else None
@@ -139,7 +139,7 @@ def _probs(s_QK: jax.Array, mask_QK: jax.Array | None, lse_Q1: jax.Array | None,
   if cfg.kind == "sigmoid":
     p_QK = common.sigmoid_probs(s_QK, half_bias, cfg, tanh)
   else:
-    p_QK = jnp.exp2(s_QK * (cfg.scale * _LOG2_E) - lse_Q1)
+    p_QK = jnp.exp2(s_QK * (cfg.scale * LOG2_E) - lse_Q1)
   return p_QK if mask_QK is None else jnp.where(mask_QK, p_QK, 0.0)
 
 
@@ -153,7 +153,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, o_ref,
   precision = common.dot_precision(q_QD.dtype)
   has_segments = q_seg_ref is not None
   q_seg_Q1 = q_seg_ref[...][:, None] if has_segments else None
-  tanh = _tanh_fn(cfg)
+  tanh = tanh_fn(cfg)
   load_tile = functools.partial(_key_tile, k_ref, v_ref, kv_seg_ref, q_QD=q_QD, q_start=q_start,
                                 q_seg_Q1=q_seg_Q1, cfg=cfg, bk=bk)
 
@@ -176,7 +176,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, o_ref,
     def body(k_block, carry, masked):
       acc_QD, m_Q, l_Q = carry
       _, v_KD, s_QK, mask_QK = load_tile(k_block, masked=masked)
-      s_QK = s_QK * (cfg.scale * _LOG2_E)
+      s_QK = s_QK * (cfg.scale * LOG2_E)
       if mask_QK is not None:
         s_QK = jnp.where(mask_QK, s_QK, common.MASK_VALUE)
       m_next_Q = jnp.maximum(m_Q, jnp.max(s_QK, axis=1))
@@ -214,7 +214,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, do_ref, ls
   has_segments = q_seg_ref is not None
   kv_seg_1K = kv_seg_ref[...][None, :] if has_segments else None
   half_bias = _half_bias(bias_ref, cfg)
-  tanh = _tanh_fn(cfg)
+  tanh = tanh_fn(cfg)
 
   def body(q_block, carry, masked):
     # This kernel walks query blocks of whole Q rows, so the tile slices Q/dO, not K/V.
@@ -223,7 +223,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, do_ref, ls
     rows = pl.ds(q_start, bq)
     q_QD = q_ref[rows, :]
     do_QD = do_ref[rows, :]
-    s_QK = _dot_t(q_QD, k_KD, precision)
+    s_QK = dot_t(q_QD, k_KD, precision)
     mask_QK = None
     if masked:
       q_seg_Q1 = q_seg_ref[rows][:, None] if has_segments else None
@@ -232,7 +232,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, do_ref, ls
     p_QK = _probs(s_QK, mask_QK, lse_Q1, half_bias, cfg, tanh)
     dv_KD = dv_KD + lax.dot_general(p_QK.astype(do_QD.dtype), do_QD, _CONTRACT_FIRST,
                                     precision=precision, preferred_element_type=jnp.float32)
-    dp_QK = _dot_t(do_QD, v_KD, precision)
+    dp_QK = dot_t(do_QD, v_KD, precision)
     delta_Q1 = delta_ref[rows][:, None] if cfg.kind == "softmax" else None
     ds_QK = common.score_grad(p_QK, dp_QK, delta_Q1, cfg)
     dk_KD = dk_KD + lax.dot_general(ds_QK.astype(q_QD.dtype), q_QD, _CONTRACT_FIRST,
@@ -270,7 +270,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, do_ref, lse
   lse_Q1 = lse_ref[...][:, None] if cfg.kind == "softmax" else None
   delta_Q1 = delta_ref[...][:, None] if cfg.kind == "softmax" else None
   half_bias = _half_bias(bias_ref, cfg)
-  tanh = _tanh_fn(cfg)
+  tanh = tanh_fn(cfg)
   load_tile = functools.partial(_key_tile, k_ref, v_ref, kv_seg_ref, q_QD=q_QD, q_start=q_start,
                                 q_seg_Q1=q_seg_Q1, cfg=cfg, bk=bk)
 
@@ -278,7 +278,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, do_ref, lse
     dq_QD, ds_sum_Q = carry
     k_KD, v_KD, s_QK, mask_QK = load_tile(k_block, masked=masked)
     p_QK = _probs(s_QK, mask_QK, lse_Q1, half_bias, cfg, tanh)
-    ds_QK = common.score_grad(p_QK, _dot_t(do_QD, v_KD, precision), delta_Q1, cfg)
+    ds_QK = common.score_grad(p_QK, dot_t(do_QD, v_KD, precision), delta_Q1, cfg)
     dq_QD = dq_QD + jnp.dot(ds_QK.astype(k_KD.dtype), k_KD, precision=precision,
                             preferred_element_type=jnp.float32)
     if cfg.bias_grad:
@@ -349,7 +349,7 @@ def forward(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
       in_specs=[sp["q"], sp["k"], sp["v"], sp["bias"], sp["q_seg"], sp["kv_seg"]],
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=_compiler_params(_num_warps(cfg, d), cfg.num_stages or 2),
+      compiler_params=compiler_params(_num_warps(cfg, d), cfg.num_stages or 2),
       interpret=cfg.interpret,
       name=f"flash_{cfg.kind}_fwd",
   )(q, k, v, bias, q_seg, kv_seg)
@@ -367,7 +367,7 @@ def backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   has_segments = q_seg is not None
   delta = common.softmax_delta(out, do) if cfg.kind == "softmax" else None
-  params = _compiler_params(_num_warps(cfg, d), cfg.num_stages or 2)
+  params = compiler_params(_num_warps(cfg, d), cfg.num_stages or 2)
 
   # dK/dV per *query* head; GQA sums the group afterwards (as FlashAttention-2 does),
   # in float32 so the sum does not round G times.

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnlab import attention
 from attnlab.models.layers import LayerCache, empty_cache
 from attnlab.models.transformer import Transformer, TransformerConfig
 
@@ -65,18 +66,27 @@ class DecodeImpl:
   impl: str
   options: tuple[tuple[str, Any], ...] = ()
 
+  def for_tokens(self, q_len: int, head_dim: int) -> DecodeImpl:
+    """The impl a call with `q_len` new tokens runs: "pallas" only where the decode kernel
+    takes the call (`attention.pallas_decodes`: its backend, up to its query limit), the
+    prompt (prefill) and backends without a decode kernel "auto", i.e. the jnp paths."""
+    backend = dict(self.options).get("backend")
+    if self.impl == "pallas" and not attention.pallas_decodes(q_len, head_dim, backend):
+      return DecodeImpl("auto")
+    return self
+
 
 def decode_impl(model: Transformer, key_splits: int | None = None) -> DecodeImpl:
   """The model's own attention impl, or the split-key one with `key_splits` blocks.
 
-  impl="pallas" decodes with "auto" (the fused kernel has no decoding variant yet, and
-  auto picks the jnp paths for calls with a q_offset).
+  impl="pallas" decodes its steps with the split-key decode kernel
+  (`kernels.decode_attention`, through `attend(impl="pallas", q_offset=...)`) and its
+  prompt, or everything where there is no decode kernel, with "auto"
+  (`DecodeImpl.for_tokens`).
   """
   cfg = model.cfg
   if key_splits is not None:
     return DecodeImpl("split", (("key_splits", key_splits),))
-  if cfg.attention_impl == "pallas":
-    return DecodeImpl("auto")
   return DecodeImpl(cfg.attention_impl, tuple(sorted(dict(cfg.attention_impl_options).items())))
 
 
@@ -193,6 +203,7 @@ def step(graphdef: nnx.GraphDef, params: nnx.State, tokens_BL: Array, state: Dec
   """The pure decode step `decode_step` and `generate` jit (graphdef and impl static): for
   custom loops and benchmarks. No checks: see `decode_step`."""
   model = nnx.merge(graphdef, params)
+  impl = impl.for_tokens(tokens_BL.shape[1], model.cfg.head_dim)
   logits_BLV, cache = model.decode(tokens_BL, state.cache, state.length, impl=impl.impl,
                                    impl_options=dict(impl.options))
   return logits_BLV, DecodeState(cache, state.length + tokens_BL.shape[1])
