@@ -176,9 +176,18 @@ def test_pallas_model_decodes_like_its_xla_twin(kind):
   np.testing.assert_allclose(cached(pallas), want, atol=2e-5, rtol=2e-5)
 
 
-def test_auto_picks_the_decode_kernel_only_where_it_exists(monkeypatch):
+def test_auto_picks_the_decode_kernel_only_where_it_has_run_natively(monkeypatch):
   q, k = jnp.zeros((1, 1, 4, 16)), jnp.zeros((1, 64, 2, 16))
   long_q = jnp.zeros((1, capabilities.DECODE_MAX_Q_LEN + 1, 4, 16))
+  # Today no backend: auto decodes with the jnp paths everywhere (the training kernel's
+  # choice, without a q_offset, is unchanged).
+  assert capabilities.DECODE_AUTO_BACKENDS == ()
+  for platform in ("cpu", "gpu", "tpu"):
+    monkeypatch.setattr(api, "platform", lambda p=platform: p)
+    assert api.auto_impl("sigmoid", q, k, k, q_offset=3) == "xla", platform
+    assert api.auto_impl("sigmoid", q, k, k) == ("xla" if platform == "cpu" else "pallas")
+  # Once a backend is listed, auto picks the kernel there, within its limits only.
+  monkeypatch.setattr(capabilities, "DECODE_AUTO_BACKENDS", ("gpu", "tpu"))
   for platform, want in (("cpu", "xla"), ("gpu", "pallas"), ("tpu", "pallas")):
     monkeypatch.setattr(api, "platform", lambda p=platform: p)
     assert api.auto_impl("sigmoid", q, k, k, q_offset=3) == want, platform

@@ -68,20 +68,28 @@ def auto_impl(kind: str, q: Array, k: Array, v: Array, *, mask: Array | None = N
   """The impl `impl="auto"` runs for this call: static facts only, so it works under jit/vmap.
 
   On GPU and TPU the fused Pallas kernel, for the kinds it implements and calls it can take
-  (no mask or bias arrays, one dtype for q, k, v; with a q_offset, decoding, only where a
-  decode kernel exists: `pallas_decodes`); otherwise on every platform the chunked
+  (no mask or bias arrays, one dtype for q, k, v; with a q_offset, decoding, only where the
+  decode kernel has run natively: `auto_decodes`); otherwise on every platform the chunked
   path from `AUTO_CHUNKED_MIN_KV_LEN` keys on (for the kinds it runs), and the materialising
   path below that.
   """
   fused = (platform() in ("gpu", "cuda", "rocm", "tpu")
            and kind in impl_kinds("pallas") and mask is None and bias is None
-           and (q_offset is None or pallas_decodes(q.shape[1], max(q.shape[3], v.shape[3])))
+           and (q_offset is None or auto_decodes(q.shape[1], max(q.shape[3], v.shape[3])))
            and q.dtype == k.dtype == v.dtype
            and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16))
   if fused:
     return "pallas"
   long = k.shape[1] >= AUTO_CHUNKED_MIN_KV_LEN
   return "chunked" if long and kind in impl_kinds("chunked") else "xla"
+
+
+def auto_decodes(q_len: int, head_dim: int = 0) -> bool:
+  """Whether `impl="auto"` decodes with the kernel: `pallas_decodes`, on a backend the
+  kernel has run on natively (`capabilities.DECODE_AUTO_BACKENDS`)."""
+  backend = "tpu" if platform() == "tpu" else "gpu"
+  return (backend in kernel_capabilities.DECODE_AUTO_BACKENDS
+          and pallas_decodes(q_len, head_dim, backend))
 
 
 def pallas_decodes(q_len: int, head_dim: int = 0, backend: str | None = None) -> bool:

@@ -26,6 +26,12 @@ TAKES_MASK_AND_BIAS_ARRAYS = False
 DECODE_KINDS = KINDS
 # The kernel families it exists for (GPU: Triton, `decode_gpu`; TPU: Mosaic, `decode_tpu`).
 DECODE_BACKENDS = ("gpu", "tpu")
+# Where `impl="auto"` picks the decode kernel: the backends it has run on natively. None
+# yet: it has been checked in interpret mode and by lowering only (tests/
+# test_kernels_decode.py), so auto keeps the jnp paths for decoding until
+# benchmarks/gpu_check.sh has run it on a device; `impl="pallas"` (and models with
+# attention_impl="pallas") use it where DECODE_BACKENDS allows.
+DECODE_AUTO_BACKENDS: tuple[str, ...] = ()
 # At most this many queries per call (one decoded token, or a short chunk of them): the
 # G * Lq rows of a GQA group (padded to a power of two) form one tile of queries.
 DECODE_MAX_Q_LEN = 16
