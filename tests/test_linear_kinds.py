@@ -755,3 +755,86 @@ def test_inline_local_term_refusals_name_the_option_and_the_fix():
   with pytest.raises(ValueError, match=r"local_kernel .* has no causal decoding"):
     attention.attend_with_state(q[:, :1], k[:, :1], v[:, :1], state, kind="inline",
                                 local_kernel=jnp.zeros((2, 4, 6, 3, 3)), grid=(1, 1))
+
+
+def local_vit_cfg(**overrides):
+  # 6x10 images, patch 2: a 3x5 grid; GQA. Depth 2: with one block a CLS-token readout would
+  # never see the local term (it adds to the grid tokens only).
+  fields = dict(width=16, depth=2, num_heads=4, mlp_dim=32, head_zero_init=False, num_kv_heads=2)
+  return ViTConfig.from_variant("mu/2", num_classes=5, image_size=(6, 10), attention="inline",
+                                **{**fields, **overrides})
+
+
+def np_gelu(x):
+  return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def test_inline_local_config_is_refused_off_inline_and_off_the_image_grid():
+  assert local_vit_cfg(inline_local=True).token_grid == ((3, 5), 1)
+  assert local_vit_cfg(inline_local=True, pool="gap").token_grid == ((3, 5), 0)
+  with pytest.raises(ValueError, match=r"ViTConfig\.inline_local=True is invalid: the local "
+                                       r"term is InLine's \(attention='inline'\); got "
+                                       r"attention='softmax'"):
+    vit_cfg(attention="softmax", inline_local=True)
+  with pytest.raises(ValueError, match=r"TransformerConfig\.inline_local=True is invalid: the "
+                                       r"local term convolves over an image grid.*causal"):
+    lm_cfg(attention="inline", inline_local=True)
+  with pytest.raises(ValueError, match=r"grid=\(3, 5\) and leading_tokens=0 place the local "
+                                       r"term, which needs local_kernel too"):
+    local_vit_cfg(inline_local=True, attention_options={"grid": (3, 5)})
+  with pytest.raises(ValueError, match=r"ViTConfig\.inline_local=1 is invalid: expected True or "
+                                       r"False"):
+    local_vit_cfg(inline_local=1)
+
+
+@pytest.mark.parametrize("pool", ["tok", "gap"])
+def test_inline_local_in_the_vit_starts_as_without_and_trains_its_mlp(pool):
+  images = jnp.asarray(np.random.default_rng(23).normal(size=(2, 6, 10, 3)), jnp.float32)
+  plain = ViT(local_vit_cfg(pool=pool), rngs=nnx.Rngs(0))
+  model = ViT(local_vit_cfg(pool=pool, inline_local=True), rngs=nnx.Rngs(0))
+  local = model.encoder.blocks[0].attn.local
+  assert local.w_in.shape == (4, 4, 4) and local.w_out.shape == (4, 4, 4, 9)
+  nnx.update(model, nnx.state(plain))  # the shared parameters alike; the local MLP kept
+  run = lambda m: np.asarray(m(images, deterministic=True))  # noqa: E731
+  # The last layer starts at zero: the local term is 0, so the model is the one without.
+  np.testing.assert_array_equal(run(model), run(plain))
+
+  def loss(m):
+    return jnp.sum(m(images, deterministic=True) ** 2)
+
+  grads = nnx.grad(loss)(model).encoder.blocks[0].attn.local
+  assert np.any(np.asarray(grads.w_out[...]) != 0) and np.any(np.asarray(grads.b_out[...]) != 0)
+  rng = np.random.default_rng(5)
+  for p in (local.w_out, local.b_out):
+    p[...] = jnp.asarray(0.3 * rng.normal(size=p.shape), jnp.float32)
+  assert not np.allclose(run(model), run(plain), atol=1e-4)
+  grads = nnx.grad(loss)(model).encoder.blocks[0].attn.local
+  for name in ("w_in", "b_in", "w_out", "b_out"):
+    g = np.asarray(getattr(grads, name)[...])
+    assert np.all(np.isfinite(g)) and np.any(g != 0), name
+  # The weights path (inspection) adds the same local term.
+  logits, _ = model(images, deterministic=True, return_attention_weights=True)
+  np.testing.assert_allclose(np.asarray(logits), run(model), rtol=1e-5, atol=1e-5)
+
+
+def test_inline_local_kernels_follow_the_papers_mlp():
+  """mean token -> per-head 1x1 conv -> exact GELU -> per-head 1x1 conv to 9 taps per channel,
+  the taps read row-major as [3, 3] (torch's reshape), in float64."""
+  model = ViT(local_vit_cfg(inline_local=True), rngs=nnx.Rngs(1))
+  local = model.encoder.blocks[0].attn.local
+  rng = np.random.default_rng(6)
+  for p in (local.w_out, local.b_out):
+    p[...] = jnp.asarray(rng.normal(size=p.shape), jnp.float32)
+  x = rng.normal(size=(2, 16, 16))
+  got = np.asarray(local(jnp.asarray(x, jnp.float32)))
+  w_in, b_in, w_out, b_out = (np.asarray(p[...], np.float64)
+                              for p in (local.w_in, local.b_in, local.w_out, local.b_out))
+  want = np.zeros((2, 4, 4, 3, 3))
+  for b, h in np.ndindex(2, 4):
+    group = x[b].mean(axis=0)[4 * h:4 * h + 4]  # the head's channels of the mean token
+    hidden = np_gelu(group @ w_in[h] + b_in[h])
+    out = np.einsum("f,fet->et", hidden, w_out[h]) + b_out[h]  # [channel, 9 taps]
+    want[b, h] = out.reshape(4, 3, 3)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # torch's default init of the first layer: uniform within +-1/sqrt(head_dim).
+  assert np.all(np.abs(w_in) <= 0.5) and np.all(np.abs(b_in) <= 0.5) and w_in.std() > 0.2
