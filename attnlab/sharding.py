@@ -69,6 +69,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None, "classes": None, "length": None, "patches": None,
     "patch_height": None, "patch_width": None, "channels": None,
     "layers": None,  # the stacked blocks of scan_layers
+    "taps": None,  # the 9 taps of InLine's predicted 3x3 kernels (layers.InlineLocal)
 }
 
 MeshShape = tuple[tuple[str, int], ...]  # ((axis, size), ...) in MESH_AXES order; -1 = the rest

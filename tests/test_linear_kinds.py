@@ -165,7 +165,8 @@ def segmentations_differ(shape, opts):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,arxiv,options", [
     ("soft", "2110.11945", {"landmarks": 49, "newton_iters": 20}),
-    ("inline", "2412.06590", {"feature_map": "identity"}),
+    ("inline", "2412.06590", {"feature_map": "identity", "local_kernel": None, "grid": None,
+                              "leading_tokens": 0}),
 ])
 def test_registered_with_paper_options_and_capabilities(kind, arxiv, options):
   mech = attention.KINDS[kind]
@@ -558,7 +559,10 @@ def test_under_jit_and_vmap(kind, opts):
                                          r"of \['exp', 'identity', 'leakyrelu', 'relu'\]; "
                                          r"'identity' is the official code's default"),
     ("inline", {"landmarks": 8}, r"kind='inline' with impl='xla' does not take option\(s\) "
-                                 r"\['landmarks'\]; the kind accepts \['feature_map'\]"),
+                                 r"\['landmarks'\]; the kind accepts \['feature_map', 'grid', "
+                                 r"'leading_tokens', 'local_kernel'\]"),
+    ("inline", {"grid": (4, 4)}, r"kind='inline': grid=\(4, 4\) and leading_tokens=0 place the "
+                                 r"local term, which needs local_kernel too"),
 ])
 def test_bad_options_are_rejected_at_config_time_and_call_time_alike(kind, options, pattern):
   with pytest.raises(ValueError, match=pattern) as config_time:
@@ -615,3 +619,222 @@ def test_in_the_vit_by_name_with_gradients(kind, opts):
   assert logits.shape == (2, 5) and np.all(np.isfinite(logits))
   grads = nnx.grad(lambda m: jnp.sum(m(images, deterministic=True) ** 2))(model)
   assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+
+
+# ----------------------------------------------------------------------------------------------
+# InLine's local term: a 3x3 depthwise convolution of v over the image grid (option local_kernel).
+# ----------------------------------------------------------------------------------------------
+def np_local_term(v, kernel, grid, leading, num_heads, mask=None):
+  """sum over the 3x3 neighbourhood (zero outside the grid) of kernel[a, c] * v at (i + a - 1,
+  j + c - 1), per (example, head, channel), by explicit loops; 0 on the leading tokens."""
+  v = repeat_kv(np.asarray(v, np.float64), num_heads)  # [B, L, H, Dv]
+  if mask is not None:
+    v = v * np.asarray(mask, np.float64)[:, 0, 0, :, None, None]
+  b, length, h, dv = v.shape
+  ker = np.asarray(kernel, np.float64).reshape(b, h, dv, 3, 3)
+  gh, gw = grid
+  out = np.zeros_like(v)
+  for i, j, a, c in np.ndindex(gh, gw, 3, 3):
+    y, x = i + a - 1, j + c - 1
+    if 0 <= y < gh and 0 <= x < gw:
+      out[:, leading + i * gw + j] += ker[..., a, c] * v[:, leading + y * gw + x]
+  return out
+
+
+# name: (B, H, Hkv, D, Dv, grid, leading tokens)
+LOCAL_CASES = {
+    "gqa_3x5_cls": (2, 4, 2, 8, 6, (3, 5), 1),
+    "mha_3x5": (1, 2, 2, 8, 8, (3, 5), 0),
+    "mqa_4x3_cls": (2, 3, 1, 4, 4, (4, 3), 1),
+}
+
+
+def local_inputs(case, seed=0, dtype=jnp.float32, flat_kernel=False):
+  b, h, hkv, d, dv, (gh, gw), leading = LOCAL_CASES[case]
+  n = leading + gh * gw
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.normal(size=s), dtype)
+             for s in ((b, n, h, d), (b, n, hkv, d), (b, n, hkv, dv)))
+  kernel = rng.normal(size=(b, h * dv, 3, 3) if flat_kernel else (b, h, dv, 3, 3))
+  opts = {"grid": (gh, gw), "leading_tokens": leading}
+  return q, k, v, jnp.asarray(kernel, dtype), opts
+
+
+def np_attend_local(q, k, v, kernel, grid, leading_tokens, mask=None):
+  return (np_attend("inline", q, k, v, mask=mask)
+          + np_local_term(v, kernel, grid, leading_tokens, q.shape[2], mask=mask))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("flat_kernel", [False, True])
+@pytest.mark.parametrize("case", list(LOCAL_CASES))
+def test_inline_local_term_values_float32(case, flat_kernel, masked):
+  q, k, v, kernel, opts = local_inputs(case, flat_kernel=flat_kernel)
+  mask = None
+  if masked:
+    mask = jnp.asarray(np.arange(q.shape[1]) != 4)[None, None, None, :]
+  got = attention.attend(q, k, v, kind="inline", mask=mask, local_kernel=kernel, **opts)
+  assert_close(got, np_attend_local(q, k, v, kernel, mask=mask, **opts))
+  # The reference without the local term is far off: the test sees the term.
+  assert not np.allclose(np.asarray(got), np_attend("inline", q, k, v, mask=mask), atol=1e-2)
+
+
+def test_inline_local_term_values_bfloat16():
+  q, k, v, kernel, opts = local_inputs("gqa_3x5_cls", dtype=jnp.bfloat16)
+  got = attention.attend(q, k, v, kind="inline", local_kernel=kernel, **opts)
+  assert got.dtype == jnp.bfloat16
+  # Computed in float32 from the bf16 inputs; only the output is rounded.
+  assert_close(got, np_attend_local(q, k, v, kernel, **opts), out_dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("case", list(LOCAL_CASES))
+def test_inline_local_term_gradients_against_float64_finite_differences(case):
+  q, k, v, kernel, opts = local_inputs(case, seed=3)
+  rng = np.random.default_rng(4)
+  cot = rng.normal(size=q.shape[:3] + v.shape[3:])
+  args = (q, k, v, kernel)
+  loss = lambda q, k, v, w: jnp.sum(cot * attention.attend(
+      q, k, v, kind="inline", local_kernel=w, **opts))
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)
+  dirs = [rng.normal(size=x.shape) for x in args]
+  terms = [np.asarray(g, np.float64) * d for g, d in zip(grads, dirs)]
+  got = sum(float(np.sum(t)) for t in terms)
+  ref = lambda *a: float(np.sum(cot * np_attend_local(*a, **opts)))
+  want = directional_fd(ref, f64(*args), dirs)
+  np.testing.assert_allclose(got, want, **tolerance(
+      None, magnitude=sum(float(np.sum(np.abs(t))) for t in terms)))
+  # The kernel's gradient alone: d loss / d kernel[b, h, e, a, c] = sum over the grid of cot *
+  # the shifted v, which the loop reference gives by finite differences too.
+  only_kernel = [np.zeros_like(d) for d in dirs[:3]] + [dirs[3]]
+  np.testing.assert_allclose(float(np.sum(terms[3])),
+                             directional_fd(ref, f64(*args), only_kernel),
+                             **tolerance(None, magnitude=float(np.sum(np.abs(terms[3])))))
+
+
+def test_inline_local_term_bfloat16_gradients_follow_float32():
+  q, k, v, kernel, opts = local_inputs("gqa_3x5_cls", seed=3, dtype=jnp.bfloat16)
+  cot = jnp.asarray(np.random.default_rng(4).normal(size=q.shape[:3] + v.shape[3:]), jnp.float32)
+
+  def grads(*args):
+    f = lambda q, k, v, w: jnp.sum(cot * attention.attend(
+        q, k, v, kind="inline", local_kernel=w, **opts).astype(jnp.float32))
+    return jax.grad(f, argnums=(0, 1, 2, 3))(*args)
+
+  want = grads(*(x.astype(jnp.float32) for x in (q, k, v, kernel)))
+  for name, got, ref in zip(("q", "k", "v", "kernel"), grads(q, k, v, kernel), want):
+    assert got.dtype == jnp.bfloat16, name
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=0,
+                               atol=2e-2 * float(jnp.max(jnp.abs(ref))), err_msg=name)
+
+
+def test_inline_local_term_refusals_name_the_option_and_the_fix():
+  q, k, v, kernel, opts = local_inputs("gqa_3x5_cls")
+  call = lambda **kw: attention.attend(q, k, v, kind="inline", **{  # noqa: E731
+      "local_kernel": kernel, **opts, **kw})
+  with pytest.raises(ValueError, match=r"local_kernel .* is bidirectional, so it takes no "
+                     r"is_causal=True"):
+    call(is_causal=True)
+  with pytest.raises(ValueError, match=re.escape(
+      "local_kernel must be [batch, heads, value_dim, 3, 3] = [2, 4, 6, 3, 3] or [batch, "
+      "heads * value_dim, 3, 3] = [2, 24, 3, 3]; got [2, 4, 6, 9]")):
+    call(local_kernel=kernel.reshape(2, 4, 6, 9))
+  with pytest.raises(ValueError, match=re.escape(
+      "leading_tokens + grid height * width = 0 + 3*5 = 15 tokens (q and k alike); got "
+      "q_length=16, kv_length=16")):
+    call(leading_tokens=0)
+  with pytest.raises(ValueError, match=r"local_kernel needs grid=\(height, width\)"):
+    call(grid=(3, 0))
+  with pytest.raises(ValueError, match=r"leading_tokens .* must be an int >= 0; got -1"):
+    call(leading_tokens=-1)
+  with pytest.raises(ValueError, match=r"grid=\(3, 5\) and leading_tokens=1 place the local "
+                     r"term, which needs local_kernel too"):
+    call(local_kernel=None)
+  with pytest.raises(ValueError, match=r"weights has no local term"):
+    attention.weights(q, k, kind="inline", local_kernel=jnp.zeros((2, 4, 8, 3, 3)), **opts)
+  state = attention.init_decode_state("inline", 2, 2, 8, 6)
+  with pytest.raises(ValueError, match=r"local_kernel .* has no causal decoding"):
+    attention.attend_with_state(q[:, :1], k[:, :1], v[:, :1], state, kind="inline",
+                                local_kernel=jnp.zeros((2, 4, 6, 3, 3)), grid=(1, 1))
+
+
+def local_vit_cfg(**overrides):
+  # 6x10 images, patch 2: a 3x5 grid; GQA. Depth 2: with one block a CLS-token readout would
+  # never see the local term (it adds to the grid tokens only).
+  fields = dict(width=16, depth=2, num_heads=4, mlp_dim=32, head_zero_init=False, num_kv_heads=2)
+  return ViTConfig.from_variant("mu/2", num_classes=5, image_size=(6, 10), attention="inline",
+                                **{**fields, **overrides})
+
+
+def np_gelu(x):
+  return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def test_inline_local_config_is_refused_off_inline_and_off_the_image_grid():
+  assert local_vit_cfg(inline_local=True).token_grid == ((3, 5), 1)
+  assert local_vit_cfg(inline_local=True, pool="gap").token_grid == ((3, 5), 0)
+  with pytest.raises(ValueError, match=r"ViTConfig\.inline_local=True is invalid: the local "
+                                       r"term is InLine's \(attention='inline'\); got "
+                                       r"attention='softmax'"):
+    vit_cfg(attention="softmax", inline_local=True)
+  with pytest.raises(ValueError, match=r"TransformerConfig\.inline_local=True is invalid: the "
+                                       r"local term convolves over an image grid.*causal"):
+    lm_cfg(attention="inline", inline_local=True)
+  with pytest.raises(ValueError, match=r"grid=\(3, 5\) and leading_tokens=0 place the local "
+                                       r"term, which needs local_kernel too"):
+    local_vit_cfg(inline_local=True, attention_options={"grid": (3, 5)})
+  with pytest.raises(ValueError, match=r"ViTConfig\.inline_local=1 is invalid: expected True or "
+                                       r"False"):
+    local_vit_cfg(inline_local=1)
+
+
+@pytest.mark.parametrize("pool", ["tok", "gap"])
+def test_inline_local_in_the_vit_starts_as_without_and_trains_its_mlp(pool):
+  images = jnp.asarray(np.random.default_rng(23).normal(size=(2, 6, 10, 3)), jnp.float32)
+  plain = ViT(local_vit_cfg(pool=pool), rngs=nnx.Rngs(0))
+  model = ViT(local_vit_cfg(pool=pool, inline_local=True), rngs=nnx.Rngs(0))
+  local = model.encoder.blocks[0].attn.local
+  assert local.w_in.shape == (4, 4, 4) and local.w_out.shape == (4, 4, 4, 9)
+  nnx.update(model, nnx.state(plain))  # the shared parameters alike; the local MLP kept
+  run = lambda m: np.asarray(m(images, deterministic=True))  # noqa: E731
+  # The last layer starts at zero: the local term is 0, so the model is the one without.
+  np.testing.assert_array_equal(run(model), run(plain))
+
+  def loss(m):
+    return jnp.sum(m(images, deterministic=True) ** 2)
+
+  grads = nnx.grad(loss)(model).encoder.blocks[0].attn.local
+  assert np.any(np.asarray(grads.w_out[...]) != 0) and np.any(np.asarray(grads.b_out[...]) != 0)
+  rng = np.random.default_rng(5)
+  for p in (local.w_out, local.b_out):
+    p[...] = jnp.asarray(0.3 * rng.normal(size=p.shape), jnp.float32)
+  assert not np.allclose(run(model), run(plain), atol=1e-4)
+  grads = nnx.grad(loss)(model).encoder.blocks[0].attn.local
+  for name in ("w_in", "b_in", "w_out", "b_out"):
+    g = np.asarray(getattr(grads, name)[...])
+    assert np.all(np.isfinite(g)) and np.any(g != 0), name
+  # The weights path (inspection) adds the same local term.
+  logits, _ = model(images, deterministic=True, return_attention_weights=True)
+  np.testing.assert_allclose(np.asarray(logits), run(model), rtol=1e-5, atol=1e-5)
+
+
+def test_inline_local_kernels_follow_the_papers_mlp():
+  """mean token -> per-head 1x1 conv -> exact GELU -> per-head 1x1 conv to 9 taps per channel,
+  the taps read row-major as [3, 3] (torch's reshape), in float64."""
+  model = ViT(local_vit_cfg(inline_local=True), rngs=nnx.Rngs(1))
+  local = model.encoder.blocks[0].attn.local
+  rng = np.random.default_rng(6)
+  for p in (local.w_out, local.b_out):
+    p[...] = jnp.asarray(rng.normal(size=p.shape), jnp.float32)
+  x = rng.normal(size=(2, 16, 16))
+  got = np.asarray(local(jnp.asarray(x, jnp.float32)))
+  w_in, b_in, w_out, b_out = (np.asarray(p[...], np.float64)
+                              for p in (local.w_in, local.b_in, local.w_out, local.b_out))
+  want = np.zeros((2, 4, 4, 3, 3))
+  for b, h in np.ndindex(2, 4):
+    group = x[b].mean(axis=0)[4 * h:4 * h + 4]  # the head's channels of the mean token
+    hidden = np_gelu(group @ w_in[h] + b_in[h])
+    out = np.einsum("f,fet->et", hidden, w_out[h]) + b_out[h]  # [channel, 9 taps]
+    want[b, h] = out.reshape(4, 3, 3)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # torch's default init of the first layer: uniform within +-1/sqrt(head_dim).
+  assert np.all(np.abs(w_in) <= 0.5) and np.all(np.abs(b_in) <= 0.5) and w_in.std() > 0.2

@@ -439,6 +439,8 @@ def test_every_logical_axis_of_the_models_has_a_rule():
                                output_gate="elementwise", attention="sigmoid",
                                learn_sigmoid_bias=True, layer_scale=1.0,
                                scan_layers=True),
+              models.ViTConfig(width=16, depth=1, num_heads=2, num_classes=3, image_size=8,
+                               patch_size=4, attention="inline", inline_local=True),
               models.TransformerConfig(width=16, depth=1, num_heads=2, num_kv_heads=1,
                                        vocab_size=16, max_len=8, positions="learned",
                                        tie_embeddings=False, output_gate="headwise")]:

@@ -145,6 +145,12 @@ class BackboneConfig:
       split keys, so a seed gives different initial weights than with
       scan_layers=False, and parameter paths lose the block index
       (encoder/blocks/attn/... with shape [depth, ...]).
+    inline_local: InLine's local term (Han et al. 2024, arXiv 2412.06590): each attention
+      layer predicts a 3x3 kernel per head channel from the mean of its input tokens (a
+      small MLP per head, `layers.InlineLocal`) and adds the depthwise convolution of the
+      values over the image grid to the output (`attention.inline`, option local_kernel).
+      Only with attention="inline" and a model whose tokens lie on a grid (`token_grid`:
+      the ViT); its last layer starts at zero, so the model at init is the one without.
   """
   width: int
   depth: int
@@ -169,6 +175,7 @@ class BackboneConfig:
   param_dtype: Any = "float32"
   remat: bool = False
   scan_layers: bool = False
+  inline_local: bool = False
 
   def __post_init__(self):
     owner = type(self).__name__
@@ -184,6 +191,7 @@ class BackboneConfig:
     self._check_choices(owner)
     # The model's own fields next (a subclass hook), then what depends on them.
     self._check_model_fields(owner)
+    self._check_inline_local(owner)
     if self.learn_sigmoid_bias and self.sequence_length is None:
       raise config_error(owner, "learn_sigmoid_bias", True,
                          "the learned bias starts at -log(n) with n the model's sequence "
@@ -256,7 +264,7 @@ class BackboneConfig:
                            ("norm", NORMS), ("mlp_activation", tuple(ACTIVATIONS))):
       if getattr(self, field) not in allowed:
         raise config_error(owner, field, getattr(self, field), f"expected one of {list(allowed)}.")
-    for field in ("learn_sigmoid_bias", "remat", "scan_layers", "use_bias"):
+    for field in ("learn_sigmoid_bias", "remat", "scan_layers", "use_bias", "inline_local"):
       if not isinstance(getattr(self, field), bool):
         raise config_error(owner, field, getattr(self, field), "expected True or False.")
     if self.layer_scale is not None and not (isinstance(self.layer_scale, (int, float))
@@ -289,6 +297,26 @@ class BackboneConfig:
                          f"attention_options also sets sigmoid_bias="
                          f"{options[SIGMOID_BIAS]!r}, which the learned bias replaces; drop "
                          "one of learn_sigmoid_bias and attention_options['sigmoid_bias'].")
+
+  def _check_inline_local(self, owner: str) -> None:
+    if self.inline_local is not True:
+      return  # a non-bool is reported by _check_choices
+    if self.attention != "inline":
+      raise config_error(owner, "inline_local", True,
+                         f"the local term is InLine's (attention='inline'); got attention="
+                         f"{self.attention!r}. Set attention='inline' or inline_local=False.")
+    if self.token_grid is None:
+      raise config_error(owner, "inline_local", True,
+                         f"the local term convolves over an image grid, and a {owner}'s tokens "
+                         "form a sequence (causal for a language model, while a 3x3 "
+                         "neighbourhood is bidirectional); use it in a ViTConfig, or set "
+                         "inline_local=False.")
+
+  @property
+  def token_grid(self) -> tuple[tuple[int, int], int] | None:
+    """((height, width), leading tokens) when the tokens lie on an image grid after some
+    leading tokens (the ViT's patches after its CLS token); None for a sequence."""
+    return None
 
   @property
   def sequence_length(self) -> int | None:

@@ -22,8 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab import attention
+from attnlab.attention.inline import local_term
 from attnlab.models.config import ACTIVATIONS, SIGMOID_BIAS, BackboneConfig
-from attnlab.models.params import Axes, constant_param, with_logical_axes
+from attnlab.models.params import Axes, constant_param, named_param, with_logical_axes
 
 Array = jax.Array
 
@@ -139,6 +140,8 @@ class MultiHeadAttention(nnx.Module):
       # model is the fixed-bias model at init; one bias per query head (also under GQA).
       b0 = attention.default_sigmoid_bias(cfg.sequence_length)
       self.sigmoid_bias = constant_param(b0, (h,), ("heads",), cfg)
+    if cfg.inline_local:
+      self.local = InlineLocal(cfg, rngs=rngs)
     self.weights_dropout = dropout(cfg.attention_dropout_rate, rngs)
 
   def __call__(self, x_BLE: Array, *, kv_mask_BL: Array | None = None, is_causal: bool = False,
@@ -164,6 +167,10 @@ class MultiHeadAttention(nnx.Module):
     cfg = self.cfg
     q_BLHD, k_BLhD, v_BLhD = self._project(x_BLE, rope)
     kind_options = self._kind_options()
+    local_options = {}
+    if cfg.inline_local:
+      grid, leading = cfg.token_grid
+      local_options = dict(local_kernel=self.local(x_BLE), grid=grid, leading_tokens=leading)
     drop_weights = cfg.attention_dropout_rate > 0 and not self._is_deterministic(deterministic)
     use_weights = return_weights or drop_weights
     weights_BHLL = None
@@ -174,11 +181,15 @@ class MultiHeadAttention(nnx.Module):
       dropped = self.weights_dropout(weights_BHLL, deterministic=deterministic, rngs=rngs)
       out_BLHD = attention.apply_weights(dropped, v_BLhD, kind=cfg.attention,
                                          out_dtype=q_BLHD.dtype, **kind_options)
+      if local_options:  # the weights carry no local term (a per-channel map of v): add it
+        local_BLHD = local_term(v_BLhD, local_options["local_kernel"], grid, leading,
+                                cfg.num_heads)
+        out_BLHD = (out_BLHD.astype(jnp.float32) + local_BLHD).astype(q_BLHD.dtype)
     else:
       out_BLHD = attention.attend(q_BLHD, k_BLhD, v_BLhD, kind=cfg.attention,
                                   is_causal=is_causal, bias=bias, impl=cfg.attention_impl,
                                   **self._mask_args(kv_mask_BL), **kind_options,
-                                  **dict(cfg.attention_impl_options))
+                                  **local_options, **dict(cfg.attention_impl_options))
     return self._output(x_BLE, out_BLHD), weights_BHLL
 
   def decode(self, x_BLE: Array, cache: LayerCache, pos: Array, *, bias: Array | None = None,
@@ -265,6 +276,47 @@ class MultiHeadAttention(nnx.Module):
       seg_BL = kv_mask_BL.astype(jnp.int32)
       return {"q_segment_ids": seg_BL, "kv_segment_ids": seg_BL}
     return {"mask": key_padding_mask(kv_mask_BL)}
+
+
+class InlineLocal(nnx.Module):
+  """InLine's kernel predictor (Han et al. 2024; the official InLine-DeiT's local residual):
+  the mean of the block input's tokens, split into heads, through a per-head MLP (d -> d,
+  exact GELU, d -> 9 d: torch's 1x1 convolutions grouped by heads) to a 3x3 kernel per head
+  channel, [B, H, head_dim, 3, 3], which `attention.attend(kind="inline", local_kernel=...)`
+  convolves the values with.
+
+  Parameters (logical axes): w_in (heads, head_dim, head_dim) and b_in (heads, head_dim),
+  torch's default initialisation as in the official code (uniform, +-1/sqrt(head_dim));
+  w_out (heads, head_dim, head_dim, taps) and b_out (heads, head_dim, taps), zero at init
+  (unlike the official code): the local term starts at 0, so a model with it starts as the
+  one without, and w_in learns once w_out has moved off zero.
+  """
+
+  def __init__(self, cfg: BackboneConfig, *, rngs: nnx.Rngs):
+    h, d = cfg.num_heads, cfg.head_dim
+    torch_default = jax.nn.initializers.variance_scaling(
+        1 / 3, "fan_in", "uniform", in_axis=1, out_axis=2, batch_axis=0)
+    bound = d ** -0.5
+    bias_init = lambda key, shape, dtype: jax.random.uniform(  # noqa: E731
+        key, shape, dtype, -bound, bound)
+    zeros = jax.nn.initializers.zeros
+    self.w_in = named_param(torch_default, (h, d, d), ("heads", "head_dim", "head_dim"), cfg,
+                            rngs)
+    self.b_in = named_param(bias_init, (h, d), ("heads", "head_dim"), cfg, rngs)
+    self.w_out = named_param(zeros, (h, d, d, 9), ("heads", "head_dim", "head_dim", "taps"),
+                             cfg, rngs)
+    self.b_out = named_param(zeros, (h, d, 9), ("heads", "head_dim", "taps"), cfg, rngs)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x_BLE: Array) -> Array:
+    """The kernels [B, H, head_dim, 3, 3] from the block input [B, L, width]."""
+    h, d = self.w_in.shape[:2]
+    cast = lambda p: p[...].astype(self.dtype)  # noqa: E731
+    mean_BHD = jnp.mean(x_BLE, axis=1).astype(self.dtype).reshape(-1, h, d)
+    hid_BHF = jax.nn.gelu(jnp.einsum("bhd,hdf->bhf", mean_BHD, cast(self.w_in))
+                          + cast(self.b_in)[None], approximate=False)
+    taps_BHET = jnp.einsum("bhf,hfet->bhet", hid_BHF, cast(self.w_out)) + cast(self.b_out)[None]
+    return taps_BHET.reshape(-1, h, d, 3, 3)  # tap t = 3 a + c: torch's [9] -> [3, 3]
 
 
 @jax.tree_util.register_dataclass

@@ -117,6 +117,11 @@ class ViTConfig(BackboneConfig):
     return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
 
   @property
+  def token_grid(self) -> tuple[tuple[int, int], int]:
+    """The patch grid, after the CLS token with pool="tok" (`BackboneConfig.token_grid`)."""
+    return self.grid, (1 if self.pool == "tok" else 0)
+
+  @property
   def sequence_length(self) -> int:
     """Tokens the encoder sees: one per patch, plus the CLS token with pool="tok"."""
     return self.grid[0] * self.grid[1] + (1 if self.pool == "tok" else 0)
@@ -137,7 +142,8 @@ class ViT(nnx.Module):
 
   Parameters: patch_embed (patch_height, patch_width, channels, embed) + bias;
   pos_embedding (patches, embed) when posemb="learned"; cls (embed,) when
-  pool="tok"; encoder (see `attnlab.models.encoder.Encoder`); head (embed, classes) + bias.
+  pool="tok"; encoder (see `attnlab.models.encoder.Encoder`; with inline_local, each attention
+  layer's `layers.InlineLocal`); head (embed, classes) + bias.
   """
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
