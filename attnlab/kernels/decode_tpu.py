@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attnlab.kernels import common
+from attnlab.kernels import flash_tpu
 from attnlab.kernels.common import DecodeConfig
 
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -76,7 +77,7 @@ def _decode_kernel(offsets_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, *rest, cfg
   if cfg.kind == "softmax":
     m_out_ref, l_out_ref, acc_ref, m_ref, l_ref = rest
   else:
-    (acc_ref,) = rest
+    (acc_ref,), m_ref, l_ref = rest, None, None
   b, s, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   offset = offsets_ref[b]
   start, unmasked_end, end = common.decode_split_range(offset, s, cfg)
@@ -96,26 +97,9 @@ def _decode_kernel(offsets_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, *rest, cfg
                            preferred_element_type=jnp.float32)
     mask_RK = (common.decode_tile_mask(offset, tile * cfg.block_k, s_RK.shape, cfg)
                if masked else None)
-    if cfg.kind == "sigmoid":
-      p_RK = common.sigmoid_probs(s_RK, 0.5 * bias_ref[...], cfg)
-      if mask_RK is not None:
-        p_RK = jnp.where(mask_RK, p_RK, 0.0)
-      acc_ref[...] += jnp.dot(p_RK.astype(v_KD.dtype), v_KD, precision=precision,
-                              preferred_element_type=jnp.float32)
-      return
-    s_RK = s_RK * cfg.scale
-    if mask_RK is not None:
-      s_RK = jnp.where(mask_RK, s_RK, common.MASK_VALUE)
-    m_R1 = m_ref[...]
-    m_next_R1 = jnp.maximum(m_R1, jnp.max(s_RK, axis=1, keepdims=True))
-    alpha_R1 = jnp.exp(m_R1 - m_next_R1)
-    p_RK = jnp.exp(s_RK - m_next_R1)
-    if mask_RK is not None:  # a row masked so far has m = MASK_VALUE and p = exp(0)
-      p_RK = jnp.where(mask_RK, p_RK, 0.0)
-    l_ref[...] = alpha_R1 * l_ref[...] + jnp.sum(p_RK, axis=1, keepdims=True)
-    m_ref[...] = m_next_R1
-    acc_ref[...] = alpha_R1 * acc_ref[...] + jnp.dot(
-        p_RK.astype(v_KD.dtype), v_KD, precision=precision, preferred_element_type=jnp.float32)
+    half_bias = 0.5 * bias_ref[...] if cfg.kind == "sigmoid" else None
+    flash_tpu.accumulate_tile(s_RK, mask_RK, v_KD, half_bias, cfg, precision,
+                              acc_ref, m_ref, l_ref)
 
   pl.when(tile < unmasked_end)(functools.partial(step, masked=False))
   pl.when(jnp.logical_and(tile >= unmasked_end, tile < end))(functools.partial(step, masked=True))

@@ -107,12 +107,42 @@ def _half_bias(bias_ref, cfg: KernelConfig) -> jax.Array | None:
   return 0.5 * bias_ref[...] if cfg.kind == "sigmoid" else None
 
 
+def accumulate_tile(s_RK, mask_RK, v_KD, half_bias, cfg, precision, acc_ref, m_ref, l_ref):
+  """One key tile's scores (unscaled, f32) into the running output, in place.
+
+  Sigmoid adds its weights times the values; softmax rescales the running sum and output
+  to the new row max first (the online softmax). Masked pairs get exactly 0. Shared by
+  the training forward kernel and the decode kernel (`decode_tpu`); `m_ref`/`l_ref` are
+  None for sigmoid.
+  """
+  if cfg.kind == "sigmoid":
+    p_RK = common.sigmoid_probs(s_RK, half_bias, cfg)
+    if mask_RK is not None:
+      p_RK = jnp.where(mask_RK, p_RK, 0.0)
+    acc_ref[...] += jnp.dot(p_RK.astype(v_KD.dtype), v_KD, precision=precision,
+                            preferred_element_type=jnp.float32)
+    return
+  s_RK = s_RK * cfg.scale
+  if mask_RK is not None:
+    s_RK = jnp.where(mask_RK, s_RK, common.MASK_VALUE)
+  m_R1 = m_ref[...]
+  m_next_R1 = jnp.maximum(m_R1, jnp.max(s_RK, axis=1, keepdims=True))
+  alpha_R1 = jnp.exp(m_R1 - m_next_R1)
+  p_RK = jnp.exp(s_RK - m_next_R1)
+  if mask_RK is not None:  # a row masked so far has m = MASK_VALUE and p = exp(0)
+    p_RK = jnp.where(mask_RK, p_RK, 0.0)
+  l_ref[...] = alpha_R1 * l_ref[...] + jnp.sum(p_RK, axis=1, keepdims=True)
+  m_ref[...] = m_next_R1
+  acc_ref[...] = alpha_R1 * acc_ref[...] + jnp.dot(
+      p_RK.astype(v_KD.dtype), v_KD, precision=precision, preferred_element_type=jnp.float32)
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, o_ref, *rest,
                     cfg: KernelConfig):
   if cfg.kind == "softmax":
     lse_ref, acc_ref, m_ref, l_ref = rest
   else:
-    (acc_ref,) = rest
+    (acc_ref,), m_ref, l_ref = rest, None, None
   bq, bk = cfg.block_q, cfg.block_k
   q_block, k_block = pl.program_id(2), pl.program_id(3)
   has_segments = q_seg_ref is not None
@@ -129,26 +159,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, o_ref,
     precision = common.dot_precision(q_QD.dtype)
     s_QK = _scores(q_QD, k_KD, cfg)
     mask_QK = _mask(q_block, k_block, bq, bk, cfg, q_seg_ref, kv_seg_ref, masked)
-    if cfg.kind == "sigmoid":
-      p_QK = common.sigmoid_probs(s_QK, _half_bias(bias_ref, cfg), cfg)
-      if mask_QK is not None:
-        p_QK = jnp.where(mask_QK, p_QK, 0.0)
-      acc_ref[...] += jnp.dot(p_QK.astype(v_KD.dtype), v_KD, precision=precision,
-                              preferred_element_type=jnp.float32)
-      return
-    s_QK = s_QK * cfg.scale
-    if mask_QK is not None:
-      s_QK = jnp.where(mask_QK, s_QK, common.MASK_VALUE)
-    m_Q1 = m_ref[...]
-    m_next_Q1 = jnp.maximum(m_Q1, jnp.max(s_QK, axis=1, keepdims=True))
-    alpha_Q1 = jnp.exp(m_Q1 - m_next_Q1)
-    p_QK = jnp.exp(s_QK - m_next_Q1)
-    if mask_QK is not None:  # a row masked so far has m = MASK_VALUE and p = exp(0)
-      p_QK = jnp.where(mask_QK, p_QK, 0.0)
-    l_ref[...] = alpha_Q1 * l_ref[...] + jnp.sum(p_QK, axis=1, keepdims=True)
-    m_ref[...] = m_next_Q1
-    acc_ref[...] = alpha_Q1 * acc_ref[...] + jnp.dot(
-        p_QK.astype(v_KD.dtype), v_KD, precision=precision, preferred_element_type=jnp.float32)
+    accumulate_tile(s_QK, mask_QK, v_KD, _half_bias(bias_ref, cfg), cfg, precision,
+                    acc_ref, m_ref, l_ref)
 
   n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
   n_unmasked = common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
