@@ -16,6 +16,7 @@ import pytest
 
 from attnlab import attention
 from attnlab.attention import api, blockwise
+from attnlab.kernels import capabilities
 
 # The input-dependent sparse kinds (whole-row maps; top-k also streamed by chunked) have their
 # own reference and tests in tests/test_sparse_kinds.py, SOFT's and InLine's O(L) forms theirs
@@ -903,6 +904,17 @@ def test_auto_picks_by_platform_kind_and_length(monkeypatch, platform, kind, kv_
   k = jax.ShapeDtypeStruct((1, kv_len, 2, 8), jnp.float32)
   mask = jnp.ones((1, 1, 1, kv_len), bool) if masked else None
   assert api.auto_impl(kind, q, k, k, mask=mask) == expected
+
+
+def test_auto_and_pallas_read_the_mask_rule_from_the_capability_table(monkeypatch):
+  """The kernels' "no mask or bias arrays" is stated once (capabilities.py) and read there."""
+  monkeypatch.setattr(api, "platform", lambda: "gpu")
+  q = jax.ShapeDtypeStruct((1, 8, 2, 8), jnp.float32)
+  mask = jnp.ones((1, 1, 1, 16), bool)
+  k = jax.ShapeDtypeStruct((1, 16, 2, 8), jnp.float32)
+  assert api.auto_impl("sigmoid", q, k, k, mask=mask) == "xla"
+  monkeypatch.setattr(capabilities, "TAKES_MASK_AND_BIAS_ARRAYS", True)
+  assert api.auto_impl("sigmoid", q, k, k, mask=mask) == "pallas"
 
 
 @pytest.mark.parametrize("platform,kind,kv_len,masked,expected",

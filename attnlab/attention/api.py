@@ -74,7 +74,7 @@ def auto_impl(kind: str, q: Array, k: Array, v: Array, *, mask: Array | None = N
   path below that.
   """
   fused = (platform() in ("gpu", "cuda", "rocm", "tpu")
-           and kind in impl_kinds("pallas") and mask is None and bias is None
+           and kind in impl_kinds("pallas") and _kernel_takes(mask, bias)
            and (q_offset is None or auto_decodes(q.shape[1], max(q.shape[3], v.shape[3])))
            and q.dtype == k.dtype == v.dtype
            and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16))
@@ -408,9 +408,15 @@ def apply_weights(w: Array, v: Array, *, kind: str = "softmax", out_dtype: Any =
   return xla.apply_weights(w, v, mech, kind_options, v.dtype if out_dtype is None else out_dtype)
 
 
+def _kernel_takes(mask: Array | None, bias: Array | None) -> bool:
+  """Whether the fused kernels can take this call's mask and bias arrays (the capability
+  table's rule: today none, so only calls without them)."""
+  return kernel_capabilities.TAKES_MASK_AND_BIAS_ARRAYS or (mask is None and bias is None)
+
+
 def _attend_pallas(q, k, v, mech, kind_options, impl_options, *, mask, bias, is_causal, scale,
                    q_offset):
-  if mask is not None or bias is not None:
+  if not _kernel_takes(mask, bias):
     raise ValueError("impl='pallas' takes no mask/bias arrays (the fused kernel never builds "
                      "[Lq, Lk]); use is_causal=True and q_segment_ids/kv_segment_ids for "
                      "padding or packed sequences, or impl='chunked'.")
