@@ -13,8 +13,8 @@ from attnlab.attention import sparse as _sparse  # registers sparsemax, entmax, 
 from attnlab.attention.api import (IMPLS, apply_weights, attend, attend_with_state, check_options,
                                   impl_kinds, init_decode_state, pallas_decodes, recurrent_kinds,
                                   weights)
-from attnlab.attention.kinds import (KINDS, Mechanism, RowContext, default_sigmoid_bias,
-                                    register_kind)
+from attnlab.attention.kinds import KINDS, Mechanism, RowContext, register_kind
+from attnlab.sigmoid_bias import default_sigmoid_bias
 
 __all__ = ["IMPLS", "KINDS", "Mechanism", "RowContext", "apply_weights", "attend",
            "attend_with_state", "check_options", "default_sigmoid_bias", "impl_kinds",

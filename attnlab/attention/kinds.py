@@ -27,7 +27,6 @@ read running sums over the keys (linear, InLine) also brings a constant-size dec
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.attention.matmul import einsum_f32
+# The sigmoid bias is defined below the kernels and the attention library, which both use it.
+from attnlab.sigmoid_bias import SIGMOID_BIAS_FORMS, sigmoid_bias_logits
 from attnlab.attention.validate import Dims
 
 Array = jax.Array
@@ -228,20 +229,6 @@ SOFTMAX = register_kind(Mechanism(
 
 
 # --- sigmoid -----------------------------------------------------------------------------------
-def default_sigmoid_bias(kv_len: int) -> float:
-  """b = -log(Lk), Apple's recommendation (arXiv 2409.04431).
-
-  It keeps the output norm independent of the key length. The one definition of
-  the default: every implementation, the fused kernels included, asks this.
-  """
-  return -math.log(max(kv_len, 1))
-
-
-SIGMOID_BIAS_FORMS = ("a real number (Python int/float, a NumPy scalar, a 0-d array), an array "
-                      "[H] (one bias per query head) or a rank-4 array broadcastable to "
-                      "[B, H, 1, 1]; traced values are fine, so the bias can be learned")
-
-
 def _check_sigmoid_bias(b: Any, kind: str) -> None:
   """Config-time check: a number or an array of an accepted rank (its sizes come at call time)."""
   if b is None:
@@ -280,15 +267,6 @@ def _check_sigmoid_bias_shape(options: Mapping[str, Any], dims: Dims) -> None:
     raise ValueError(f"sigmoid_bias has shape {shape} but q has num_heads={dims.num_heads} and "
                      f"batch={dims.batch}; pass shape {want} (one bias per query head) or a "
                      "scalar.")
-
-
-def sigmoid_bias_logits(sigmoid_bias: Any, kv_len: int) -> Array | float:
-  """The bias as an addend to float32 scores [B, H, Lq, K]: a scalar or [B|1, H|1, 1, 1]."""
-  if sigmoid_bias is None:
-    return default_sigmoid_bias(kv_len)
-  # float32 like the scores; astype keeps the gradient to a learned bf16/float32 bias.
-  b = jnp.asarray(sigmoid_bias).astype(jnp.float32)
-  return b.reshape(1, -1, 1, 1) if b.ndim == 1 else b
 
 
 def _sigmoid(s: Array, ctx: RowContext, options: Mapping[str, Any]) -> Array:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attnlab.attention.kinds import SIGMOID_BIAS_FORMS, sigmoid_bias_logits
+from attnlab.sigmoid_bias import SIGMOID_BIAS_FORMS, sigmoid_bias_logits
 from attnlab.kernels.capabilities import KINDS  # stated once there
 BACKENDS = ("gpu", "tpu")
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -210,7 +210,7 @@ def check_scalar(name: str, value: Any) -> float | None:
 def bias_per_head(sigmoid_bias: Any, kv_len: int, batch: int, num_heads: int) -> jax.Array:
   """The sigmoid bias as the kernels read it: float32 [B, H], one scalar per (batch, head).
 
-  Accepts what `attend` accepts (`attnlab.attention.kinds.SIGMOID_BIAS_FORMS`): None
+  Accepts what `attend` accepts (`attnlab.sigmoid_bias.SIGMOID_BIAS_FORMS`): None
   (= `default_sigmoid_bias(Lk)`), a real scalar or 0-d array, [H] (or [1]), or rank 4
   broadcastable to [B, H, 1, 1]; concrete or traced. The broadcast and the float32 cast
   happen here, outside the custom_vjp, so autodiff sums d bias back to the shape and
