@@ -35,8 +35,6 @@ KNOWN_BREAKS = {
     ("attnlab.attention.api", "attnlab.kernels"):
         "a function-local import of the fused kernels (Pallas imported only when used); "
         "import the package at the top once kernels never imports attention",
-    ("attnlab.data.pipeline", "attnlab.configlib"):
-        "a function-local import; data is above configlib, so it can move to the top",
 }
 
 

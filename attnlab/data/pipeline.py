@@ -31,6 +31,7 @@ from typing import Any
 import grain.python as grain  # the long-standing path (grain >= 0.2); newer versions also export it at top level
 import numpy as np
 
+from attnlab.configlib import suggest
 from attnlab.data import sources
 
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
@@ -87,8 +88,6 @@ class DataConfig:
 
   def __post_init__(self):
     if self.name not in DATASETS:
-      from attnlab.configlib import suggest  # pylint: disable=g-import-not-at-top
-
       raise ValueError(
           f"config.data.name={self.name!r} is not a known data set.{suggest(self.name, DATASETS)} "
           f"Expected one of {', '.join(DATASETS)}."

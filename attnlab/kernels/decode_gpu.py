@@ -95,26 +95,13 @@ def _decode_kernel(offset_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, *stat_refs,
 
     def body(t, acc_RD, masked):
       v_KD, s_RK, mask_RK = tile(t, masked)
-      p_RK = common.sigmoid_probs(s_RK, half_bias_R1, cfg, tanh)
-      if mask_RK is not None:
-        p_RK = jnp.where(mask_RK, p_RK, 0.0)
-      return acc_RD + pv(p_RK, v_KD)
+      return flash_gpu.sigmoid_tile(acc_RD, s_RK, mask_RK, v_KD, half_bias_R1, cfg, tanh, pv)
 
     carry = acc0
   else:
     def body(t, carry, masked):  # the online softmax in base 2, as flash_gpu's forward
-      acc_RD, m_R, l_R = carry
       v_KD, s_RK, mask_RK = tile(t, masked)
-      s_RK = s_RK * (cfg.scale * flash_gpu.LOG2_E)
-      if mask_RK is not None:
-        s_RK = jnp.where(mask_RK, s_RK, common.MASK_VALUE)
-      m_next_R = jnp.maximum(m_R, jnp.max(s_RK, axis=1))
-      alpha_R = jnp.exp2(m_R - m_next_R)
-      p_RK = jnp.exp2(s_RK - m_next_R[:, None])
-      if mask_RK is not None:  # a row masked so far has m = MASK_VALUE and p = exp(0)
-        p_RK = jnp.where(mask_RK, p_RK, 0.0)
-      return (alpha_R[:, None] * acc_RD + pv(p_RK, v_KD), m_next_R,
-              alpha_R * l_R + jnp.sum(p_RK, axis=1))
+      return flash_gpu.softmax_tile(carry, s_RK, mask_RK, v_KD, cfg, pv)
 
     carry = (acc0, jnp.full((cfg.rows_padded,), common.MASK_VALUE, jnp.float32),
              jnp.zeros((cfg.rows_padded,), jnp.float32))

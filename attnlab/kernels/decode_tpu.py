@@ -85,10 +85,7 @@ def _decode_kernel(offsets_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, *rest, cfg
 
   @pl.when(t == 0)
   def _init():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-    if cfg.kind == "softmax":
-      m_ref[...] = jnp.full(m_ref.shape, common.MASK_VALUE, jnp.float32)
-      l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    flash_tpu.init_accumulators(acc_ref, m_ref, l_ref, cfg)
 
   def step(masked):
     q_RD, k_KD, v_KD = q_ref[...], k_ref[...], v_ref[...]

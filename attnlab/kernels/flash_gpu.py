@@ -143,6 +143,32 @@ def _probs(s_QK: jax.Array, mask_QK: jax.Array | None, lse_Q1: jax.Array | None,
   return p_QK if mask_QK is None else jnp.where(mask_QK, p_QK, 0.0)
 
 
+def sigmoid_tile(acc_RD, s_RK, mask_RK, v_KD, half_bias, cfg, tanh, pv):
+  """The running output plus one key tile's sigmoid weights times its values (masked pairs
+  exactly 0). Shared by the training forward and the decode kernel (`decode_gpu`)."""
+  p_RK = common.sigmoid_probs(s_RK, half_bias, cfg, tanh)
+  if mask_RK is not None:
+    p_RK = jnp.where(mask_RK, p_RK, 0.0)
+  return acc_RD + pv(p_RK, v_KD)
+
+
+def softmax_tile(carry, s_RK, mask_RK, v_KD, cfg, pv):
+  """One key tile into the online softmax's (output, row max, row sum), in base 2: the
+  scores scaled by scale * log2(e), exp2 against the running max. Shared by the training
+  forward and the decode kernel (`decode_gpu`)."""
+  acc_RD, m_R, l_R = carry
+  s_RK = s_RK * (cfg.scale * LOG2_E)
+  if mask_RK is not None:
+    s_RK = jnp.where(mask_RK, s_RK, common.MASK_VALUE)
+  m_next_R = jnp.maximum(m_R, jnp.max(s_RK, axis=1))
+  alpha_R = jnp.exp2(m_R - m_next_R)
+  p_RK = jnp.exp2(s_RK - m_next_R[:, None])
+  if mask_RK is not None:  # a row masked so far has m = MASK_VALUE and p = exp(0)
+    p_RK = jnp.where(mask_RK, p_RK, 0.0)
+  l_next_R = alpha_R * l_R + jnp.sum(p_RK, axis=1)
+  return alpha_R[:, None] * acc_RD + pv(p_RK, v_KD), m_next_R, l_next_R
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_refs,
                     cfg: KernelConfig):
   """One query block against its key blocks. Refs: q [bq, D], k/v [Lk, D] (whole row)."""
@@ -166,26 +192,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, o_ref,
 
     def body(k_block, acc_QD, masked):
       _, v_KD, s_QK, mask_QK = load_tile(k_block, masked=masked)
-      p_QK = common.sigmoid_probs(s_QK, half_bias, cfg, tanh)
-      if mask_QK is not None:
-        p_QK = jnp.where(mask_QK, p_QK, 0.0)
-      return acc_QD + pv(p_QK, v_KD)
+      return sigmoid_tile(acc_QD, s_QK, mask_QK, v_KD, half_bias, cfg, tanh, pv)
 
     carry = jnp.zeros((bq, o_ref.shape[-1]), jnp.float32)
   else:
     def body(k_block, carry, masked):
-      acc_QD, m_Q, l_Q = carry
       _, v_KD, s_QK, mask_QK = load_tile(k_block, masked=masked)
-      s_QK = s_QK * (cfg.scale * LOG2_E)
-      if mask_QK is not None:
-        s_QK = jnp.where(mask_QK, s_QK, common.MASK_VALUE)
-      m_next_Q = jnp.maximum(m_Q, jnp.max(s_QK, axis=1))
-      alpha_Q = jnp.exp2(m_Q - m_next_Q)
-      p_QK = jnp.exp2(s_QK - m_next_Q[:, None])
-      if mask_QK is not None:  # a row masked so far has m = MASK_VALUE and p = exp(0)
-        p_QK = jnp.where(mask_QK, p_QK, 0.0)
-      l_next_Q = alpha_Q * l_Q + jnp.sum(p_QK, axis=1)
-      return alpha_Q[:, None] * acc_QD + pv(p_QK, v_KD), m_next_Q, l_next_Q
+      return softmax_tile(carry, s_QK, mask_QK, v_KD, cfg, pv)
 
     carry = (jnp.zeros((bq, o_ref.shape[-1]), jnp.float32),
              jnp.full((bq,), common.MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32))

@@ -107,6 +107,15 @@ def _half_bias(bias_ref, cfg: KernelConfig) -> jax.Array | None:
   return 0.5 * bias_ref[...] if cfg.kind == "sigmoid" else None
 
 
+def init_accumulators(acc_ref, m_ref, l_ref, cfg) -> None:
+  """Zero output; for softmax also the running max (MASK_VALUE) and row sum. Shared by the
+  training forward kernel and the decode kernel (`decode_tpu`)."""
+  acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+  if cfg.kind == "softmax":
+    m_ref[...] = jnp.full(m_ref.shape, common.MASK_VALUE, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+
+
 def accumulate_tile(s_RK, mask_RK, v_KD, half_bias, cfg, precision, acc_ref, m_ref, l_ref):
   """One key tile's scores (unscaled, f32) into the running output, in place.
 
@@ -149,10 +158,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, o_ref,
 
   @pl.when(k_block == 0)
   def _init():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-    if cfg.kind == "softmax":
-      m_ref[...] = jnp.full(m_ref.shape, common.MASK_VALUE, jnp.float32)
-      l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    init_accumulators(acc_ref, m_ref, l_ref, cfg)
 
   def step(masked):
     q_QD, k_KD, v_KD = q_ref[...], k_ref[...], v_ref[...]
