@@ -265,56 +265,48 @@ def _native(kind, dtype, q_len):
 
 
 # ------------------------------------------------- native lowering (no device needed)
-@pytest.mark.parametrize("kind,dtype", [("sigmoid", jnp.bfloat16), ("softmax", jnp.float32)])
-def test_native_gpu_kernel_lowers(kind, dtype, monkeypatch):
-  """The decode kernel lowers to Triton for an abstract H200 (block shapes, the scalar
-  offset block, tanh.approx), as tests/test_kernels.py checks the training kernels; running
-  it natively needs the GPU (benchmarks/gpu_check.sh)."""
+def _lower_for(backend, device_kind, platform, custom_call, q_shape, k_shape, kind, dtype,
+               monkeypatch):
+  """The MLIR module of the decode kernel exported for an abstract device of `device_kind`,
+  with the safety check for `custom_call` (the Triton or Mosaic kernel) disabled."""
   export = pytest.importorskip("jax.export")
   if not hasattr(jax.sharding, "AbstractDevice"):
     pytest.skip("this jax has no abstract devices for cross-platform Pallas lowering")
-  monkeypatch.setattr(common, "resolve_backend", lambda b, i: ("gpu", False))  # lower, not run
-  q = jax.ShapeDtypeStruct((2, 1, 8, 80), dtype)
-  k = jax.ShapeDtypeStruct((2, 1000, 2, 80), dtype)
+  monkeypatch.setattr(common, "resolve_backend", lambda b, i: (backend, False))  # lower, not run
+  q = jax.ShapeDtypeStruct(q_shape, dtype)
+  k = jax.ShapeDtypeStruct(k_shape, dtype)
   offset = jax.ShapeDtypeStruct((), jnp.int32)
 
   def step(q, k, v, offset):
     return decode_attention(q, k, v, offset, kind=kind, sigmoid_bias=None)
 
   try:
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=1, platform="gpu")
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1,
+                                         platform=backend)
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
   except TypeError as e:  # older jax: a different abstract-device API
-    pytest.skip(f"this jax cannot build an abstract H200: {e}")
-  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    pytest.skip(f"this jax cannot build an abstract {device_kind}: {e}")
+  checks = [export.DisabledSafetyCheck.custom_call(custom_call)]
   with jax.sharding.use_abstract_mesh(mesh):
-    exported = export.export(jax.jit(step), platforms=["cuda"], disabled_checks=checks)(
+    exported = export.export(jax.jit(step), platforms=[platform], disabled_checks=checks)(
         q, k, k, offset)
-  assert exported.mlir_module().count("xla.gpu.triton") == 1
+  return exported.mlir_module()
+
+
+@pytest.mark.parametrize("kind,dtype", [("sigmoid", jnp.bfloat16), ("softmax", jnp.float32)])
+def test_native_gpu_kernel_lowers(kind, dtype, monkeypatch):
+  """The decode kernel lowers to Triton for an abstract H200 (block shapes, the scalar
+  offset block, tanh.approx), as tests/test_kernels.py checks the training kernels; running
+  it natively needs the GPU (benchmarks/gpu_check.sh)."""
+  module = _lower_for("gpu", "NVIDIA H200", "cuda", "__gpu$xla.gpu.triton", (2, 1, 8, 80),
+                      (2, 1000, 2, 80), kind, dtype, monkeypatch)
+  assert module.count("xla.gpu.triton") == 1
 
 
 @pytest.mark.parametrize("kind,dtype", [("sigmoid", jnp.bfloat16), ("softmax", jnp.float32)])
 def test_native_tpu_kernel_lowers(kind, dtype, monkeypatch):
   """The decode kernel lowers to Mosaic for an abstract TPU (scalar prefetch, the column
   blocks of the [B, Lk, Hkv * D] cache view, the (8, 128) tiling)."""
-  export = pytest.importorskip("jax.export")
-  if not hasattr(jax.sharding, "AbstractDevice"):
-    pytest.skip("this jax has no abstract devices for cross-platform Pallas lowering")
-  monkeypatch.setattr(common, "resolve_backend", lambda b, i: ("tpu", False))  # lower, not run
-  q = jax.ShapeDtypeStruct((2, 3, 8, 128), dtype)
-  k = jax.ShapeDtypeStruct((2, 1000, 2, 128), dtype)
-  offset = jax.ShapeDtypeStruct((), jnp.int32)
-
-  def step(q, k, v, offset):
-    return decode_attention(q, k, v, offset, kind=kind, sigmoid_bias=None)
-
-  try:
-    device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-  except TypeError as e:  # older jax: a different abstract-device API
-    pytest.skip(f"this jax cannot build an abstract TPU: {e}")
-  checks = [export.DisabledSafetyCheck.custom_call("tpu_custom_call")]
-  with jax.sharding.use_abstract_mesh(mesh):
-    exported = export.export(jax.jit(step), platforms=["tpu"], disabled_checks=checks)(
-        q, k, k, offset)
-  assert exported.mlir_module().count("tpu_custom_call") == 1
+  module = _lower_for("tpu", "TPU v5 lite", "tpu", "tpu_custom_call", (2, 3, 8, 128),
+                      (2, 1000, 2, 128), kind, dtype, monkeypatch)
+  assert module.count("tpu_custom_call") == 1
