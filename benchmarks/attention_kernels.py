@@ -1,5 +1,7 @@
 """Fused attention kernels side by side: FlashSigmoid vs FlashAttention-2 (ours, same tiling),
-jax's own Pallas flash attention, jax.nn.dot_product_attention (cuDNN on GPU) and the XLA
+jax's own Pallas flash attention (Triton, gone from jax 0.12.1; and the FlashAttention-3-style
+Mosaic GPU one, Hopper only, which takes no softmax scale: its row scales q first, one
+elementwise op), jax.nn.dot_product_attention (cuDNN on GPU) and the XLA
 reference — forward and forward+backward, one table per run.
 
     # GPU / TPU (bf16; batch * L = --tokens, heads = --model-dim / D):
@@ -72,13 +74,37 @@ def _jax_pallas_softmax(interpret: bool) -> Callable | None:
   return run
 
 
+def _is_hopper() -> bool:
+  return ON_GPU and getattr(jax.devices()[0], "compute_capability", "").startswith("9.")
+
+
+def _jax_mgpu_softmax(dtype) -> Callable | str:
+  """jax's FlashAttention-3-style softmax on Pallas's Mosaic GPU backend (Hopper only; bf16
+  or f16; lengths a multiple of its 128-key blocks), or the reason it cannot run here."""
+  if not _is_hopper():
+    return "needs a Hopper GPU (Mosaic GPU)"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return "bf16/f16 only"
+  try:
+    from jax.experimental.pallas.ops.gpu import attention_mgpu  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return "not importable"
+
+  def run(q, k, v, causal):
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
+                                         causal=causal)
+    return attention_mgpu.attention(q * q.shape[-1] ** -0.5, k, v, config)
+  return run
+
+
 def _traced_bias(q: jax.Array, k: jax.Array) -> jax.Array:
   """The default -log(Lk) as a per-head [H] array: built inside jit it is traced, like a
   learned bias, so the kernels' backward computes its gradient."""
   return jnp.full((q.shape[2],), -math.log(k.shape[1]), jnp.float32)
 
 
-def implementations(interpret: bool, xla_max_len: int, length: int, gqa: bool):
+def implementations(interpret: bool, xla_max_len: int, length: int, gqa: bool,
+                    dtype=jnp.bfloat16):
   """name -> fn(q, k, v, causal) -> out (None where unavailable, with the reason)."""
   ours = dict(interpret=True) if interpret else {}
   impls: dict[str, Callable | str] = {
@@ -93,6 +119,7 @@ def implementations(interpret: bool, xla_max_len: int, length: int, gqa: bool):
   impls["jax pallas softmax"] = (
       "not importable" if jax_pallas is None else
       "no GQA support" if gqa else jax_pallas)
+  impls["jax mgpu softmax"] = _jax_mgpu_softmax(dtype)
   sdpa_impl = "cudnn" if ON_GPU else "xla"
   impls[f"jax.nn.dpa ({sdpa_impl})"] = lambda q, k, v, c: jax.nn.dot_product_attention(
       q, k, v, is_causal=c, implementation=sdpa_impl)
@@ -162,7 +189,7 @@ def speed_rows(args) -> Iterator[dict[str, Any]]:
         flops = attention_flops(b, h, length, length, d, causal)
         results = {}
         for name, fn in implementations(args.interpret, args.xla_max_len, length,
-                                        hkv != h).items():
+                                        hkv != h, dtype).items():
           if isinstance(fn, str):
             results[name] = fn
             continue

@@ -17,15 +17,21 @@ def test_run_returns_the_rows_it_prints_and_writes(tmp_path):
                                        "--repeats", "1", "--out", str(tmp_path / "table.md"),
                                        "--plot", str(tmp_path / "chart.png")])
   rows = attention_kernels.run(args)
-  names = list(attention_kernels.implementations(True, args.xla_max_len, 64, False))
+  impls = attention_kernels.implementations(True, args.xla_max_len, 64, False)
+  names = list(impls)
   assert [r["impl"] for r in rows] == names
+  # A row is skipped only for the reason implementations() gives (jax 0.12.1 no longer ships
+  # the Triton softmax op); every implementation that exists runs on CPU.
+  skipped = {name: reason for name, reason in impls.items() if isinstance(reason, str)}
+  assert set(skipped) <= {"jax pallas softmax", "jax mgpu softmax"}, skipped
+  assert {r["impl"]: r["note"] for r in rows if "note" in r} == skipped
+  measured = [r for r in rows if "note" not in r]
   assert all((r["length"], r["head_dim"], r["mask"]) == (64, 64, "causal") for r in rows)
   flops = attention_kernels.attention_flops(256 // 64, 128 // 64, 64, 64, 64, True)
-  for r in rows:
-    assert "note" not in r, r  # on CPU every implementation runs
+  for r in measured:
     assert r["fwd_tflops"] == pytest.approx(flops / (r["fwd_ms"] * 1e-3) / 1e12)
     assert r["fwdbwd_tflops"] == pytest.approx(3.5 * flops / (r["fwdbwd_ms"] * 1e-3) / 1e12)
-  ref = rows[names.index(attention_kernels.REFERENCE)]
+  ref = next(r for r in measured if r["impl"] == attention_kernels.REFERENCE)
   assert ref["fwd_x"] == ref["fwdbwd_x"] == 1.0
   table = (tmp_path / "table.md").read_text().splitlines()
   assert [attention_kernels.format_row(r) for r in rows] == [
