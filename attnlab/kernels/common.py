@@ -323,19 +323,23 @@ def q_blocks_unmasked_start(kv_block: Any, cfg: KernelConfig, block_q: int, bloc
 
 # --------------------------------------------------------------------------- tile maths
 def tile_mask(q_start: Any, k_start: Any, shape: tuple[int, int], cfg: KernelConfig,
-              q_seg_Q1: jax.Array | None, kv_seg_1K: jax.Array | None) -> jax.Array | None:
-  """bool [Q, K]: which (query, key) pairs of this tile may attend; None if all may."""
+              q_seg_Q1: jax.Array | None, kv_seg_1K: jax.Array | None,
+              iota: Callable[..., jax.Array] = lax.broadcasted_iota) -> jax.Array | None:
+  """bool [Q, K]: which (query, key) pairs of this tile may attend; None if all may.
+
+  `iota(dtype, shape, dim)` builds the positions (Mosaic GPU passes one with a register layout).
+  """
   mask = None
 
   def both(a, b):
     return b if a is None else jnp.logical_and(a, b)
 
   if cfg.kv_padded or cfg.is_causal:
-    k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
+    k_pos = k_start + iota(jnp.int32, shape, 1)
     if cfg.kv_padded:
       mask = k_pos < cfg.kv_len
     if cfg.is_causal:
-      q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
+      q_pos = q_start + iota(jnp.int32, shape, 0)
       mask = both(mask, k_pos <= q_pos + cfg.causal_offset)
   if q_seg_Q1 is not None:
     mask = both(mask, q_seg_Q1 == kv_seg_1K)
