@@ -11,6 +11,7 @@ interpret mode alike.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -19,7 +20,8 @@ from jax import lax
 
 from attnlab.sigmoid_bias import SIGMOID_BIAS_FORMS, sigmoid_bias_logits
 from attnlab.kernels.capabilities import KINDS  # stated once there
-BACKENDS = ("gpu", "tpu")
+# "gpu": Triton (any CUDA GPU); "tpu": Mosaic TPU; "mgpu": Mosaic GPU (Hopper, 16-bit inputs).
+BACKENDS = ("gpu", "tpu", "mgpu")
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 # Masked logits for the online softmax. Finite (unlike -inf) so that
@@ -144,7 +146,7 @@ def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, b
     backend = "tpu" if platform == "tpu" else "gpu"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} or None (= this platform); got {backend!r}.")
-  native = (backend == "gpu" and on_gpu) or (backend == "tpu" and platform == "tpu")
+  native = (backend in ("gpu", "mgpu") and on_gpu) or (backend == "tpu" and platform == "tpu")
   if interpret is None:
     # Only the automatic choice falls back to interpret mode: an explicit backend is
     # a request for the native kernel, and silently interpreting it would hide that.
@@ -250,6 +252,12 @@ def check_block(name: str, block: int, backend: str, multiple: int) -> None:
   if backend == "tpu" and (block <= 0 or block % multiple):
     raise ValueError(f"{name}={block} is invalid for the TPU (Mosaic) kernel: it must be a "
                      f"positive multiple of {multiple} (the (8, 128) vreg tiling).")
+
+
+def length_multiples(block_q: int, block_k: int, block_q_bwd: int, block_k_bwd: int
+                     ) -> tuple[int, int]:
+  """(query, key) lengths are padded to multiples of these: whole forward and backward tiles."""
+  return math.lcm(block_q, block_q_bwd), math.lcm(block_k, block_k_bwd)
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -56,6 +56,9 @@ def default_blocks(q_len: int, kv_len: int, head_dim: int, dtype: Any
   return min(bq, fit_q), min(bk, fit_k), min(bq_bwd, fit_q), min(bk_bwd, fit_k)
 
 
+length_multiples = common.length_multiples  # whole forward and backward tiles
+
+
 def check_blocks(block_q: int | None = None, block_k: int | None = None) -> None:
   """Raises a ValueError unless the explicit tiles are powers of two >= 16."""
   for name, block in (("block_q", block_q), ("block_k", block_k)):

@@ -44,7 +44,7 @@ from attnlab.kernels.common import KernelConfig
 COMPUTE_WGS = 2  # consumer warpgroups per program (a producer warpgroup comes on top)
 DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma's 16-bit inputs; float32 stays on Triton
 LOG2_E = 1.4426950408889634
-_STAGES = 2  # shared-memory slots per streamed operand (TMA runs this far ahead)
+DEFAULT_STAGES = 2  # shared-memory slots per streamed operand (TMA runs this far ahead)
 _F32 = jnp.float32
 
 
@@ -176,8 +176,13 @@ def _t(ref):
 
 
 # ---------------------------------------------------------------- the streaming skeleton
-def _stream(n_tiles, sources, slots, loaded, free, wg) -> None:
-  """The producer warpgroup: copies tile i of every source into slot i % _STAGES, once every
+def _stages(cfg: KernelConfig) -> int:
+  """Shared-memory slots per streamed operand: `num_stages`, the tuned knob (default 2)."""
+  return cfg.num_stages or DEFAULT_STAGES
+
+
+def _stream(n_tiles, sources, slots, loaded, free, wg, stages: int) -> None:
+  """The producer warpgroup: copies tile i of every source into slot i % stages, once every
   consumer has freed that slot (`free`), signalling `loaded` when the TMA has landed.
 
   `sources[j](i)` is the GMEM ref of tile i of operand j; `slots[j]` its [stages, ...] SMEM.
@@ -188,15 +193,15 @@ def _stream(n_tiles, sources, slots, loaded, free, wg) -> None:
 
     @pl.loop(0, n_tiles)
     def _copy(i):
-      slot = lax.rem(i, _STAGES)
+      slot = lax.rem(i, stages)
       for source, smem, loaded_j, free_j in zip(sources, slots, loaded, free):
-        @pl.when(i >= _STAGES)
+        @pl.when(i >= stages)
         def _wait_free():
           plgpu.barrier_wait(free_j.at[slot])
         plgpu.copy_gmem_to_smem(source(i), smem.at[slot], loaded_j.at[slot])
 
 
-def _consume(n_tiles, visible, body, carry, loaded, free):
+def _consume(n_tiles, visible, body, carry, loaded, free, stages: int):
   """A consumer warpgroup walks tiles [0, n_tiles): those in `visible` = (start, unmasked
   start, unmasked end, end) run `body(i, slot, carry, masked)` (masked in [start, unmasked
   start) and [unmasked end, end)); the rest are only freed, so the producer can go on.
@@ -206,7 +211,7 @@ def _consume(n_tiles, visible, body, carry, loaded, free):
   start, unmasked_start, unmasked_end, end = visible
 
   def skip(i, carry):
-    slot = lax.rem(i, _STAGES)
+    slot = lax.rem(i, stages)
     for loaded_j, free_j in zip(loaded, free):
       plgpu.barrier_wait(loaded_j.at[slot])
       plgpu.barrier_arrive(free_j.at[slot])
@@ -214,7 +219,7 @@ def _consume(n_tiles, visible, body, carry, loaded, free):
 
   def run(masked):
     def step(i, carry):
-      return body(i, lax.rem(i, _STAGES), carry, masked)
+      return body(i, lax.rem(i, stages), carry, masked)
     return step
 
   carry = lax.fori_loop(0, start, skip, carry)
@@ -252,6 +257,7 @@ def forward(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
   bq, bk = cfg.block_q, cfg.block_k
   sigmoid = cfg.kind == "sigmoid"
   dtype = q.dtype
+  stages = _stages(cfg)
 
   def kernel(q_ref, k_ref, v_ref, row_in_ref, out_ref, row_out_ref, scratch, barriers):
     q_smem2, k_smem, v_smem, row_smem2 = scratch
@@ -265,7 +271,7 @@ def forward(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
     _stream(n_tiles,
             (lambda i: k_ref.at[batch, pl.ds(i * bk, bk), kv_head],
              lambda i: v_ref.at[batch, pl.ds(i * bk, bk), kv_head]),
-            (k_smem, v_smem), (k_loaded, v_loaded), (k_free, v_free), wg)
+            (k_smem, v_smem), (k_loaded, v_loaded), (k_free, v_free), wg, stages)
 
     @pl.when(wg < COMPUTE_WGS)
     def _consumer():
@@ -318,7 +324,7 @@ def forward(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
         carry = (acc, plgpu.layout_cast(jnp.full((bq,), common.MASK_VALUE, _F32), reduce),
                  plgpu.layout_cast(jnp.zeros((bq,), _F32), reduce))
       carry = _consume(n_tiles, (0, 0, unmasked_end, end), body, carry,
-                       (k_loaded, v_loaded), (k_free, v_free))
+                       (k_loaded, v_loaded), (k_free, v_free), stages)
       if sigmoid:
         out = carry
       else:
@@ -345,12 +351,12 @@ def forward(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
       kernel,
       out_type=out_type,
       scratch_types=(
-          (_smem_tiles((COMPUTE_WGS, bq, d), dtype), _smem_tiles((_STAGES, bk, d), dtype),
-           _smem_tiles((_STAGES, bk, dv), dtype), plgpu.SMEM((COMPUTE_WGS, bq), _F32)),
+          (_smem_tiles((COMPUTE_WGS, bq, d), dtype), _smem_tiles((stages, bk, d), dtype),
+           _smem_tiles((stages, bk, dv), dtype), plgpu.SMEM((COMPUTE_WGS, bq), _F32)),
           (plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS),
-           plgpu.Barrier(num_barriers=_STAGES), plgpu.Barrier(num_barriers=_STAGES),
-           plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=_STAGES),
-           plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=_STAGES)),
+           plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+           plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+           plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)),
       ),
       grid=(h, lq // (COMPUTE_WGS * bq), b),
       grid_names=("heads", "tiles", "batch"),
@@ -416,6 +422,7 @@ def _dq(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   sigmoid = cfg.kind == "sigmoid"
   dtype = q.dtype
+  stages = _stages(cfg)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, a_ref, b_ref, dq_ref, ds_sum_ref, scratch, barriers):
     q_smem2, do_smem2, a_smem2, b_smem2, k_smem, v_smem = scratch
@@ -427,7 +434,7 @@ def _dq(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
     _stream(n_tiles,
             (lambda i: k_ref.at[batch, pl.ds(i * bk, bk), kv_head],
              lambda i: v_ref.at[batch, pl.ds(i * bk, bk), kv_head]),
-            (k_smem, v_smem), (k_loaded, v_loaded), (k_free, v_free), wg)
+            (k_smem, v_smem), (k_loaded, v_loaded), (k_free, v_free), wg, stages)
 
     @pl.when(wg < COMPUTE_WGS)
     def _consumer():
@@ -468,7 +475,7 @@ def _dq(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
       carry = (_zeros((bq, d)),
                plgpu.layout_cast(jnp.zeros((bq,), _F32), plgpu.Layout.WGMMA.reduce(1)))
       dq_acc, ds_sum = _consume(n_tiles, (0, 0, unmasked_end, end), body, carry,
-                                (k_loaded, v_loaded), (k_free, v_free))
+                                (k_loaded, v_loaded), (k_free, v_free), stages)
       q_smem[...] = (dq_acc * cfg.scale).astype(dtype)
       a_smem[...] = ds_sum
       plgpu.commit_smem()
@@ -482,11 +489,11 @@ def _dq(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
       scratch_types=(
           (_smem_tiles((COMPUTE_WGS, bq, d), dtype), _smem_tiles((COMPUTE_WGS, bq, d), dtype),
            plgpu.SMEM((COMPUTE_WGS, bq), _F32), plgpu.SMEM((COMPUTE_WGS, bq), _F32),
-           _smem_tiles((_STAGES, bk, d), dtype), _smem_tiles((_STAGES, bk, d), dtype)),
+           _smem_tiles((stages, bk, d), dtype), _smem_tiles((stages, bk, d), dtype)),
           (plgpu.Barrier(num_barriers=COMPUTE_WGS),
-           plgpu.Barrier(num_barriers=_STAGES), plgpu.Barrier(num_barriers=_STAGES),
-           plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=_STAGES),
-           plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=_STAGES)),
+           plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+           plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+           plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)),
       ),
       grid=(h, lq // (COMPUTE_WGS * bq), b),
       grid_names=("heads", "tiles", "batch"),
@@ -504,6 +511,7 @@ def _dkv(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   sigmoid = cfg.kind == "sigmoid"
   dtype = q.dtype
+  stages = _stages(cfg)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, a_ref, b_ref, dk_ref, dv_ref, scratch, barriers):
     k_smem2, v_smem2, q_smem, do_smem, a_smem, b_smem = scratch
@@ -522,7 +530,7 @@ def _dkv(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
              lambda i: a_ref.at[batch, head, q_rows(i)],
              lambda i: b_ref.at[batch, head, q_rows(i)]),
             (q_smem, do_smem, a_smem, b_smem), (q_loaded, do_loaded, a_loaded, b_loaded),
-            (q_free, do_free, a_free, b_free), wg)
+            (q_free, do_free, a_free, b_free), wg, stages)
 
     @pl.when(wg < COMPUTE_WGS)
     def _consumer():
@@ -565,7 +573,7 @@ def _dkv(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
       carry = (_zeros((bk, d)), _zeros((bk, d)))
       dk_acc, dv_acc = _consume(n_q - first, (start, unmasked_start, n_q - first, n_q - first),
                                 body, carry, (q_loaded, do_loaded, a_loaded, b_loaded),
-                                (q_free, do_free, a_free, b_free))
+                                (q_free, do_free, a_free, b_free), stages)
       k_smem[...] = (dk_acc * cfg.scale).astype(dtype)  # K and V are done: stage dK, dV there
       v_smem[...] = dv_acc.astype(dtype)
       plgpu.commit_smem()
@@ -579,11 +587,11 @@ def _dkv(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
       out_type=(per_head, per_head),
       scratch_types=(
           (_smem_tiles((COMPUTE_WGS, bk, d), dtype), _smem_tiles((COMPUTE_WGS, bk, d), dtype),
-           _smem_tiles((_STAGES, bq, d), dtype), _smem_tiles((_STAGES, bq, d), dtype),
-           plgpu.SMEM((_STAGES, bq), _F32), plgpu.SMEM((_STAGES, bq), _F32)),
+           _smem_tiles((stages, bq, d), dtype), _smem_tiles((stages, bq, d), dtype),
+           plgpu.SMEM((stages, bq), _F32), plgpu.SMEM((stages, bq), _F32)),
           (plgpu.Barrier(num_barriers=COMPUTE_WGS),)
-          + (plgpu.Barrier(num_barriers=_STAGES),) * 4
-          + (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=_STAGES),) * 4,
+          + (plgpu.Barrier(num_barriers=stages),) * 4
+          + (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 4,
       ),
       grid=(h, lk // (COMPUTE_WGS * bk), b),
       grid_names=("heads", "tiles", "batch"),

@@ -58,6 +58,9 @@ def default_blocks(q_len: int, kv_len: int, head_dim: int, dtype: Any
   return bq, bk, bq_bwd, bk_bwd
 
 
+length_multiples = common.length_multiples  # whole forward and backward tiles
+
+
 def check_blocks(block_q: int | None = None, block_k: int | None = None) -> None:
   """block_q must be a multiple of 8 (sublanes), block_k of 128 (lanes: it is a tile's minor dim)."""
   if block_q is not None:
