@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "attnlab"
 
 # Bottom to top. Each entry is one layer: the top-level modules and packages of attnlab in it.
 LAYERS = (
-    ("fileio", "configlib", "metrics", "optim", "stats", "sigmoid_bias"),
+    ("fileio", "configlib", "metrics", "optim", "stats", "sigmoid_bias", "axes"),
     ("checks", "checkpoint"),
     ("workdir",),
     ("kernels",),
@@ -29,9 +29,6 @@ LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 # (importing module, imported module, why it is still there / what would remove it).
 KNOWN_BREAKS = {
-    ("attnlab.kernels.sharded", "attnlab.sharding"):
-        "a function-local import (sharding imports models for variable_axes, models import "
-        "attention, attention imports kernels); move the mesh helpers it needs down",
     ("attnlab.attention.api", "attnlab.kernels"):
         "a function-local import of the fused kernels (Pallas imported only when used); "
         "import the package at the top once kernels never imports attention",
