@@ -16,11 +16,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "attnlab"
 LAYERS = (
     ("fileio", "configlib", "metrics", "optim", "stats", "sigmoid_bias", "axes"),
     ("checks", "checkpoint"),
-    ("workdir",),
+    ("workdir", "sharding"),  # sharding below the models: it reads their axes from `axes`
     ("kernels",),
     ("attention",),
     ("models",),
-    ("sharding", "data"),
+    ("data",),
     ("model_fns", "experiment"),
     ("placement",),
     ("train", "evaluate", "cli"),
