@@ -3,6 +3,7 @@
 Every parameter names its axes ("embed", "heads", "mlp", ...; `attnlab.models.params`).
 A run names its device mesh (`config.mesh`: axis name -> size) and how logical
 axes map onto mesh axes (`config.sharding_rules`: overrides of `DEFAULT_RULES`).
+The names and the default rules are stated in `attnlab.axes` (re-exported here).
 The rules are one set; the mesh's shape picks the strategy (the presets):
 
   config.mesh                          strategy
@@ -46,31 +47,11 @@ from flax import nnx
 
 from attnlab import checks
 from attnlab import configlib
-from attnlab.models import inspection
+# Stated in the bottom layer, where the models and the kernels read them too; re-exported
+# (HEAD_AXES among them) so that `sharding.MESH_AXES` and the others keep working.
+from attnlab.axes import DATA_AXES, DEFAULT_RULES, HEAD_AXES, MESH_AXES, variable_axes
 
 P = jax.sharding.PartitionSpec
-
-# The mesh's axes, in device order: the batch's axes first, "model" last (the
-# innermost axis gets neighbouring devices, where tensor parallelism's
-# per-layer collectives are cheapest).
-MESH_AXES = ("data", "fsdp", "model")
-# The axes the batch is split over.
-DATA_AXES = ("data", "fsdp")
-# The axes attention heads are split over (tensor parallelism), in parameters
-# by DEFAULT_RULES and in the fused kernel's activations (`attnlab.kernels.sharded`).
-HEAD_AXES = ("model",)
-
-# Every logical axis name the models use -> the mesh axes it is split over
-# (None: replicated). A model's parameter with a name missing here is refused
-# (`state_shardings`), so a new name gets a rule when it is introduced.
-DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "embed": "fsdp",  # FSDP: almost every weight has one embedding axis
-    "heads": HEAD_AXES, "kv_heads": HEAD_AXES, "mlp": "model", "vocab": "model",  # Megatron
-    "head_dim": None, "classes": None, "length": None, "patches": None,
-    "patch_height": None, "patch_width": None, "channels": None,
-    "layers": None,  # the stacked blocks of scan_layers
-    "taps": None,  # the 9 taps of InLine's predicted 3x3 kernels (layers.InlineLocal)
-}
 
 MeshShape = tuple[tuple[str, int], ...]  # ((axis, size), ...) in MESH_AXES order; -1 = the rest
 Rules = tuple[tuple[str, tuple[str, ...]], ...]  # ((logical name, mesh axes), ...)
@@ -215,7 +196,7 @@ def partition_spec(axes: Sequence[str], shape: Sequence[int], mesh: jax.sharding
     if name not in table:
       raise configlib.ConfigError(
           f"{where}: logical axis {name!r} has no sharding rule; add it to "
-          "attnlab.sharding.DEFAULT_RULES (or config.sharding_rules).")
+          "attnlab.axes.DEFAULT_RULES (or config.sharding_rules).")
     mesh_axes = tuple(a for a in table[name] if a not in used and mesh.shape[a] > 1)
     used.update(mesh_axes)
     split = math.prod(mesh.shape[a] for a in mesh_axes)
@@ -243,7 +224,7 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules: Rules) 
   def one(path, leaf):
     if not isinstance(leaf, nnx.Variable):
       return replicated
-    axes = inspection.variable_axes(leaf)
+    axes = variable_axes(leaf)
     if axes is None:
       return jax.tree.map(lambda _: replicated, leaf)
     spec = partition_spec(axes, leaf.shape, mesh, rules, where=_path_str(path))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from attnlab import attention
+from attnlab import kernels
 from attnlab.attention import api, blockwise
 from attnlab.kernels import capabilities
 
@@ -646,7 +647,6 @@ def test_sigmoid_bias_junk_is_rejected_at_config_time(kind, sb, pattern):
 @pytest.fixture
 def fake_kernel(monkeypatch):
   """Replaces `kernels.flash_attention` (what impl="pallas" calls) by a recorder."""
-  from attnlab import kernels  # pylint: disable=import-outside-toplevel
   calls = []
 
   def flash_attention(q, k, v, **kwargs):

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from attnlab import axes as axes_lib
 from attnlab import configlib
 from attnlab import data as data_lib
 from attnlab import evaluate
@@ -56,7 +57,7 @@ MESHES = {
 # Each run compiles two programs (~4 s of CPU): the three presets for both
 # models here; all three axes at once for the ViT through train_and_evaluate.
 CASES = [(model, mesh) for model in MODELS for mesh in MESHES if mesh != "combined"]
-# What each preset must split, written out independently of sharding.DEFAULT_RULES:
+# What each preset must split, written out independently of axes.DEFAULT_RULES:
 # logical name -> mesh axes (absent: replicated).
 EXPECTED_SPLITS = {
     "data_parallel": {},
@@ -108,7 +109,7 @@ def _placement(state):
     if isinstance(leaf, nnx.Variable):
       array = leaf.get_value()
       out[jax.tree_util.keystr(path)] = (
-          models.inspection.variable_axes(leaf), dict(array.sharding.mesh.shape),
+          axes_lib.variable_axes(leaf), dict(array.sharding.mesh.shape),
           tuple(array.sharding.spec), array.addressable_shards[0].data.shape, array.shape)
   return out
 
@@ -447,7 +448,7 @@ def test_every_logical_axis_of_the_models_has_a_rule():
     build = models.ViT if isinstance(cfg, models.ViTConfig) else models.Transformer
     model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))  # noqa: B023
     names.update(n for axes in models.logical_axes(model).values() for n in axes)
-  assert names <= set(sharding.DEFAULT_RULES), names - set(sharding.DEFAULT_RULES)
+  assert names <= set(axes_lib.DEFAULT_RULES), names - set(axes_lib.DEFAULT_RULES)
 
 
 # ----------------------------------------------------------------------------

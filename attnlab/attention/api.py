@@ -8,12 +8,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attnlab import kernels
 from attnlab.attention import chunked, core, validate, xla
 from attnlab.attention.kinds import KINDS, Mechanism, get_kind
+from attnlab.kernels import capabilities as kernel_capabilities
 
 Array = jax.Array
-
-from attnlab.kernels import capabilities as kernel_capabilities
 
 # The implementations and what each supports, stated once: every other module
 # (the models' configs included) asks `check_options` / `impl_kinds`.
@@ -420,12 +420,6 @@ def _attend_pallas(q, k, v, mech, kind_options, impl_options, *, mask, bias, is_
     raise ValueError("impl='pallas' takes no mask/bias arrays (the fused kernel never builds "
                      "[Lq, Lk]); use is_causal=True and q_segment_ids/kv_segment_ids for "
                      "padding or packed sequences, or impl='chunked'.")
-  try:
-    from attnlab import kernels  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise NotImplementedError(
-        "impl='pallas' needs attnlab.kernels (the fused Pallas kernel), which is not "
-        f"available here: {e}") from e
   if q_offset is not None:  # decoding: is_causal=True (checked), the split-key kernel
     for name in ("q_segment_ids", "kv_segment_ids"):
       if impl_options[name] is not None:

@@ -6,7 +6,7 @@ all of attention there. Attention is independent per batch row and per head,
 so when a mesh is in context (`jax.set_mesh`, or `use_abstract_mesh` as
 `attnlab.experiment`'s jitted steps set it) `flash_attention` instead runs the
 kernel on each device's shard: the batch split over the mesh's data axes and
-the heads over its "model" axis (`attnlab.sharding`), with no collective.
+the heads over its "model" axis (`attnlab.axes`), with no collective.
 
 An axis that does not divide its dimension (a batch of 2 on 4 data devices,
 1 kv head on 2 model devices) is not split over; with nothing to split, or
@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import jax
 
+from attnlab import axes
 from attnlab.kernels.common import KernelConfig
 
 P = jax.sharding.PartitionSpec
@@ -33,14 +34,12 @@ def call(kernel: Callable[..., jax.Array], q, k, v, bias_BH, q_seg, kv_seg,
   q [B, Lq, H, D], k and v [B, Lk, Hkv, D], bias_BH [B, H] or None, segment ids
   [B, L] or None; returns [B, Lq, H, Dv].
   """
-  # Imported here: attnlab.sharding imports the models, which import attention.
-  from attnlab import sharding  # pylint: disable=import-outside-toplevel
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.manual_axes:
     return kernel(q, k, v, bias_BH, q_seg, kv_seg, cfg)
-  batch_axes = _dividing_axes(mesh, [a for a in sharding.DATA_AXES if a in mesh.shape],
+  batch_axes = _dividing_axes(mesh, [a for a in axes.DATA_AXES if a in mesh.shape],
                               q.shape[0])
-  head_axes = _dividing_axes(mesh, [a for a in sharding.HEAD_AXES if a in mesh.shape],
+  head_axes = _dividing_axes(mesh, [a for a in axes.HEAD_AXES if a in mesh.shape],
                              math.gcd(cfg.num_heads, cfg.num_kv_heads))
   if not batch_axes and not head_axes:
     return kernel(q, k, v, bias_BH, q_seg, kv_seg, cfg)
@@ -60,10 +59,10 @@ def call(kernel: Callable[..., jax.Array], q, k, v, bias_BH, q_seg, kv_seg,
   )(q, k, v, bias_BH, q_seg, kv_seg)
 
 
-def _dividing_axes(mesh, axes: list[str], size: int) -> tuple[str, ...]:
-  """The longest prefix of `axes` (of size > 1) whose product divides `size`."""
+def _dividing_axes(mesh, names: list[str], size: int) -> tuple[str, ...]:
+  """The longest prefix of the mesh axes `names` (of size > 1) whose product divides `size`."""
   chosen: list[str] = []
-  for axis in axes:
+  for axis in names:
     if mesh.shape[axis] == 1:
       continue
     if size % (math.prod(mesh.shape[a] for a in chosen) * mesh.shape[axis]):

@@ -41,11 +41,11 @@ logical axis names), `layers` (projections, norms, attention, MLP), `encoder`
 (KV-cache decoding and `generate` for the language model).
 """
 
+from attnlab.axes import LAYERS_AXIS
 from attnlab.models.config import ACTIVATIONS, BackboneConfig
 from attnlab.models.encoder import Encoder, EncoderBlock
 from attnlab.models.inspection import attention_maps, count_params, logical_axes
 from attnlab.models.layers import Mlp, MultiHeadAttention
-from attnlab.models.params import LAYERS_AXIS
 from attnlab.models.transformer import Transformer, TransformerConfig, alibi_bias, alibi_slopes
 from attnlab.models.vit import VIT_SIZES, ViT, ViTConfig, parse_variant, posemb_sincos_2d
 

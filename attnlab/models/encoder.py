@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnlab.axes import LAYERS_AXIS
 from attnlab.models.config import BackboneConfig
 from attnlab.models.layers import LayerCache, Mlp, MultiHeadAttention, dropout, norm_layer
-from attnlab.models.params import LAYERS_AXIS, named_param
+from attnlab.models.params import named_param
 
 Array = jax.Array
 # (block, x_BLE, rngs, traced attention inputs) -> (x_BLE, weights or None)

@@ -8,19 +8,9 @@ from typing import Any
 import jax
 from flax import nnx
 
+from attnlab.axes import Axes, variable_axes
+
 Array = jax.Array
-Axes = tuple[str, ...]
-
-_AXES_KEYS = ("out_sharding", "sharding_names", "sharding")  # newest flax first
-
-
-def variable_axes(variable: nnx.Variable) -> Axes | None:
-  """The logical axis names of one parameter (None: it has none); any flax >= 0.12.2."""
-  metadata = variable.get_metadata()
-  for key in _AXES_KEYS:
-    if metadata.get(key) is not None:
-      return tuple(metadata[key])
-  return None
 
 
 def logical_axes(model: nnx.Module) -> dict[tuple[Any, ...], Axes | None]:

@@ -3,7 +3,8 @@
 Each parameter carries one logical name per axis ("embed", "heads", "mlp", ...;
 "layers" for the stacked blocks of `BackboneConfig.scan_layers`) as Flax
 sharding metadata; a mesh mapping can later turn them into shardings without
-touching model code (see `attnlab.models.logical_axes`).
+touching model code (see `attnlab.models.logical_axes`). The names, and the
+mesh axes each is split over by default, are stated in `attnlab.axes`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnlab.axes import Axes
 from attnlab.models.config import BackboneConfig
 
 Array = jax.Array
-Axes = tuple[str, ...]
-
-# The logical name of the leading axis of parameters stacked over encoder blocks.
-LAYERS_AXIS = "layers"
 
 
 def with_logical_axes(init: Callable[..., Array], axes: Axes) -> Callable[..., Array]:
