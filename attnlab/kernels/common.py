@@ -133,6 +133,10 @@ def decode_tile_mask(offset: Any, k_start: Any, shape: tuple[int, int],
 
 
 # --------------------------------------------------------------------------- validation
+def on_gpu() -> bool:
+  return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
 def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, bool]:
   """Picks the kernel family and whether to interpret it on this platform.
 
@@ -140,13 +144,13 @@ def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, b
   interpreter); asking for a native GPU/TPU kernel on CPU is an error that names the fix.
   """
   platform = jax.default_backend()
-  on_gpu = platform in ("gpu", "cuda", "rocm")
+  gpu = on_gpu()
   automatic = backend is None
   if automatic:
     backend = "tpu" if platform == "tpu" else "gpu"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} or None (= this platform); got {backend!r}.")
-  native = (backend in ("gpu", "mgpu") and on_gpu) or (backend == "tpu" and platform == "tpu")
+  native = (backend in ("gpu", "mgpu") and gpu) or (backend == "tpu" and platform == "tpu")
   if interpret is None:
     # Only the automatic choice falls back to interpret mode: an explicit backend is
     # a request for the native kernel, and silently interpreting it would hide that.

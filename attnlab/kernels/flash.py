@@ -15,7 +15,6 @@ kernels against, together with an independent float64 NumPy reference.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -23,11 +22,13 @@ import jax.numpy as jnp
 
 from attnlab.kernels import common
 from attnlab.kernels import flash_gpu
+from attnlab.kernels import flash_mgpu
 from attnlab.kernels import flash_tpu
 from attnlab.kernels import sharded
+from attnlab.kernels import tuned
 from attnlab.kernels.common import KernelConfig
 
-_BACKENDS = {"gpu": flash_gpu, "tpu": flash_tpu}
+_BACKENDS = {"gpu": flash_gpu, "tpu": flash_tpu, "mgpu": flash_mgpu}
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "sigmoid",
@@ -65,12 +66,16 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "si
     block_q: query tile length (forward and backward); default per backend and dtype.
     block_k: key tile length; GPU: a power of two >= 16; TPU: block_q a multiple of
       8 and block_k a multiple of 128.
-    backend: "gpu" (Triton) or "tpu" (Mosaic); default from the platform, and the
-      GPU-style kernel on CPU.
+    backend: "gpu" (Triton), "mgpu" (Mosaic GPU: Hopper, bfloat16/float16, no segment
+      ids; warp-specialised with TMA and wgmma) or "tpu" (Mosaic TPU); default from the
+      platform: on a GPU the backend and tiles measured fastest for its device kind and
+      this shape class (`attnlab.kernels.tuned`), Triton where none was measured; the
+      Triton-style kernel on CPU.
     interpret: run the kernels in Pallas interpret mode; default True exactly when
       the backend does not match the platform (e.g. on CPU).
-    num_warps: GPU only: Triton warps per program (default 4 for D <= 64, else 8).
-    num_stages: GPU only: Triton software-pipelining stages (default 2).
+    num_warps: Triton only: warps per program (default 4 for D <= 64, else 8).
+    num_stages: GPU only: Triton software-pipelining stages, or Mosaic GPU shared-memory
+      slots per streamed operand (default 2).
 
   Returns:
     [B, Lq, H, Dv] in q.dtype. Rows that may attend no key are 0 for both kinds,
@@ -83,11 +88,27 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "si
   """
   batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, value_dim = common.check_inputs(
       q, k, v, q_segment_ids, kv_segment_ids, kind)
+  if backend is None and interpret is None and num_warps is None and common.on_gpu():
+    # The measured winner for this GPU and shape class (tuned_gpu.json), else Triton.
+    pick = tuned.choice(tuned.device_kind(), kind, q.dtype,
+                        flash_mgpu.padded_head_dim(max(head_dim, value_dim)), is_causal)
+    if pick and (pick["backend"] != "mgpu" or flash_mgpu.check_supported(
+        q.dtype, q_segment_ids is not None) is None):
+      backend = pick["backend"]
+      block_q = pick.get("block_q") if block_q is None else block_q
+      block_k = pick.get("block_k") if block_k is None else block_k
+      num_stages = pick.get("num_stages") if num_stages is None else num_stages
   backend, interpret = common.resolve_backend(backend, interpret)
   scale = common.check_scalar("scale", scale)
   bias_BH = (common.bias_per_head(sigmoid_bias, kv_len, batch, num_heads)
              if kind == "sigmoid" else None)
   module = _BACKENDS[backend]
+  if backend == "mgpu":
+    reason = flash_mgpu.check_supported(q.dtype, q_segment_ids is not None)
+    if reason is None and num_warps is not None:
+      reason = "num_warps is a Triton option; the Mosaic GPU kernel's warpgroups are fixed"
+    if reason is not None:
+      raise ValueError(f"backend='mgpu': {reason}")
   if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
     raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16 (Triton); got {num_warps!r}.")
   if num_stages is not None and not (isinstance(num_stages, int) and num_stages >= 1):
@@ -104,8 +125,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "si
     module.check_blocks(block_k=block_k)
     bk = bk_bwd = block_k
   # Lengths are padded to a common multiple of the forward and backward tiles.
-  q_len_padded = common.round_up(q_len, math.lcm(bq, bq_bwd))
-  kv_len_padded = common.round_up(kv_len, math.lcm(bk, bk_bwd))
+  q_multiple, kv_multiple = module.length_multiples(bq, bk, bq_bwd, bk_bwd)
+  q_len_padded = common.round_up(q_len, q_multiple)
+  kv_len_padded = common.round_up(kv_len, kv_multiple)
 
   cfg = KernelConfig(
       kind=kind, backend=backend, interpret=interpret,
@@ -116,7 +138,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str = "si
       kv_len_padded=kv_len_padded, block_q=bq, block_k=bk, block_q_bwd=bq_bwd,
       block_k_bwd=bk_bwd, num_heads=num_heads, num_kv_heads=num_kv_heads,
       # tanh.approx.f32 has ~2^-11 relative error: fine for 16-bit inputs, not for float32.
-      fast_tanh=backend == "gpu" and not interpret and q.dtype != jnp.float32,
+      fast_tanh=backend in ("gpu", "mgpu") and not interpret and q.dtype != jnp.float32,
       num_warps=num_warps, num_stages=num_stages)
 
   q_p = common.pad_axis(common.pad_axis(q, 1, q_len_padded), 3, d_pad)
