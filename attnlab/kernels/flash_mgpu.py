@@ -94,15 +94,11 @@ def check_supported(dtype: Any, has_segments: bool) -> str | None:
 
 
 def interpret_params() -> Any:
-  """Mosaic GPU's interpret mode (CPU simulation of warpgroups, SMEM, TMA and barriers), or
-  None where this jax has none (it is public from jax 0.12.1, private before)."""
+  """Mosaic GPU's interpret mode (a CPU simulation of warpgroups, SMEM, TMA and barriers),
+  or None where this jax has no complete one: it is public from jax 0.12.1; earlier
+  versions' private interpreter cannot load a register layout from SMEM."""
   params = getattr(plgpu, "InterpretGPUParams", None)
-  if params is None:
-    try:
-      from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      return None
-  return params()
+  return None if params is None else params()
 
 
 def _compiler_params(cfg: KernelConfig) -> Any:
