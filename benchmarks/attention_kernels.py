@@ -97,6 +97,17 @@ def _jax_mgpu_softmax(dtype) -> Callable | str:
   return run
 
 
+def _mgpu_unavailable(interpret: bool, dtype) -> str | None:
+  """Why our Mosaic GPU kernels cannot run in this table, or None."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return "bf16/f16 only"
+  if interpret:
+    # Its interpreter simulates warpgroups with blocking host callbacks and, inside a
+    # larger jitted step on few cores, can hang; tests/test_kernels_mgpu.py runs it eagerly.
+    return "interpret mode: checked by tests/test_kernels_mgpu.py, not timed"
+  return None if _is_hopper() else "needs a Hopper GPU (Mosaic GPU)"
+
+
 def _traced_bias(q: jax.Array, k: jax.Array) -> jax.Array:
   """The default -log(Lk) as a per-head [H] array: built inside jit it is traced, like a
   learned bias, so the kernels' backward computes its gradient."""
@@ -115,6 +126,11 @@ def implementations(interpret: bool, xla_max_len: int, length: int, gqa: bool,
       "flash-softmax (ours)": lambda q, k, v, c: flash_attention(q, k, v, kind="softmax",
                                                                  is_causal=c, **ours),
   }
+  # The Mosaic GPU kernels (warp-specialised, TMA, wgmma): on a Hopper GPU only.
+  mgpu_reason = _mgpu_unavailable(interpret, dtype)
+  for kind in ("sigmoid", "softmax"):
+    impls[f"flash-{kind} mgpu"] = mgpu_reason or (lambda kind: lambda q, k, v, c: flash_attention(
+        q, k, v, kind=kind, is_causal=c, backend="mgpu", **ours))(kind)
   jax_pallas = _jax_pallas_softmax(interpret)
   impls["jax pallas softmax"] = (
       "not importable" if jax_pallas is None else
@@ -156,8 +172,8 @@ def attention_flops(b, h, lq, lk, d, causal) -> float:
 REFERENCE = "flash-sigmoid (ours)"  # the speedup columns divide by this implementation's time
 # The bar chart's implementations (those measured): the two fused kernels, cuDNN's softmax
 # (GPU) and jax's own Pallas flash softmax (Triton on GPU, Mosaic on TPU).
-CHART_IMPLS = ("flash-sigmoid (ours)", "flash-softmax (ours)", "jax.nn.dpa (cudnn)",
-               "jax pallas softmax")
+CHART_IMPLS = ("flash-sigmoid (ours)", "flash-softmax (ours)", "flash-sigmoid mgpu",
+               "flash-softmax mgpu", "jax.nn.dpa (cudnn)", "jax mgpu softmax")
 
 
 def random_inputs(key: jax.Array, b: int, length: int, h: int, hkv: int, d: int, dtype):
@@ -254,18 +270,31 @@ def run(args) -> list[dict[str, Any]]:
     rows.append(row)
     emit(format_row(row))
   emit()
-  emit("## flash-sigmoid speedup (time of reference / time of flash-sigmoid; > 1 = sigmoid faster)")
-  for ref_name in ("flash-softmax (ours)", "jax.nn.dpa (cudnn)" if ON_GPU else "jax.nn.dpa (xla)"):
-    picked = [r for r in rows if r["impl"] == ref_name and not math.isnan(r.get("fwd_x", math.nan))]
-    if picked:
-      fwd = statistics.median(r["fwd_x"] for r in picked)
-      fb = statistics.median(r["fwdbwd_x"] for r in picked)
-      emit(f"vs {ref_name}: median over {len(picked)} shapes: forward x{fwd:.3f}, "
-           f"forward+backward x{fb:.3f}")
+  cudnn = "jax.nn.dpa (cudnn)" if ON_GPU else "jax.nn.dpa (xla)"
+  emit("## sigmoid speedups (time of reference / time of the sigmoid kernel; > 1 = sigmoid "
+       "faster; median over shapes)")
+  for fast, ref in (("flash-sigmoid (ours)", "flash-softmax (ours)"),
+                    ("flash-sigmoid (ours)", cudnn),
+                    ("flash-sigmoid mgpu", "flash-softmax mgpu"),
+                    ("flash-sigmoid mgpu", cudnn),
+                    ("flash-sigmoid mgpu", "flash-sigmoid (ours)")):
+    ratios = speedups(rows, fast, ref)
+    if ratios:
+      emit(f"{fast} vs {ref}: over {len(ratios)} shapes: forward "
+           f"x{statistics.median(r[0] for r in ratios):.3f}, forward+backward "
+           f"x{statistics.median(r[1] for r in ratios):.3f}")
   out.close()
   if args.plot:
     plot_tflops(rows, title=chart_title(args)).savefig(args.plot, dpi=100, bbox_inches="tight")
   return rows
+
+
+def speedups(rows: list[dict[str, Any]], fast: str, ref: str) -> list[tuple[float, float]]:
+  """(forward, forward+backward) time ratios ref / fast, one per shape where both ran."""
+  key = lambda r: (r["length"], r["head_dim"], r["mask"])
+  timed = {(r["impl"], key(r)): r for r in rows if "note" not in r}
+  return [(timed[(ref, k)]["fwd_ms"] / r["fwd_ms"], timed[(ref, k)]["fwdbwd_ms"] / r["fwdbwd_ms"])
+          for (impl, k), r in timed.items() if impl == fast and (ref, k) in timed]
 
 
 def chart_title(args) -> str:

@@ -18,12 +18,14 @@ def test_run_returns_the_rows_it_prints_and_writes(tmp_path):
                                        "--plot", str(tmp_path / "chart.png")])
   rows = attention_kernels.run(args)
   impls = attention_kernels.implementations(True, args.xla_max_len, 64, False)
+  assert {"flash-sigmoid mgpu", "flash-softmax mgpu"} <= set(impls)
   names = list(impls)
   assert [r["impl"] for r in rows] == names
   # A row is skipped only for the reason implementations() gives (jax 0.12.1 no longer ships
   # the Triton softmax op); every implementation that exists runs on CPU.
   skipped = {name: reason for name, reason in impls.items() if isinstance(reason, str)}
-  assert set(skipped) <= {"jax pallas softmax", "jax mgpu softmax"}, skipped
+  assert set(skipped) <= {"jax pallas softmax", "jax mgpu softmax", "flash-sigmoid mgpu",
+                          "flash-softmax mgpu"}, skipped
   assert {r["impl"]: r["note"] for r in rows if "note" in r} == skipped
   measured = [r for r in rows if "note" not in r]
   assert all((r["length"], r["head_dim"], r["mask"]) == (64, 64, "causal") for r in rows)
