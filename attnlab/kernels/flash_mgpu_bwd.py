@@ -65,10 +65,11 @@ def dq(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
       q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
       a_smem, b_smem = a_smem2.at[wg], b_smem2.at[wg]
       loaded = rows_loaded.at[wg]
-      for src, dst in ((q_ref.at[batch, rows, head], q_smem),
-                       (do_ref.at[batch, rows, head], do_smem),
-                       (a_ref.at[batch, head, rows], a_smem),
-                       (b_ref.at[batch, head, rows], b_smem)):
+      own = [(q_ref.at[batch, rows, head], q_smem), (do_ref.at[batch, rows, head], do_smem),
+             (a_ref.at[batch, head, rows], a_smem)]
+      if not sigmoid:  # softmax's delta (sigmoid's second row statistic is unused)
+        own.append((b_ref.at[batch, head, rows], b_smem))
+      for src, dst in own:
         plgpu.copy_gmem_to_smem(src, dst, loaded)
         plgpu.barrier_wait(loaded)
       shape = (bq, bk)
@@ -126,18 +127,22 @@ def dq(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
 
 
 def dkv(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
-  """dK, dV per query head, [B, Lk, H, D] in the input dtype (dK already scaled)."""
+  """dK, dV per query head, [B, Lk, H, D] in the input dtype (dK already scaled).
+
+  The producer streams Q and dO tiles, and for softmax each tile's lse and delta rows;
+  sigmoid's bias is the same on every row of a head, so each consumer reads it once.
+  """
   b, lq, h, d = q.shape
   lk = k.shape[1]
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   sigmoid = cfg.kind == "sigmoid"
   dtype = q.dtype
   stages = mp.stages_of(cfg)
+  n_streamed = 2 if sigmoid else 4  # Q, dO (, lse, delta)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, a_ref, b_ref, dk_ref, dv_ref, scratch, barriers):
-    k_smem2, v_smem2, q_smem, do_smem, a_smem, b_smem = scratch
-    keys_loaded, q_loaded, do_loaded, a_loaded, b_loaded, q_free, do_free, a_free, b_free = (
-        barriers)
+    k_smem2, v_smem2, bias_smem2, slots = scratch
+    keys_loaded, loaded, free = barriers
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     first_block = lax.axis_index("tiles") * mp.COMPUTE_WGS
     kv_head = lax.div(head, jnp.int32(cfg.group))
@@ -145,13 +150,12 @@ def dkv(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
     # Causal: the first consumer's keys are seen by the earliest queries; start there.
     first = common.q_blocks_start(first_block, cfg, bq, bk)
     q_rows = lambda i: pl.ds((first + i) * bq, bq)
-    mp.stream(n_q - first,
-              (lambda i: q_ref.at[batch, q_rows(i), head],
+    sources = (lambda i: q_ref.at[batch, q_rows(i), head],
                lambda i: do_ref.at[batch, q_rows(i), head],
                lambda i: a_ref.at[batch, head, q_rows(i)],
-               lambda i: b_ref.at[batch, head, q_rows(i)]),
-              (q_smem, do_smem, a_smem, b_smem), (q_loaded, do_loaded, a_loaded, b_loaded),
-              (q_free, do_free, a_free, b_free), wg, stages)
+               lambda i: b_ref.at[batch, head, q_rows(i)])[:n_streamed]
+    mp.stream(n_q - first, sources, slots, loaded, free, wg, stages)
+    q_smem, do_smem = slots[:2]
 
     @pl.when(wg < mp.COMPUTE_WGS)
     def _consumer():
@@ -160,33 +164,37 @@ def dkv(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
       k_start = k_block * bk
       keys = pl.ds(k_start, bk)
       k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-      loaded = keys_loaded.at[wg]
-      for src, dst in ((k_ref.at[batch, keys, kv_head], k_smem),
-                       (v_ref.at[batch, keys, kv_head], v_smem)):
-        plgpu.copy_gmem_to_smem(src, dst, loaded)
-        plgpu.barrier_wait(loaded)
+      ready = keys_loaded.at[wg]
+      own = [(k_ref.at[batch, keys, kv_head], k_smem), (v_ref.at[batch, keys, kv_head], v_smem)]
+      if sigmoid:
+        own.append((a_ref.at[batch, head, pl.ds(0, bq)], bias_smem2.at[wg]))
+      for src, dst in own:
+        plgpu.copy_gmem_to_smem(src, dst, ready)
+        plgpu.barrier_wait(ready)
       shape = (bk, bq)
+      if sigmoid:
+        half_bias = mp.cols(0.5 * mp.load_row_stat(bias_smem2.at[wg], 1), shape)
 
       def body(i, slot, carry, masked):
         dk_acc, dv_acc = carry
         q_start = (first + i) * bq
-        plgpu.barrier_wait(q_loaded.at[slot])
-        plgpu.barrier_wait(a_loaded.at[slot])
+        for j in range(n_streamed):
+          plgpu.barrier_wait(loaded[j].at[slot])
         s_t = mp.matmul(k_smem, mp.transposed(q_smem.at[slot]), shape)
-        stat = mp.cols(mp.load_row_stat(a_smem.at[slot], 1), shape)
-        p_t = _probs(s_t, 0.5 * stat if sigmoid else stat, masked, q_start, k_start, cfg,
-                     transposed=True)
-        plgpu.barrier_arrive(a_free.at[slot])
-        plgpu.barrier_wait(do_loaded.at[slot])
+        if sigmoid:
+          stat, delta = half_bias, None
+        else:
+          stat = mp.cols(mp.load_row_stat(slots[2].at[slot], 1), shape)
+          delta = mp.cols(mp.load_row_stat(slots[3].at[slot], 1), shape)
+          plgpu.barrier_arrive(free[2].at[slot])
+          plgpu.barrier_arrive(free[3].at[slot])
+        p_t = _probs(s_t, stat, masked, q_start, k_start, cfg, transposed=True)
         dv_acc = mp.matmul_add(dv_acc, p_t.astype(dtype), do_smem.at[slot])
         dp_t = mp.matmul(v_smem, mp.transposed(do_smem.at[slot]), shape)
-        plgpu.barrier_arrive(do_free.at[slot])
-        plgpu.barrier_wait(b_loaded.at[slot])
-        delta = None if sigmoid else mp.cols(mp.load_row_stat(b_smem.at[slot], 1), shape)
-        plgpu.barrier_arrive(b_free.at[slot])
+        plgpu.barrier_arrive(free[1].at[slot])
         ds_t = common.score_grad(p_t, dp_t, delta, cfg)
         dk_acc = mp.matmul_add(dk_acc, ds_t.astype(dtype), q_smem.at[slot])
-        plgpu.barrier_arrive(q_free.at[slot])
+        plgpu.barrier_arrive(free[0].at[slot])
         return dk_acc, dv_acc
 
       start = common.q_blocks_start(k_block, cfg, bq, bk) - first
@@ -194,8 +202,7 @@ def dkv(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
       carry = (mp.zeros((bk, d)), mp.zeros((bk, d)))
       n_steps = n_q - first
       dk_acc, dv_acc = mp.consume(n_steps, (start, unmasked_start, n_steps, n_steps), body,
-                                  carry, (q_loaded, do_loaded, a_loaded, b_loaded),
-                                  (q_free, do_free, a_free, b_free), stages)
+                                  carry, loaded, free, stages)
       k_smem[...] = (dk_acc * cfg.scale).astype(dtype)  # K and V are done: stage dK, dV there
       v_smem[...] = dv_acc.astype(dtype)
       plgpu.commit_smem()
@@ -204,17 +211,18 @@ def dkv(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
       plgpu.wait_smem_to_gmem(0)
 
   per_head = jax.ShapeDtypeStruct((b, lk, h, d), dtype)
+  slots = (mp.smem_tiles((stages, bq, d), dtype), mp.smem_tiles((stages, bq, d), dtype),
+           plgpu.SMEM((stages, bq), mp.F32), plgpu.SMEM((stages, bq), mp.F32))[:n_streamed]
   return plgpu.kernel(
       kernel,
       out_type=(per_head, per_head),
       scratch_types=(
           (mp.smem_tiles((mp.COMPUTE_WGS, bk, d), dtype),
            mp.smem_tiles((mp.COMPUTE_WGS, bk, d), dtype),
-           mp.smem_tiles((stages, bq, d), dtype), mp.smem_tiles((stages, bq, d), dtype),
-           plgpu.SMEM((stages, bq), mp.F32), plgpu.SMEM((stages, bq), mp.F32)),
-          (plgpu.Barrier(num_barriers=mp.COMPUTE_WGS),)
-          + (plgpu.Barrier(num_barriers=stages),) * 4
-          + (plgpu.Barrier(num_arrivals=mp.COMPUTE_WGS, num_barriers=stages),) * 4,
+           plgpu.SMEM((mp.COMPUTE_WGS, bq), mp.F32), slots),
+          (plgpu.Barrier(num_barriers=mp.COMPUTE_WGS),
+           (plgpu.Barrier(num_barriers=stages),) * n_streamed,
+           (plgpu.Barrier(num_arrivals=mp.COMPUTE_WGS, num_barriers=stages),) * n_streamed),
       ),
       grid=(h, lk // (mp.COMPUTE_WGS * bk), b),
       grid_names=("heads", "tiles", "batch"),
