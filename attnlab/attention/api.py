@@ -73,11 +73,11 @@ def auto_impl(kind: str, q: Array, k: Array, v: Array, *, mask: Array | None = N
   path from `AUTO_CHUNKED_MIN_KV_LEN` keys on (for the kinds it runs), and the materialising
   path below that.
   """
-  fused = (platform() in ("gpu", "cuda", "rocm", "tpu")
+  fused = (platform() in (*kernel_capabilities.GPU_PLATFORMS, "tpu")
            and kind in impl_kinds("pallas") and _kernel_takes(mask, bias)
            and (q_offset is None or auto_decodes(q.shape[1], max(q.shape[3], v.shape[3])))
            and q.dtype == k.dtype == v.dtype
-           and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16))
+           and jnp.dtype(q.dtype).name in kernel_capabilities.DTYPES)
   if fused:
     return "pallas"
   long = k.shape[1] >= AUTO_CHUNKED_MIN_KV_LEN

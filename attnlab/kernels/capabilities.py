@@ -7,6 +7,12 @@ built), so a kind the kernels cannot run fails at config time, not when traced.
 
 # The attention kinds the fused kernels implement.
 KINDS = ("sigmoid", "softmax")
+# Input dtypes (names) the kernels take, all accumulating in float32; the Mosaic GPU
+# backend ("mgpu", Hopper: wgmma) takes the 16-bit ones only.
+DTYPES = ("float32", "bfloat16", "float16")
+MGPU_DTYPES = ("bfloat16", "float16")
+# jax.default_backend() names under which the GPU kernels run natively; "tpu" for TPU.
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 # The options `flash_attention` takes besides the kind's own (`sigmoid_bias`),
 # with their defaults: tuning and layout, none of which changes the result.

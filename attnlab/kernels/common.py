@@ -19,10 +19,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnlab.sigmoid_bias import SIGMOID_BIAS_FORMS, sigmoid_bias_logits
+from attnlab.kernels import capabilities
 from attnlab.kernels.capabilities import KINDS  # stated once there
 # "gpu": Triton (any CUDA GPU); "tpu": Mosaic TPU; "mgpu": Mosaic GPU (Hopper, 16-bit inputs).
 BACKENDS = ("gpu", "tpu", "mgpu")
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+SUPPORTED_DTYPES = tuple(jnp.dtype(name) for name in capabilities.DTYPES)
 
 # Masked logits for the online softmax. Finite (unlike -inf) so that
 # `exp(m_prev - m_next)` never evaluates `-inf - -inf`; masked entries are also
@@ -134,7 +135,7 @@ def decode_tile_mask(offset: Any, k_start: Any, shape: tuple[int, int],
 
 # --------------------------------------------------------------------------- validation
 def on_gpu() -> bool:
-  return jax.default_backend() in ("gpu", "cuda", "rocm")
+  return jax.default_backend() in capabilities.GPU_PLATFORMS
 
 
 def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, bool]:

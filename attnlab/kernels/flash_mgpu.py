@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from attnlab.kernels import capabilities
 from attnlab.kernels import common
 from attnlab.kernels import flash_mgpu_bwd
 from attnlab.kernels import mgpu_pipeline as mp
@@ -44,7 +45,7 @@ from attnlab.kernels.common import KernelConfig
 from attnlab.kernels.mgpu_pipeline import COMPUTE_WGS
 from attnlab.kernels.mgpu_pipeline import interpret_params  # noqa: F401  (public here)
 
-DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma's 16-bit inputs; float32 stays on Triton
+DTYPES = tuple(jnp.dtype(name) for name in capabilities.MGPU_DTYPES)  # wgmma's inputs
 LOG2_E = 1.4426950408889634
 
 
@@ -85,7 +86,7 @@ def length_multiples(block_q: int, block_k: int, block_q_bwd: int, block_k_bwd: 
 
 def check_supported(dtype: Any, has_segments: bool) -> str | None:
   """Why this backend cannot run a call, or None if it can."""
-  if jnp.dtype(dtype) not in tuple(map(jnp.dtype, DTYPES)):
+  if jnp.dtype(dtype) not in DTYPES:
     return (f"the Mosaic GPU kernel takes bfloat16 or float16 inputs (wgmma); got {dtype}. "
             "Use backend='gpu' (Triton) for float32.")
   if has_segments:
