@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attnlab import checkpoint as checkpoint_lib
 from attnlab import configlib
 from attnlab import data as data_lib
 from attnlab import metrics as metrics_lib
@@ -129,6 +130,20 @@ def test_finished_cells_are_skipped_in_place_one_at_a_time_and_leave_a_vmapped_s
   # One cell at a time, a finished cell takes a branch that skips its step, so
   # the stack (and the compiled step) keeps one shape for the whole group;
   # vmapped, the branch would run both sides, so finished cells leave.
+  sizes = _recording_sizes(monkeypatch)
+  spec = groups_lib.GroupSpec(name="three", cells=CELLS[:3], budgets=BUDGETS[:3], budget_rule="test")
+  results = cells_lib.train_group(spec, dataclasses.replace(setup, vmap_cells=vmap_cells))
+  assert sizes == stack_sizes
+  for result, reference in zip(results, batched):
+    assert_same(result, reference)
+
+
+def test_stack_sizes_are_powers_of_two_up_to_the_group():
+  assert [cells_lib.stack_size(n, 12) for n in (12, 9, 8, 5, 3, 2, 1)] == [12, 12, 8, 8, 4, 2, 1]
+  assert cells_lib.stack_size(3, 3) == 3
+
+
+def _recording_sizes(monkeypatch) -> set:
   sizes, group_step = set(), cells_lib._group_step
 
   def recording_group_step(fns, vmap):
@@ -140,11 +155,31 @@ def test_finished_cells_are_skipped_in_place_one_at_a_time_and_leave_a_vmapped_s
     return recorded
 
   monkeypatch.setattr(cells_lib, "_group_step", recording_group_step)
-  spec = groups_lib.GroupSpec(name="three", cells=CELLS[:3], budgets=BUDGETS[:3], budget_rule="test")
-  results = cells_lib.train_group(spec, dataclasses.replace(setup, vmap_cells=vmap_cells))
-  assert sizes == stack_sizes
-  for result, reference in zip(results, batched):
-    assert_same(result, reference)
+  return sizes
+
+
+def test_a_vmapped_stack_keeps_a_finished_cell_masked_until_it_can_halve(setup, monkeypatch,
+                                                                          tmp_path):
+  """Budgets 6, 8, 8, 8: after step 6 three cells train in a stack of four, the finished cell
+  masked; the results equal one-at-a-time training, uninterrupted and resumed at step 7."""
+  spec = groups_lib.GroupSpec(name="four", cells=CELLS, budgets=(6, 8, 8, 8), budget_rule="test")
+  reference = cells_lib.train_group(spec, setup)  # one cell at a time (CPU's default)
+  sizes = _recording_sizes(monkeypatch)
+  vmapped = dataclasses.replace(setup, vmap_cells=None)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=7)
+  results = cells_lib.train_group(spec, vmapped, checkpointer=checkpointer)
+  checkpointer.close()
+  assert sizes == {4}
+  for result, expected in zip(results, reference):
+    assert_same(result, expected)
+  # A rerun resumes from step 7: three training cells, padded back to a stack of four.
+  sizes.clear()
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=7)
+  resumed = cells_lib.train_group(spec, vmapped, checkpointer=checkpointer)
+  checkpointer.close()
+  assert sizes == {4} and len(resumed) == 3
+  for result, expected in zip(resumed, reference[1:]):
+    assert_same(result, expected)
 
 
 def test_the_engine_equals_the_plainest_loop(setup, batched):

@@ -17,8 +17,10 @@ different budgets in steps (a fixed-epochs budget gives a larger n more steps):
     computed one at a time (`vmap_cells=1`, CPU's default) a step is one
     dispatch per training cell of a program that updates that cell of the
     stack in place, so a finished cell is skipped, the stack keeps its size
-    and the program compiles once; with cells side by side under vmap a
-    finished cell leaves the stack (one compile per stack size).
+    and the program compiles once; with cells side by side under vmap the
+    stack shrinks to the next power of two of the cells still training
+    (`stack_size`), finished cells padding it masked: a group compiles its
+    step a few times (log2 of its size), not once per finishing cell.
   * Many devices: with the whole stack side by side (`vmap_cells=None`, the
     accelerators' default, or at least the stack's size) the cell axis is
     split over the devices (`stack.cell_mesh`): cells are independent, so each
@@ -70,6 +72,26 @@ def _shrinks(setup: groups_lib.GroupSetup) -> bool:
   return setup.vmap_cells != 1
 
 
+def stack_size(num_training: int, num_cells: int) -> int:
+  """How many cells a vmapped stack holds while `num_training` of the group's `num_cells` train.
+
+  The next power of two (at most the group): a group compiles its step for at most
+  log2(C) + 1 stack sizes instead of one per finishing cell (each compile costs seconds
+  on an accelerator, where the masked cells' extra work is nearly free). It depends
+  only on how many cells train, so a resumed group steps with the same shapes as an
+  uninterrupted one.
+  """
+  return min(num_cells, 1 << max(0, num_training - 1).bit_length())
+
+
+def _stack_members(members: Sequence[int], alive: Sequence[int], num_cells: int) -> list[int]:
+  """The cells a vmapped stack keeps: those training and, to pad it to `stack_size`, finished
+  ones (masked: they take no step), in the stack's order."""
+  padding = stack_size(len(alive), num_cells) - len(alive)
+  finished = [i for i in members if i not in alive][:padding]
+  return [i for i in members if i in alive or i in finished]
+
+
 def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
                 checkpointer: checkpoint_lib.Checkpointer | None = None,
                 on_cell_done: Callable[[CellResult], None] | None = None,
@@ -95,9 +117,17 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
     step, stack, seconds = _restore(spec, setup, checkpointer)
   if stack is None:
     stack = stack_lib.init_stack(spec, setup)
-  stack, setup = stack_lib.place(stack, setup)
   alive = spec.alive_at(step)  # the cells still training
   members = list(alive)  # the cells in the stack, in its order (finished ones too, when kept)
+  if _shrinks(setup) and len(alive) < stack_size(len(alive), len(spec.cells)):
+    # Resumed: the checkpoint holds the training cells only; pad the stack as the
+    # uninterrupted run had it, with copies of a training cell standing in for finished
+    # ones (masked, never read).
+    padding = [i for i in range(len(spec.cells)) if i not in alive]
+    padding = padding[:stack_size(len(alive), len(spec.cells)) - len(alive)]
+    stack = stack.take(list(range(len(alive))) + [0] * len(padding))
+    members = list(alive) + padding
+  stack, setup = stack_lib.place(stack, setup)
   seconds = {i: seconds.get(spec.cells[i].name, 0.0) for i in range(len(spec.cells))}
   results: dict[int, CellResult] = {}
   train_step = _group_step(setup.fns, setup.vmap_cells)
@@ -131,10 +161,11 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
         on_cell_done(results[members[p]])
     if finished:
       alive = [i for i in alive if spec.budgets[i] > step]
-      if _shrinks(setup) and alive:
-        stack, setup = stack_lib.place(stack.take([members.index(i) for i in alive]), setup)
-        members = list(alive)
-        budgets_C = setup.fns.budget(np.asarray([spec.budgets[i] for i in alive], np.int32))
+      keep = _stack_members(members, alive, len(spec.cells))
+      if _shrinks(setup) and alive and keep != members:
+        stack, setup = stack_lib.place(stack.take([members.index(i) for i in keep]), setup)
+        members = keep
+        budgets_C = setup.fns.budget(np.asarray([spec.budgets[i] for i in members], np.int32))
     if checkpointer is not None and alive and checkpointer.should_save(step):
       # Only the cells still training: the saved stack is a function of the step.
       saved = stack if members == alive else stack.take([members.index(i) for i in alive])
@@ -211,27 +242,29 @@ def _group_step(fns: model_fns.ModelFns, vmap_cells: int | None = None):
   """One step of every cell in the stack: batches gathered on the device, each cell its schedule.
 
   Memoised per (`fns`, vmap_cells), so groups of the same model and optimizer
-  reuse one compiled executable per stack size.
+  reuse one compiled executable per stack size (`stack_size`: a few per group).
   """
 
-  def train_cell(state, pool, indices_B, budget, alive, applied, last_loss):
+  def train_cell(state, pool, indices_B, budget, alive, applied, last_loss, training=True):
     batch = {k: v[indices_B] for k, v in pool.items()}
     new_state, step_metrics = fns.train_step(state, batch, budget)
     # A cell whose update is non-finite stays frozen at its last finite state
     # from then on: its parameters still evaluate, and NaN never reaches its
-    # optimizer state.
-    ok = alive & step_metrics["finite"]
+    # optimizer state. A finished cell padding a vmapped stack (`training` False)
+    # takes no step either.
+    ok = alive & training & step_metrics["finite"]
     state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-    return state, ok, applied + ok, jnp.where(ok, step_metrics["loss"], last_loss)
+    return (state, jnp.where(training, ok, alive), applied + ok,
+            jnp.where(ok, step_metrics["loss"], last_loss))
 
   if vmap_cells == 1:
     return _one_cell_at_a_time(train_cell)
-  over_cells = stack_lib.over_cells(train_cell, (0, None, 0, 0, 0, 0, 0), vmap_cells)
+  over_cells = stack_lib.over_cells(train_cell, (0, None, 0, 0, 0, 0, 0, 0), vmap_cells)
 
   def step(stack: stack_lib.Stack, pool, indices_CB, budgets_C, training_C) -> stack_lib.Stack:
-    del training_C  # a vmapped stack holds only cells still training
     state, alive, applied, last_loss = over_cells(
-        stack.state, pool, indices_CB, budgets_C, stack.alive, stack.applied, stack.last_loss)
+        stack.state, pool, indices_CB, budgets_C, stack.alive, stack.applied, stack.last_loss,
+        training_C)
     return stack.replace(state=state, alive=alive, applied=applied, last_loss=last_loss)
 
   return jax.jit(step, donate_argnums=0)
