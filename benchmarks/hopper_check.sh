@@ -17,35 +17,20 @@
 # Afterwards, commit the tables under benchmarks/results/<device>_<date>_jax<version>/.
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/attnlab_hopper_check}"
-mkdir -p "$OUT"
-PYTHON="${PYTHON:-python3}"
-QUICK="${ATTNLAB_GPU_CHECK_QUICK:-0}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works even if the install below fails
-
-"$PYTHON" -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -n 3
+source "$(dirname "$0")/gpu_env.sh"  # install, platform, $OUT/env.txt
 
 if [ "$QUICK" = "1" ]; then
-  export JAX_PLATFORMS=cpu
   TESTS=(tests/test_kernels_mgpu.py -k "lower or bad_ or blocks")
   TUNE_ARGS=(--quick)
   BENCH_ARGS=(--quick)
 else
-  export JAX_PLATFORMS=cuda  # tests/conftest.py pins cpu unless this is set
-  export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
   TESTS=(tests/test_kernels_mgpu.py tests/test_kernels.py -k "native or default_backend or table")
   TUNE_ARGS=(--lengths 8192 --head-dims 64,128 --masks causal,full --configs 128x2,128x3,64x2
              --repeats 5)
   BENCH_ARGS=(--lengths 4096,16384 --head-dims 64,128 --masks causal,full --xla-max-len 4096
               --repeats 5)
 fi
-
-{
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-  "$PYTHON" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__); print(jax.devices())"
-} 2>&1 | tee "$OUT/env.txt"
 
 echo "== kernel tests (native) =="
 timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider "${TESTS[@]}" -rs 2>&1 \

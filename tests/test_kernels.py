@@ -165,9 +165,10 @@ def make_inputs(case: Case, seed: int = 0) -> Inputs:
   return Inputs(q, k, v, w, q_seg, kv_seg, bias)
 
 
-def kernel_value_and_grads(x: Inputs, **kwargs):
-  """(out, dq, dk, dv, dbias) of loss = sum(out * w) under jit; the bias, if an array, is
-  a traced, differentiated argument (dbias None otherwise)."""
+def kernel_value_and_grads(x: Inputs, *, jit: bool = True, **kwargs):
+  """(out, dq, dk, dv, dbias) of loss = sum(out * w) under jit (`jit=False`: op by op, each
+  kernel still compiled whole); the bias, if an array, is a traced, differentiated
+  argument (dbias None otherwise)."""
   traced_bias = x.bias is not None
 
   def loss(q, k, v, *bias):
@@ -176,7 +177,8 @@ def kernel_value_and_grads(x: Inputs, **kwargs):
 
   argnums = (0, 1, 2, 3) if traced_bias else (0, 1, 2)
   args = (x.q, x.k, x.v, x.bias) if traced_bias else (x.q, x.k, x.v)
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(*args)
+  step = jax.value_and_grad(loss, argnums=argnums, has_aux=True)
+  (_, out), grads = (jax.jit(step) if jit else step)(*args)
   return (out, *grads) if traced_bias else (out, *grads, None)
 
 

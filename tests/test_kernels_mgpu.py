@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from test_kernels import TOL, Case, Inputs, check_against_reference, make_inputs, reference
+from test_kernels import TOL, Case, check_against_reference, kernel_value_and_grads
+from test_kernels import make_inputs, reference
 
 from attnlab.kernels import common
 from attnlab.kernels import flash_attention
@@ -28,25 +29,6 @@ pytestmark = pytest.mark.usefixtures("fast_xla_compile")
 runs_kernels = pytest.mark.skipif(
     flash_mgpu.interpret_params() is None and not ON_GPU,
     reason=f"jax {jax.__version__} has no complete Mosaic GPU interpret mode (jax >= 0.12.1)")
-
-def value_and_grads(x: Inputs, **kwargs):
-  """(out, dq, dk, dv, dbias) of loss = sum(out * w), as test_kernels.kernel_value_and_grads
-  but not under an outer jit off a GPU: jax's Mosaic GPU interpreter simulates warpgroups
-  with blocking host callbacks, and inside a larger jitted program on a 2-core machine it
-  can wait forever (jax's own interpret tests run one kernel at a time). Each kernel is
-  still compiled and interpreted whole; only the glue runs op by op."""
-  traced_bias = x.bias is not None
-
-  def loss(q, k, v, *bias):
-    out = flash_attention(q, k, v, sigmoid_bias=bias[0] if bias else x.bias, **kwargs)
-    return jnp.sum(out.astype(jnp.float32) * x.w.astype(jnp.float32)), out
-
-  argnums = (0, 1, 2, 3) if traced_bias else (0, 1, 2)
-  args = (x.q, x.k, x.v, x.bias) if traced_bias else (x.q, x.k, x.v)
-  step = jax.value_and_grad(loss, argnums=argnums, has_aux=True)
-  (_, out), grads = (jax.jit(step) if ON_GPU else step)(*args)
-  return (out, *grads) if traced_bias else (out, *grads, None)
-
 
 # float16: wgmma's other input type; its 10-bit mantissa is 8x finer than bfloat16's.
 F16_TOL = dict(atol=4e-3, rtol=4e-3)
@@ -70,8 +52,11 @@ def _check(case: Case, kind: str, **options):
   x = make_inputs(case)
   if kind == "softmax":
     x = x._replace(bias=None)
-  got = value_and_grads(x, kind=kind, is_causal=case.is_causal, backend="mgpu",
-                               interpret=not ON_GPU, **options)
+  # Off a GPU not under an outer jit: jax's Mosaic GPU interpreter simulates warpgroups with
+  # blocking host callbacks, and inside a larger jitted program on a 2-core machine it can
+  # wait forever (jax's own interpret tests run one kernel at a time).
+  got = kernel_value_and_grads(x, jit=ON_GPU, kind=kind, is_causal=case.is_causal,
+                               backend="mgpu", interpret=not ON_GPU, **options)
   tol = F16_TOL if case.dtype == "float16" else TOL[case.dtype]
   check_against_reference(got, reference(case, kind, x), x, case, kind,
                           f"mgpu/{kind}/{case.name}", tol)

@@ -34,7 +34,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from attnlab.kernels import capabilities
@@ -109,22 +108,13 @@ def forward(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
   def kernel(q_ref, k_ref, v_ref, row_in_ref, out_ref, row_out_ref, scratch, barriers):
     q_smem2, k_smem, v_smem, row_smem2 = scratch
     q_loaded, row_loaded, k_loaded, v_loaded, k_free, v_free = barriers
-    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-    wg = lax.axis_index("wg")
-    first_block = lax.axis_index("tiles") * COMPUTE_WGS
-    kv_head = lax.div(head, jnp.int32(cfg.group))
-    # The last consumer's rows see the most keys (causal): stream up to their last tile.
-    n_tiles = common.kv_blocks_end(first_block + COMPUTE_WGS - 1, cfg, bq, bk)
-    mp.stream(n_tiles,
-              (lambda i: k_ref.at[batch, pl.ds(i * bk, bk), kv_head],
-               lambda i: v_ref.at[batch, pl.ds(i * bk, bk), kv_head]),
-              (k_smem, v_smem), (k_loaded, v_loaded), (k_free, v_free), wg, stages)
+    batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    n_tiles = mp.stream_keys(k_ref, v_ref, cfg, bq, bk, (k_smem, v_smem), (k_loaded, v_loaded),
+                             (k_free, v_free), wg, stages)
 
-    @pl.when(wg < COMPUTE_WGS)
+    @mp.consumer(wg)
     def _consumer():
-      plgpu.set_max_registers(232, action="increase")
-      q_block = first_block + wg
-      rows = pl.ds(q_block * bq, bq)
+      q_block, q_start, rows = mp.own_block(wg, bq)
       q_smem, row_smem = q_smem2.at[wg], row_smem2.at[wg]
       plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_loaded.at[wg])
       if sigmoid:
@@ -132,7 +122,6 @@ def forward(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
         plgpu.barrier_wait(row_loaded.at[wg])
         half_bias = mp.rows(0.5 * mp.load_row_stat(row_smem, 0), (bq, bk))
       plgpu.barrier_wait(q_loaded.at[wg])
-      q_start = q_block * bq
 
       def body(i, slot, carry, masked):
         plgpu.barrier_wait(k_loaded.at[slot])
@@ -194,7 +183,7 @@ def forward(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
             else jnp.zeros((b, h, lq), mp.F32))
   out_type = (jax.ShapeDtypeStruct((b, lq, h, dv), dtype),
               jax.ShapeDtypeStruct((b, h, lq), mp.F32))
-  out, lse = plgpu.kernel(
+  out, lse = mp.launch(
       kernel,
       out_type=out_type,
       scratch_types=(
@@ -206,11 +195,7 @@ def forward(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)),
       ),
       grid=(h, lq // (COMPUTE_WGS * bq), b),
-      grid_names=("heads", "tiles", "batch"),
-      num_threads=COMPUTE_WGS + 1,
-      thread_name="wg",
-      compiler_params=mp.compiler_params(cfg),
-      interpret=mp.interpret(cfg),
+      cfg=cfg,
   )(q, k, v, row_in)
   del lk
   return out, (None if sigmoid else lse)

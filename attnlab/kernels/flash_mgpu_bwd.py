@@ -48,20 +48,12 @@ def dq(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
     q_smem2, do_smem2, a_smem2, b_smem2, k_smem, v_smem = scratch
     rows_loaded, k_loaded, v_loaded, k_free, v_free = barriers
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-    first_block = lax.axis_index("tiles") * mp.COMPUTE_WGS
-    kv_head = lax.div(head, jnp.int32(cfg.group))
-    n_tiles = common.kv_blocks_end(first_block + mp.COMPUTE_WGS - 1, cfg, bq, bk)
-    mp.stream(n_tiles,
-              (lambda i: k_ref.at[batch, pl.ds(i * bk, bk), kv_head],
-               lambda i: v_ref.at[batch, pl.ds(i * bk, bk), kv_head]),
-              (k_smem, v_smem), (k_loaded, v_loaded), (k_free, v_free), wg, stages)
+    n_tiles = mp.stream_keys(k_ref, v_ref, cfg, bq, bk, (k_smem, v_smem), (k_loaded, v_loaded),
+                             (k_free, v_free), wg, stages)
 
-    @pl.when(wg < mp.COMPUTE_WGS)
+    @mp.consumer(wg)
     def _consumer():
-      plgpu.set_max_registers(232, action="increase")
-      q_block = first_block + wg
-      q_start = q_block * bq
-      rows = pl.ds(q_start, bq)
+      q_block, q_start, rows = mp.own_block(wg, bq)
       q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
       a_smem, b_smem = a_smem2.at[wg], b_smem2.at[wg]
       loaded = rows_loaded.at[wg]
@@ -69,9 +61,7 @@ def dq(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
              (a_ref.at[batch, head, rows], a_smem)]
       if not sigmoid:  # softmax's delta (sigmoid's second row statistic is unused)
         own.append((b_ref.at[batch, head, rows], b_smem))
-      for src, dst in own:
-        plgpu.copy_gmem_to_smem(src, dst, loaded)
-        plgpu.barrier_wait(loaded)
+      mp.copy_in(own, loaded)
       shape = (bq, bk)
       stat = mp.rows(mp.load_row_stat(a_smem, 0) * (0.5 if sigmoid else 1.0), shape)
       delta = None if sigmoid else mp.rows(mp.load_row_stat(b_smem, 0), shape)
@@ -104,7 +94,7 @@ def dq(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
       plgpu.copy_smem_to_gmem(a_smem, ds_sum_ref.at[batch, head, rows])
       plgpu.wait_smem_to_gmem(0)
 
-  return plgpu.kernel(
+  return mp.launch(
       kernel,
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((b, h, lq), mp.F32)),
       scratch_types=(
@@ -118,11 +108,7 @@ def dq(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
            plgpu.Barrier(num_arrivals=mp.COMPUTE_WGS, num_barriers=stages)),
       ),
       grid=(h, lq // (mp.COMPUTE_WGS * bq), b),
-      grid_names=("heads", "tiles", "batch"),
-      num_threads=mp.COMPUTE_WGS + 1,
-      thread_name="wg",
-      compiler_params=mp.compiler_params(cfg),
-      interpret=mp.interpret(cfg),
+      cfg=cfg,
   )(q, k, v, do, stat_a, stat_b)
 
 
@@ -157,20 +143,15 @@ def dkv(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
     mp.stream(n_q - first, sources, slots, loaded, free, wg, stages)
     q_smem, do_smem = slots[:2]
 
-    @pl.when(wg < mp.COMPUTE_WGS)
+    @mp.consumer(wg)
     def _consumer():
-      plgpu.set_max_registers(232, action="increase")
-      k_block = first_block + wg
-      k_start = k_block * bk
-      keys = pl.ds(k_start, bk)
+      k_block, k_start, keys = mp.own_block(wg, bk)
       k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
       ready = keys_loaded.at[wg]
       own = [(k_ref.at[batch, keys, kv_head], k_smem), (v_ref.at[batch, keys, kv_head], v_smem)]
       if sigmoid:
         own.append((a_ref.at[batch, head, pl.ds(0, bq)], bias_smem2.at[wg]))
-      for src, dst in own:
-        plgpu.copy_gmem_to_smem(src, dst, ready)
-        plgpu.barrier_wait(ready)
+      mp.copy_in(own, ready)
       shape = (bk, bq)
       if sigmoid:
         half_bias = mp.cols(0.5 * mp.load_row_stat(bias_smem2.at[wg], 1), shape)
@@ -213,7 +194,7 @@ def dkv(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
   per_head = jax.ShapeDtypeStruct((b, lk, h, d), dtype)
   slots = (mp.smem_tiles((stages, bq, d), dtype), mp.smem_tiles((stages, bq, d), dtype),
            plgpu.SMEM((stages, bq), mp.F32), plgpu.SMEM((stages, bq), mp.F32))[:n_streamed]
-  return plgpu.kernel(
+  return mp.launch(
       kernel,
       out_type=(per_head, per_head),
       scratch_types=(
@@ -225,9 +206,5 @@ def dkv(q, k, v, do, stat_a, stat_b, cfg: KernelConfig):
            (plgpu.Barrier(num_arrivals=mp.COMPUTE_WGS, num_barriers=stages),) * n_streamed),
       ),
       grid=(h, lk // (mp.COMPUTE_WGS * bk), b),
-      grid_names=("heads", "tiles", "batch"),
-      num_threads=mp.COMPUTE_WGS + 1,
-      thread_name="wg",
-      compiler_params=mp.compiler_params(cfg),
-      interpret=mp.interpret(cfg),
+      cfg=cfg,
   )(q, k, v, do, stat_a, stat_b)

@@ -119,7 +119,7 @@ def stream(n_tiles, sources, slots, loaded, free, wg, stages: int) -> None:
   """
   @pl.when(wg == COMPUTE_WGS)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(40, action="decrease")  # it only issues copies
 
     @pl.loop(0, n_tiles)
     def _copy(i):
@@ -175,3 +175,55 @@ def mask_t(s_KQ, k_start, q_start, cfg: KernelConfig, fill) -> jax.Array:
 
 def sigmoid(s, half_bias, cfg: KernelConfig) -> jax.Array:
   return common.sigmoid_probs(s, half_bias, cfg)
+
+
+def launch(body, *, out_type, scratch_types, grid: tuple[int, int, int], cfg: KernelConfig):
+  """`plgpu.kernel` as every fused kernel runs: a grid (heads, row tiles, batch) of programs
+  of `COMPUTE_WGS` consumer warpgroups and one producer (thread axis "wg")."""
+  return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, grid=grid,
+                      grid_names=("heads", "tiles", "batch"), num_threads=COMPUTE_WGS + 1,
+                      thread_name="wg", compiler_params=compiler_params(cfg),
+                      interpret=interpret(cfg))
+
+
+def consumer(wg):
+  """Decorator: the function runs on the consumer warpgroups only, which take the registers
+  the producer gives up (it only issues TMA copies)."""
+  def wrap(fn):
+    @pl.when(wg < COMPUTE_WGS)
+    def _run():
+      plgpu.set_max_registers(232, action="increase")
+      fn()
+    return fn
+  return wrap
+
+
+def copy_in(pairs, barrier) -> None:
+  """Copies each (GMEM ref, SMEM ref) pair with TMA and waits for it, one after another on
+  `barrier` (a warpgroup's own operands, loaded once)."""
+  for src, dst in pairs:
+    plgpu.copy_gmem_to_smem(src, dst, barrier)
+    plgpu.barrier_wait(barrier)
+
+
+def stream_keys(k_ref, v_ref, cfg: KernelConfig, block_q: int, block_k: int, smem, loaded,
+                free, wg, stages: int):
+  """`stream` of the K and V tiles ([B, Lk, Hkv, D], `block_k` keys) that this program's
+  query blocks see (the forward's and dQ's); returns how many tiles that is."""
+  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+  kv_head = lax.div(head, jnp.int32(cfg.group))
+  # The last consumer's rows see the most keys (causal): stream up to their last tile.
+  last_block = lax.axis_index("tiles") * COMPUTE_WGS + COMPUTE_WGS - 1
+  n_tiles = common.kv_blocks_end(last_block, cfg, block_q, block_k)
+  stream(n_tiles, (lambda i: k_ref.at[batch, pl.ds(i * block_k, block_k), kv_head],
+                   lambda i: v_ref.at[batch, pl.ds(i * block_k, block_k), kv_head]),
+         smem, loaded, free, wg, stages)
+  return n_tiles
+
+
+def own_block(wg, block: int) -> tuple[Any, Any, Any]:
+  """(block index, first row, rows) of the block of `block` rows this consumer owns: program
+  `tiles` owns blocks tiles * COMPUTE_WGS ... + COMPUTE_WGS - 1, one per consumer."""
+  index = lax.axis_index("tiles") * COMPUTE_WGS + wg
+  return index, index * block, pl.ds(index * block, block)
+
