@@ -97,6 +97,16 @@ def _mask(q_block, k_block, bq, bk, cfg, q_seg_ref, kv_seg_ref, masked):
   return common.tile_mask(q_block * bq, k_block * bk, (bq, bk), cfg, q_seg_Q1, kv_seg_1K)
 
 
+def _visit_key_block(step, q_block, k_block, cfg: KernelConfig, bq: int, bk: int,
+                     has_segments: bool) -> None:
+  """`step(masked)` on key block `k_block` if any row of `q_block` sees it (the forward's and
+  dQ's grid walks key blocks): masked only where some pair of the tile is not visible."""
+  n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
+  n_unmasked = common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
+  _run_masked_and_unmasked(step, k_block < n_unmasked, k_block < n_end,
+                           common.needs_mask(cfg, has_segments))
+
+
 def _run_masked_and_unmasked(step, unmasked, in_range, needs_mask):
   """Runs step(masked=False) where no mask is needed, step(masked=True) elsewhere in range."""
   pl.when(jnp.logical_and(in_range, unmasked))(functools.partial(step, masked=False))
@@ -171,10 +181,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, o_ref,
     accumulate_tile(s_QK, mask_QK, v_KD, _half_bias(bias_ref, cfg), cfg, precision,
                     acc_ref, m_ref, l_ref)
 
-  n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
-  n_unmasked = common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
-  _run_masked_and_unmasked(step, k_block < n_unmasked, k_block < n_end,
-                           common.needs_mask(cfg, has_segments))
+  _visit_key_block(step, q_block, k_block, cfg, bq, bk, has_segments)
 
   @pl.when(k_block == pl.num_programs(3) - 1)
   def _finalize():
@@ -264,10 +271,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, do_ref, lse
     if cfg.bias_grad:
       ds_sum_acc_ref[...] += jnp.sum(ds_QK, axis=1, keepdims=True)
 
-  n_end = common.kv_blocks_end(q_block, cfg, bq, bk)
-  n_unmasked = common.kv_blocks_unmasked_end(q_block, cfg, bq, bk, has_segments)
-  _run_masked_and_unmasked(step, k_block < n_unmasked, k_block < n_end,
-                           common.needs_mask(cfg, has_segments))
+  _visit_key_block(step, q_block, k_block, cfg, bq, bk, has_segments)
 
   @pl.when(k_block == pl.num_programs(3) - 1)
   def _finalize():
