@@ -24,7 +24,10 @@ Each measurement runs in a fresh process (nothing compiled is shared between
 modes), the modes alternate, and the table gives medians over --repeats
 (shared CPUs are noisy), with the part of each spent in XLA compilation: with
 short budgets compilation dominates (a batched group compiles its step once
-per stack size, the sequential loop once in all), with long ones the steps do. The results of the modes are checked equal first.
+per stack size, the sequential loop once in all), with long ones the steps do. The
+batched and sequential modes' results are checked equal first (on CPU they run the same
+one-cell program); vmapped's difference, rounding of batched matmuls amplified by
+training, is reported.
 """
 
 from __future__ import annotations
@@ -126,15 +129,18 @@ def main() -> None:
       results[mode] = _run_child(args, mode)
       times[mode].append(results[mode]["seconds"])
       compiles[mode].append(results[mode]["compile_seconds"])
-  worst = max(abs(a - b) for mode in MODES[1:] for a, b in zip(
-      results["batched"]["test_loss"], results[mode]["test_loss"]))
+  gap = lambda mode: max(abs(a - b) for a, b in zip(results["batched"]["test_loss"],
+                                                     results[mode]["test_loss"]))
   import jax  # pylint: disable=import-outside-toplevel
 
-  # On CPU the modes compute the same arithmetic; on accelerators the batched and
-  # single-cell programs pick different matmul algorithms (and TF32 on GPU), whose
-  # rounding training amplifies: the difference is reported, not refused.
-  if worst > 1e-4 and jax.default_backend() == "cpu":
-    raise SystemExit(f"the modes' cells disagree (test loss differs by {worst:.2e})")
+  # On CPU, batched and sequential run the same one-cell program (cells one at a time):
+  # their cells must agree to rounding. vmapped computes the cells' matmuls as batched
+  # dots, whose rounding differs (as on accelerators, where every mode's algorithms may
+  # differ), and training amplifies it over hundreds of steps (jax 0.12: up to a few
+  # 1e-3 in test loss after 6 epochs): that difference is reported, not refused.
+  if jax.default_backend() == "cpu" and gap("sequential") > 1e-4:
+    raise SystemExit(f"batched and sequential cells disagree (test loss differs by "
+                     f"{gap('sequential'):.2e}): they run the same program on CPU")
 
   median = {m: statistics.median(times[m]) for m in MODES}
   budget = f"{args.steps} steps" if args.steps else f"{args.epochs:g} epochs, >= {args.min_steps} steps"
@@ -148,7 +154,8 @@ def main() -> None:
     print(f"  {mode:<12}{median[mode]:>10.1f}{statistics.median(compiles[mode]):>10.1f}   {runs}")
   print(f"  sequential / batched = {median['sequential'] / median['batched']:.2f}x, "
         f"sequential / vmapped = {median['sequential'] / median['vmapped']:.2f}x  "
-        f"(max |test loss| difference between modes {worst:.1e})")
+        f"(max |test loss| difference: sequential {gap('sequential'):.1e}, vmapped "
+        f"{gap('vmapped'):.1e})")
 
 
 if __name__ == "__main__":
