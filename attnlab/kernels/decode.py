@@ -26,6 +26,7 @@ from attnlab.kernels import capabilities
 from attnlab.kernels import common
 from attnlab.kernels import decode_gpu
 from attnlab.kernels import decode_tpu
+from attnlab.kernels import sharded
 from attnlab.kernels.common import DecodeConfig
 
 _BACKENDS = {"gpu": decode_gpu, "tpu": decode_tpu}
@@ -115,7 +116,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Any, *,
     bias_rows = common.pad_axis(bias_rows, 2, cfg.rows_padded)
   k_p = common.pad_axis(common.pad_axis(k, 1, kv_len_padded), 3, d_pad)
   v_p = common.pad_axis(common.pad_axis(v, 1, kv_len_padded), 3, dv_pad)
-  acc, m, l = module.partials(offset_B, q_rows, k_p, v_p, bias_rows, cfg)
+  # Under a mesh: one kernel call per (batch, kv heads) shard (`attnlab.kernels.sharded`).
+  acc, m, l = sharded.call_decode(module.partials, offset_B, q_rows, k_p, v_p, bias_rows, cfg)
   out_BhRD = merge_splits(acc, m, l)
   return _ungroup_rows(out_BhRD[:, :, :group * q_len, :value_dim], q_len).astype(q.dtype)
 

@@ -1,4 +1,4 @@
-"""The fused kernel inside sharded programs: one kernel call per shard, under `jax.shard_map`.
+"""The fused kernels inside sharded programs: one kernel call per shard, under `jax.shard_map`.
 
 A Pallas call is a custom call that XLA's partitioner cannot split: under plain
 jit on a mesh it would gather q, k and v whole onto every device and compute
@@ -10,7 +10,8 @@ the heads over its "model" axis (`attnlab.axes`), with no collective.
 
 An axis that does not divide its dimension (a batch of 2 on 4 data devices,
 1 kv head on 2 model devices) is not split over; with nothing to split, or
-inside a `shard_map` already (manual axes), the kernel is called as it is.
+inside a `shard_map` already (manual axes), the kernel is called as it is. The decode
+kernel (`call_decode`) is split the same way, by batch rows and kv heads.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import jax
 
 from attnlab import axes
+from attnlab.kernels.common import DecodeConfig
 from attnlab.kernels.common import KernelConfig
 
 P = jax.sharding.PartitionSpec
@@ -57,6 +59,37 @@ def call(kernel: Callable[..., jax.Array], q, k, v, bias_BH, q_seg, kv_seg,
       per_shard, mesh=mesh, out_specs=qkv_spec, check_vma=False,
       in_specs=(qkv_spec, qkv_spec, qkv_spec, bias_spec, seq_spec, seq_spec),
   )(q, k, v, bias_BH, q_seg, kv_seg)
+
+
+def call_decode(partials: Callable[..., tuple], offset_B, q_rows, k, v, bias_rows,
+                cfg: DecodeConfig) -> tuple:
+  """The decode kernel's `partials(offset_B, q_rows, k, v, bias_rows, cfg)`, per shard when a
+  mesh is in context: batch rows over the data axes, kv heads over the model axis.
+
+  q_rows [B, Hkv, R, D] holds each kv head's whole GQA group, k and v [B, Lk, Hkv, D],
+  bias_rows [B, Hkv, R] or None, offset_B [B]; the partials (acc [B, Hkv, S, R, Dv], and
+  softmax's m and l [B, Hkv, S, R], else None) come back split the same way, so the merge
+  over splits that follows needs no collective either.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.manual_axes:
+    return partials(offset_B, q_rows, k, v, bias_rows, cfg)
+  batch_axes = _dividing_axes(mesh, [a for a in axes.DATA_AXES if a in mesh.shape],
+                              q_rows.shape[0])
+  head_axes = _dividing_axes(mesh, [a for a in axes.HEAD_AXES if a in mesh.shape],
+                             q_rows.shape[1])
+  if not batch_axes and not head_axes:
+    return partials(offset_B, q_rows, k, v, bias_rows, cfg)
+  b, h = batch_axes or None, head_axes or None
+  rows, keys = P(b, h), P(b, None, h)
+
+  def per_shard(offset_B, q_rows, k, v, bias_rows):
+    return partials(offset_B, q_rows, k, v, bias_rows, cfg)
+
+  return jax.shard_map(
+      per_shard, mesh=mesh, check_vma=False, out_specs=(rows, rows, rows),
+      in_specs=(P(b), rows, keys, keys, rows),
+  )(offset_B, q_rows, k, v, bias_rows)
 
 
 def _dividing_axes(mesh, names: list[str], size: int) -> tuple[str, ...]:
