@@ -36,19 +36,12 @@ def call(kernel: Callable[..., jax.Array], q, k, v, bias_BH, q_seg, kv_seg,
   q [B, Lq, H, D], k and v [B, Lk, Hkv, D], bias_BH [B, H] or None, segment ids
   [B, L] or None; returns [B, Lq, H, Dv].
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.manual_axes:
+  split = _split(q.shape[0], math.gcd(cfg.num_heads, cfg.num_kv_heads))
+  if split is None:
     return kernel(q, k, v, bias_BH, q_seg, kv_seg, cfg)
-  batch_axes = _dividing_axes(mesh, [a for a in axes.DATA_AXES if a in mesh.shape],
-                              q.shape[0])
-  head_axes = _dividing_axes(mesh, [a for a in axes.HEAD_AXES if a in mesh.shape],
-                             math.gcd(cfg.num_heads, cfg.num_kv_heads))
-  if not batch_axes and not head_axes:
-    return kernel(q, k, v, bias_BH, q_seg, kv_seg, cfg)
-  heads_split = math.prod(mesh.shape[a] for a in head_axes)
+  mesh, b, h, heads_split = split
   local_cfg = dataclasses.replace(cfg, num_heads=cfg.num_heads // heads_split,
                                   num_kv_heads=cfg.num_kv_heads // heads_split)
-  b, h = batch_axes or None, head_axes or None
   seq_spec, bias_spec = P(b), P(b, h)
   qkv_spec = P(b, None, h, None)
 
@@ -71,16 +64,10 @@ def call_decode(partials: Callable[..., tuple], offset_B, q_rows, k, v, bias_row
   softmax's m and l [B, Hkv, S, R], else None) come back split the same way, so the merge
   over splits that follows needs no collective either.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.manual_axes:
+  split = _split(q_rows.shape[0], q_rows.shape[1])
+  if split is None:
     return partials(offset_B, q_rows, k, v, bias_rows, cfg)
-  batch_axes = _dividing_axes(mesh, [a for a in axes.DATA_AXES if a in mesh.shape],
-                              q_rows.shape[0])
-  head_axes = _dividing_axes(mesh, [a for a in axes.HEAD_AXES if a in mesh.shape],
-                             q_rows.shape[1])
-  if not batch_axes and not head_axes:
-    return partials(offset_B, q_rows, k, v, bias_rows, cfg)
-  b, h = batch_axes or None, head_axes or None
+  mesh, b, h, _ = split
   rows, keys = P(b, h), P(b, None, h)
 
   def per_shard(offset_B, q_rows, k, v, bias_rows):
@@ -90,6 +77,21 @@ def call_decode(partials: Callable[..., tuple], offset_B, q_rows, k, v, bias_row
       per_shard, mesh=mesh, check_vma=False, out_specs=(rows, rows, rows),
       in_specs=(P(b), rows, keys, keys, rows),
   )(offset_B, q_rows, k, v, bias_rows)
+
+
+def _split(batch: int, heads: int):
+  """How to split a kernel call over the mesh in context: (mesh, batch axes, head axes,
+  head shards), the axes None where not split; None to call it whole (no mesh, inside a
+  `shard_map` already, or no axis that divides the batch or the heads)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.manual_axes:
+    return None
+  batch_axes = _dividing_axes(mesh, [a for a in axes.DATA_AXES if a in mesh.shape], batch)
+  head_axes = _dividing_axes(mesh, [a for a in axes.HEAD_AXES if a in mesh.shape], heads)
+  if not batch_axes and not head_axes:
+    return None
+  return (mesh, batch_axes or None, head_axes or None,
+          math.prod(mesh.shape[a] for a in head_axes))
 
 
 def _dividing_axes(mesh, names: list[str], size: int) -> tuple[str, ...]:
