@@ -21,6 +21,13 @@ def is_int(value: Any) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def is_int_scalar(value: Any) -> bool:
+  """Whether `value` is an int (as `is_int`) or a 0-d integer array, concrete or traced."""
+  dtype = getattr(value, "dtype", None)
+  return is_int(value) or (dtype is not None and np.issubdtype(dtype, np.integer)
+                           and np.ndim(value) == 0)
+
+
 def is_number(value: Any) -> bool:
   """Whether `value` is an int (as `is_int`) or a float (Python or NumPy)."""
   return is_int(value) or isinstance(value, (float, np.floating))

@@ -13,6 +13,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from attnlab import checks
+
 
 @dataclasses.dataclass(frozen=True)
 class Dims:
@@ -109,10 +111,7 @@ def check_q_offset(q_offset: Any, is_causal: bool, dims: Dims) -> None:
   int must leave every query inside the keys (0 <= q_offset <= Lk - Lq)."""
   if q_offset is None:
     return
-  dtype = getattr(q_offset, "dtype", None)
-  is_int = (isinstance(q_offset, (int, np.integer)) and not isinstance(q_offset, bool)) or (
-      dtype is not None and jnp.issubdtype(dtype, jnp.integer) and np.ndim(q_offset) == 0)
-  if not is_int:
+  if not checks.is_int_scalar(q_offset):
     raise ValueError(f"q_offset must be None or an integer scalar (the first query's position "
                      f"among the keys); got {q_offset!r}.")
   if not is_causal:

@@ -20,8 +20,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from attnlab import checks
 from attnlab.kernels import capabilities
 from attnlab.kernels import common
 from attnlab.kernels import decode_gpu
@@ -166,10 +166,7 @@ def _check_sizes(q_len: int, head_dim: int, value_dim: int) -> None:
 
 def _offsets(q_offset: Any, batch: int) -> jax.Array:
   """q_offset as the kernel reads it: int32 [B] (one position per sequence)."""
-  dtype = getattr(q_offset, "dtype", None)
-  is_int = (isinstance(q_offset, (int, np.integer)) and not isinstance(q_offset, bool)) or (
-      dtype is not None and jnp.issubdtype(dtype, jnp.integer) and np.ndim(q_offset) == 0)
-  if not is_int:
+  if not checks.is_int_scalar(q_offset):
     raise ValueError(f"q_offset must be an integer scalar (the first query's position among "
                      f"the keys; traced is fine); got {q_offset!r}.")
   return jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (batch,))
