@@ -119,14 +119,14 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
     stack = stack_lib.init_stack(spec, setup)
   alive = spec.alive_at(step)  # the cells still training
   members = list(alive)  # the cells in the stack, in its order (finished ones too, when kept)
-  if _shrinks(setup) and len(alive) < stack_size(len(alive), len(spec.cells)):
+  padded = _stack_members(alive + [i for i in range(len(spec.cells)) if i not in alive],
+                          alive, len(spec.cells))
+  if _shrinks(setup) and len(padded) > len(alive):
     # Resumed: the checkpoint holds the training cells only; pad the stack as the
     # uninterrupted run had it, with copies of a training cell standing in for finished
     # ones (masked, never read).
-    padding = [i for i in range(len(spec.cells)) if i not in alive]
-    padding = padding[:stack_size(len(alive), len(spec.cells)) - len(alive)]
-    stack = stack.take(list(range(len(alive))) + [0] * len(padding))
-    members = list(alive) + padding
+    stack = stack.take(list(range(len(alive))) + [0] * (len(padded) - len(alive)))
+    members = padded
   stack, setup = stack_lib.place(stack, setup)
   seconds = {i: seconds.get(spec.cells[i].name, 0.0) for i in range(len(spec.cells))}
   results: dict[int, CellResult] = {}
