@@ -99,7 +99,7 @@ def forward(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
   base-2 lse [B, H, Lq] float32; None for sigmoid)."""
   del q_seg, kv_seg  # refused by check_supported
   b, lq, h, d = q.shape
-  lk, dv = k.shape[1], v.shape[-1]
+  dv = v.shape[-1]
   bq, bk = cfg.block_q, cfg.block_k
   sigmoid = cfg.kind == "sigmoid"
   dtype = q.dtype
@@ -197,7 +197,6 @@ def forward(q, k, v, bias, q_seg, kv_seg, cfg: KernelConfig):
       grid=(h, lq // (COMPUTE_WGS * bq), b),
       cfg=cfg,
   )(q, k, v, row_in)
-  del lk
   return out, (None if sigmoid else lse)
 
 
@@ -210,13 +209,12 @@ def backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
   """
   del q_seg, kv_seg  # refused by check_supported
   b, lq, h, d = q.shape
-  lk, hkv = k.shape[1], k.shape[2]
+  hkv = k.shape[2]
   sigmoid = cfg.kind == "sigmoid"
-  # Per query row: sigmoid's bias (twice, so both kernels read the same layout), or
-  # softmax's lse and delta = rowsum(dO * O).
+  # Per query row: sigmoid's bias (passed twice: the kernels take two row statistics and
+  # read only the first for sigmoid), or softmax's lse and delta = rowsum(dO * O).
   if sigmoid:
-    stat_a = jnp.broadcast_to(bias[:, :, None], (b, h, lq))
-    stat_b = jnp.zeros((b, h, lq), mp.F32)
+    stat_a = stat_b = jnp.broadcast_to(bias[:, :, None], (b, h, lq))
   else:
     stat_a, stat_b = lse, common.softmax_delta(out, do)
   dq, ds_sum = flash_mgpu_bwd.dq(q, k, v, do, stat_a, stat_b, cfg)
@@ -224,6 +222,5 @@ def backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, cfg: KernelConfig):
   if cfg.group > 1:
     dk = common.sum_kv_groups(dk.astype(mp.F32), hkv, k.dtype)
     dv = common.sum_kv_groups(dv.astype(mp.F32), hkv, v.dtype)
-  del lk
   # Padded query rows (dO = 0) and masked pairs (P = 0) have dS = 0: summing all rows is exact.
   return dq, dk, dv, (ds_sum.sum(axis=2) if cfg.bias_grad else None)
