@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from timing import compile_once, median_ms  # benchmarks/timing.py
 
 from attnlab import attention
+from attnlab.kernels import capabilities
 from attnlab.kernels import flash_attention
 
 PLATFORM = jax.default_backend()
@@ -78,12 +79,17 @@ def _is_hopper() -> bool:
   return ON_GPU and getattr(jax.devices()[0], "compute_capability", "").startswith("9.")
 
 
+def _mgpu_dtype(dtype) -> bool:
+  """Whether Mosaic GPU's attention kernels (ours and jax's) take this input dtype."""
+  return jnp.dtype(dtype).name in capabilities.MGPU_DTYPES
+
+
 def _jax_mgpu_softmax(dtype) -> Callable | str:
   """jax's FlashAttention-3-style softmax on Pallas's Mosaic GPU backend (Hopper only; bf16
   or f16; lengths a multiple of its 128-key blocks), or the reason it cannot run here."""
   if not _is_hopper():
     return "needs a Hopper GPU (Mosaic GPU)"
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+  if not _mgpu_dtype(dtype):
     return "bf16/f16 only"
   try:
     from jax.experimental.pallas.ops.gpu import attention_mgpu  # pylint: disable=g-import-not-at-top
@@ -99,7 +105,7 @@ def _jax_mgpu_softmax(dtype) -> Callable | str:
 
 def _mgpu_unavailable(interpret: bool, dtype) -> str | None:
   """Why our Mosaic GPU kernels cannot run in this table, or None."""
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+  if not _mgpu_dtype(dtype):
     return "bf16/f16 only"
   if interpret:
     # Its interpreter simulates warpgroups with blocking host callbacks and, inside a

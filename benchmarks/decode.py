@@ -68,6 +68,26 @@ def step_ms(kind: str, length: int, batch: int, path: str, args) -> float:
   return median_ms(step, (params, tokens_B1, state), args.repeats)
 
 
+def table_columns(with_kernel: bool) -> list[tuple]:
+  """The table's timed columns: (name, width, format, value(ms, softmax_ms, batch)), with
+  `ms` this kind's step time per path and `softmax_ms` softmax's, one definition for the
+  header and every row (the pallas columns only where the kernel runs)."""
+  tok = lambda p: lambda ms, sm, batch: 1e3 * batch / ms[p]
+  ratio = lambda p, q: lambda ms, sm, batch: ms[p] / ms[q]
+  vs_softmax = lambda p: lambda ms, sm, batch: ms[p] / sm[p]
+  kernel = lambda cols: cols if with_kernel else []
+  return ([("unsplit ms", 10, ".2f", lambda ms, sm, b: ms["unsplit"]),
+           ("split ms", 9, ".2f", lambda ms, sm, b: ms["split"])]
+          + kernel([("pallas ms", 9, ".3f", lambda ms, sm, b: ms["pallas"])])
+          + [("unsplit tok/s", 13, ".0f", tok("unsplit")), ("split tok/s", 11, ".0f", tok("split"))]
+          + kernel([("pallas tok/s", 12, ".0f", tok("pallas"))])
+          + [("split/unsplit t", 15, ".2f", ratio("split", "unsplit"))]
+          + kernel([("pallas/split t", 14, ".2f", ratio("pallas", "split"))])
+          + [("t/softmax unsplit", 17, ".2f", vs_softmax("unsplit")),
+             ("t/softmax split", 15, ".2f", vs_softmax("split"))]
+          + kernel([("t/softmax pallas", 16, ".2f", vs_softmax("pallas"))]))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
@@ -94,14 +114,9 @@ def main() -> None:
   if not with_kernel:
     lines.append(f"# pallas: skipped on platform {device.platform!r} (the decode kernel runs "
                  "natively on GPU only; interpret mode would time the interpreter)")
-  header = (f"{'L':>6} | {'B':>3} | {'kind':<8} | {'unsplit ms':>10} | {'split ms':>9} | "
-            + (f"{'pallas ms':>9} | " if with_kernel else "")
-            + f"{'unsplit tok/s':>13} | {'split tok/s':>11} | "
-            + (f"{'pallas tok/s':>12} | " if with_kernel else "")
-            + f"{'split/unsplit t':>15} | "
-            + (f"{'pallas/split t':>14} | " if with_kernel else "")
-            + f"{'t/softmax unsplit':>17} | {'t/softmax split':>15}"
-            + (f" | {'t/softmax pallas':>16}" if with_kernel else ""))
+  columns = table_columns(with_kernel)
+  header = " | ".join([f"{'L':>6}", f"{'B':>3}", f"{'kind':<8}"]
+                      + [f"{name:>{width}}" for name, width, _, _ in columns])
   lines += [header, "-" * len(header)]
   emit(lines, args.out, mode="w")
   paths = ("unsplit", "split") + (("pallas",) if with_kernel else ())
@@ -110,19 +125,11 @@ def main() -> None:
       t = {(kind, path): step_ms(kind, length, batch, path, args)
            for kind in KINDS for path in paths}
       for kind in KINDS:
-        tok = {p: 1e3 * batch / t[kind, p] for p in paths}
-        row = (f"{length:>6} | {batch:>3} | {kind:<8} | {t[kind, 'unsplit']:>10.2f} | "
-               f"{t[kind, 'split']:>9.2f} | "
-               + (f"{t[kind, 'pallas']:>9.3f} | " if with_kernel else "")
-               + f"{tok['unsplit']:>13.0f} | {tok['split']:>11.0f} | "
-               + (f"{tok['pallas']:>12.0f} | " if with_kernel else "")
-               + f"{t[kind, 'split'] / t[kind, 'unsplit']:>15.2f} | "
-               + (f"{t[kind, 'pallas'] / t[kind, 'split']:>14.2f} | " if with_kernel else "")
-               + f"{t[kind, 'unsplit'] / t['softmax', 'unsplit']:>17.2f} | "
-               f"{t[kind, 'split'] / t['softmax', 'split']:>15.2f}"
-               + (f" | {t[kind, 'pallas'] / t['softmax', 'pallas']:>16.2f}"
-                  if with_kernel else ""))
-        emit([row], args.out)
+        ms = {p: t[kind, p] for p in paths}
+        softmax_ms = {p: t["softmax", p] for p in paths}
+        emit([" | ".join([f"{length:>6}", f"{batch:>3}", f"{kind:<8}"]
+                         + [f"{value(ms, softmax_ms, batch):>{width}{fmt}}"
+                            for _, width, fmt, value in columns])], args.out)
       # Linear attention: one recurrent-state step, whatever L (only the unsplit column).
       rec = step_ms(RECURRENT_KIND, length, batch, "unsplit", args)
       emit([f"{length:>6} | {batch:>3} | {RECURRENT_KIND:<8} | {rec:>10.2f} | "

@@ -136,8 +136,9 @@ def run(args) -> dict[str, dict]:
         best = winner(rows)
         if best is not None:
           entries[tuned.shape_class(kind, args.dtype, d, causal)] = best
-  lines += ["", "## winners", "```json", json.dumps(entries, indent=2, sort_keys=True), "```"]
-  print("\n".join(lines[-(len(entries) * 10 + 4):]))
+  winners = ["", "## winners", "```json", json.dumps(entries, indent=2, sort_keys=True), "```"]
+  print("\n".join(winners))  # the rows were printed as they were measured
+  lines += winners
   if args.out:
     pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
   if args.out_table:
