@@ -139,7 +139,7 @@ class Progress:
   def __init__(self, total: int, initial: int, *, enabled: bool = True, log_every: int = 100,
                unit: str = "step"):
     self.total, self.log_every, self.unit = total, log_every, unit
-    self._last_log = initial
+    self._step = self._last_log = initial
     self._bar = None
     self._start, self._start_step = time.perf_counter(), initial
     if enabled and sys.stderr.isatty():
@@ -154,8 +154,24 @@ class Progress:
                        ncols=None if sized else 100)
     self.enabled = enabled
 
+  def skip_to(self, step: int) -> None:
+    """Moves to `step` over work found already done (a resumed checkpoint), not this run's.
+
+    Rate and ETA count only the work this process did: a resumed study that jumps
+    45,000 cell-steps in its first second would otherwise report thousands per second.
+    """
+    skipped = step - self._step
+    self._start_step += skipped
+    self._step = self._last_log = step
+    if self._bar is not None:
+      # Moved without `update`, which would count the jump into tqdm's rate.
+      self._bar.initial += skipped
+      self._bar.n = self._bar.last_print_n = step
+      self._bar.refresh()
+
   def update(self, step: int, values: dict[str, float], *, describe: str | None = None) -> None:
     """Moves to `step` of `total`, showing `values` (and `describe`, e.g. the current group)."""
+    self._step = step
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
       if describe is not None:

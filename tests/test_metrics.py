@@ -95,3 +95,29 @@ def test_progress_without_a_terminal_logs_lines_with_eta(monkeypatch):
   lines = stream.getvalue().splitlines()
   assert [line.split()[1] for line in lines] == ["10/20", "20/20"]
   assert all("ETA" in line for line in lines)
+
+
+def test_progress_rate_and_eta_count_only_work_done_after_a_resume(monkeypatch):
+  stream = io.StringIO()
+  monkeypatch.setattr(sys, "stderr", stream)
+  clock = [0.0]
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+  progress = metrics.Progress(total=100, initial=0, enabled=True, log_every=10)
+  progress.skip_to(50)  # a checkpoint restored at 50: no work of this run
+  clock[0] = 10.0
+  progress.update(60, {})  # 10 steps in 10 seconds
+  progress.close()
+  (line,) = stream.getvalue().splitlines()
+  assert line.split()[1] == "60/100"
+  assert "(1.0 steps/s, ETA 40s)" in line, line
+
+
+def test_progress_bar_skip_keeps_the_jump_out_of_the_rate(monkeypatch):
+  terminal = _Terminal()
+  monkeypatch.setattr(sys, "stderr", terminal)
+  progress = metrics.Progress(total=100, initial=0, enabled=True, log_every=10)
+  progress.skip_to(50)
+  progress.update(60, {})
+  assert progress._bar.n == 60 and progress._bar.initial == 50  # pylint: disable=protected-access
+  progress.close()
+  assert "60/100" in terminal.getvalue()

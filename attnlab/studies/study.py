@@ -432,8 +432,9 @@ class _StudyProgress:
 
   def start_group(self, group: groups_lib.GroupSpec, step: int) -> None:
     self._group = group.name
-    # A group resumed at `step`: each cell has done min(budget, step) steps.
+    # A group resumed at `step`: each cell has done min(budget, step) steps, before this run.
     self._work += sum(min(b, step) for b in group.budgets)
+    self._bar.skip_to(self._work)
 
   def step(self, step: int, alive: int) -> None:
     self._work += alive
