@@ -230,6 +230,94 @@ def test_q_offset_matches_attending_to_the_prefix():
     np.testing.assert_allclose(got, want, atol=1e-6, err_msg=kind)
 
 
+# A ragged batch: prompts of 5, 2 and 8 tokens in one [3, 8] array, left-padded inside.
+RAGGED_LENGTHS = (5, 2, 8)
+
+
+def ragged_cached_logits(model, prompt_BL, lengths, continuation_BC):
+  """Per row, the logits of its real tokens, [len_b + C, V]: the ragged prompt in one call
+  (left-padded, stale noise in every cache slot first), then one token per call."""
+  padded_BL, start_B = dec.left_pad(prompt_BL, jnp.asarray(lengths))
+  state = dec.init_cache(model, prompt_BL.shape[0], start=start_B)
+  if isinstance(state.cache, KVCache):
+    state = dec.DecodeState(stale_cache(model, prompt_BL.shape[0]).cache, state.length,
+                            state.start)
+  logits, state = dec.decode_step(model, padded_BL, state)
+  steps = []
+  for t in range(continuation_BC.shape[1]):
+    step_logits, state = dec.decode_step(model, continuation_BC[:, t:t + 1], state)
+    steps.append(step_logits)
+  steps = jnp.concatenate(steps, axis=1)
+  length = prompt_BL.shape[1]
+  return [np.concatenate([logits[b, length - n:], steps[b]]) for b, n in enumerate(lengths)]
+
+
+def ragged_reference(model, prompt_BL, lengths, continuation_BC):
+  """Per row, the forward pass's logits over its own sequence (prompt, then continuation)
+  alone: one [B, max_len] buffer, zeros after each sequence (causal: they change nothing
+  before them), so the forward pass compiles once."""
+  rows = [jnp.concatenate([prompt_BL[b, :n], continuation_BC[b]]) for b, n in enumerate(lengths)]
+  buffer_BT = jnp.stack([jnp.pad(r, (0, MAX_LEN - r.shape[0])) for r in rows])
+  logits = forward(model, buffer_BT)
+  return [np.asarray(logits[b, :r.shape[0]]) for b, r in enumerate(rows)]
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    *[(kind, {}) for kind in sorted(DECODING_KINDS)],
+    ("sigmoid", dict(positions="learned", learn_sigmoid_bias=True)),
+    ("softmax", dict(positions="alibi", num_kv_heads=1)),
+    ("sigmoid", dict(attention_impl="split", attention_impl_options={"key_splits": 3})),
+], ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items()))
+def test_a_ragged_batch_decodes_each_sequence_as_if_alone(kind, overrides):
+  # Each row's logits at its real positions equal the forward pass over that row alone:
+  # padding is masked out of every key set (softmax's normaliser, sparsemax's support,
+  # top-k's ranks, local windows) or never enters the recurrent state (linear, inline),
+  # and positions count from each row's first real token (RoPE, learned rows).
+  model = lm(kind, DECODING_KINDS.get(kind, {}), **overrides)
+  prompt_BL, continuation_BC = tokens(batch=3, length=8, seed=2), tokens(batch=3, length=16)
+  got = ragged_cached_logits(model, prompt_BL, RAGGED_LENGTHS, continuation_BC)
+  want = ragged_reference(model, prompt_BL, RAGGED_LENGTHS, continuation_BC)
+  for b in range(3):
+    np.testing.assert_allclose(got[b], want[b], atol=1e-5, rtol=1e-5, err_msg=f"row {b}")
+
+
+def test_generate_with_prompt_lengths_gives_each_prompt_its_own_tokens():
+  model = lm("sigmoid")
+  prompt_BL = tokens(batch=3, length=8, seed=2)
+  got = dec.generate(model, prompt_BL, steps=6, rng=jax.random.key(0), temperature=0.0,
+                     prompt_lengths=RAGGED_LENGTHS)
+  assert got.shape == (3, 8 + 6) and got.dtype == jnp.int32
+  for b, n in enumerate(RAGGED_LENGTHS):
+    alone = dec.generate(model, prompt_BL[b:b + 1, :n], steps=6, rng=jax.random.key(0),
+                         temperature=0.0)
+    np.testing.assert_array_equal(got[b, :n + 6], alone[0], err_msg=f"row {b}")
+    assert not np.any(got[b, n + 6:]), "after each sequence: 0s"
+  # Sampling: a fixed key gives a fixed output.
+  sample = lambda: dec.generate(model, prompt_BL, steps=6, rng=jax.random.key(1), top_k=4,  # noqa: E731
+                                prompt_lengths=jnp.asarray(RAGGED_LENGTHS))
+  np.testing.assert_array_equal(sample(), sample())
+
+
+def test_a_pallas_model_decodes_a_ragged_batch_with_the_jnp_paths():
+  impl = dec.DecodeImpl("pallas", (("backend", "triton"),))
+  assert impl.for_tokens(1, 64, ragged=True) == dec.DecodeImpl("auto")
+
+
+def test_ragged_decoding_refuses_bad_lengths():
+  model = lm("softmax")
+  prompt_BL = tokens(batch=3, length=8)
+  for lengths in ((5, 0, 8), (5, 2, 9), (5, 2), (5.0, 2.0, 8.0)):
+    with pytest.raises(ValueError, match=r"prompt_lengths must be ints \[batch\] = \[3\] in "
+                                         r"\[1, 8\]"):
+      dec.generate(model, prompt_BL, steps=2, rng=jax.random.key(0), prompt_lengths=lengths)
+  with pytest.raises(ValueError, match=r"start must be int \[batch_size\] = \[3\]"):
+    dec.init_cache(model, 3, start=jnp.zeros(2, jnp.int32))
+  q, k, v = _qkv(3, 3)
+  with pytest.raises(ValueError, match=r"kv_mask_BL must be bool \[batch, length\] = \[2, 3\]"):
+    attention.attend_with_state(q, k, v, attention.init_decode_state("linear", 2, 2, 8),
+                                kind="linear", kv_mask_BL=jnp.ones((2, 4), bool))
+
+
 def test_greedy_generation_is_the_argmax_of_the_full_forward():
   model = lm("softmax")
   prompt_BL = tokens(length=PROMPT)

@@ -324,13 +324,16 @@ def init_decode_state(kind: str, batch: int, num_kv_heads: int, head_dim: int,
 
 
 def attend_with_state(q: Array, k: Array, v: Array, state: Any, *, kind: str,
-                      scale: float | None = None, **options: Any) -> tuple[Array, Any]:
+                      scale: float | None = None, kv_mask_BL: Array | None = None,
+                      **options: Any) -> tuple[Array, Any]:
   """Causal attention of L new tokens from a recurrent state: decoding for the kinds in
   `recurrent_kinds`, O(L) whatever the number of tokens before them.
 
   The new tokens (q [B, L, H, D], their own k [B, L, Hkv, D] and v [B, L, Hkv, Dv]) attend
   to themselves causally and to every token folded into `state` (from `init_decode_state`,
   then from earlier calls), as `attend(..., is_causal=True)` over the whole sequence does.
+  `kv_mask_BL` (bool [B, L], True = a real token): padding tokens (a ragged batch's) are
+  not folded into the state, so no later query sees them; their own outputs are undefined.
 
   Returns:
     (out [B, L, H, Dv] in q.dtype, the state with the new tokens folded in).
@@ -341,8 +344,13 @@ def attend_with_state(q: Array, k: Array, v: Array, state: Any, *, kind: str,
     raise ValueError(f"attend_with_state takes the new tokens' own keys and values (the "
                      f"earlier ones are in `state`), so q and k share their length; got "
                      f"q_length={dims.q_len}, kv_length={dims.kv_len}.")
+  if kv_mask_BL is not None and (tuple(kv_mask_BL.shape) != (dims.batch, dims.kv_len)
+                                 or kv_mask_BL.dtype != jnp.bool_):
+    raise ValueError(f"kv_mask_BL must be bool [batch, length] = [{dims.batch}, {dims.kv_len}] "
+                     f"(True = a real token); got {kv_mask_BL.dtype} {tuple(kv_mask_BL.shape)}.")
   _check_state(mech, state, dims, kind_options)
-  return mech.decode_step(q, k, v, state, kind_options, core.default_scale(dims.head_dim, scale))
+  return mech.decode_step(q, k, v, state, kind_options, core.default_scale(dims.head_dim, scale),
+                          kv_mask_BL)
 
 
 def _recurrent_kind(kind: str) -> Mechanism:

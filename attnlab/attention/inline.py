@@ -158,19 +158,21 @@ def init_state(batch: int, num_kv_heads: int, head_dim: int, value_dim: int,
 
 
 def decode_step(q: Array, k: Array, v: Array, state: InlineState, options: Mapping[str, Any],
-                scale: float) -> tuple[Array, InlineState]:
+                scale: float, keep_BL: Array | None = None) -> tuple[Array, InlineState]:
   """L new tokens attending causally to themselves and to the tokens folded into `state`;
-  their output [B, L, H, Dv] and the state with them folded in (`Mechanism.decode_step`)."""
+  their output [B, L, H, Dv] and the state with them folded in (`Mechanism.decode_step`).
+  keep_BL: bool [B, L], False for padding tokens, which are not folded in (nor counted in N)."""
   if options["local_kernel"] is not None:
     raise ValueError("kind='inline': local_kernel (a 3x3 neighbourhood on the image grid) is "
                      "bidirectional, so it has no causal decoding; leave local_kernel None.")
   b, lq, h, d = q.shape
   hkv, dv = k.shape[2], v.shape[3]
-  phi_q_BQHD, phi_k_BQhD, _ = _features(q, k, None, options)
-  v_BQhE = v.astype(jnp.float32)
+  mask = None if keep_BL is None else keep_BL[:, None, None, :]
+  phi_q_BQHD, phi_k_BQhD, keep_BQ = _features(q, k, mask, options)
+  v_BQhE = jnp.where(keep_BQ[:, :, None, None] > 0, v.astype(jnp.float32), 0.0)
   s_BQhDE, z_BQhD = running_sums(phi_k_BQhD, v_BQhE, state.sums)
   v_sum_BQhE = jnp.cumsum(v_BQhE, axis=1) + state.v_sum_BhE[:, None]
-  n_BQ = state.n_B[:, None] + jnp.arange(1, lq + 1, dtype=jnp.float32)[None, :]
+  n_BQ = state.n_B[:, None] + jnp.cumsum(keep_BQ, axis=1)
   qs, qz = query_products(phi_q_BQHD.reshape(b, lq, hkv, h // hkv, d), s_BQhDE, z_BQhD)
   out_BQhGE = _rows(qs, qz, v_sum_BQhE[:, :, :, None, :], n_BQ[:, :, None, None, None], scale)
   state = InlineState(LinearState(s_BQhDE[:, -1], z_BQhD[:, -1]), v_sum_BQhE[:, -1], n_BQ[:, -1])

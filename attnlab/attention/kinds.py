@@ -154,10 +154,11 @@ class Mechanism:
       the constant-size state a causal kind decodes from instead of a cache of keys and
       values (a pytree of arrays, each leading with the batch axis); ``None`` (the
       default): the kind decodes from a KV cache.
-    decode_step: ``(q, k, v, state, options, scale) -> (out, state)``: L new tokens (q
-      [B, L, H, D], their k and v) attend causally to themselves and to every token folded
-      into `state`; returns out [B, L, H, Dv] and the state with them folded in. Set with
-      `decode_state_init`.
+    decode_step: ``(q, k, v, state, options, scale, keep_BL) -> (out, state)``: L new
+      tokens (q [B, L, H, D], their k and v) attend causally to themselves and to every
+      token folded into `state`; returns out [B, L, H, Dv] and the state with them folded
+      in, except the tokens that ``keep_BL`` (bool [B, L], or None: all) marks False
+      (padding of a ragged batch). Set with `decode_state_init`.
   """
   name: str
   paper: str

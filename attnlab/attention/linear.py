@@ -139,14 +139,16 @@ def init_state(batch: int, num_kv_heads: int, head_dim: int, value_dim: int,
 
 
 def decode_step(q: Array, k: Array, v: Array, state: LinearState, options: Mapping[str, Any],
-                scale: float) -> tuple[Array, LinearState]:
+                scale: float, keep_BL: Array | None = None) -> tuple[Array, LinearState]:
   """L new tokens attending causally to themselves and to the tokens folded into `state`;
   returns their output [B, L, H, Dv] and the state with them folded in
-  (`Mechanism.decode_step`). O(L) work, whatever the number of tokens before them."""
+  (`Mechanism.decode_step`). O(L) work, whatever the number of tokens before them.
+  keep_BL: bool [B, L], False for padding tokens, which are not folded in."""
   del scale  # no logits to scale
   b, lq, h, d = q.shape
   hkv, dv = k.shape[2], v.shape[3]
-  phi_q_BQHD, phi_k_BQhD = _features(q, k, None, options)
+  mask = None if keep_BL is None else keep_BL[:, None, None, :]
+  phi_q_BQHD, phi_k_BQhD = _features(q, k, mask, options)
   s_BQhDE, z_BQhD = running_sums(phi_k_BQhD, v.astype(jnp.float32), state)
   out_BQhGE = _causal_rows(phi_q_BQHD.reshape(b, lq, hkv, h // hkv, d), s_BQhDE, z_BQhD)
   return (out_BQhGE.reshape(b, lq, h, dv).astype(q.dtype),

@@ -16,6 +16,13 @@ carries a decode cache (`layers.empty_cache`, every layer stacked) of one of two
   depend on max_len; each token costs O(1) in the sequence length.
 
 Either way cached decoding gives the logits of a forward pass over the whole sequence.
+
+Prompts of different lengths decode in one batch (`generate(..., prompt_lengths=...)`):
+they are left-padded to the longest, so every sequence writes the same cache slot at each
+step; sequence b's real tokens start at slot `DecodeState.start[b]`, its positions count
+from there, and the padding slots are masked out of every query's keys (or never enter a
+recurrent state). Each sequence then gets the logits it would get alone. The fused decode
+kernel takes no mask, so a ragged batch decodes with the jnp paths.
 Every causal kind decodes: each row's weights depend only on the keys up to it (the
 sparse row maps included). A model that is not a causal language model (causal=False,
 a classifier, so also the bidirectional `soft`) cannot generate, and is refused.
@@ -32,6 +39,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from attnlab import attention
@@ -49,10 +57,14 @@ class DecodeState:
   Attributes:
     cache: every layer's `layers.empty_cache`, each leaf stacked [depth, B, ...]: keys and
       values [depth, B, max_len, Hkv, D] (`KVCache`), or the kind's recurrent state.
-    length: int32 scalar, the tokens written so far (the next token's position).
+    length: int32 scalar, the slots written so far (the next token's slot; its position,
+      unless the batch is ragged).
+    start: int32 [B], a left-padded ragged batch's first real slot per sequence (the
+      padding before it is masked); None: no padding.
   """
   cache: LayerCache
   length: Array
+  start: Array | None = None
 
   @property
   def batch_size(self) -> int:
@@ -66,12 +78,13 @@ class DecodeImpl:
   impl: str
   options: tuple[tuple[str, Any], ...] = ()
 
-  def for_tokens(self, q_len: int, head_dim: int) -> DecodeImpl:
+  def for_tokens(self, q_len: int, head_dim: int, ragged: bool = False) -> DecodeImpl:
     """The impl a call with `q_len` new tokens runs: "pallas" only where the decode kernel
-    takes the call (`attention.pallas_decodes`: its backend, up to its query limit), the
-    prompt (prefill) and backends without a decode kernel "auto", i.e. the jnp paths."""
+    takes the call (`attention.pallas_decodes`: its backend, up to its query limit; no
+    ragged batch, whose padding mask it cannot take), the prompt (prefill), ragged batches
+    and backends without a decode kernel "auto", i.e. the jnp paths."""
     backend = dict(self.options).get("backend")
-    if self.impl == "pallas" and not attention.pallas_decodes(q_len, head_dim, backend):
+    if self.impl == "pallas" and (ragged or not attention.pallas_decodes(q_len, head_dim, backend)):
       return DecodeImpl("auto")
     return self
 
@@ -114,17 +127,37 @@ def check_config(cfg: Any) -> None:
                      "set it to the training sequence length.")
 
 
-def init_cache(model: Transformer, batch_size: int, dtype: Any = None) -> DecodeState:
+def init_cache(model: Transformer, batch_size: int, dtype: Any = None, *,
+               start: Array | None = None) -> DecodeState:
   """An empty cache for `batch_size` sequences of up to max_len tokens.
 
   `dtype`: the KV cache's (None: the compute dtype); recurrent states keep float32 sums.
+  `start`: int [B], for a left-padded ragged batch (`left_pad`) the slot of each
+  sequence's first real token; None: no padding.
   """
   check_decodable(model)
   cfg = model.cfg
   layer = empty_cache(cfg, batch_size, cfg.max_len,
                       cfg.compute_dtype if dtype is None else dtype)
   stacked = jax.tree.map(lambda x: jnp.repeat(x[None], cfg.depth, axis=0), layer)
-  return DecodeState(stacked, jnp.zeros((), jnp.int32))
+  if start is not None:
+    start = jnp.asarray(start)
+    if start.shape != (batch_size,) or not jnp.issubdtype(start.dtype, jnp.integer):
+      raise ValueError(f"start must be int [batch_size] = [{batch_size}] (each sequence's "
+                       f"first real slot); got {start.dtype} {start.shape}.")
+    start = start.astype(jnp.int32)
+  return DecodeState(stacked, jnp.zeros((), jnp.int32), start)
+
+
+def left_pad(prompt_BL: Array, lengths_B: Array, pad_id: int = 0) -> tuple[Array, Array]:
+  """Prompts stored from slot 0 (row b's first lengths_B[b] tokens real, the rest ignored)
+  moved to end at the last slot: ([B, L] with `pad_id` before each prompt, the first real
+  slot per row int32 [B]), the layout `init_cache(start=...)` decodes."""
+  b, length = prompt_BL.shape
+  start_B = (length - jnp.asarray(lengths_B)).astype(jnp.int32)
+  source_BL = jnp.arange(length)[None, :] - start_B[:, None]
+  moved = jnp.take_along_axis(prompt_BL, jnp.maximum(source_BL, 0), axis=1)
+  return jnp.where(source_BL >= 0, moved, pad_id).astype(prompt_BL.dtype), start_B
 
 
 def decode_step(model: Transformer, tokens_BL: Array, state: DecodeState, *,
@@ -142,24 +175,35 @@ def decode_step(model: Transformer, tokens_BL: Array, state: DecodeState, *,
 
 def generate(model: Transformer, prompt_BL: Array, steps: int, rng: Array,
              temperature: float = 1.0, top_k: int | None = None, *,
-             key_splits: int | None = None) -> Array:
+             prompt_lengths: Array | None = None, key_splits: int | None = None) -> Array:
   """The prompt followed by `steps` sampled tokens, [B, L + steps] int32.
 
   Args:
     model: a causal Transformer language model with max_len set.
     prompt_BL: int token ids [B, L], L >= 1.
     steps: tokens to sample; L + steps must not exceed max_len.
-    rng: a PRNG key; the token at position t draws from fold_in(rng, t), so a fixed key
+    rng: a PRNG key; the token in cache slot t draws from fold_in(rng, t), so a fixed key
       gives a fixed output.
     temperature: softmax temperature of the logits; 0 = greedy (argmax).
     top_k: sample among the k most likely tokens only (None: all); 1 = greedy.
+    prompt_lengths: int [B], prompts of different lengths in one batch: row b's prompt is
+      prompt_BL[b, :prompt_lengths[b]] (the rest is ignored). Row b of the result is then
+      its prompt, its `steps` tokens, and 0s after them (its length: prompt_lengths[b] +
+      steps). Each row's tokens are those it would get decoded alone (greedy decoding:
+      tested equal; sampling draws from the batch's shared key per slot). None: every
+      prompt is L long.
     key_splits: decode with the split-key impl in this many key blocks (None: the model's
       attention impl); no effect on kinds that decode from a recurrent state.
   """
   check_decodable(model)
   _check_sampling(steps, temperature, top_k, model.cfg.vocab_size)
   prompt_BL = jnp.asarray(prompt_BL)
-  state = init_cache(model, prompt_BL.shape[0])
+  start_B = None
+  if prompt_lengths is not None:
+    _check_tokens(prompt_BL)
+    _check_lengths(prompt_lengths, prompt_BL.shape)
+    prompt_BL, start_B = left_pad(prompt_BL, jnp.asarray(prompt_lengths))
+  state = init_cache(model, prompt_BL.shape[0], start=start_B)
   _check_fits(model, prompt_BL, state, steps)
   graphdef, params = nnx.split(model)
   impl = decode_impl(model, key_splits)
@@ -170,13 +214,33 @@ def generate(model: Transformer, prompt_BL: Array, steps: int, rng: Array,
     # fold_in(rng, position of the token drawn): a fixed key gives a fixed output.
     next_B1 = sample(logits_BLV[:, -1], jax.random.fold_in(rng, state.length))[:, None]
     tokens.append(next_B1)
-  return jnp.concatenate(tokens, axis=1)
+  out_BT = jnp.concatenate(tokens, axis=1)
+  if start_B is None:
+    return out_BT
+  start_B = state.start  # the array passed in went with the first step's donated state
+  # Back to the caller's layout: each row from its first real token, then 0s.
+  source_BT = jnp.arange(out_BT.shape[1])[None, :] + start_B[:, None]
+  moved = jnp.take_along_axis(out_BT, jnp.minimum(source_BT, out_BT.shape[1] - 1), axis=1)
+  return jnp.where(source_BT < out_BT.shape[1], moved, 0)
 
 
-def _check_fits(model: Transformer, tokens_BL: Array, state: DecodeState, steps: int = 0) -> None:
+def _check_lengths(prompt_lengths: Any, shape: tuple[int, int]) -> None:
+  lengths = np.asarray(prompt_lengths)
+  if (lengths.shape != shape[:1] or not np.issubdtype(lengths.dtype, np.integer)
+      or lengths.min() < 1 or lengths.max() > shape[1]):
+    raise ValueError(f"prompt_lengths must be ints [batch] = [{shape[0]}] in [1, {shape[1]}] "
+                     f"(prompt_BL's length); got {lengths.dtype} {lengths.shape} "
+                     f"{lengths.tolist()}.")
+
+
+def _check_tokens(tokens_BL: Array) -> None:
   if getattr(tokens_BL, "ndim", None) != 2 or tokens_BL.shape[1] < 1:
     raise ValueError(f"tokens must be int ids [batch, length >= 1]; got shape "
                      f"{getattr(tokens_BL, 'shape', None)}.")
+
+
+def _check_fits(model: Transformer, tokens_BL: Array, state: DecodeState, steps: int = 0) -> None:
+  _check_tokens(tokens_BL)
   if tokens_BL.shape[0] != state.batch_size:
     raise ValueError(f"tokens have batch {tokens_BL.shape[0]} but the cache holds "
                      f"{state.batch_size} sequences; init_cache with that batch.")
@@ -203,10 +267,10 @@ def step(graphdef: nnx.GraphDef, params: nnx.State, tokens_BL: Array, state: Dec
   """The pure decode step `decode_step` and `generate` jit (graphdef and impl static): for
   custom loops and benchmarks. No checks: see `decode_step`."""
   model = nnx.merge(graphdef, params)
-  impl = impl.for_tokens(tokens_BL.shape[1], model.cfg.head_dim)
-  logits_BLV, cache = model.decode(tokens_BL, state.cache, state.length, impl=impl.impl,
-                                   impl_options=dict(impl.options))
-  return logits_BLV, DecodeState(cache, state.length + tokens_BL.shape[1])
+  impl = impl.for_tokens(tokens_BL.shape[1], model.cfg.head_dim, ragged=state.start is not None)
+  logits_BLV, cache = model.decode(tokens_BL, state.cache, state.length, start_B=state.start,
+                                   impl=impl.impl, impl_options=dict(impl.options))
+  return logits_BLV, DecodeState(cache, state.length + tokens_BL.shape[1], state.start)
 
 
 # The cache is donated: decoding updates it in place.

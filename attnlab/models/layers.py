@@ -95,9 +95,13 @@ def rope_tables(length: int, head_dim: int, base: float) -> tuple[Array, Array]:
 
 
 def apply_rope(x_BLHD: Array, sin_LK: Array, cos_LK: Array) -> Array:
-  """Rotates channel pairs (i, i + D/2) of every head by position-dependent angles."""
+  """Rotates channel pairs (i, i + D/2) of every head by position-dependent angles.
+
+  sin and cos: [L, D/2], the same positions for every sequence, or [B, L, D/2], each
+  sequence its own (a ragged batch's decoding)."""
   x1, x2 = jnp.split(x_BLHD.astype(jnp.float32), 2, axis=-1)
-  sin, cos = sin_LK[None, :, None, :], cos_LK[None, :, None, :]
+  # [1 or B, L, 1, D/2]: explicit ranks (the tests raise on implicit rank promotion).
+  sin, cos = ((t[None] if t.ndim == 2 else t)[:, :, None, :] for t in (sin_LK, cos_LK))
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BLHD.dtype)
 
@@ -193,8 +197,9 @@ class MultiHeadAttention(nnx.Module):
     return self._output(x_BLE, out_BLHD), weights_BHLL
 
   def decode(self, x_BLE: Array, cache: LayerCache, pos: Array, *, bias: Array | None = None,
-             rope: tuple[Array, Array] | None = None, impl: str = "auto",
-             impl_options: dict[str, Any] | None = None) -> tuple[Array, LayerCache]:
+             rope: tuple[Array, Array] | None = None, start_B: Array | None = None,
+             impl: str = "auto", impl_options: dict[str, Any] | None = None
+             ) -> tuple[Array, LayerCache]:
     """Causal attention of L new tokens at positions pos..pos+L-1 over the tokens before.
 
     A kind with a recurrent decode state (`attention.recurrent_kinds`: linear, inline)
@@ -210,7 +215,10 @@ class MultiHeadAttention(nnx.Module):
       pos: int32 scalar, the new tokens' first position (traced: one compiled step serves
         every position).
       bias: additive logits bias [1|B, H, L, max_len] for these queries (ALiBi).
-      rope: (sin, cos) of the new tokens' positions, [L, head_dim // 2] each.
+      rope: (sin, cos) of the new tokens' positions, [L or B, L, head_dim // 2] each.
+      start_B: int32 [B], the slot of each sequence's first real token in a left-padded
+        ragged batch (None: 0 for all): the slots before it are padding, which no query
+        sees (the KV cache's mask) and a recurrent state never takes in.
       impl, impl_options: the attention implementation to decode with (KV cache).
 
     Returns:
@@ -219,12 +227,16 @@ class MultiHeadAttention(nnx.Module):
     cfg = self.cfg
     q_BLHD, k_BLhD, v_BLhD = self._project(x_BLE, rope)
     if cfg.attention in attention.recurrent_kinds():
+      new_BL = None if start_B is None else real_slots(start_B, pos + jnp.arange(x_BLE.shape[1]))
       out_BLHD, cache = attention.attend_with_state(q_BLHD, k_BLhD, v_BLhD, cache,
-                                                    kind=cfg.attention, **self._kind_options())
+                                                    kind=cfg.attention, kv_mask_BL=new_BL,
+                                                    **self._kind_options())
       return self._output(x_BLE, out_BLHD), cache
     cache = cache.write(k_BLhD, v_BLhD, pos)
+    mask = (None if start_B is None else
+            key_padding_mask(real_slots(start_B, jnp.arange(cache.k_BLhD.shape[1]))))
     out_BLHD = attention.attend(q_BLHD, cache.k_BLhD, cache.v_BLhD, kind=cfg.attention,
-                                is_causal=True, q_offset=pos, bias=bias, impl=impl,
+                                is_causal=True, q_offset=pos, bias=bias, mask=mask, impl=impl,
                                 **self._kind_options(pin_sigmoid_bias=True),
                                 **(impl_options or {}))
     return self._output(x_BLE, out_BLHD), cache
@@ -357,6 +369,12 @@ def empty_cache(cfg: BackboneConfig, batch: int, max_len: int, dtype: Any) -> La
                                        **dict(cfg.attention_options))
   shape = (batch, max_len, hkv, d)
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def real_slots(start_B: Array, slots_L: Array) -> Array:
+  """bool [B, L]: which of `slots_L` hold real tokens in a batch left-padded up to
+  `start_B` (int [B], each sequence's first real slot)."""
+  return slots_L[None, :] >= start_B[:, None]
 
 
 def key_padding_mask(kv_mask_BL: Array | None) -> Array | None:

@@ -209,37 +209,45 @@ class Transformer(nnx.Module):
     return self.dropout(x_BLE, deterministic=deterministic, rngs=rngs)
 
   def _embed_at(self, tokens_BL: Array, pos: Array | int) -> Array:
-    """Token (+ learned position) embeddings of tokens at positions pos..pos+L-1."""
+    """Token (+ learned position) embeddings of tokens at positions pos..pos+L-1 (or
+    positions [B, L], one row per sequence)."""
     x_BLE = self.token_embed(tokens_BL)
     if self.cfg.positions == "learned":
-      pos_LE = jax.lax.dynamic_slice_in_dim(self.pos_embedding[...], pos, tokens_BL.shape[1])
-      x_BLE = x_BLE + pos_LE[None].astype(x_BLE.dtype)
+      x_BLE = x_BLE + _rows_at(self.pos_embedding[...], pos, tokens_BL.shape[1]).astype(x_BLE.dtype)
     return x_BLE
 
   def decode(self, tokens_BL: Array, cache: layers.LayerCache, pos: Array, *,
-             impl: str = "auto", impl_options: dict | None = None
+             start_B: Array | None = None, impl: str = "auto", impl_options: dict | None = None
              ) -> tuple[Array, layers.LayerCache]:
-    """Logits [B, L, vocab] (float32) of L new tokens at positions pos..pos+L-1, attending
-    to themselves and to the `cache` of the tokens before them (every layer's
+    """Logits [B, L, vocab] (float32) of L new tokens in cache slots pos..pos+L-1,
+    attending to themselves and to the `cache` of the tokens before them (every layer's
     `layers.empty_cache`, stacked [depth, ...]); and the updated cache.
 
     The language model's incremental form (`attnlab.models.decode` drives it): a prompt
     in one call (prefill), then one token per call. Positions enter at the right offset
     (RoPE angles, the learned table's rows, ALiBi distances to every cache slot); no
     dropout. `impl`/`impl_options`: the attention implementation to decode with.
+
+    `start_B` (int32 [B]; None: 0): a ragged batch, left-padded. Sequence b's real tokens
+    begin in slot start_B[b], so its token in slot s sits at position s - start_B[b]
+    (RoPE, learned rows; ALiBi depends on slot differences alone), and the slots before
+    start_B[b] are masked out of every query's keys. The padding slots' logits are
+    undefined.
     """
     cfg = self.cfg
     length, max_len = tokens_BL.shape[1], cfg.max_len
-    x_BLE = self._embed_at(tokens_BL, pos)
+    # Positions: one row for all sequences, or (ragged) one per sequence, padding at 0.
+    at = pos if start_B is None else jnp.maximum(
+        pos + jnp.arange(length)[None, :] - start_B[:, None], 0)
+    x_BLE = self._embed_at(tokens_BL, at)
     rope = None
     if cfg.positions == "rope":
-      sin_LK, cos_LK = layers.rope_tables(max_len, cfg.head_dim, cfg.rope_base)
-      rope = (jax.lax.dynamic_slice_in_dim(sin_LK, pos, length),
-              jax.lax.dynamic_slice_in_dim(cos_LK, pos, length))
+      rope = tuple(_rows_at(table, at, length)
+                   for table in layers.rope_tables(max_len, cfg.head_dim, cfg.rope_base))
     bias = (alibi_bias_at(cfg.num_heads, pos + jnp.arange(length), jnp.arange(max_len))
             if cfg.positions == "alibi" else None)
-    h_BLE, cache = self.encoder.decode(x_BLE, cache, pos=pos, bias=bias, rope=rope, impl=impl,
-                                       impl_options=impl_options)
+    h_BLE, cache = self.encoder.decode(x_BLE, cache, pos=pos, bias=bias, rope=rope,
+                                       start_B=start_B, impl=impl, impl_options=impl_options)
     return self._head(h_BLE, None).astype(jnp.float32), cache
 
   def apply_embedded(self, x_BLE: Array, *, padding_mask_BL: Array | None = None,
@@ -279,6 +287,14 @@ class Transformer(nnx.Module):
     if cfg.tie_embeddings:
       return self.token_embed.attend(h_BLE)
     return self.lm_head(h_BLE)
+
+
+def _rows_at(table_LX: Array, at: Array | int, length: int) -> Array:
+  """Rows of a per-position table: `length` rows from position `at` (a scalar), [1, L, X]
+  (the same for every sequence); or the rows of positions `at` [B, L], [B, L, X]."""
+  if jnp.ndim(at) == 0:
+    return jax.lax.dynamic_slice_in_dim(table_LX, at, length)[None]
+  return table_LX[at]
 
 
 def pool(h_BLE: Array, padding_mask_BL: Array | None, how: str) -> Array:
