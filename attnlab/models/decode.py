@@ -153,7 +153,7 @@ def left_pad(prompt_BL: Array, lengths_B: Array, pad_id: int = 0) -> tuple[Array
   """Prompts stored from slot 0 (row b's first lengths_B[b] tokens real, the rest ignored)
   moved to end at the last slot: ([B, L] with `pad_id` before each prompt, the first real
   slot per row int32 [B]), the layout `init_cache(start=...)` decodes."""
-  b, length = prompt_BL.shape
+  length = prompt_BL.shape[1]
   start_B = (length - jnp.asarray(lengths_B)).astype(jnp.int32)
   source_BL = jnp.arange(length)[None, :] - start_B[:, None]
   moved = jnp.take_along_axis(prompt_BL, jnp.maximum(source_BL, 0), axis=1)
@@ -211,7 +211,7 @@ def generate(model: Transformer, prompt_BL: Array, steps: int, rng: Array,
   tokens, next_B1 = [prompt_BL.astype(jnp.int32)], prompt_BL.astype(jnp.int32)
   for _ in range(steps):
     logits_BLV, state = _jit_step(graphdef, params, next_B1, state, impl)
-    # fold_in(rng, position of the token drawn): a fixed key gives a fixed output.
+    # fold_in(rng, the drawn token's slot): a fixed key gives a fixed output.
     next_B1 = sample(logits_BLV[:, -1], jax.random.fold_in(rng, state.length))[:, None]
     tokens.append(next_B1)
   out_BT = jnp.concatenate(tokens, axis=1)
