@@ -359,17 +359,39 @@ def test_load_cells_names_unknown_fields(tmp_path):
     results.load_cells(str(path))
 
 
-def test_budget_check_compares_the_change_with_the_seed_spread():
-  def cells(errors_by_n):
-    return [CellResult("sigmoid", n, s, e, 0.1) for n, errors in errors_by_n.items()
-            for s, e in enumerate(errors)]
+def _budget_cells(errors_by_n, seeds=None):
+  return [CellResult("sigmoid", n, s, e, 0.1) for n, errors in errors_by_n.items()
+          for s, e in zip(seeds or range(len(errors)), errors)]
 
-  base = cells({100: [0.30, 0.34, 0.32], 200: [0.10, 0.11, 0.12]})
-  larger = cells({100: [0.31, 0.33, 0.33], 200: [0.05, 0.06, 0.07]})
+
+def test_budget_check_compares_the_change_with_the_seed_spread():
+  base = _budget_cells({100: [0.30, 0.34, 0.32], 200: [0.10, 0.11, 0.12]})
+  larger = _budget_cells({100: [0.31, 0.33, 0.33], 200: [0.05, 0.06, 0.07]})
   rows = analysis.budget_check(base, larger)
-  assert [(r.n, r.converged) for r in rows] == [(100, True), (200, False)]
-  assert rows[0].seed_spread == pytest.approx(0.02) and rows[0].change == pytest.approx(0.0033333, abs=1e-6)
-  assert rows[1].change == pytest.approx(-0.05)
-  assert "| sigmoid | 200 |" in report.budget_check_markdown(rows)
-  with pytest.raises(ValueError, match="differ in their"):
-    analysis.budget_check(base, cells({100: [0.3, 0.3]}))
+  assert [(r.n, r.seeds, r.converged) for r in rows] == [(100, 3, True), (200, 3, False)]
+  assert rows[0].seed_spread == pytest.approx(0.02)
+  assert rows[0].change.mean == pytest.approx(0.0033333, abs=1e-6)
+  # n = 200: every seed drops by exactly 0.05, so the paired interval has no width.
+  assert rows[1].change.mean == pytest.approx(-0.05)
+  assert rows[1].change.low == pytest.approx(-0.05) and rows[1].change.high == pytest.approx(-0.05)
+  text = report.budget_check_markdown(rows)
+  assert "| sigmoid | 200 | 3 | 0.11 | 0.06 | -0.0500 [-0.0500, -0.0500] | 0.01 | no |" in text
+  with pytest.raises(ValueError, match="groups the base study lacks: \\[\\('sigmoid', 300\\)\\]"):
+    analysis.budget_check(base, _budget_cells({300: [0.3, 0.3]}))
+
+
+def test_budget_check_pairs_seeds_when_the_larger_study_is_a_subset():
+  # The base study: 5 seeds at two sizes; the larger budget: seeds 1 and 3 at one size.
+  # The comparison uses those two seeds only, paired: changes -0.02 and -0.04.
+  base = _budget_cells({100: [0.50, 0.30, 0.40, 0.20, 0.60], 200: [0.1] * 5})
+  larger = _budget_cells({100: [0.28, 0.16]}, seeds=[1, 3])
+  (row,) = analysis.budget_check(base, larger)
+  assert (row.n, row.seeds) == (100, 2)
+  assert row.base == pytest.approx(0.25) and row.larger == pytest.approx(0.22)
+  assert row.change.mean == pytest.approx(-0.03)
+  # t(0.975, 1) = 12.706; std of (-0.02, -0.04) = 0.014142; half-width 12.706 * 0.01 = 0.12706.
+  assert row.change.high == pytest.approx(-0.03 + 0.127062, abs=1e-5)
+  assert row.seed_spread == pytest.approx(0.070711, abs=1e-6)  # std of 0.30 and 0.20
+  assert row.converged
+  with pytest.raises(ValueError, match="no seed finished under both budgets"):
+    analysis.budget_check(base, _budget_cells({100: [0.3]}, seeds=[7]))

@@ -138,18 +138,23 @@ class BudgetCheckRow:
 
   Attributes:
     kind, n: the cell group.
-    base, larger: mean test error over seeds under each budget.
-    change: larger - base.
-    seed_spread: standard deviation of the test error over seeds under the base budget.
+    seeds: the seeds compared (those with a finite result under both budgets).
+    base, larger: mean test error over those seeds under each budget.
+    change: larger - base, with its paired t-interval over the seeds (the same seed's
+      subset, initial key and order under both budgets, so seed-to-seed variation
+      cancels; `change.mean` is larger - base).
+    seed_spread: standard deviation of the test error over those seeds under the base
+      budget.
     converged: |change| < seed_spread: more training moves the error by less
       than the seeds do, so the base budget measures the data, not the optimiser.
   """
 
   kind: str
   n: int
+  seeds: int
   base: float
   larger: float
-  change: float
+  change: intervals.Interval
   seed_spread: float
   converged: bool
 
@@ -157,28 +162,40 @@ class BudgetCheckRow:
 def budget_check(base: Sequence[CellResult], larger: Sequence[CellResult]) -> list[BudgetCheckRow]:
   """Whether a study's budget has converged: the same cells under a larger budget.
 
+  The larger-budget study may hold fewer cells than the base one (some sizes, some
+  seeds: it costs twice as much); each (kind, n) it holds is compared on the seeds
+  both studies finished, seed by seed.
+
   Args:
     base: the study's cells.
-    larger: the same (kind, n, seed) cells trained with a larger budget.
+    larger: some of the same (kind, n, seed) cells trained with a larger budget.
 
   Raises:
-    ValueError: the two studies do not hold the same (kind, n) groups.
+    ValueError: `larger` holds a (kind, n) the base study lacks, or one with no seed
+      finished under both budgets.
   """
   def errors(cells):
-    out: dict[tuple[str, int], list[float]] = {}
+    out: dict[tuple[str, int], dict[int, float]] = {}
     for c in finite(check_cells(cells)):
-      out.setdefault((c.kind, c.n), []).append(c.test_error)
+      out.setdefault((c.kind, c.n), {})[c.seed] = c.test_error
     return out
 
   ours, theirs = errors(base), errors(larger)
-  if set(ours) != set(theirs):
-    raise ValueError(f"The studies differ in their (kind, n) groups: {sorted(set(ours) ^ set(theirs))}.")
+  extra = sorted(set(theirs) - set(ours))
+  if extra:
+    raise ValueError(f"The larger-budget study holds (kind, n) groups the base study lacks: "
+                     f"{extra}; compare studies of the same cells.")
   rows = []
-  for kind, n in sorted(ours):
-    spread = float(np.std(ours[kind, n], ddof=1)) if len(ours[kind, n]) > 1 else math.nan
-    change = float(np.mean(theirs[kind, n]) - np.mean(ours[kind, n]))
-    rows.append(BudgetCheckRow(kind, n, float(np.mean(ours[kind, n])),
-                               float(np.mean(theirs[kind, n])), change, spread,
-                               bool(abs(change) < spread)))
+  for kind, n in sorted(theirs):
+    seeds = sorted(set(ours[kind, n]) & set(theirs[kind, n]))
+    if not seeds:
+      raise ValueError(f"({kind!r}, {n}): no seed finished under both budgets (base seeds "
+                       f"{sorted(ours[kind, n])}, larger {sorted(theirs[kind, n])}).")
+    before = [ours[kind, n][s] for s in seeds]
+    after = [theirs[kind, n][s] for s in seeds]
+    change = intervals.paired_t_interval(after, before)
+    spread = float(np.std(before, ddof=1)) if len(seeds) > 1 else math.nan
+    rows.append(BudgetCheckRow(kind, n, len(seeds), float(np.mean(before)), float(np.mean(after)),
+                               change, spread, bool(abs(change.mean) < spread)))
   return rows
 

@@ -58,9 +58,11 @@ def few_seeds_caveat(pairs: int) -> str | None:
 
 def budget_check_markdown(rows: Sequence[analysis.BudgetCheckRow]) -> str:
   """The rows of `analysis.budget_check` as a markdown table."""
-  lines = ["| kind | n | test error | larger budget | change | seed std | converged |",
-           "|---|---|---|---|---|---|---|"]
-  lines += [f"| {r.kind} | {r.n} | {_fmt(r.base)} | {_fmt(r.larger)} | {r.change:+.4f} | "
+  lines = ["| kind | n | seeds | test error | larger budget | change [paired 95% t-interval] | "
+           "seed std | within seed std |",
+           "|---|---|---|---|---|---|---|---|"]
+  lines += [f"| {r.kind} | {r.n} | {r.seeds} | {_fmt(r.base)} | {_fmt(r.larger)} | "
+            f"{r.change.mean:+.4f} [{r.change.low:+.4f}, {r.change.high:+.4f}] | "
             f"{_fmt(r.seed_spread)} | {'yes' if r.converged else 'no'} |" for r in rows]
   return "\n".join(lines)
 
