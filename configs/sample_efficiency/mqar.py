@@ -14,9 +14,9 @@ cell sees the same data whatever its seed. Error = 1 - answer accuracy.
 
 Argument (comma-separated): quick (tiny model, 2 sizes x 2 seeds, a few steps); all (every
 kind); converged (6,000 steps, three times the 2,000 at which softmax's n = 8,000 cells were
-still on the plateau; seeds 0-4; 300,000 cell-steps, about 5 hours on 2 CPU cores, so
-it runs across several sessions, resuming from its checkpoints every 500 steps, or in
-minutes on one GPU. Not yet run: docs/results.md, "MQAR", says what is measured so far).
+still on the plateau; seeds 0-4; 300,000 cell-steps, about 2 hours on 2 otherwise idle CPU
+cores at the 38-40 cell-steps/s of its first 12,000; it resumes from its checkpoints every
+500 steps, so it may run across sessions; minutes on one GPU. Not yet run: docs/results.md, "MQAR", says what is measured so far).
 
 Budget rule: fixed steps (1,000 at batch 64) for every size: a small set is
 seen many times, a large one about once, so a cell's error measures what n
