@@ -16,7 +16,8 @@ Argument (comma-separated): quick (tiny model, 2 sizes x 2 seeds, a few steps); 
 kind); converged (6,000 steps, three times the 2,000 at which softmax's n = 8,000 cells were
 still on the plateau; seeds 0-4; 300,000 cell-steps, about 2 hours on 2 otherwise idle CPU
 cores at the 38-40 cell-steps/s of its first 12,000; it resumes from its checkpoints every
-500 steps, so it may run across sessions; minutes on one GPU. Not yet run: docs/results.md, "MQAR", says what is measured so far).
+500 steps, so it may run across sessions; minutes on one GPU. Not yet finished:
+docs/results.md, "MQAR", says what is measured so far).
 
 Budget rule: fixed steps (1,000 at batch 64) for every size: a small set is
 seen many times, a large one about once, so a cell's error measures what n
