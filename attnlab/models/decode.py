@@ -153,11 +153,17 @@ def left_pad(prompt_BL: Array, lengths_B: Array, pad_id: int = 0) -> tuple[Array
   """Prompts stored from slot 0 (row b's first lengths_B[b] tokens real, the rest ignored)
   moved to end at the last slot: ([B, L] with `pad_id` before each prompt, the first real
   slot per row int32 [B]), the layout `init_cache(start=...)` decodes."""
-  length = prompt_BL.shape[1]
-  start_B = (length - jnp.asarray(lengths_B)).astype(jnp.int32)
-  source_BL = jnp.arange(length)[None, :] - start_B[:, None]
-  moved = jnp.take_along_axis(prompt_BL, jnp.maximum(source_BL, 0), axis=1)
-  return jnp.where(source_BL >= 0, moved, pad_id).astype(prompt_BL.dtype), start_B
+  start_B = (prompt_BL.shape[1] - jnp.asarray(lengths_B)).astype(jnp.int32)
+  return _shift_rows(prompt_BL, start_B, pad_id), start_B
+
+
+def _shift_rows(x_BT: Array, shift_B: Array, fill: int) -> Array:
+  """Each row b moved shift_B[b] places right (left where negative): out[b, t] =
+  x[b, t - shift_B[b]], `fill` where that falls outside the row."""
+  source_BT = jnp.arange(x_BT.shape[1])[None, :] - shift_B[:, None]
+  inside_BT = (source_BT >= 0) & (source_BT < x_BT.shape[1])
+  moved = jnp.take_along_axis(x_BT, jnp.clip(source_BT, 0, x_BT.shape[1] - 1), axis=1)
+  return jnp.where(inside_BT, moved, fill).astype(x_BT.dtype)
 
 
 def decode_step(model: Transformer, tokens_BL: Array, state: DecodeState, *,
@@ -217,11 +223,9 @@ def generate(model: Transformer, prompt_BL: Array, steps: int, rng: Array,
   out_BT = jnp.concatenate(tokens, axis=1)
   if start_B is None:
     return out_BT
-  start_B = state.start  # the array passed in went with the first step's donated state
-  # Back to the caller's layout: each row from its first real token, then 0s.
-  source_BT = jnp.arange(out_BT.shape[1])[None, :] + start_B[:, None]
-  moved = jnp.take_along_axis(out_BT, jnp.minimum(source_BT, out_BT.shape[1] - 1), axis=1)
-  return jnp.where(source_BT < out_BT.shape[1], moved, 0)
+  # Back to the caller's layout: each row from its first real token, then 0s. (state.start:
+  # the array passed in went with the first step's donated state.)
+  return _shift_rows(out_BT, -state.start, 0)
 
 
 def _check_lengths(prompt_lengths: Any, shape: tuple[int, int]) -> None:
