@@ -395,3 +395,10 @@ def test_budget_check_pairs_seeds_when_the_larger_study_is_a_subset():
   assert row.converged
   with pytest.raises(ValueError, match="no seed finished under both budgets"):
     analysis.budget_check(base, _budget_cells({100: [0.3]}, seeds=[7]))
+
+
+def test_budget_check_table_says_a_one_seed_change_has_no_interval():
+  (row,) = analysis.budget_check(_budget_cells({100: [0.5, 0.3]}),
+                                 _budget_cells({100: [0.25]}, seeds=[1]))
+  assert row.seeds == 1 and row.change.mean == pytest.approx(-0.05)
+  assert "| -0.0500 [no interval: one seed] |" in report.budget_check_markdown([row])

@@ -62,9 +62,16 @@ def budget_check_markdown(rows: Sequence[analysis.BudgetCheckRow]) -> str:
            "seed std | within seed std |",
            "|---|---|---|---|---|---|---|---|"]
   lines += [f"| {r.kind} | {r.n} | {r.seeds} | {_fmt(r.base)} | {_fmt(r.larger)} | "
-            f"{r.change.mean:+.4f} [{r.change.low:+.4f}, {r.change.high:+.4f}] | "
-            f"{_fmt(r.seed_spread)} | {'yes' if r.converged else 'no'} |" for r in rows]
+            f"{_fmt_change(r.change)} | {_fmt(r.seed_spread)} | "
+            f"{'yes' if r.converged else 'no'} |" for r in rows]
   return "\n".join(lines)
+
+
+def _fmt_change(change) -> str:
+  """A budget change with its interval; one seed has none, and the table says so, not nan."""
+  if math.isnan(change.low):
+    return f"{change.mean:+.4f} [no interval: one seed]"
+  return f"{change.mean:+.4f} [{change.low:+.4f}, {change.high:+.4f}]"
 
 
 def _other_kinds_markdown(others: dict[str, dict[str, targets.SamplesRatio | str]],
