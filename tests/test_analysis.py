@@ -313,6 +313,39 @@ def test_write_report_writes_every_file_and_the_key_numbers(tmp_path):
     assert data.startswith(b"\x89PNG") and len(data) > 1000
 
 
+def _ended(kind, n, seed, best_step, train_loss, *, steps=100, val=True, error=0.1):
+  return CellResult(kind, n, seed, error, 0.2, val_error=0.1 if val else None, best_step=best_step,
+                    steps=steps, train_loss=train_loss)
+
+
+def test_end_of_training_counts_best_last_cells_and_spreads_the_final_training_loss(tmp_path):
+  cells = [
+      # n = 100: seeds 0 and 2 selected their last step; seed 1 is on a plateau (loss 0.8).
+      _ended("softmax", 100, 0, 100, 0.001), _ended("softmax", 100, 1, 40, 0.8),
+      _ended("softmax", 100, 2, 100, 0.003),
+      # A failed cell is left out; so is a missing training loss (records from before it).
+      _ended("softmax", 100, 3, 100, 5.0, error=math.nan),
+      _ended("softmax", 200, 0, 60, None), _ended("softmax", 200, 1, 100, None),
+      # No validation split: the last step is always kept, which says nothing.
+      _ended("sigmoid", 100, 0, 100, 0.5, val=False),
+  ]
+  rows = analysis.end_of_training(cells)
+  assert [(r.kind, r.n, r.cells, r.best_at_end) for r in rows] == [
+      ("sigmoid", 100, 1, None), ("softmax", 100, 3, 2), ("softmax", 200, 2, 1)]
+  assert rows[1].train_loss == pytest.approx((0.003, 0.001, 0.8))
+  assert rows[0].train_loss == pytest.approx((0.5, 0.5, 0.5)) and rows[2].train_loss is None
+  text = "\n".join(report._end_of_training_markdown(rows))
+  assert "| softmax | 100 | 3 | 2/3 | 0.003 [0.001, 0.8] |" in text
+  assert "| sigmoid | 100 | 1 | no validation split | 0.5 [0.5, 0.5] |" in text
+  assert "| softmax | 200 | 2 | 1/2 | n/a |" in text
+  assert "Best step last in 3 of 5 cells." in text
+  # write_report carries the section.
+  more = [_ended(k, n, s, 100, 0.01, error=e) for k, e in (("sigmoid", 0.3), ("softmax", 0.35))
+          for n in (100, 200) for s in (0, 1)]
+  paths = report.write_report(more, str(tmp_path), target=0.32, n_boot=5)
+  assert "| sigmoid | 200 | 2 | 2/2 | 0.01 [0.01, 0.01] |" in open(paths["report"]).read()
+
+
 @pytest.mark.parametrize("seeds", [3, 10])
 def test_report_warns_when_too_few_seeds_back_the_ratio_interval(tmp_path, seeds):
   cells = (synthetic_cells("softmax", a=2.0, b=0.4, c=0.05, seeds=seeds, rng_seed=2)

@@ -129,6 +129,44 @@ def samples_ratio(cells: Sequence[CellResult], target: float,
   return targets.paired_samples_ratio(sizes, *errors, target, tuple(kinds), n_boot=n_boot, seed=seed)
 
 
+@dataclasses.dataclass(frozen=True)
+class EndOfTrainingRow:
+  """How one (kind, n)'s cells ended training: signs of whether the budget sufficed.
+
+  Attributes:
+    kind, n: the cell group.
+    cells: cells that trained to their budget (failed cells are left out).
+    best_at_end: of those selected on a validation split, the cells whose selected step
+      was their last: their validation error was still falling (or level), so a larger
+      budget may lower it. None: no cell was selected on a validation split (the last
+      step is then always the one kept, and says nothing).
+    train_loss: the last update's training loss (one batch) over the cells that
+      recorded one: (median, min, max); None if none did. One cell far above the
+      others marks a cell still on a plateau, not one that lacked data.
+  """
+
+  kind: str
+  n: int
+  cells: int
+  best_at_end: int | None
+  train_loss: tuple[float, float, float] | None
+
+
+def end_of_training(cells: Sequence[CellResult]) -> list[EndOfTrainingRow]:
+  """Per (kind, n), sorted: how many cells' best step was their last, and their final training loss."""
+  cells = check_cells(cells)
+  rows = []
+  for kind, n in sorted({(c.kind, c.n) for c in cells}):
+    done = finite([c for c in cells if c.kind == kind and c.n == n])
+    selected = [c for c in done if c.val_error is not None and c.best_step is not None]
+    best_at_end = (sum(c.best_step == c.steps for c in selected) if selected else None)
+    losses = [c.train_loss for c in done if c.train_loss is not None]
+    train_loss = ((float(np.median(losses)), float(min(losses)), float(max(losses)))
+                  if losses else None)
+    rows.append(EndOfTrainingRow(kind, n, len(done), best_at_end, train_loss))
+  return rows
+
+
 # --------------------------------------------------------------------------- budget check
 
 

@@ -98,7 +98,7 @@ def _ratio_or_reason(cells, target, kinds, n_boot, seed) -> targets.SamplesRatio
 
 
 def _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot,
-                     others=None) -> str:
+                     others=None, ends=None) -> str:
   lines = ["# Sample-efficiency study", "",
            f"Test error and loss per (kind, n): mean over seeds ± half-width of the "
            f"{CONFIDENCE:.0%} Student-t interval [low, high].", "",
@@ -137,7 +137,32 @@ def _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boo
     if caveat:
       lines += ["", f"**Caveat.** {caveat}"]
   lines += _other_kinds_markdown(others or {}, tuple(compare))
+  lines += _end_of_training_markdown(ends or [])
   return "\n".join(lines) + "\n"
+
+
+def _end_of_training_markdown(rows: Sequence[analysis.EndOfTrainingRow]) -> list[str]:
+  """The report's section on whether the cells finished learning within their budget."""
+  if not rows:
+    return []
+  lines = ["", "## How the cells ended training", "",
+           "Signs of whether the budget sufficed; `analysis.budget_check` measures it (the same "
+           "cells with a larger budget). *Best step last*: cells whose selected step (lowest "
+           "validation error) was their last, so their error was still falling or level. "
+           "*Final training loss*: of each cell's last update (one batch), median [min, max] over "
+           "its seeds; a seed far above the others is still on a plateau: it says how fast "
+           "the optimiser is, not how much data the kind needs.", "",
+           "| kind | n | cells | best step last | final training loss |", "|---|---|---|---|---|"]
+  for r in rows:
+    at_end = "no validation split" if r.best_at_end is None else f"{r.best_at_end}/{r.cells}"
+    loss = ("n/a" if r.train_loss is None
+            else f"{_fmt(r.train_loss[0], 3)} [{_fmt(r.train_loss[1], 3)}, {_fmt(r.train_loss[2], 3)}]")
+    lines.append(f"| {r.kind} | {r.n} | {r.cells} | {at_end} | {loss} |")
+  selected = [r for r in rows if r.best_at_end is not None]
+  if selected:
+    lines += ["", f"Best step last in {sum(r.best_at_end for r in selected)} of "
+              f"{sum(r.cells for r in selected)} cells."]
+  return lines
 
 
 def _plot(rows, diffs, fits, compare, error_path: str, diff_path: str) -> None:
@@ -228,7 +253,8 @@ def write_report(cells: Sequence[CellResult], directory: str, *, target: float,
 
   results.save_cells(cells, paths["json"])
   results.save_csv(cells, paths["csv"])
-  text = _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot, others)
+  text = _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot, others,
+                          analysis.end_of_training(cells))
   fileio.write_atomic(paths["report"], text)
   _plot(rows, diffs, fits, compare, paths["error_plot"], paths["difference_plot"])
   return paths
