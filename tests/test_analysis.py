@@ -344,6 +344,19 @@ def test_end_of_training_counts_best_last_cells_and_spreads_the_final_training_l
           for n in (100, 200) for s in (0, 1)]
   paths = report.write_report(more, str(tmp_path), target=0.32, n_boot=5)
   assert "| sigmoid | 200 | 2 | 2/2 | 0.01 [0.01, 0.01] |" in open(paths["report"]).read()
+  assert "curves_plot" not in paths  # no cell recorded a curve
+
+
+def test_write_report_draws_the_cells_learning_curves_and_keeps_them_in_results_json(tmp_path):
+  curve = [[100, 0.5, 1.2, 1.0], [200, 0.2, 0.6, 0.4]]
+  cells = [dataclasses.replace(cell(k, n, s, e), curve=curve) for k, e in (("sigmoid", 0.3),
+           ("softmax", 0.35)) for n in (100, 200) for s in (0, 1)]
+  paths = report.write_report(cells, str(tmp_path), target=0.32, n_boot=5)
+  with open(paths["curves_plot"], "rb") as f:
+    assert f.read().startswith(b"\x89PNG")
+  assert results.load_cells(paths["json"])[0].curve == curve
+  with open(paths["csv"]) as f:
+    assert "curve" not in f.readline()  # one row per cell: the list stays in results.json
 
 
 @pytest.mark.parametrize("seeds", [3, 10])

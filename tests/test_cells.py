@@ -61,7 +61,8 @@ def batched(spec, setup):
 
 
 def train_by_hand(setup, cell: Cell, budget: int):
-  """One cell by the plainest loop: (test metrics at the selected step, best step, last loss)."""
+  """One cell by the plainest loop: (test metrics at the selected step, best step, last loss,
+  best (val error, val loss), learning curve)."""
   fns, data = setup.fns, setup.data
   step_fn, eval_fn = jax.jit(fns.train_step), jax.jit(fns.eval_step)
 
@@ -72,16 +73,17 @@ def train_by_hand(setup, cell: Cell, budget: int):
 
   indices = data_lib.epoch_batches(cell.n, setup.batch_size, cell.seed, 0, budget)
   state = jax.jit(fns.init)(cell.seed)
-  best, best_key, best_step = None, (math.inf, math.inf), 0
+  best, best_key, best_step, curve = None, (math.inf, math.inf), 0, []
   for s in range(budget):
     state, metrics = step_fn(state, {k: v[indices[s]] for k, v in data.train.items()},
                              fns.budget(np.int32(budget)))
     if (s + 1) % setup.eval_every_steps == 0 or s + 1 == budget:
       val = score(state.params, data.validation)
       key = (1.0 - val["accuracy"], val["loss"])
+      curve.append([s + 1, *key, float(metrics["loss"])])
       if key < best_key:
         best, best_key, best_step = state.params, key, s + 1
-  return score(best, data.test), best_step, float(metrics["loss"]), best_key
+  return score(best, data.test), best_step, float(metrics["loss"]), best_key, curve
 
 
 def assert_same(result, other, exact_error=True):
@@ -93,6 +95,15 @@ def assert_same(result, other, exact_error=True):
   if exact_error:
     assert (result.test_error, result.val_error, result.best_step) == (
         other.test_error, other.val_error, other.best_step)
+  assert_same_curve(result.curve, other.curve, exact_error)
+
+
+def assert_same_curve(curve, other, exact_error=True):
+  """Learning curves at the same steps, losses within LOSS_TOLERANCE (errors equal if exact)."""
+  assert [p[0] for p in curve] == [p[0] for p in other]
+  for point, expected in zip(curve, other):
+    assert point[2:] == pytest.approx(expected[2:], abs=LOSS_TOLERANCE)
+    assert point[1] == (expected[1] if exact_error else pytest.approx(expected[1], abs=0.02))
 
 
 # ----------------------------------------------------------------------------
@@ -184,8 +195,17 @@ def test_a_vmapped_stack_keeps_a_finished_cell_masked_until_it_can_halve(setup, 
 
 def test_the_engine_equals_the_plainest_loop(setup, batched):
   for c in (0, 1):  # one cell of each budget
-    test, best_step, last_loss, (val_error, val_loss) = train_by_hand(setup, CELLS[c], BUDGETS[c])
+    test, best_step, last_loss, (val_error, val_loss), curve = train_by_hand(setup, CELLS[c],
+                                                                             BUDGETS[c])
     result = batched[c]
+    # Every 3 steps and at the last: 3, 6 (n = 32) or 3, 6, 8 (n = 64); the selected point
+    # is the curve's best, and its last training loss is the cell's.
+    assert [p[0] for p in result.curve] == [3, 6] + ([8] if BUDGETS[c] == 8 else [])
+    for point, expected in zip(result.curve, curve):
+      assert point[1] == pytest.approx(expected[1], abs=1e-7)
+      assert point[2:] == pytest.approx(expected[2:], abs=LOSS_TOLERANCE)
+    assert min(result.curve, key=lambda p: (p[1], p[2]))[0] == result.best_step
+    assert result.curve[-1][3] == result.train_loss
     assert result.best_step == best_step
     assert result.val_error == pytest.approx(val_error, abs=1e-7)
     assert result.val_loss == pytest.approx(val_loss, abs=LOSS_TOLERANCE)

@@ -112,9 +112,9 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
     group's order (cells finished before a resumed checkpoint are not
     repeated: `on_cell_done` had them).
   """
-  step, stack, seconds = 0, None, {}
+  step, stack, seconds, curves = 0, None, {}, {}
   if checkpointer is not None and checkpointer.all_steps():
-    step, stack, seconds = _restore(spec, setup, checkpointer)
+    step, stack, seconds, curves = _restore(spec, setup, checkpointer)
   if stack is None:
     stack = stack_lib.init_stack(spec, setup)
   alive = spec.alive_at(step)  # the cells still training
@@ -129,6 +129,7 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
     members = padded
   stack, setup = stack_lib.place(stack, setup)
   seconds = {i: seconds.get(spec.cells[i].name, 0.0) for i in range(len(spec.cells))}
+  curves = {i: list(curves.get(spec.cells[i].name, [])) for i in range(len(spec.cells))}
   results: dict[int, CellResult] = {}
   train_step = _group_step(setup.fns, setup.vmap_cells)
   score = scoring.group_score(setup.fns, setup.vmap_cells)
@@ -145,7 +146,10 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
         on_step(step, len(alive))
     due = [i in alive and (_selection_due(setup, step) or spec.budgets[i] == step) for i in members]
     if any(due):
-      stack = scoring.select(stack, setup, score, np.asarray(due))
+      stack, val = scoring.select(stack, setup, score, np.asarray(due))
+      last_loss_C = stack_lib.host_value(stack.last_loss)
+      for p, point in scoring.curve_points(step, np.asarray(due), val, last_loss_C).items():
+        curves[members[p]].append(point)
     finished = [p for p, i in enumerate(members) if i in alive and spec.budgets[i] == step]
     tests = (scoring.score_split(setup, score, stack.best_params, setup.data.test) if finished
              else None)
@@ -156,7 +160,7 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
     per_cell = stack_lib.per_cell(stack) if finished else None
     for p in finished:
       results[members[p]] = scoring.cell_result(spec, setup, members[p], per_cell, tests, p,
-                                         seconds[members[p]])
+                                                seconds[members[p]], curves[members[p]])
       if on_cell_done is not None:
         on_cell_done(results[members[p]])
     if finished:
@@ -170,7 +174,8 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
       # Only the cells still training: the saved stack is a function of the step.
       saved = stack if members == alive else stack.take([members.index(i) for i in alive])
       checkpointer.save(step, saved.tree(), {"step": step, "cells": [spec.cells[i].name for i in alive],
-                                             "seconds": {spec.cells[i].name: seconds[i] for i in alive}})
+                                             "seconds": {spec.cells[i].name: seconds[i] for i in alive},
+                                             "curves": {spec.cells[i].name: curves[i] for i in alive}})
   if checkpointer is not None:
     checkpointer.wait()
   return [results[i] for i in sorted(results)]
@@ -178,8 +183,9 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
 
 def _restore(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup,
              checkpointer: checkpoint_lib.Checkpointer
-             ) -> tuple[int, stack_lib.Stack, dict[str, float]]:
-  """The group's latest checkpoint that restores: its step, its stack and the cells' wall times.
+             ) -> tuple[int, stack_lib.Stack, dict[str, float], dict[str, list]]:
+  """The group's latest checkpoint that restores: its step, its stack, and the cells' wall
+  times and learning curves so far by name (a checkpoint from before curves has none).
 
   The stack at a step holds the cells whose budget is larger, so each saved
   step has its own shapes: a damaged latest step falls back to the one
@@ -207,7 +213,8 @@ def _restore(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup,
           f"The checkpoint at step {step} holds cells {data_state.get('cells')}, but this group "
           f"trains {names} at that step: it was written by another study plan. Delete "
           f"{checkpointer.step_dir(step)} (or use a new workdir).")
-    return step, stack_lib.Stack(**tree), dict(data_state.get("seconds", {}))
+    return (step, stack_lib.Stack(**tree), dict(data_state.get("seconds", {})),
+            dict(data_state.get("curves", {})))
   raise damaged[-1]
 
 

@@ -208,6 +208,40 @@ def _plot(rows, diffs, fits, compare, error_path: str, diff_path: str) -> None:
   fileio.write_png(diff_path, fig, dpi=120)
 
 
+def _plot_curves(cells: Sequence[CellResult], path: str) -> bool:
+  """Every cell's validation error against its step, a panel per kind, a colour per n.
+
+  Draws nothing and returns False when no cell recorded a validation curve.
+  """
+  from matplotlib import colormaps  # noqa: PLC0415
+  from matplotlib.figure import Figure  # noqa: PLC0415
+
+  drawn = [c for c in cells if c.curve and any(p[1] is not None for p in c.curve)]
+  if not drawn:
+    return False
+  kinds = sorted({c.kind for c in drawn})
+  sizes = sorted({c.n for c in drawn})
+  colour = {n: colormaps["viridis"](i / max(1, len(sizes) - 1)) for i, n in enumerate(sizes)}
+  cols = min(3, len(kinds))
+  fig = Figure(figsize=(4.5 * cols, 3.5 * math.ceil(len(kinds) / cols)))
+  axes = fig.subplots(math.ceil(len(kinds) / cols), cols, squeeze=False, sharey=True)
+  for ax, kind in zip(axes.flat, kinds):
+    labelled = set()
+    for c in sorted((c for c in drawn if c.kind == kind), key=lambda c: (c.n, c.seed)):
+      points = [(p[0], p[1]) for p in c.curve if p[1] is not None]
+      ax.plot(*zip(*points), color=colour[c.n], alpha=0.7, linewidth=1,
+              label=None if c.n in labelled else f"n = {c.n}")
+      labelled.add(c.n)
+    ax.set(title=kind, xlabel="step", ylabel="validation error")
+  for ax in list(axes.flat)[len(kinds):]:
+    ax.set_visible(False)
+  axes.flat[0].legend(fontsize="small")
+  fig.suptitle("Learning curves: each cell (one line per seed)")
+  fig.tight_layout()
+  fileio.write_png(path, fig, dpi=120)
+  return True
+
+
 def write_report(cells: Sequence[CellResult], directory: str, *, target: float,
                  compare: tuple[str, str] = ("sigmoid", "softmax"),
                  ratio_kinds: tuple[str, str] = ("softmax", "sigmoid"),
@@ -226,7 +260,8 @@ def write_report(cells: Sequence[CellResult], directory: str, *, target: float,
     seed: bootstrap seed.
 
   Returns:
-    {"json", "csv", "report", "error_plot", "difference_plot"}: the paths written.
+    {"json", "csv", "report", "error_plot", "difference_plot"}: the paths written, and
+    "curves_plot" (learning_curves.png) when cells recorded validation curves.
   """
   cells = results.check_cells(cells)
   results.check_kinds(cells, compare, "compare")
@@ -257,4 +292,7 @@ def write_report(cells: Sequence[CellResult], directory: str, *, target: float,
                           analysis.end_of_training(cells))
   fileio.write_atomic(paths["report"], text)
   _plot(rows, diffs, fits, compare, paths["error_plot"], paths["difference_plot"])
+  curves_path = os.path.join(directory, "learning_curves.png")
+  if _plot_curves(cells, curves_path):
+    paths["curves_plot"] = curves_path
   return paths

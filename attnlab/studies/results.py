@@ -37,6 +37,10 @@ class CellResult:
     budget: the budget rule in words, e.g. "epochs=100, min_steps=500".
     diverged_at: the step whose update was non-finite (the cell failed); None: it trained.
     train_loss: training loss of the cell's last applied update.
+    curve: the cell's learning curve, one [step, val_error, val_loss, train_loss] per
+      selection point (every eval_every_steps steps and its last): validation error and
+      loss of the parameters at that step (None without a validation split) and the
+      training loss of that step's update (one batch). None: recorded before curves were.
   """
   kind: str
   n: int
@@ -51,6 +55,7 @@ class CellResult:
   budget: str | None = None
   diverged_at: int | None = None
   train_loss: float | None = None
+  curve: list[list[float | None]] | None = None
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -118,7 +123,8 @@ def load_cells(path: str) -> list[CellResult]:
 
 def save_csv(cells: Sequence[CellResult], path: str) -> None:
   """Writes every cell as one row of results.csv (a missing value is an empty field)."""
-  names = [f.name for f in dataclasses.fields(CellResult)]
+  # One row per cell: the learning curve (a list) stays in results.json.
+  names = [f.name for f in dataclasses.fields(CellResult) if f.name != "curve"]
   text = io.StringIO(newline="")
   w = csv.writer(text)
   w.writerow(names)

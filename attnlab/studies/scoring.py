@@ -23,20 +23,36 @@ from attnlab.studies.results import CellResult
 
 
 def select(stack: stack_lib.Stack, setup: groups_lib.GroupSetup, score,
-           due_C: np.ndarray) -> stack_lib.Stack:
+           due_C: np.ndarray) -> tuple[stack_lib.Stack, dict[str, np.ndarray] | None]:
   """Keeps each due cell's parameters if they beat its best on the validation split.
 
   `due_C` marks the cells for which `step` is a selection point (a multiple
   of eval_every_steps, or their last step): another cell's last step must not
   add a selection point to a cell, or its result would depend on its group.
+
+  Returns:
+    The stack, and every cell's validation {"error", "loss"} ([C] each) at this step
+    (None without a validation split), for the learning curves.
   """
   if setup.data.validation is None:
     # No validation split: the last parameters are the selected ones.
     return stack.replace(best_params=stack_lib.copy_tree(stack.state.params),
-                         best_step=stack.applied)
+                         best_step=stack.applied), None
   val = score_split(setup, score, stack.state.params, setup.data.validation)
-  return _keep_better(stack, 1.0 - np.asarray(val["accuracy"], np.float32),
-                      np.asarray(val["loss"], np.float32), due_C)
+  scores = {"error": 1.0 - np.asarray(val["accuracy"], np.float32),
+            "loss": np.asarray(val["loss"], np.float32)}
+  return _keep_better(stack, scores["error"], scores["loss"], due_C), scores
+
+
+def curve_points(step: int, due_C: np.ndarray, val: dict[str, np.ndarray] | None,
+                 last_loss_C: np.ndarray) -> dict[int, list[float | None]]:
+  """Each due cell's learning-curve point at `step`, by its place in the stack:
+  [step, val_error, val_loss, train_loss] (`CellResult.curve`)."""
+  def value(x):
+    return float(x) if np.isfinite(x) else None
+  return {p: [step, value(val["error"][p]) if val else None, value(val["loss"][p]) if val else None,
+              value(last_loss_C[p])]
+          for p in np.flatnonzero(due_C)}
 
 
 @jax.jit
@@ -69,7 +85,8 @@ def score_split(setup: groups_lib.GroupSetup, score, params_C,
 
 
 def cell_result(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, i: int,
-                per_cell: dict[str, np.ndarray], tests: dict[str, np.ndarray], p: int, seconds: float) -> CellResult:
+                per_cell: dict[str, np.ndarray], tests: dict[str, np.ndarray], p: int, seconds: float,
+                curve: list[list[float | None]] | None = None) -> CellResult:
   cell, budget = spec.cells[i], spec.budgets[i]
   applied = int(per_cell["applied"][p])
   diverged = applied < budget
@@ -84,7 +101,8 @@ def cell_result(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, i: int
       best_step=int(per_cell["best_step"][p]), steps=budget,
       wall_seconds=round(seconds, 3), budget=spec.budget_rule,
       diverged_at=applied + 1 if diverged else None,
-      train_loss=float(per_cell["last_loss"][p]) if applied else None)
+      train_loss=float(per_cell["last_loss"][p]) if applied else None,
+      curve=curve)
 
 
 @functools.lru_cache(maxsize=16)
