@@ -193,6 +193,29 @@ def test_a_vmapped_stack_keeps_a_finished_cell_masked_until_it_can_halve(setup, 
     assert_same(result, expected)
 
 
+def test_a_cell_resumed_from_a_checkpoint_without_curves_records_none(spec, setup, batched,
+                                                                    monkeypatch, tmp_path):
+  """Checkpoints from before learning curves: the resumed cells' results are unchanged but
+  their curves are None, not curves that start at the resumed step."""
+  save = checkpoint_lib.Checkpointer.save
+
+  def save_as_before(self, step, tree, data_state):
+    save(self, step, tree, {k: v for k, v in data_state.items() if k != "curves"})
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", save_as_before)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=7)
+  first = cells_lib.train_group(spec, setup, checkpointer=checkpointer)
+  checkpointer.close()
+  assert all(r.curve for r in first)  # an uninterrupted run keeps its curves
+  monkeypatch.undo()
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=7)
+  resumed = cells_lib.train_group(spec, setup, checkpointer=checkpointer)  # from step 7
+  checkpointer.close()
+  assert [r.n for r in resumed] == [64, 64] and all(r.curve is None for r in resumed)
+  for result, expected in zip(resumed, [batched[1], batched[3]]):
+    assert_same(dataclasses.replace(result, curve=expected.curve), expected)
+
+
 def test_the_engine_equals_the_plainest_loop(setup, batched):
   for c in (0, 1):  # one cell of each budget
     test, best_step, last_loss, (val_error, val_loss), curve = train_by_hand(setup, CELLS[c],

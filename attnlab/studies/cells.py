@@ -129,7 +129,7 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
     members = padded
   stack, setup = stack_lib.place(stack, setup)
   seconds = {i: seconds.get(spec.cells[i].name, 0.0) for i in range(len(spec.cells))}
-  curves = {i: list(curves.get(spec.cells[i].name, [])) for i in range(len(spec.cells))}
+  curves = {i: _curve_so_far(curves, spec.cells[i].name) for i in range(len(spec.cells))}
   results: dict[int, CellResult] = {}
   train_step = _group_step(setup.fns, setup.vmap_cells)
   score = scoring.group_score(setup.fns, setup.vmap_cells)
@@ -149,7 +149,8 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
       stack, val = scoring.select(stack, setup, score, np.asarray(due))
       last_loss_C = stack_lib.host_value(stack.last_loss)
       for p, point in scoring.curve_points(step, np.asarray(due), val, last_loss_C).items():
-        curves[members[p]].append(point)
+        if curves[members[p]] is not None:
+          curves[members[p]].append(point)
     finished = [p for p, i in enumerate(members) if i in alive and spec.budgets[i] == step]
     tests = (scoring.score_split(setup, score, stack.best_params, setup.data.test) if finished
              else None)
@@ -181,11 +182,21 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
   return [results[i] for i in sorted(results)]
 
 
+def _curve_so_far(curves: dict[str, list | None] | None, name: str) -> list | None:
+  """A cell's learning curve up to the resumed step ([] when not resumed).
+
+  A checkpoint written before curves were recorded lacks their start: such a cell
+  records None rather than a curve that starts at the resumed step.
+  """
+  curve = None if curves is None else curves.get(name, [])
+  return None if curve is None else list(curve)
+
+
 def _restore(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup,
              checkpointer: checkpoint_lib.Checkpointer
              ) -> tuple[int, stack_lib.Stack, dict[str, float], dict[str, list]]:
   """The group's latest checkpoint that restores: its step, its stack, and the cells' wall
-  times and learning curves so far by name (a checkpoint from before curves has none).
+  times and learning curves so far by name (None: a checkpoint from before curves).
 
   The stack at a step holds the cells whose budget is larger, so each saved
   step has its own shapes: a damaged latest step falls back to the one
@@ -214,7 +225,7 @@ def _restore(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup,
           f"trains {names} at that step: it was written by another study plan. Delete "
           f"{checkpointer.step_dir(step)} (or use a new workdir).")
     return (step, stack_lib.Stack(**tree), dict(data_state.get("seconds", {})),
-            dict(data_state.get("curves", {})))
+            data_state.get("curves"))
   raise damaged[-1]
 
 
