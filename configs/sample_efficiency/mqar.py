@@ -16,8 +16,8 @@ Argument (comma-separated): quick (tiny model, 2 sizes x 2 seeds, a few steps); 
 kind); converged (6,000 steps, three times the 2,000 at which softmax's n = 8,000 cells were
 still on the plateau; seeds 0-4; 300,000 cell-steps, about 2 hours on 2 otherwise idle CPU
 cores at the 38-40 cell-steps/s of its first 12,000; it resumes from its checkpoints every
-500 steps, so it may run across sessions; minutes on one GPU. Not yet finished:
-docs/results.md, "MQAR", says what is measured so far).
+500 steps, so it may run across sessions; minutes on one GPU); long (twice the steps: the
+budget check, 12,000 with converged; pick its sizes with --config.study.train_sizes).
 
 Budget rule: fixed steps (1,000 at batch 64) for every size: a small set is
 seen many times, a large one about once, so a cell's error measures what n
@@ -44,7 +44,7 @@ ALL_KINDS = ("sigmoid", "softmax", "relu", "softplus", "linear", "polynomial", "
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = configlib.parse_arg(arg, quick=False, all=False, converged=False)
+  args = configlib.parse_arg(arg, quick=False, all=False, converged=False, long=False)
   # A study: the single run's seed and its log, eval and checkpoint cadence do not
   # apply (`experiment.SINGLE_RUN_FIELDS`); it sets its own in config.study.
   config = experiment.new_config(
@@ -86,6 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # steps is reported as such, not as a lack of data.
     config.total_steps = 6_000
     config.study.update(seeds=(0, 1, 2, 3, 4), eval_every_steps=200, checkpoint_every_steps=500)
+  if args.long:  # the budget check: twice the steps (12,000 with converged)
+    config.total_steps *= 2
   if args.quick:
     config.study.update(train_sizes=(32, 64), seeds=(0, 1), eval_every_steps=3,
                         checkpoint_every_steps=3, bootstrap=50, progress_bar=False)
