@@ -23,14 +23,15 @@ Budget rule: fixed steps (1,000 at batch 64) for every size: a small set is
 seen many times, a large one about once, so a cell's error measures what n
 examples can teach, not how many updates it got.
 
-Expected (2 CPU cores). Default (1,000 steps, seeds 0-2, 30 min 31 s, jax 0.12.0.1): samples to 10% error sigmoid 972, softmax 1,713 (ratio 1.76 [1.00, 1.95]), but
+Expected (measured on 2 CPU cores). Default (1,000 steps, seeds 0-2, 30 min 31 s, jax
+0.12.0.1): samples to 10% error sigmoid 972, softmax 1,713 (ratio 1.76 [1.00, 1.95]), but
 that budget has NOT converged: it measures how fast each kind leaves the optimisation
-plateau. `:converged` (6,000 steps, seeds 0-4, 7,719 s for 50 cells, jax 0.12.1, 2026-12-06): every cell leaves the
-plateau (training loss < 4e-5); both kinds solve every seed at n >= 1,000 (error <= 0.2%) and
-memorise at n = 500 (error 6-76%, by seed); samples to 10% error sigmoid 839, softmax 881,
-ratio 1.05 [0.96, 1.23]: no difference. n = 500 still improves at the last step (4 of 5
-sigmoid cells): check it with `:converged,long '--config.study.train_sizes=(500,)'`.
-Tables: docs/results.md, "MQAR".
+plateau. `:converged` (6,000 steps, seeds 0-4, 7,719 s for 50 cells, jax 0.12.1,
+2026-12-06): every cell leaves the plateau (training loss < 4e-5); both kinds solve every
+seed at n >= 1,000 (error <= 0.2%) and memorise at n = 500 (error 6-76%, by seed); samples
+to 10% error sigmoid 839, softmax 881, ratio 1.05 [0.96, 1.23]: no difference. n = 500 still
+improves at the last step (4 of 5 sigmoid cells): check it with
+`:converged,long '--config.study.train_sizes=(500,)'`. Tables: docs/results.md, "MQAR".
 """
 
 import ml_collections
