@@ -30,8 +30,10 @@ plateau. `:converged` (6,000 steps, seeds 0-4, 7,719 s for 50 cells, jax 0.12.1,
 2026-12-06): every cell leaves the plateau (training loss < 4e-5); both kinds solve every
 seed at n >= 1,000 (error <= 0.2%) and memorise at n = 500 (error 6-76%, by seed); samples
 to 10% error sigmoid 839, softmax 881, ratio 1.05 [0.96, 1.23]: no difference. n = 500 still
-improves at the last step (4 of 5 sigmoid cells): check it with
-`:converged,long '--config.study.train_sizes=(500,)'`. Tables: docs/results.md, "MQAR".
+improves at the last step (4 of 5 sigmoid cells), and with `:converged,long
+'--config.study.train_sizes=(500,)'` (12,000 steps, seeds 0-2) it still falls: sigmoid
+17.2 / 1.2 / 2.3%, softmax 21.6 / 1.2 / 24.1%. Not converged at n = 500. Tables:
+docs/results.md, "MQAR".
 """
 
 import ml_collections
