@@ -95,15 +95,17 @@ def assert_same(result, other, exact_error=True):
   if exact_error:
     assert (result.test_error, result.val_error, result.best_step) == (
         other.test_error, other.val_error, other.best_step)
-  assert_same_curve(result.curve, other.curve, exact_error)
+  assert_same_curve(result.curve, other.curve, error_abs=None if exact_error else 0.02)
 
 
-def assert_same_curve(curve, other, exact_error=True):
-  """Learning curves at the same steps, losses within LOSS_TOLERANCE (errors equal if exact)."""
+def assert_same_curve(curve, other, error_abs=None):
+  """Learning curves at the same steps, losses within LOSS_TOLERANCE, validation errors
+  equal (within `error_abs` if given)."""
   assert [p[0] for p in curve] == [p[0] for p in other]
   for point, expected in zip(curve, other):
     assert point[2:] == pytest.approx(expected[2:], abs=LOSS_TOLERANCE)
-    assert point[1] == (expected[1] if exact_error else pytest.approx(expected[1], abs=0.02))
+    assert point[1] == (expected[1] if error_abs is None
+                        else pytest.approx(expected[1], abs=error_abs))
 
 
 # ----------------------------------------------------------------------------
@@ -224,9 +226,7 @@ def test_the_engine_equals_the_plainest_loop(setup, batched):
     # Every 3 steps and at the last: 3, 6 (n = 32) or 3, 6, 8 (n = 64); the selected point
     # is the curve's best, and its last training loss is the cell's.
     assert [p[0] for p in result.curve] == [3, 6] + ([8] if BUDGETS[c] == 8 else [])
-    for point, expected in zip(result.curve, curve):
-      assert point[1] == pytest.approx(expected[1], abs=1e-7)
-      assert point[2:] == pytest.approx(expected[2:], abs=LOSS_TOLERANCE)
+    assert_same_curve(result.curve, curve, error_abs=1e-7)
     assert min(result.curve, key=lambda p: (p[1], p[2]))[0] == result.best_step
     assert result.curve[-1][3] == result.train_loss
     assert result.best_step == best_step

@@ -144,11 +144,12 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
       step += 1
       if on_step is not None:
         on_step(step, len(alive))
-    due = [i in alive and (_selection_due(setup, step) or spec.budgets[i] == step) for i in members]
-    if any(due):
-      stack, val = scoring.select(stack, setup, score, np.asarray(due))
+    due_C = np.asarray([i in alive and (_selection_due(setup, step) or spec.budgets[i] == step)
+                        for i in members])
+    if due_C.any():
+      stack, val = scoring.select(stack, setup, score, due_C)
       last_loss_C = stack_lib.host_value(stack.last_loss)
-      for p, point in scoring.curve_points(step, np.asarray(due), val, last_loss_C).items():
+      for p, point in scoring.curve_points(step, due_C, val, last_loss_C).items():
         if curves[members[p]] is not None:
           curves[members[p]].append(point)
     finished = [p for p, i in enumerate(members) if i in alive and spec.budgets[i] == step]
@@ -194,7 +195,7 @@ def _curve_so_far(curves: dict[str, list | None] | None, name: str) -> list | No
 
 def _restore(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup,
              checkpointer: checkpoint_lib.Checkpointer
-             ) -> tuple[int, stack_lib.Stack, dict[str, float], dict[str, list]]:
+             ) -> tuple[int, stack_lib.Stack, dict[str, float], dict[str, list] | None]:
   """The group's latest checkpoint that restores: its step, its stack, and the cells' wall
   times and learning curves so far by name (None: a checkpoint from before curves).
 

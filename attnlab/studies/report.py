@@ -223,8 +223,9 @@ def _plot_curves(cells: Sequence[CellResult], path: str) -> bool:
   sizes = sorted({c.n for c in drawn})
   colour = {n: colormaps["viridis"](i / max(1, len(sizes) - 1)) for i, n in enumerate(sizes)}
   cols = min(3, len(kinds))
-  fig = Figure(figsize=(4.5 * cols, 3.5 * math.ceil(len(kinds) / cols)))
-  axes = fig.subplots(math.ceil(len(kinds) / cols), cols, squeeze=False, sharey=True)
+  rows = math.ceil(len(kinds) / cols)
+  fig = Figure(figsize=(4.5 * cols, 3.5 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
   for ax, kind in zip(axes.flat, kinds):
     labelled = set()
     for c in sorted((c for c in drawn if c.kind == kind), key=lambda c: (c.n, c.seed)):
