@@ -448,3 +448,25 @@ def test_budget_check_table_says_a_one_seed_change_has_no_interval():
                                  _budget_cells({100: [0.25]}, seeds=[1]))
   assert row.seeds == 1 and row.change.mean == pytest.approx(-0.05)
   assert "| -0.0500 [no interval: one seed] |" in report.budget_check_markdown([row])
+
+
+def test_log_axis_floor_is_half_the_smallest_positive_mean():
+  assert report.log_axis_floor([0.4, 0.0, 1e-3, 0.0]) == pytest.approx(5e-4)
+  assert report.log_axis_floor([0.2, 0.1]) == pytest.approx(0.05)
+  assert report.log_axis_floor([0.0, 0.0]) == 1e-3  # nothing positive: a fixed floor
+
+
+def test_error_plot_draws_a_mean_error_of_zero_on_the_floor_not_off_the_axis():
+  # MQAR's large-n cells all solve the task: every seed scores 0.
+  cells = [cell(k, n, s, e if n < 400 else 0.0) for k, e in (("sigmoid", 0.02), ("softmax", 0.04))
+           for n in (100, 200, 400) for s in (0, 1, 2)]
+  rows = analysis.summarize(cells)
+  ax = report.error_figure(rows, {}).axes[0]
+  floor = report.log_axis_floor([r.error.mean for r in rows])
+  assert floor == pytest.approx(0.01)
+  bottom, _ = ax.get_ylim()
+  assert bottom > floor / 10  # old plot: the zeros were clipped to ~1e-300 and the line fell off
+  markers = [ln for ln in ax.get_lines() if ln.get_label().endswith(f"mean error 0 (drawn at {floor:.1g})")]
+  assert [ln.get_label().split(":")[0] for ln in markers] == ["sigmoid", "softmax"]
+  for ln in markers:
+    assert list(ln.get_xdata()) == [400] and list(ln.get_ydata()) == [pytest.approx(floor)]

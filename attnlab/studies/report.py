@@ -165,22 +165,47 @@ def _end_of_training_markdown(rows: Sequence[analysis.EndOfTrainingRow]) -> list
   return lines
 
 
+def log_axis_floor(means: Sequence[float]) -> float:
+  """Where a log-scale error plot draws a mean error of 0: half the smallest positive mean.
+
+  A study whose cells all solve their task at large n (MQAR) has means of exactly 0;
+  matplotlib would clip them to a tiny number and draw the line falling off the axis.
+  1e-3 when no mean is positive.
+  """
+  positive = [m for m in means if m > 0]
+  return min(positive) / 2 if positive else 1e-3
+
+
 def _plot(rows, diffs, fits, compare, error_path: str, diff_path: str) -> None:
+  fileio.write_png(error_path, error_figure(rows, fits), dpi=120)
+  fileio.write_png(diff_path, _difference_figure(diffs, compare), dpi=120)
+
+
+def error_figure(rows: Sequence[analysis.SummaryRow], fits: dict):
+  """Mean test error against n on log-log axes, a line and t-interval band per kind."""
   # A bare Figure renders with Agg and leaves pyplot's global backend (a notebook's) alone.
   from matplotlib.figure import Figure  # noqa: PLC0415  (matplotlib only when a report is drawn)
 
   fig = Figure(figsize=(6, 4.5))
   ax = fig.subplots()
-  for kind in sorted({r.kind for r in rows}):
-    mine = [r for r in rows if r.kind == kind and math.isfinite(r.error.mean)]
+  drawn = [r for r in rows if math.isfinite(r.error.mean)]
+  floor = log_axis_floor([r.error.mean for r in drawn])
+  for kind in sorted({r.kind for r in drawn}):
+    mine = [r for r in drawn if r.kind == kind]
     n = np.array([r.n for r in mine], dtype=np.float64)
     mean = np.array([r.error.mean for r in mine])
-    (line,) = ax.plot(n, mean, "o-", label=kind)
+    (line,) = ax.plot(n, np.maximum(mean, floor), "o-", label=kind)
+    zero = mean <= 0
+    if zero.any():  # a perfect score has no place on a log axis: an open marker on the floor says so
+      ax.plot(n[zero], np.full(zero.sum(), floor), "v", markersize=9, markerfacecolor="white",
+              color=line.get_color(), label=f"{kind}: mean error 0 (drawn at {floor:.1g})")
     low = np.array([r.error.low for r in mine])
     high = np.array([r.error.high for r in mine])
     ok = np.isfinite(low)
-    # A t-interval can dip below 0; clip at a tenth of the mean so the log axis can draw it.
-    ax.fill_between(n[ok], np.maximum(low[ok], mean[ok] / 10), high[ok], color=line.get_color(), alpha=0.2)
+    # A t-interval can dip below 0; clip at a tenth of the mean (and at the floor) so the
+    # log axis can draw it.
+    ax.fill_between(n[ok], np.maximum(np.maximum(low[ok], mean[ok] / 10), floor),
+                    np.maximum(high[ok], floor), color=line.get_color(), alpha=0.2)
     fit = fits.get(kind)
     if isinstance(fit, power_law.PowerLawFit) and n.size:
       grid = np.geomspace(n.min(), n.max(), 100)
@@ -190,7 +215,11 @@ def _plot(rows, diffs, fits, compare, error_path: str, diff_path: str) -> None:
          title=f"Test error vs n (mean, {CONFIDENCE:.0%} t-interval over seeds)")
   ax.legend()
   fig.tight_layout()
-  fileio.write_png(error_path, fig, dpi=120)
+  return fig
+
+
+def _difference_figure(diffs, compare):
+  from matplotlib.figure import Figure  # noqa: PLC0415
 
   fig = Figure(figsize=(6, 4.5))
   ax = fig.subplots()
@@ -205,7 +234,7 @@ def _plot(rows, diffs, fits, compare, error_path: str, diff_path: str) -> None:
   ax.set(xscale="log", xlabel="training examples n", ylabel=f"test error, {compare[0]} - {compare[1]}",
          title=f"Paired difference ({CONFIDENCE:.0%} t-interval over paired seeds)")
   fig.tight_layout()
-  fileio.write_png(diff_path, fig, dpi=120)
+  return fig
 
 
 def _plot_curves(cells: Sequence[CellResult], path: str) -> bool:
