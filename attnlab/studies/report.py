@@ -148,8 +148,9 @@ def _end_of_training_markdown(rows: Sequence[analysis.EndOfTrainingRow]) -> list
   lines = ["", "## How the cells ended training", "",
            "Signs of whether the budget sufficed; `analysis.budget_check` measures it (the same "
            "cells with a larger budget). *Best step last*: cells whose selected step (lowest "
-           "validation error) was their last, so their error was still falling or level. "
-           "*Final training loss*: of each cell's last update (one batch), median [min, max] over "
+           "validation error) was their last, so their error was still falling or level; ties go "
+           "to the lower validation loss, so a cell at validation error 0 counts while its loss "
+           "still falls. *Final training loss*: of each cell's last update (one batch), median [min, max] over "
            "its seeds; a seed far above the others is still on a plateau: it says how fast "
            "the optimiser is, not how much data the kind needs.", "",
            "| kind | n | cells | best step last | final training loss |", "|---|---|---|---|---|"]
