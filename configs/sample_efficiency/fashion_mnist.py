@@ -38,8 +38,10 @@ n = 2,000, softmax lower by 0.7-1.0 points at n = 4,000-32,000 (paired t-interva
 exclude 0); samples to 20% error 1,611 / 1,498, ratio softmax/sigmoid 0.93 [0.80, 1.03].
 The best step was the last evaluation in 44 of 90 cells. `:long` at n = 1,000 / 16,000 /
 55,000, seeds 0-2 (3,440 s): converged at 1,000 (changes +0.2 / +0.0 points), not at
-16,000 and 55,000 (errors fall 0.4-0.9 points, sigmoid's more). Tables: docs/results.md,
-"Fashion-MNIST".
+16,000 and 55,000 (errors fall 0.4-0.9 points, sigmoid's more). 4x (40 epochs, >= 8,000
+steps; 4,973 s) at 16,000 and 55,000: errors fall 0.3-0.9 points more, and sigmoid -
+softmax is +0.4 [-0.3, +1.1] / -0.4 [-1.5, +0.8] points: the large-n edge was
+optimisation speed. Tables: docs/results.md, "Fashion-MNIST".
 """
 
 import ml_collections
