@@ -470,3 +470,28 @@ def test_error_plot_draws_a_mean_error_of_zero_on_the_floor_not_off_the_axis():
   assert [ln.get_label().split(":")[0] for ln in markers] == ["sigmoid", "softmax"]
   for ln in markers:
     assert list(ln.get_xdata()) == [400] and list(ln.get_ydata()) == [pytest.approx(floor)]
+
+
+def test_loss_spikes_finds_a_hundredfold_jump_of_the_training_loss():
+  # [step, val_error, val_loss, train_loss]: a fitted cell (loss ~1e-7) jumps to 2.7 at step
+  # 300 (the MQAR n = 500 collapse); noise of a few-fold, a jump that stays below the
+  # floor, and a point without a training loss are not spikes.
+  curve = [[100, 0.1, 0.1, 3e-7], [200, 0.1, 0.1, 2e-7], [300, 0.8, 3.0, 2.7],
+           [400, 0.7, 4.0, 0.1], [500, 0.7, 4.0, 0.5], [600, 0.7, 4.0, None],
+           [700, 0.7, 4.0, 1e-6], [800, 0.7, 4.0, 5e-5], [900, 0.7, 4.0, 0.02]]
+  assert analysis.loss_spikes(curve) == [300, 900]
+  assert analysis.loss_spikes([[100, 0.5, 0.7, 0.6], [200, 0.5, 0.7, 0.9]]) == []  # plateau noise
+  assert analysis.loss_spikes(None) == [] and analysis.loss_spikes([]) == []
+
+
+def test_end_of_training_counts_cells_whose_loss_spiked_among_those_with_a_curve(tmp_path):
+  fitted = [[100, 0.1, 0.1, 1e-6], [200, 0.1, 0.1, 1e-6]]
+  spike = [[100, 0.1, 0.1, 1e-6], [200, 0.7, 5.0, 1.5]]
+  cells = [dataclasses.replace(_ended("sigmoid", 500, s, 100, 1e-6), curve=c)
+           for s, c in enumerate((fitted, spike, spike, None))]  # seed 3: a pre-curve record
+  cells.append(_ended("softmax", 500, 0, 100, 1e-6))  # no curve at all
+  rows = analysis.end_of_training(cells)
+  assert [(r.kind, r.spiked) for r in rows] == [("sigmoid", (2, 3)), ("softmax", None)]
+  text = "\n".join(report._end_of_training_markdown(rows))
+  assert "| sigmoid | 500 | 4 | 4/4 | 1e-06 [1e-06, 1e-06] | 2/3 |" in text
+  assert "| softmax | 500 | 1 | 1/1 | 1e-06 [1e-06, 1e-06] | n/a |" in text

@@ -143,6 +143,10 @@ class EndOfTrainingRow:
     train_loss: the last update's training loss (one batch) over the cells that
       recorded one: (median, min, max); None if none did. One cell far above the
       others marks a cell still on a plateau, not one that lacked data.
+    spiked: (cells whose training loss spiked at least once (`loss_spikes`), cells
+      that recorded a learning curve); None if none recorded one. A spike
+      after the fit can undo what the cell had learned (a generalising MQAR cell fell
+      back to memorising): its selected step may then predate the spike.
   """
 
   kind: str
@@ -150,10 +154,32 @@ class EndOfTrainingRow:
   cells: int
   best_at_end: int | None
   train_loss: tuple[float, float, float] | None
+  spiked: tuple[int, int] | None = None
+
+
+# A jump of the recorded training loss by this factor, to at least the floor, is a spike:
+# far beyond one batch's noise once a cell has fit its data (loss ~1e-6 -> ~1), and out of
+# reach of a loss that sits at a label-smoothing floor (~0.5).
+SPIKE_FACTOR = 100.0
+SPIKE_FLOOR = 0.01
+
+
+def loss_spikes(curve: Sequence[Sequence[float | None]] | None) -> list[int]:
+  """The steps of a cell's learning curve (`CellResult.curve`) where its training loss spiked.
+
+  A spike: the training loss recorded at a selection point is SPIKE_FACTOR times the one
+  recorded at the previous point, and at least SPIKE_FLOOR. Points without a training
+  loss are skipped. The curve samples one batch's loss every `eval_every_steps`, so a
+  spike that rose and fell between two points is not seen.
+  """
+  losses = [(p[0], p[3]) for p in curve or () if p[3] is not None]
+  return [step for (_, before), (step, after) in zip(losses, losses[1:])
+          if after >= SPIKE_FLOOR and after >= SPIKE_FACTOR * before]
 
 
 def end_of_training(cells: Sequence[CellResult]) -> list[EndOfTrainingRow]:
-  """Per (kind, n), sorted: how many cells' best step was their last, and their final training loss."""
+  """Per (kind, n), sorted: how many cells' best step was their last, their final training
+  loss, and how many had a training-loss spike."""
   cells = check_cells(cells)
   rows = []
   for kind, n in sorted({(c.kind, c.n) for c in cells}):
@@ -163,7 +189,9 @@ def end_of_training(cells: Sequence[CellResult]) -> list[EndOfTrainingRow]:
     losses = [c.train_loss for c in done if c.train_loss is not None]
     train_loss = ((float(np.median(losses)), float(min(losses)), float(max(losses)))
                   if losses else None)
-    rows.append(EndOfTrainingRow(kind, n, len(done), best_at_end, train_loss))
+    curved = [c for c in done if c.curve]
+    spiked = (sum(bool(loss_spikes(c.curve)) for c in curved), len(curved)) if curved else None
+    rows.append(EndOfTrainingRow(kind, n, len(done), best_at_end, train_loss, spiked))
   return rows
 
 

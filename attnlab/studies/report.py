@@ -152,13 +152,18 @@ def _end_of_training_markdown(rows: Sequence[analysis.EndOfTrainingRow]) -> list
            "to the lower validation loss, so a cell at validation error 0 counts while its loss "
            "still falls. *Final training loss*: of each cell's last update (one batch), median [min, max] over "
            "its seeds; a seed far above the others is still on a plateau: it says how fast "
-           "the optimiser is, not how much data the kind needs.", "",
-           "| kind | n | cells | best step last | final training loss |", "|---|---|---|---|---|"]
+           "the optimiser is, not how much data the kind needs. *Loss spikes*: cells whose "
+           f"recorded training loss jumped {analysis.SPIKE_FACTOR:g}-fold to at least "
+           f"{analysis.SPIKE_FLOOR:g} between two selection points (`analysis.loss_spikes`); a "
+           "spike can undo what a cell had learned, and its selected step may predate it.", "",
+           "| kind | n | cells | best step last | final training loss | loss spikes |",
+           "|---|---|---|---|---|---|"]
   for r in rows:
     at_end = "no validation split" if r.best_at_end is None else f"{r.best_at_end}/{r.cells}"
     loss = ("n/a" if r.train_loss is None
             else f"{_fmt(r.train_loss[0], 3)} [{_fmt(r.train_loss[1], 3)}, {_fmt(r.train_loss[2], 3)}]")
-    lines.append(f"| {r.kind} | {r.n} | {r.cells} | {at_end} | {loss} |")
+    spiked = "n/a" if r.spiked is None else f"{r.spiked[0]}/{r.spiked[1]}"
+    lines.append(f"| {r.kind} | {r.n} | {r.cells} | {at_end} | {loss} | {spiked} |")
   selected = [r for r in rows if r.best_at_end is not None]
   if selected:
     lines += ["", f"Best step last in {sum(r.best_at_end for r in selected)} of "
