@@ -32,8 +32,10 @@ seed at n >= 1,000 (error <= 0.2%) and memorise at n = 500 (error 6-76%, by seed
 to 10% error sigmoid 839, softmax 881, ratio 1.05 [0.96, 1.23]: no difference. n = 500 still
 improves at the last step (4 of 5 sigmoid cells), and with `:converged,long
 '--config.study.train_sizes=(500,)'` (12,000 steps, seeds 0-2) it still falls: sigmoid
-17.2 / 1.2 / 2.3%, softmax 21.6 / 1.2 / 24.1%. Not converged at n = 500. Tables:
-docs/results.md, "MQAR".
+17.2 / 1.2 / 2.3%, softmax 21.6 / 1.2 / 24.1%; at 24,000 steps (`--config.total_steps=24000`,
+3,815 s) it is worse again, 57.0 / 0.2 / 74.2% and 75.0 / 0.0 / 75.0%: every cell's training
+loss spiked twice, moving it between solving and memorising. n = 500 is bimodal, so the
+samples figure moves with the budget. Tables: docs/results.md, "MQAR".
 """
 
 import ml_collections
