@@ -150,9 +150,10 @@ def _end_of_training_markdown(rows: Sequence[analysis.EndOfTrainingRow]) -> list
            "cells with a larger budget). *Best step last*: cells whose selected step (lowest "
            "validation error) was their last, so their error was still falling or level; ties go "
            "to the lower validation loss, so a cell at validation error 0 counts while its loss "
-           "still falls. *Final training loss*: of each cell's last update (one batch), median [min, max] over "
-           "its seeds; a seed far above the others is still on a plateau: it says how fast "
-           "the optimiser is, not how much data the kind needs. *Loss spikes*: cells whose "
+           "still falls. *Final training loss*: of each cell's last update (one batch), median "
+           "[min, max] over its seeds; a seed far above the others is still on a plateau: it "
+           "says how fast the optimiser is, not how much data the kind needs. *Loss spikes*: "
+           "cells whose "
            f"recorded training loss jumped {analysis.SPIKE_FACTOR:g}-fold to at least "
            f"{analysis.SPIKE_FLOOR:g} between two selection points (`analysis.loss_spikes`); a "
            "spike can undo what a cell had learned, and its selected step may predate it.", "",
