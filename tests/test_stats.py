@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import attnlab.stats
+from attnlab.stats import proportions
 from attnlab.stats import targets
 
 ALLOWED = {"__future__", "dataclasses", "math", "warnings", "collections", "typing", "numpy", "scipy",
@@ -42,3 +43,47 @@ def test_paired_samples_ratio_on_arrays():
   assert 0 < r.boot_ok < 10 and r.ci == pytest.approx((r.value, r.value))
   with pytest.raises(ValueError, match=r"one \[seeds, sizes=2\] shape"):
     targets.paired_samples_ratio([100, 1000], a, b[:1], 0.2, ("a", "b"))
+
+
+# Published Wilson 95% intervals (Newcombe 1998, Table I; Brown, Cai & DasGupta 2001):
+# 0/10, 1/10, 5/10, 10/10 and 81/263.
+@pytest.mark.parametrize("k,t,low,high", [(0, 10, 0.0, 0.2775), (1, 10, 0.0179, 0.4042),
+                                          (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0),
+                                          (81, 263, 0.2553, 0.3662)])
+def test_wilson_interval_matches_published_values(k, t, low, high):
+  assert proportions.wilson_interval(k, t) == pytest.approx((low, high), abs=5e-5)
+
+
+@pytest.mark.parametrize("k,t", [(0, 5), (2, 5), (3, 7), (6, 6), (40, 100)])
+def test_wilson_bounds_solve_the_score_equation(k, t):
+  # Independent of the closed form: each bound inside (0, 1) is a p at which the score
+  # statistic (k/t - p) / sqrt(p (1 - p) / t) equals -+1.96, and k/t lies between them.
+  z = 1.959963984540054
+  low, high = proportions.wilson_interval(k, t)
+  assert low <= k / t <= high
+  for p, sign in ((low, 1), (high, -1)):
+    if 0 < p < 1:
+      assert (k / t - p) / math.sqrt(p * (1 - p) / t) == pytest.approx(sign * z, rel=1e-9)
+
+
+def test_wilson_interval_rejects_impossible_counts():
+  with pytest.raises(ValueError, match="at least one trial"):
+    proportions.wilson_interval(0, 0)
+  with pytest.raises(ValueError, match=r"\[0, trials=3\]"):
+    proportions.wilson_interval(4, 3)
+
+
+@pytest.mark.parametrize("only_a,only_b,p", [(0, 6, 2 / 64), (1, 5, 2 * 7 / 64), (3, 3, 1.0),
+                                             (0, 0, 1.0), (0, 1, 1.0), (10, 0, 2 / 1024)])
+def test_mcnemar_exact_p_on_counted_tails(only_a, only_b, p):
+  assert proportions.mcnemar_exact_p(only_a, only_b) == pytest.approx(p, rel=1e-12)
+  assert proportions.mcnemar_exact_p(only_b, only_a) == pytest.approx(p, rel=1e-12)
+
+
+@pytest.mark.parametrize("only_a,only_b", [(2, 9), (7, 1), (12, 20)])
+def test_mcnemar_exact_p_agrees_with_scipys_binomial_test(only_a, only_b):
+  from scipy import stats
+  expected = stats.binomtest(only_a, only_a + only_b, 0.5).pvalue
+  assert proportions.mcnemar_exact_p(only_a, only_b) == pytest.approx(expected, rel=1e-9)
+  with pytest.raises(ValueError, match=">= 0"):
+    proportions.mcnemar_exact_p(-1, 2)

@@ -9,4 +9,5 @@ can re-render a report from saved results on any machine (no JAX here).
   fits       results grouped by size, log-log slopes with bootstrap intervals
   power_law  error(n) = a * n^-b + c with its floor F-test and bootstrap
   targets    samples to reach a target error, and the paired ratio of two curves'
+  proportions  seeds that reached a target: Wilson intervals, McNemar's exact test
 """
