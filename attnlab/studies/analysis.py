@@ -19,6 +19,7 @@ import numpy as np
 from attnlab.stats import fits
 from attnlab.stats import intervals
 from attnlab.stats import power_law
+from attnlab.stats import proportions
 from attnlab.stats import targets
 from attnlab.studies.results import CellResult
 from attnlab.studies.results import check_cells
@@ -127,6 +128,56 @@ def samples_ratio(cells: Sequence[CellResult], target: float,
   errors = [np.array([[by_key.get((kind, n, s), math.nan) for n in sizes] for s in seeds])
             for kind in kinds]
   return targets.paired_samples_ratio(sizes, *errors, target, tuple(kinds), n_boot=n_boot, seed=seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class SolvedRow:
+  """One n: how many paired seeds of each compared kind reached the target error.
+
+  Attributes:
+    n: the training-set size.
+    kinds: (kind_a, kind_b).
+    pairs: seeds with a finite result for both kinds at n.
+    solved: seeds (of those pairs) whose test error is <= the target, per kind.
+    intervals: the 95% Wilson interval of each kind's proportion solved/pairs.
+    only: discordant pairs: (seeds only kind_a solved, seeds only kind_b solved).
+    p_value: McNemar's exact two-sided p-value on the discordant pairs.
+  """
+
+  n: int
+  kinds: tuple[str, str]
+  pairs: int
+  solved: tuple[int, int]
+  intervals: tuple[tuple[float, float], tuple[float, float]]
+  only: tuple[int, int]
+  p_value: float
+
+
+def solved_at_target(cells: Sequence[CellResult], target: float,
+                     kinds: tuple[str, str] = ("sigmoid", "softmax")) -> list[SolvedRow]:
+  """Per n, sorted: the paired seeds each kind brought to test error <= `target`.
+
+  Where the error over seeds is bimodal (a cell solves the task or memorises it), the
+  proportion of seeds that solve is the figure the mean error hides. Seeds are paired
+  (same subset and initial key for both kinds), so the kinds are compared on the
+  discordant pairs (McNemar). An n where no seed is paired is left out.
+  """
+  cells = check_cells(cells)
+  check_kinds(cells, kinds, "kinds")
+  errors = {(c.kind, c.n, c.seed): c.test_error for c in finite(cells)}
+  rows = []
+  for n in sorted({c.n for c in cells if c.kind in kinds}):
+    seeds = [s for (k, m, s) in errors if k == kinds[0] and m == n and (kinds[1], n, s) in errors]
+    if not seeds:
+      continue
+    hits = [[errors[kind, n, s] <= target for s in seeds] for kind in kinds]
+    solved = (sum(hits[0]), sum(hits[1]))
+    only = (sum(a and not b for a, b in zip(*hits)), sum(b and not a for a, b in zip(*hits)))
+    rows.append(SolvedRow(
+        n, tuple(kinds), len(seeds), solved,
+        tuple(proportions.wilson_interval(k, len(seeds)) for k in solved),
+        only, proportions.mcnemar_exact_p(*only)))
+  return rows
 
 
 @dataclasses.dataclass(frozen=True)

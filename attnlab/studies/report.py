@@ -98,7 +98,7 @@ def _ratio_or_reason(cells, target, kinds, n_boot, seed) -> targets.SamplesRatio
 
 
 def _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot,
-                     others=None, ends=None) -> str:
+                     others=None, ends=None, solved=None) -> str:
   lines = ["# Sample-efficiency study", "",
            f"Test error and loss per (kind, n): mean over seeds ± half-width of the "
            f"{CONFIDENCE:.0%} Student-t interval [low, high].", "",
@@ -136,9 +136,31 @@ def _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boo
     caveat = few_seeds_caveat(ratio.pairs)
     if caveat:
       lines += ["", f"**Caveat.** {caveat}"]
+  lines += _solved_markdown(solved or [], target)
   lines += _other_kinds_markdown(others or {}, tuple(compare))
   lines += _end_of_training_markdown(ends or [])
   return "\n".join(lines) + "\n"
+
+
+def _solved_markdown(rows: Sequence[analysis.SolvedRow], target: float) -> list[str]:
+  """The report's section on how many paired seeds each compared kind brought to the target."""
+  if not rows:
+    return []
+  a, b = rows[0].kinds
+  lines = ["", f"## Seeds that reach the target error {target:g}", "",
+           f"Per n, of the seeds both {a} and {b} finished (pairs): how many reached test error "
+           f"<= {target:g}, with the {CONFIDENCE:.0%} Wilson interval of the proportion. Where "
+           "the error is bimodal over seeds (a cell solves the task or does not) this is the "
+           "figure the mean hides. *Only*: discordant pairs, seeds that one kind solved and "
+           "the other did not; *McNemar p*: the exact two-sided test on them (small: one kind "
+           "solves seeds the other does not).", "",
+           f"| n | pairs | {a} solved | {b} solved | only {a} / only {b} | McNemar p |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    counts = [f"{k}/{r.pairs} [{lo:.2f}, {hi:.2f}]" for k, (lo, hi) in zip(r.solved, r.intervals)]
+    lines.append(f"| {r.n} | {r.pairs} | {counts[0]} | {counts[1]} | {r.only[0]} / {r.only[1]} "
+                 f"| {r.p_value:.3g} |")
+  return lines
 
 
 def _end_of_training_markdown(rows: Sequence[analysis.EndOfTrainingRow]) -> list[str]:
@@ -326,7 +348,8 @@ def write_report(cells: Sequence[CellResult], directory: str, *, target: float,
   results.save_cells(cells, paths["json"])
   results.save_csv(cells, paths["csv"])
   text = _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot, others,
-                          analysis.end_of_training(cells))
+                          analysis.end_of_training(cells),
+                          analysis.solved_at_target(cells, target, compare))
   fileio.write_atomic(paths["report"], text)
   _plot(rows, diffs, fits, compare, paths["error_plot"], paths["difference_plot"])
   curves_path = os.path.join(directory, "learning_curves.png")
