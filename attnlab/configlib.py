@@ -376,6 +376,9 @@ RUN_NEUTRAL_FIELDS = (
     # A study's report settings and bookkeeping: its cells train the same.
     "study.checkpoint_every_steps", "study.progress_bar", "study.target_error", "study.compare",
     "study.bootstrap", "moe.bootstrap",
+    # Which seeds a study holds: a cell trains on its own seed's key and order only, so a
+    # study may grow its seeds in its workdir (`study.run` trains the missing cells).
+    "study.seeds",
     # How a group's cells are laid out in its program (side by side or in
     # turn): the same numbers to float rounding, as any change of group does.
     "study.vmap_cells",

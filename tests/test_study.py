@@ -127,6 +127,22 @@ def test_a_study_killed_mid_group_resumes_and_gives_the_uninterrupted_results(un
   assert cells_without_times(workdir) == cells_without_times(uninterrupted[0])
 
 
+def test_a_study_grown_by_seeds_in_its_workdir_trains_only_the_new_cells(uninterrupted, tmp_path):
+  workdir = str(tmp_path / "grown")
+  first = run_python("train.py", f"--config={QUICK}", f"--workdir={workdir}", "--config.study.seeds=(0,)")
+  assert "4 cells trained, 0 already recorded" in first.stdout
+  seed0 = {name: os.path.getmtime(os.path.join(workdir, "cells", name))
+           for name in os.listdir(os.path.join(workdir, "cells"))}
+  assert sorted(seed0) == sorted(f"{k}_n{n}_seed0.json" for k in ("sigmoid", "softmax") for n in (32, 64))
+  # The file's seeds (0, 1) in the same workdir: accepted (seeds are run-neutral), and each
+  # group trains its seed-1 cells only: the seed-0 records are not rewritten.
+  grown = run_python("train.py", f"--config={QUICK}", f"--workdir={workdir}")
+  assert "4 cells trained, 4 already recorded" in grown.stdout
+  assert {name: os.path.getmtime(os.path.join(workdir, "cells", name)) for name in seed0} == seed0
+  # A cell's result depends on its own seed only: the grown study equals the one run at once.
+  assert cells_without_times(workdir) == cells_without_times(uninterrupted[0])
+
+
 # ----------------------------------------------------------------------------
 # The config and the plan
 # ----------------------------------------------------------------------------

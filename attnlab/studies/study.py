@@ -24,7 +24,9 @@ seeds together, at most `study.max_cells_per_group` cells), trains each with
 `cells.train_group`, records every finished cell in <workdir>/cells/ at once,
 and writes the report (`report.write_report`). A rerun skips the cells
 recorded there and resumes an unfinished group from its last checkpoint
-(<workdir>/groups/<group>/checkpoints/). `render(config, workdir)` rewrites the
+(<workdir>/groups/<group>/checkpoints/). A study may grow its seeds in its
+workdir (`study.seeds` is run-neutral: a cell trains on its own seed's key and
+order only): a group without a checkpoint trains only its unrecorded cells. `render(config, workdir)` rewrites the
 report from the recorded cells without training (eval.py).
 
 Several processes (train.py --jax_distributed): every process plans the same
@@ -239,7 +241,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   setups = prepare(study, exp_cfg)
   with workdir_lib.run_protocol(config, workdir, trained=lambda: _has_progress(workdir)) as run:
     done = _recorded_cells(workdir)
-    todo = [g for g in groups if not all(c.name in done for c in g.cells)]
+    todo = [g for g in (_unrecorded(g, done, workdir) for g in groups) if g is not None]
     total = sum(sum(g.budgets) for g in groups)
     progress = _StudyProgress(total, total - sum(sum(g.budgets) for g in todo), len(study.cells),
                               sum(c.name in done for c in study.cells),
@@ -259,6 +261,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                    seconds=time.perf_counter() - start)
     run.finish(summary)
   return summary
+
+
+def _unrecorded(group: groups_lib.GroupSpec, done: dict[str, results_lib.CellResult],
+                workdir: str) -> groups_lib.GroupSpec | None:
+  """What is left to train of `group`: None when every cell is recorded.
+
+  A group with a checkpoint on disk resumes whole: the checkpoint fixes its plan (the
+  cells that finished before it are skipped by their budgets). Otherwise only its
+  unrecorded cells train, e.g. the new seeds of a study grown in its workdir, instead of
+  training its recorded cells again.
+  """
+  missing = [i for i, c in enumerate(group.cells) if c.name not in done]
+  if not missing:
+    return None
+  if len(missing) == len(group.cells) or os.path.isdir(os.path.join(workdir, GROUPS_DIR,
+                                                                    group.name)):
+    return group
+  return dataclasses.replace(group, cells=tuple(group.cells[i] for i in missing),
+                             budgets=tuple(group.budgets[i] for i in missing))
 
 
 def _check_processes(study: StudyConfig, groups: list[groups_lib.GroupSpec]) -> None:
