@@ -82,7 +82,7 @@ def paired_differences(cells: Sequence[CellResult],
   by_key = {(c.kind, c.n, c.seed): c for c in finite(cells)}
   rows = []
   for n in sorted({c.n for c in cells if c.kind in kinds}):
-    seeds = sorted(s for (k, m, s) in by_key if k == kind_a and m == n and (kind_b, n, s) in by_key)
+    seeds = _paired_seeds(by_key, kinds, n)
     if not seeds:
       rows.append(DifferenceRow(n, kind_a, kind_b, 0, intervals.NO_VALUES, intervals.NO_VALUES))
       continue
@@ -92,6 +92,12 @@ def paired_differences(cells: Sequence[CellResult],
     loss = intervals.paired_t_interval([x.test_loss for x in a], [y.test_loss for y in b])
     rows.append(DifferenceRow(n, kind_a, kind_b, len(seeds), error, loss))
   return rows
+
+
+def _paired_seeds(by_key: dict[tuple[str, int, int], object], kinds: tuple[str, str],
+                  n: int) -> list[int]:
+  """The seeds, sorted, that `by_key` ({(kind, n, seed): ...}) holds at n for both kinds."""
+  return sorted(s for (k, m, s) in by_key if k == kinds[0] and m == n and (kinds[1], n, s) in by_key)
 
 
 def fit_kinds(cells: Sequence[CellResult], kinds: Sequence[str],
@@ -167,7 +173,7 @@ def solved_at_target(cells: Sequence[CellResult], target: float,
   errors = {(c.kind, c.n, c.seed): c.test_error for c in finite(cells)}
   rows = []
   for n in sorted({c.n for c in cells if c.kind in kinds}):
-    seeds = [s for (k, m, s) in errors if k == kinds[0] and m == n and (kinds[1], n, s) in errors]
+    seeds = _paired_seeds(errors, kinds, n)
     if not seeds:
       continue
     hits = [[errors[kind, n, s] <= target for s in seeds] for kind in kinds]

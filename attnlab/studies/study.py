@@ -26,8 +26,9 @@ and writes the report (`report.write_report`). A rerun skips the cells
 recorded there and resumes an unfinished group from its last checkpoint
 (<workdir>/groups/<group>/checkpoints/). A study may grow its seeds in its
 workdir (`study.seeds` is run-neutral: a cell trains on its own seed's key and
-order only): a group without a checkpoint trains only its unrecorded cells. `render(config, workdir)` rewrites the
-report from the recorded cells without training (eval.py).
+order only): a group without a checkpoint trains only its unrecorded cells.
+`render(config, workdir)` rewrites the report from the recorded cells without
+training (eval.py).
 
 Several processes (train.py --jax_distributed): every process plans the same
 groups and loads the same data, and each group's cells, side by side, are
@@ -275,8 +276,7 @@ def _unrecorded(group: groups_lib.GroupSpec, done: dict[str, results_lib.CellRes
   missing = [i for i, c in enumerate(group.cells) if c.name not in done]
   if not missing:
     return None
-  if len(missing) == len(group.cells) or os.path.isdir(os.path.join(workdir, GROUPS_DIR,
-                                                                    group.name)):
+  if len(missing) == len(group.cells) or os.path.isdir(_group_dir(workdir, group.name)):
     return group
   return dataclasses.replace(group, cells=tuple(group.cells[i] for i in missing),
                              budgets=tuple(group.budgets[i] for i in missing))
@@ -357,7 +357,7 @@ def _train_group(group: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, work
                  study: StudyConfig, progress: _StudyProgress,
                  on_step: Callable[[str, int], None] | None) -> int | None:
   """Trains (or resumes) one group, recording each cell as it finishes; returns the resumed step."""
-  group_dir = os.path.join(workdir, GROUPS_DIR, group.name)
+  group_dir = _group_dir(workdir, group.name)
   checkpointer = checkpoint_lib.Checkpointer(group_dir, keep=2,
                                              every_steps=study.checkpoint_every_steps)
   resumed = checkpointer.latest_step()
@@ -390,6 +390,11 @@ def _train_group(group: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, work
 # ----------------------------------------------------------------------------
 # Recorded cells and the report.
 # ----------------------------------------------------------------------------
+
+
+def _group_dir(workdir: str, name: str) -> str:
+  """<workdir>/groups/<group>: the group's checkpoints while it trains (removed after)."""
+  return os.path.join(workdir, GROUPS_DIR, name)
 
 
 def _cell_path(workdir: str, name: str) -> str:
