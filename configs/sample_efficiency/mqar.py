@@ -36,8 +36,8 @@ improves at the last step (4 of 5 sigmoid cells), and with `:converged,long
 3,815 s) it is worse again, 57.0 / 0.2 / 74.2% and 75.0 / 0.0 / 75.0%: every cell's training
 loss spiked twice, moving it between solving and memorising. n = 500 is bimodal, so the
 samples figure moves with the budget; count seeds instead (report: "Seeds that reach the
-target"): at 12,000 steps (`'--config.study.train_sizes=(500,707)'`, about 2,500 s per 3
-seeds), n = 500 sigmoid 7/9 seeds solved, softmax 2/9 (McNemar p = 0.125), n = 707 6/6 each
+target"): at 12,000 steps (`'--config.study.train_sizes=(500,707)'`, about 2,500 s per size
+and 3 seeds), n = 500 sigmoid 7/9 seeds solved, softmax 2/9 (McNemar p = 0.125), n = 707 6/6 each
 (seeds 0-5). Tables: docs/results.md, "MQAR".
 """
 
