@@ -484,6 +484,19 @@ def test_loss_spikes_finds_a_hundredfold_jump_of_the_training_loss():
   assert analysis.loss_spikes(None) == [] and analysis.loss_spikes([]) == []
 
 
+def test_loss_spikes_sees_a_spike_between_points_through_the_interval_maximum():
+  # [step, val_error, val_loss, train_loss, train_loss_max]: at step 300 the one-batch loss is
+  # back to 4e-7, but an update between 200 and 300 reached 1.5: a spike the four-entry
+  # curve misses. The maximum is compared with the loss recorded at the point before, so a
+  # cell whose loss falls through an interval (max 0.9 after 0.8) is not a spike.
+  curve = [[100, 0.1, 0.1, 0.8, 0.9], [200, 0.1, 0.1, 3e-7, 0.8], [300, 0.1, 0.1, 4e-7, 1.5],
+           [400, 0.1, 0.1, 3e-7, 5e-3], [500, 0.1, 0.1, 3e-7, None], [600, 0.1, 0.1, 0.5, None]]
+  # 400: 5e-3 is below the floor; 500: no maximum (a resumed record) and one batch at 3e-7;
+  # 600: no maximum, so its one-batch loss 0.5 counts.
+  assert analysis.loss_spikes(curve) == [300, 600]
+  assert analysis.loss_spikes([p[:4] for p in curve]) == [600]  # without maxima 300 is missed
+
+
 def test_end_of_training_counts_cells_whose_loss_spiked_among_those_with_a_curve(tmp_path):
   fitted = [[100, 0.1, 0.1, 1e-6], [200, 0.1, 0.1, 1e-6]]
   spike = [[100, 0.1, 0.1, 1e-6], [200, 0.7, 5.0, 1.5]]

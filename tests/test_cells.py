@@ -62,7 +62,7 @@ def batched(spec, setup):
 
 def train_by_hand(setup, cell: Cell, budget: int):
   """One cell by the plainest loop: (test metrics at the selected step, best step, last loss,
-  best (val error, val loss), learning curve)."""
+  best (val error, val loss), learning curve with each interval's largest training loss)."""
   fns, data = setup.fns, setup.data
   step_fn, eval_fn = jax.jit(fns.train_step), jax.jit(fns.eval_step)
 
@@ -74,13 +74,16 @@ def train_by_hand(setup, cell: Cell, budget: int):
   indices = data_lib.epoch_batches(cell.n, setup.batch_size, cell.seed, 0, budget)
   state = jax.jit(fns.init)(cell.seed)
   best, best_key, best_step, curve = None, (math.inf, math.inf), 0, []
+  losses = []  # the training losses since the last selection point
   for s in range(budget):
     state, metrics = step_fn(state, {k: v[indices[s]] for k, v in data.train.items()},
                              fns.budget(np.int32(budget)))
+    losses.append(float(metrics["loss"]))
     if (s + 1) % setup.eval_every_steps == 0 or s + 1 == budget:
       val = score(state.params, data.validation)
       key = (1.0 - val["accuracy"], val["loss"])
-      curve.append([s + 1, *key, float(metrics["loss"])])
+      curve.append([s + 1, *key, losses[-1], max(losses)])
+      losses = []
       if key < best_key:
         best, best_key, best_step = state.params, key, s + 1
   return score(best, data.test), best_step, float(metrics["loss"]), best_key, curve
@@ -218,6 +221,35 @@ def test_a_cell_resumed_from_a_checkpoint_without_curves_records_none(spec, setu
     assert_same(dataclasses.replace(result, curve=expected.curve), expected)
 
 
+def test_a_cell_resumed_from_a_checkpoint_without_loss_maxima_records_none_then_maxima(
+    spec, setup, batched, monkeypatch, tmp_path):
+  """Checkpoints from before `interval_loss_max`: they still restore; the interval that spans
+  the resume has an unknown maximum (None), the next ones have theirs again."""
+  save = checkpoint_lib.Checkpointer.save
+
+  def save_as_before(self, step, tree, data_state):
+    save(self, step, {k: v for k, v in tree.items() if k != "interval_loss_max"}, data_state)
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", save_as_before)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=4)
+  cells_lib.train_group(spec, setup, checkpointer=checkpointer)
+  checkpointer.close()
+  monkeypatch.undo()
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=4)
+  resumed = cells_lib.train_group(spec, setup, checkpointer=checkpointer)  # from step 4
+  checkpointer.close()
+  assert len(resumed) == 4  # every cell trains past step 4
+  for result, expected in zip(resumed, batched):
+    # Points at 3, 6 (and 8 at n = 64): step 3's came with the checkpoint, 6's interval
+    # (steps 4-6) began before the resume at 4, and 8's (7-8) is whole again.
+    assert [p[4] is None for p in result.curve] == [False, True, False][:len(expected.curve)]
+    assert_same_curve([p[:4] for p in result.curve], [p[:4] for p in expected.curve])
+    for point, reference in zip(result.curve, expected.curve):
+      if point[4] is not None:
+        assert point[4] == pytest.approx(reference[4], abs=LOSS_TOLERANCE)
+    assert_same(dataclasses.replace(result, curve=expected.curve), expected)
+
+
 def test_the_engine_equals_the_plainest_loop(setup, batched):
   for c in (0, 1):  # one cell of each budget
     test, best_step, last_loss, (val_error, val_loss), curve = train_by_hand(setup, CELLS[c],
@@ -229,6 +261,9 @@ def test_the_engine_equals_the_plainest_loop(setup, batched):
     assert_same_curve(result.curve, curve, error_abs=1e-7)
     assert min(result.curve, key=lambda p: (p[1], p[2]))[0] == result.best_step
     assert result.curve[-1][3] == result.train_loss
+    # Each point's maximum is at least its own loss, and above it somewhere: a maximum that
+    # only copied the last loss would pass assert_same_curve nowhere else.
+    assert all(p[4] >= p[3] for p in result.curve) and any(p[4] > p[3] for p in result.curve)
     assert result.best_step == best_step
     assert result.val_error == pytest.approx(val_error, abs=1e-7)
     assert result.val_loss == pytest.approx(val_loss, abs=LOSS_TOLERANCE)

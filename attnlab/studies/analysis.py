@@ -214,7 +214,8 @@ class EndOfTrainingRow:
   spiked: tuple[int, int] | None = None
 
 
-# A jump of the recorded training loss by this factor, to at least the floor, is a spike:
+# A rise of the training loss by this factor above the loss recorded at the previous
+# selection point, to at least the floor, is a spike:
 # far beyond one batch's noise once a cell has fit its data (loss ~1e-6 -> ~1), and out of
 # reach of a loss that sits at a label-smoothing floor (~0.5).
 SPIKE_FACTOR = 100.0
@@ -224,14 +225,17 @@ SPIKE_FLOOR = 0.01
 def loss_spikes(curve: Sequence[Sequence[float | None]] | None) -> list[int]:
   """The steps of a cell's learning curve (`CellResult.curve`) where its training loss spiked.
 
-  A spike: the training loss recorded at a selection point is SPIKE_FACTOR times the one
-  recorded at the previous point, and at least SPIKE_FLOOR. Points without a training
-  loss are skipped. The curve samples one batch's loss every `eval_every_steps`, so a
-  spike that rose and fell between two points is not seen.
+  A spike at a selection point: the largest training loss since the previous point
+  (`train_loss_max`) is SPIKE_FACTOR times the training loss recorded at that previous
+  point, and at least SPIKE_FLOOR. Points without a training loss are skipped. A point
+  without the maximum (records from before it was kept, or the first point after a
+  resume from such a checkpoint) falls back to its own one-batch loss, which misses a
+  spike that rose and fell between two points.
   """
-  losses = [(p[0], p[3]) for p in curve or () if p[3] is not None]
-  return [step for (_, before), (step, after) in zip(losses, losses[1:])
-          if after >= SPIKE_FLOOR and after >= SPIKE_FACTOR * before]
+  points = [(p[0], p[3], p[4] if len(p) > 4 and p[4] is not None else p[3])
+            for p in curve or () if p[3] is not None]
+  return [step for (_, before, _), (step, _, highest) in zip(points, points[1:])
+          if highest >= SPIKE_FLOOR and highest >= SPIKE_FACTOR * before]
 
 
 def end_of_training(cells: Sequence[CellResult]) -> list[EndOfTrainingRow]:

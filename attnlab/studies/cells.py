@@ -32,6 +32,9 @@ different budgets in steps (a fixed-epochs budget gives a larger n more steps):
     cell is scored on the validation split; its best parameters (lowest
     validation error, ties to the lower loss, then the earlier step) are
     kept and scored once on the test split when it leaves the stack (`scoring`).
+    Each selection point adds to the cell's learning curve its validation
+    error and loss, the training loss of that step, and the largest training
+    loss since the previous point (a spike between points is not lost).
   * A cell whose update turns non-finite (a NaN loss or parameter) is frozen
     at its last finite state and reported as diverged (failed) at that step;
     the others train on.
@@ -53,6 +56,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -148,10 +152,12 @@ def train_group(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, *,
                         for i in members])
     if due_C.any():
       stack, val = scoring.select(stack, setup, score, due_C)
-      last_loss_C = stack_lib.host_value(stack.last_loss)
-      for p, point in scoring.curve_points(step, due_C, val, last_loss_C).items():
+      losses_C = {name: stack_lib.host_value(getattr(stack, name))
+                  for name in ("last_loss", "interval_loss_max")}
+      for p, point in scoring.curve_points(step, due_C, val, **losses_C).items():
         if curves[members[p]] is not None:
           curves[members[p]].append(point)
+      stack = scoring.start_loss_intervals(stack, due_C)
     finished = [p for p, i in enumerate(members) if i in alive and spec.budgets[i] == step]
     tests = (scoring.score_split(setup, score, stack.best_params, setup.data.test) if finished
              else None)
@@ -215,7 +221,7 @@ def _restore(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup,
                  if groups_lib.side_by_side(setup.vmap_cells, len(alive)) else None)
     abstract = checkpoint_lib.with_shardings(abstract, shardings)
     try:
-      tree, data_state, step = checkpointer.restore(abstract, step)
+      tree, data_state, step = _restore_step(checkpointer, abstract, step)
     except checkpoint_lib.CheckpointDamagedError as e:
       damaged.append(e)
       continue
@@ -228,6 +234,32 @@ def _restore(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup,
     return (step, stack_lib.Stack(**tree), dict(data_state.get("seconds", {})),
             data_state.get("curves"))
   raise damaged[-1]
+
+
+def _restore_step(checkpointer: checkpoint_lib.Checkpointer, abstract: dict[str, Any],
+                  step: int) -> tuple[dict[str, Any], dict[str, Any], int]:
+  """`checkpointer.restore` of a stack, or of one saved before `interval_loss_max` existed.
+
+  Such a checkpoint's maxima are unknown: NaN, which the next selection point
+  records as None and then starts afresh.
+  """
+  try:
+    return checkpointer.restore(abstract, step)
+  except checkpoint_lib.CheckpointDamagedError:
+    raise
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    older = {k: v for k, v in abstract.items() if k != "interval_loss_max"}
+    try:
+      tree, data_state, step = checkpointer.restore(older, step)
+    except Exception:  # pylint: disable=broad-exception-caught
+      raise error from None  # not the older layout either: the first error says why
+  missing = abstract["interval_loss_max"]
+  nan = np.full(missing.shape, np.nan, missing.dtype)
+  sharding = getattr(missing, "sharding", None)
+  # From a callback: a sharding may span processes, where device_put cannot place it.
+  tree["interval_loss_max"] = (jnp.asarray(nan) if sharding is None else
+                               jax.make_array_from_callback(nan.shape, sharding, lambda i: nan[i]))
+  return tree, data_state, step
 
 
 def _segment_end(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, alive: Sequence[int],
@@ -256,6 +288,10 @@ def _batch_indices(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup, mem
   return np.stack(per_cell, axis=1)
 
 
+# The stack's fields a training step updates, in `train_cell`'s order.
+_PER_STEP_FIELDS = ("state", "alive", "applied", "last_loss", "interval_loss_max")
+
+
 @functools.lru_cache(maxsize=16)
 def _group_step(fns: model_fns.ModelFns, vmap_cells: int | None = None):
   """One step of every cell in the stack: batches gathered on the device, each cell its schedule.
@@ -264,7 +300,8 @@ def _group_step(fns: model_fns.ModelFns, vmap_cells: int | None = None):
   reuse one compiled executable per stack size (`stack_size`: a few per group).
   """
 
-  def train_cell(state, pool, indices_B, budget, alive, applied, last_loss, training=True):
+  def train_cell(state, pool, indices_B, budget, alive, applied, last_loss, loss_max,
+                 training=True):
     batch = {k: v[indices_B] for k, v in pool.items()}
     new_state, step_metrics = fns.train_step(state, batch, budget)
     # A cell whose update is non-finite stays frozen at its last finite state
@@ -273,18 +310,19 @@ def _group_step(fns: model_fns.ModelFns, vmap_cells: int | None = None):
     # takes no step either.
     ok = alive & training & step_metrics["finite"]
     state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-    return (state, jnp.where(training, ok, alive), applied + ok,
-            jnp.where(ok, step_metrics["loss"], last_loss))
+    loss = step_metrics["loss"]
+    # jnp.maximum keeps a NaN (an interval whose start is unknown) until the interval ends.
+    return (state, jnp.where(training, ok, alive), applied + ok, jnp.where(ok, loss, last_loss),
+            jnp.where(ok, jnp.maximum(loss_max, loss), loss_max))
 
   if vmap_cells == 1:
     return _one_cell_at_a_time(train_cell)
-  over_cells = stack_lib.over_cells(train_cell, (0, None, 0, 0, 0, 0, 0, 0), vmap_cells)
+  over_cells = stack_lib.over_cells(train_cell, (0, None, 0, 0, 0, 0, 0, 0, 0), vmap_cells)
 
   def step(stack: stack_lib.Stack, pool, indices_CB, budgets_C, training_C) -> stack_lib.Stack:
-    state, alive, applied, last_loss = over_cells(
-        stack.state, pool, indices_CB, budgets_C, stack.alive, stack.applied, stack.last_loss,
-        training_C)
-    return stack.replace(state=state, alive=alive, applied=applied, last_loss=last_loss)
+    updated = over_cells(stack.state, pool, indices_CB, budgets_C,
+                         *(getattr(stack, name) for name in _PER_STEP_FIELDS[1:]), training_C)
+    return stack.replace(**dict(zip(_PER_STEP_FIELDS, updated)))
 
   return jax.jit(step, donate_argnums=0)
 
@@ -298,11 +336,11 @@ def _one_cell_at_a_time(train_cell):
   """
 
   def update_cell(stack: stack_lib.Stack, pool, i, indices_B, budget) -> stack_lib.Stack:
-    fields = (stack.state, stack.alive, stack.applied, stack.last_loss)
+    fields = tuple(getattr(stack, name) for name in _PER_STEP_FIELDS)
     new = train_cell(jax.tree.map(lambda x: x[i], fields[0]), pool, indices_B, budget,
                      *(x[i] for x in fields[1:]))
-    state, alive, applied, last_loss = jax.tree.map(lambda x, y: x.at[i].set(y), fields, new)
-    return stack.replace(state=state, alive=alive, applied=applied, last_loss=last_loss)
+    return stack.replace(**dict(zip(_PER_STEP_FIELDS,
+                                    jax.tree.map(lambda x, y: x.at[i].set(y), fields, new))))
 
   update = jax.jit(update_cell, donate_argnums=0)
 

@@ -175,10 +175,10 @@ def _end_of_training_markdown(rows: Sequence[analysis.EndOfTrainingRow]) -> list
            "still falls. *Final training loss*: of each cell's last update (one batch), median "
            "[min, max] over its seeds; a seed far above the others is still on a plateau: it "
            "says how fast the optimiser is, not how much data the kind needs. *Loss spikes*: "
-           "cells whose "
-           f"recorded training loss jumped {analysis.SPIKE_FACTOR:g}-fold to at least "
-           f"{analysis.SPIKE_FLOOR:g} between two selection points (`analysis.loss_spikes`); a "
-           "spike can undo what a cell had learned, and its selected step may predate it.", "",
+           "cells whose training loss, at any update between two selection points, rose "
+           f"{analysis.SPIKE_FACTOR:g}-fold above the loss recorded at the first of them, to at "
+           f"least {analysis.SPIKE_FLOOR:g} (`analysis.loss_spikes`); a spike can undo what a "
+           "cell had learned, and its selected step may predate it.", "",
            "| kind | n | cells | best step last | final training loss | loss spikes |",
            "|---|---|---|---|---|---|"]
   for r in rows:

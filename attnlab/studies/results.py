@@ -37,10 +37,13 @@ class CellResult:
     budget: the budget rule in words, e.g. "epochs=100, min_steps=500".
     diverged_at: the step whose update was non-finite (the cell failed); None: it trained.
     train_loss: training loss of the cell's last applied update.
-    curve: the cell's learning curve, one [step, val_error, val_loss, train_loss] per
-      selection point (every eval_every_steps steps and its last): validation error and
-      loss of the parameters at that step (None without a validation split) and the
-      training loss of that step's update (one batch). None: recorded before curves were.
+    curve: the cell's learning curve, one [step, val_error, val_loss, train_loss,
+      train_loss_max] per selection point (every eval_every_steps steps and its last):
+      validation error and loss of the parameters at that step (None without a validation
+      split), the training loss of that step's update (one batch), and the largest training
+      loss of the updates since the previous point (None where unknown: a run resumed from a
+      checkpoint that did not keep it). Records written before train_loss_max have four
+      entries per point. None: recorded before curves were.
   """
   kind: str
   n: int

@@ -45,14 +45,21 @@ def select(stack: stack_lib.Stack, setup: groups_lib.GroupSetup, score,
 
 
 def curve_points(step: int, due_C: np.ndarray, val: dict[str, np.ndarray] | None,
-                 last_loss_C: np.ndarray) -> dict[int, list[float | None]]:
+                 last_loss: np.ndarray, interval_loss_max: np.ndarray
+                 ) -> dict[int, list[float | None]]:
   """Each due cell's learning-curve point at `step`, by its place in the stack:
-  [step, val_error, val_loss, train_loss] (`CellResult.curve`)."""
+  [step, val_error, val_loss, train_loss, train_loss_max] (`CellResult.curve`)."""
   def value(x):
     return float(x) if np.isfinite(x) else None
   return {p: [step, value(val["error"][p]) if val else None, value(val["loss"][p]) if val else None,
-              value(last_loss_C[p])]
+              value(last_loss[p]), value(interval_loss_max[p])]
           for p in np.flatnonzero(due_C)}
+
+
+@jax.jit
+def start_loss_intervals(stack: stack_lib.Stack, due_C) -> stack_lib.Stack:
+  """The due cells' training-loss maxima start again (their curves just recorded them)."""
+  return stack.replace(interval_loss_max=jnp.where(due_C, -jnp.inf, stack.interval_loss_max))
 
 
 @jax.jit

@@ -37,6 +37,10 @@ class Stack:
   applied: jax.Array  # [C] int32: updates applied (stops growing when a cell diverges)
   alive: jax.Array  # [C] bool: False once an update was non-finite (the cell is frozen)
   last_loss: jax.Array  # [C] float32: training loss of the last applied update
+  # [C] float32: the largest training loss of the updates applied since the cell's last
+  # selection point (-inf: none yet; NaN: unknown, after resuming a checkpoint that lacked it).
+  # A learning curve that samples one batch per point would miss a spike between points.
+  interval_loss_max: jax.Array
 
   def tree(self) -> dict[str, Any]:
     # Not dataclasses.asdict: it would turn the TrainState into a dict too.
@@ -142,7 +146,8 @@ def init_stack(spec: groups_lib.GroupSpec, setup: groups_lib.GroupSetup) -> Stac
                 best_error=jnp.full((num,), jnp.inf, jnp.float32),
                 best_loss=jnp.full((num,), jnp.inf, jnp.float32),
                 best_step=jnp.zeros((num,), jnp.int32), applied=jnp.zeros((num,), jnp.int32),
-                alive=jnp.ones((num,), bool), last_loss=jnp.full((num,), jnp.nan, jnp.float32))
+                alive=jnp.ones((num,), bool), last_loss=jnp.full((num,), jnp.nan, jnp.float32),
+                interval_loss_max=jnp.full((num,), -jnp.inf, jnp.float32))
 
 
 @functools.lru_cache(maxsize=8)
