@@ -512,9 +512,10 @@ def test_end_of_training_counts_cells_whose_loss_spiked_among_those_with_a_curve
 
 def test_solved_at_target_counts_paired_seeds_with_wilson_intervals_and_mcnemar(tmp_path):
   # n = 500: sigmoid solves seeds 0-3 (error <= 0.1, the target itself counts), softmax
-  # seeds 0 and 4; seed 5 fails for sigmoid (NaN), so only seeds 0-4 are paired.
+  # seeds 0, 4 and 5; seed 5 diverged for sigmoid (NaN): paired, and not solved by it. Seed 6
+  # has a softmax cell only: not paired.
   sig = {0: 0.0, 1: 0.1, 2: 0.05, 3: 0.02, 4: 0.75, 5: math.nan}
-  soft = {0: 0.01, 1: 0.74, 2: 0.6, 3: 0.75, 4: 0.08, 5: 0.0}
+  soft = {0: 0.01, 1: 0.74, 2: 0.6, 3: 0.75, 4: 0.08, 5: 0.0, 6: 0.0}
   cells = ([cell("sigmoid", 500, s, e) for s, e in sig.items()]
            + [cell("softmax", 500, s, e) for s, e in soft.items()]
            # n = 1000: every seed of both kinds solves; n = 2000: only softmax has a cell.
@@ -522,15 +523,16 @@ def test_solved_at_target_counts_paired_seeds_with_wilson_intervals_and_mcnemar(
            + [cell("softmax", 2000, 0, 0.0)])
   rows = analysis.solved_at_target(cells, 0.1)
   assert [(r.n, r.pairs, r.solved, r.only) for r in rows] == [
-      (500, 5, (4, 2), (3, 1)), (1000, 3, (3, 3), (0, 0))]
-  # Wilson 4/5 and 2/5, computed by hand: centre (p + z^2/10) / (1 + z^2/5), z = 1.96.
-  assert rows[0].intervals[0] == pytest.approx((0.3755, 0.9638), abs=1e-4)
-  assert rows[0].intervals[1] == pytest.approx((0.1176, 0.7693), abs=1e-4)
-  assert rows[0].p_value == pytest.approx(2 * 5 / 16)  # 3 vs 1 discordant: 2 * P(X <= 1 | 4)
+      (500, 6, (4, 3), (3, 2)), (1000, 3, (3, 3), (0, 0))]
+  # Wilson 4/6 and 3/6, computed by hand: centre (p + z^2/12) / (1 + z^2/6), z = 1.96.
+  assert rows[0].intervals[0] == pytest.approx((0.3000, 0.9032), abs=1e-4)
+  assert rows[0].intervals[1] == pytest.approx((0.1876, 0.8124), abs=1e-4)
+  assert rows[0].p_value == 1.0  # 3 vs 2 discordant: 2 * P(X <= 2 | 5) = 2 * 16/32
+  # Dropping the diverged pair instead would give 4/5 against 2/5 (3 vs 1 discordant).
   assert rows[1].p_value == 1.0 and rows[1].intervals[0][1] == 1.0
   # The report carries the section, in the compared kinds' order.
   paths = report.write_report(cells, str(tmp_path), target=0.1, n_boot=5)
   text = open(paths["report"]).read()
   assert "## Seeds that reach the target error 0.1" in text
-  assert "| 500 | 5 | 4/5 [0.38, 0.96] | 2/5 [0.12, 0.77] | 3 / 1 | 0.625 |" in text
+  assert "| 500 | 6 | 4/6 [0.30, 0.90] | 3/6 [0.19, 0.81] | 3 / 2 | 1 |" in text
   assert "| 1000 | 3 | 3/3 [0.44, 1.00] | 3/3 [0.44, 1.00] | 0 / 0 | 1 |" in text

@@ -143,8 +143,9 @@ class SolvedRow:
   Attributes:
     n: the training-set size.
     kinds: (kind_a, kind_b).
-    pairs: seeds with a finite result for both kinds at n.
-    solved: seeds (of those pairs) whose test error is <= the target, per kind.
+    pairs: seeds with a result for both kinds at n, a failed (diverged) one included.
+    solved: seeds (of those pairs) whose test error is <= the target, per kind; a cell that
+      diverged did not reach it.
     intervals: the 95% Wilson interval of each kind's proportion solved/pairs.
     only: discordant pairs: (seeds only kind_a solved, seeds only kind_b solved).
     p_value: McNemar's exact two-sided p-value on the discordant pairs.
@@ -167,10 +168,13 @@ def solved_at_target(cells: Sequence[CellResult], target: float,
   proportion of seeds that solve is the figure the mean error hides. Seeds are paired
   (same subset and initial key for both kinds), so the kinds are compared on the
   discordant pairs (McNemar). An n where no seed is paired is left out.
+
+  A diverged cell (NaN error) counts as not solved, its pair kept: leaving the pair out
+  would favour the kind that diverges more.
   """
   cells = check_cells(cells)
   check_kinds(cells, kinds, "kinds")
-  errors = {(c.kind, c.n, c.seed): c.test_error for c in finite(cells)}
+  errors = {(c.kind, c.n, c.seed): c.test_error for c in cells}  # NaN <= target is False
   rows = []
   for n in sorted({c.n for c in cells if c.kind in kinds}):
     seeds = _paired_seeds(errors, kinds, n)

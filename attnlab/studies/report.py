@@ -148,8 +148,9 @@ def _solved_markdown(rows: Sequence[analysis.SolvedRow], target: float) -> list[
     return []
   a, b = rows[0].kinds
   lines = ["", f"## Seeds that reach the target error {target:g}", "",
-           f"Per n, of the seeds both {a} and {b} finished (pairs): how many reached test error "
-           f"<= {target:g}, with the {CONFIDENCE:.0%} Wilson interval of the proportion. Where "
+           f"Per n, of the seeds both {a} and {b} ran (pairs): how many reached test error "
+           f"<= {target:g} (a cell that diverged did not), with the {CONFIDENCE:.0%} Wilson "
+           "interval of the proportion. Where "
            "the error is bimodal over seeds (a cell solves the task or does not) this is the "
            "figure the mean hides. *Only*: discordant pairs, seeds that one kind solved and "
            "the other did not; *McNemar p*: the exact two-sided test on them (small: one kind "
