@@ -254,11 +254,9 @@ def _restore_step(checkpointer: checkpoint_lib.Checkpointer, abstract: dict[str,
     except Exception:  # pylint: disable=broad-exception-caught
       raise error from None  # not the older layout either: the first error says why
   missing = abstract["interval_loss_max"]
-  nan = np.full(missing.shape, np.nan, missing.dtype)
+  nan = jnp.full(missing.shape, jnp.nan, missing.dtype)
   sharding = getattr(missing, "sharding", None)
-  # From a callback: a sharding may span processes, where device_put cannot place it.
-  tree["interval_loss_max"] = (jnp.asarray(nan) if sharding is None else
-                               jax.make_array_from_callback(nan.shape, sharding, lambda i: nan[i]))
+  tree["interval_loss_max"] = nan if sharding is None else stack_lib.put(nan, sharding)
   return tree, data_state, step
 
 

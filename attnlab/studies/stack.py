@@ -93,18 +93,18 @@ def place(stack: Stack, setup: groups_lib.GroupSetup) -> tuple[Stack, groups_lib
   sharding = stack_sharding(len(stack.applied), setup)
   replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
   splits = {f.name: getattr(setup.data, f.name) for f in dataclasses.fields(groups_lib.StudyData)}
-  data = groups_lib.StudyData(**_put(splits, replicated))
-  return _put(stack, sharding), dataclasses.replace(setup, data=data)
+  data = groups_lib.StudyData(**put(splits, replicated))
+  return put(stack, sharding), dataclasses.replace(setup, data=data)
 
 
-def _put(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+def put(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   """`tree`'s arrays on `sharding`, which may span several processes.
 
   jax.device_put moves arrays within one process; across processes each one
   builds its own shards from the whole value (`host_value`, the same on
   every process) with `jax.make_array_from_callback`.
   """
-  def put(x):
+  def put_one(x):
     if x.sharding == sharding:
       return x
     if sharding.is_fully_addressable and x.is_fully_addressable:
@@ -112,7 +112,7 @@ def _put(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     value = host_value(x)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
-  return jax.tree.map(put, tree)
+  return jax.tree.map(put_one, tree)
 
 
 def host_value(x: jax.Array) -> np.ndarray:
