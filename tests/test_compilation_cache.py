@@ -11,34 +11,38 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.skipif(os.environ.get("ATTNLAB_TEST_COMPILATION_CACHE") == "0",
+                                reason="ATTNLAB_TEST_COMPILATION_CACHE=0 turns the cache off")
+
 _PROGRAM = """
 import jax, jax.numpy as jnp
 x = jnp.arange(12.0).reshape(3, 4)
-print(float(jax.jit(lambda a: jnp.tanh(a @ a.T).sum() * 3.0)(x)))
+print(float(jax.jit(lambda a: jnp.tanh(a @ a.T).sum() * {scale})(x)))
 """
 
 
-def _run(cache_dir, **env):
-  return subprocess.run([sys.executable, "-c", _PROGRAM], capture_output=True, text=True,
-                        timeout=300, env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                                              **env), check=False)
+def _run(cache_dir=None, scale=3.0, **env):
+  if cache_dir is not None:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  return subprocess.run([sys.executable, "-c", _PROGRAM.format(scale=scale)], capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, **env), check=False)
 
 
 def _entries(cache_dir):
   return [p for p in pathlib.Path(cache_dir).iterdir() if p.is_file()]
 
 
-def test_the_tests_and_their_commands_share_one_cache():
-  if os.environ.get("ATTNLAB_TEST_COMPILATION_CACHE") == "0":
-    pytest.skip("ATTNLAB_TEST_COMPILATION_CACHE=0 turns the shared cache off")
+def test_a_command_a_test_starts_writes_into_the_runs_cache():
   shared = os.environ["ATTNLAB_TEST_COMPILATION_CACHE"]
-  assert os.environ["JAX_COMPILATION_CACHE_DIR"] == shared
-  assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"  # even tiny programs
+  before = set(_entries(shared))
+  # A constant no other test compiles, so the program is new to the cache; tiny, so this
+  # also checks that even the fastest compiles are kept.
+  proc = _run(scale=os.getpid() + 0.5)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert set(_entries(shared)) - before, "the command compiled without writing to the cache"
 
 
 def test_a_torn_cache_entry_costs_a_compile_not_a_wrong_value_or_a_line_on_stderr(tmp_path):
-  if os.environ.get("ATTNLAB_TEST_COMPILATION_CACHE") == "0":
-    pytest.skip("ATTNLAB_TEST_COMPILATION_CACHE=0 turns the shared cache off")
   fresh = _run(tmp_path)
   assert fresh.returncode == 0, fresh.stderr[-3000:]
   written = _entries(tmp_path)
