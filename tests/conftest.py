@@ -52,9 +52,12 @@ def _free_compiled_programs_after_each_module():
 # the cache between runs, or to "0" to compile everything afresh.
 _CACHE_ENV = "ATTNLAB_TEST_COMPILATION_CACHE"
 _OWNED_CACHE = pytest.StashKey[str]()
-# jax's words when an entry it looks up is still being written by another process.
-_TORN_CACHE_ENTRY_WARNINGS = ("Error reading persistent compilation cache entry",
-                              "Error writing persistent compilation cache entry")
+# Warning filters for jax's words when an entry it looks up is still being written by another
+# process, as pytest's `filterwarnings` and Python's PYTHONWARNINGS both spell them.
+_IGNORE_TORN_CACHE_ENTRIES = tuple(
+    f"ignore:{message}:UserWarning" for message in (
+        "Error reading persistent compilation cache entry",
+        "Error writing persistent compilation cache entry"))
 
 
 def pytest_configure(config):
@@ -85,13 +88,13 @@ def pytest_configure(config):
   for name, value in settings.items():
     os.environ[name.upper()] = str(value)  # for the subprocesses
     jax.config.update(name, value)
-  for message in _TORN_CACHE_ENTRY_WARNINGS:
-    config.addinivalue_line("filterwarnings", f"ignore:{message}:UserWarning")
+  for ignore in _IGNORE_TORN_CACHE_ENTRIES:
+    config.addinivalue_line("filterwarnings", ignore)
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _silence_torn_cache_reads_in_subprocesses():
-  """Passes the filter of `_TORN_CACHE_ENTRY_WARNINGS` to the commands tests start.
+  """Passes `_IGNORE_TORN_CACHE_ENTRIES` to the commands tests start.
 
   Set here, in the process that runs the tests, not in `pytest_configure`: xdist workers
   would inherit it from the controller at start-up, and pytest shows DeprecationWarnings
@@ -101,9 +104,7 @@ def _silence_torn_cache_reads_in_subprocesses():
     yield
     return
   before = os.environ.get("PYTHONWARNINGS")
-  given = [f for f in (before or "").split(",") if f]
-  os.environ["PYTHONWARNINGS"] = ",".join(
-      given + [f"ignore:{message}:UserWarning" for message in _TORN_CACHE_ENTRY_WARNINGS])
+  os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (before, *_IGNORE_TORN_CACHE_ENTRIES)))
   yield
   if before is None:
     del os.environ["PYTHONWARNINGS"]
