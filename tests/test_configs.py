@@ -464,3 +464,16 @@ def test_run_dirname_is_sorted_sanitised_and_bounded():
   long_a = configlib.run_dirname({"model.variant": "x" * 300}, paths)
   long_b = configlib.run_dirname({"model.variant": "x" * 299 + "y"}, paths)
   assert len(long_a) <= 160 and long_a != long_b
+
+
+def test_fashion_mnist_large_n_is_the_recipe_chosen_for_large_subsets():
+  """`:large_n` swaps in the large-n recipe and sizes; with `tune` it stays off the test split."""
+  small = configlib.load("configs/sample_efficiency/fashion_mnist.py")
+  large = configlib.load("configs/sample_efficiency/fashion_mnist.py:large_n")
+  tune = configlib.load("configs/sample_efficiency/fashion_mnist.py:tune,large_n")
+  assert (small.optim.learning_rate, small.optim.weight_decay) == (1e-2, 2.0)
+  assert (large.optim.learning_rate, large.optim.weight_decay) == (3e-3, 0.1)
+  assert tuple(large.study.train_sizes) == (16_000, 32_000, 55_000)
+  assert large.data.eval_split == "test" and large.study.seeds == small.study.seeds
+  assert tuple(tune.study.train_sizes) == (16_000,) and tune.data.eval_split == "train[50000:]"
+  assert (tune.optim.learning_rate, tune.optim.weight_decay) == (3e-3, 0.1)
