@@ -51,7 +51,8 @@ converged. 16x at 16,000 (160 epochs, >= 32,000 steps; 7,715 s): sigmoid 13.82%,
 sigmoid not (-0.72): the recipe underfits at large n. `:large_n` (learning rate 3e-3,
 weight decay 0.1, chosen on the tuning split) at n = 16,000: sigmoid / softmax 14.20 / 13.81%
 at 2,000 steps (seeds 0-4, 665 s), 13.44 / 13.04% at 4,000 (`:large_n,long`, seeds 0-2,
-820 s), below the old recipe at 32,000 steps, but still falling 0.8 points per doubling.
+820 s), below the old recipe at 32,000 steps; 12.91 / 12.72% at 8,000 (seeds 0-2, 1,699 s),
+paired +0.19 [-0.45, +0.84]: level, still falling (-0.52 / -0.32 points from 4,000).
 Tables: docs/results.md, "Fashion-MNIST".
 """
 
