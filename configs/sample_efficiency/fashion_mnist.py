@@ -53,6 +53,10 @@ weight decay 0.1, chosen on the tuning split) at n = 16,000: sigmoid / softmax 1
 at 2,000 steps (seeds 0-4, 665 s), 13.44 / 13.04% at 4,000 (`:large_n,long`, seeds 0-2,
 820 s), below the old recipe at 32,000 steps; 12.91 / 12.72% at 8,000 (seeds 0-2, 1,699 s),
 paired +0.19 [-0.45, +0.84]: level, still falling (-0.52 / -0.32 points from 4,000).
+`:large_n` at 32,000 / 55,000 (seeds 0-4, 2,372 s): sigmoid 13.27 / 12.13%, softmax
+12.72 / 11.62%, paired +0.55 [+0.01, +1.09] / +0.51 [-0.16, +1.18]; `:large_n,long`
+(seeds 0-2, 2,868 s): 12.00 / 10.80% and 11.70 / 10.41%, +0.30 [-0.31, +0.91] /
++0.39 [-0.82, +1.60]: level, and falling 0.9-1.3 points per doubling (not converged).
 Tables: docs/results.md, "Fashion-MNIST".
 """
 
