@@ -57,6 +57,8 @@ paired +0.19 [-0.45, +0.84]: level, still falling (-0.52 / -0.32 points from 4,0
 12.72 / 11.62%, paired +0.55 [+0.01, +1.09] / +0.51 [-0.16, +1.18]; `:large_n,long`
 (seeds 0-2, 2,868 s): 12.00 / 10.80% and 11.70 / 10.41%, +0.30 [-0.31, +0.91] /
 +0.39 [-0.82, +1.60]: level, and falling 0.9-1.3 points per doubling (not converged).
+8x at 16,000 (16,000 steps, seeds 0-2, 3,652 s): sigmoid 13.17%, softmax 12.56%, +0.61
+[-0.64, +1.86]; softmax converged at 4x by the rule, sigmoid's error rose (+0.26 points).
 Tables: docs/results.md, "Fashion-MNIST".
 """
 
