@@ -274,6 +274,7 @@ def _plot_curves(cells: Sequence[CellResult], path: str) -> bool:
   """
   from matplotlib import colormaps  # noqa: PLC0415
   from matplotlib.figure import Figure  # noqa: PLC0415
+  from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
   drawn = [c for c in cells if c.curve and any(p[1] is not None for p in c.curve)]
   if not drawn:
@@ -293,6 +294,8 @@ def _plot_curves(cells: Sequence[CellResult], path: str) -> bool:
               label=None if c.n in labelled else f"n = {c.n}")
       labelled.add(c.n)
     ax.set(title=kind, xlabel="step", ylabel="validation error")
+    # Long runs' step labels (10000, 12000, ...) run into each other at the default density.
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
   for ax in list(axes.flat)[len(kinds):]:
     ax.set_visible(False)
   axes.flat[0].legend(fontsize="small")
