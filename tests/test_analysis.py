@@ -167,6 +167,79 @@ def test_fit_refuses_what_it_cannot_fit():
     power_law.fit_power_law([100, 1000], [0.3, 0.1], floor="yes")
 
 
+# --------------------------------------------------------------------------- paired fit difference
+
+
+def _paired(a_cells, b_cells):
+  """(n, error_a, error_b) over the (n, seed) both lists hold, in a_cells' order."""
+  b = {(c.n, c.seed): c.test_error for c in b_cells}
+  keys = [(c.n, c.seed) for c in a_cells if (c.n, c.seed) in b]
+  a = {(c.n, c.seed): c.test_error for c in a_cells}
+  return [k[0] for k in keys], [a[k] for k in keys], [b[k] for k in keys]
+
+
+def test_fit_difference_of_a_kind_with_itself_is_exactly_zero_because_draws_are_paired():
+  # Noisy seeds, the same values for both kinds: every replicate draws the same seeds for
+  # both and refits the same means, so every difference is 0. An unpaired bootstrap (each
+  # kind its own draw) would give an interval of width ~0.05 in b here.
+  cells = synthetic_cells("softmax", a=2.0, b=0.5, c=0.05, noise=0.1)
+  diff = power_law.paired_fit_difference(*_paired(cells, cells), floors=(True, True), n_boot=50)
+  assert (diff.b, diff.c, diff.b_ci, diff.c_ci) == (0.0, 0.0, (0.0, 0.0), (0.0, 0.0))
+  assert diff.boot_ok == 50 and diff.min_pairs == 5
+
+
+@pytest.mark.parametrize("a_params, b_params, floors, want_b, want_c", [
+    ((2.0, 0.5, 0.12), (2.0, 0.5, 0.10), (True, True), 0.0, 0.02),  # floors 0.02 apart
+    ((2.0, 0.6, 0.0), (2.0, 0.4, 0.0), (False, False), 0.2, 0.0),   # exponents 0.2 apart
+])
+def test_fit_difference_recovers_known_differences_of_noise_free_curves(a_params, b_params, floors,
+                                                                        want_b, want_c):
+  a = synthetic_cells("sigmoid", *a_params, noise=0.0)
+  b = synthetic_cells("softmax", *b_params, noise=0.0)
+  diff = power_law.paired_fit_difference(*_paired(a, b), floors=floors, n_boot=10)
+  assert diff.b == pytest.approx(want_b, abs=1e-4) and diff.c == pytest.approx(want_c, abs=1e-5)
+  # No noise: every replicate is the curve itself, so the interval is the point.
+  assert diff.b_ci == pytest.approx((want_b, want_b), abs=1e-4)
+  assert diff.c_ci == pytest.approx((want_c, want_c), abs=1e-5)
+
+
+def test_fit_difference_interval_covers_the_true_floor_gap_under_noise():
+  a = synthetic_cells("sigmoid", 2.0, 0.5, 0.07, seeds=10, rng_seed=1)
+  b = synthetic_cells("softmax", 2.0, 0.5, 0.05, seeds=10, rng_seed=2)
+  diff = power_law.paired_fit_difference(*_paired(a, b), floors=(True, True), n_boot=200)
+  assert diff.c_ci[0] < 0.02 < diff.c_ci[1]
+  assert diff.c_ci[0] > 0  # 2% noise over 10 seeds resolves a 2-point floor gap
+
+
+def test_fit_difference_refuses_what_it_cannot_fit():
+  with pytest.raises(ValueError, match="one entry per paired seed"):
+    power_law.paired_fit_difference([100, 1000], [0.3, 0.2], [0.3], floors=(False, False))
+  with pytest.raises(fits.FitError, match=r">= 3 distinct sizes"):
+    power_law.paired_fit_difference([100, 1000], [0.3, 0.2], [0.3, 0.2], floors=(True, False))
+
+
+def test_analysis_fit_difference_pairs_cells_by_seed_and_says_why_when_a_fit_is_missing():
+  cells = (synthetic_cells("sigmoid", 2.0, 0.5, 0.07, noise=0.0)
+           + synthetic_cells("softmax", 2.0, 0.5, 0.05, noise=0.0)
+           + [cell("softmax", 100, 99, 0.9)])  # an unpaired seed is left out
+  kind_fits = analysis.fit_kinds(cells, ["sigmoid", "softmax"], True, 0, 0)
+  diff = analysis.fit_difference(cells, kind_fits, n_boot=5)
+  assert diff.c == pytest.approx(0.02, abs=1e-5) and diff.min_pairs == 5
+  kind_fits["softmax"] = "no fit: curve_fit did not converge"
+  assert analysis.fit_difference(cells, kind_fits) == (
+      "no difference: softmax: no fit: curve_fit did not converge")
+
+
+def test_fit_difference_markdown_says_when_c_is_not_a_difference_of_two_floors():
+  diff = power_law.PowerLawDifference(b=0.1, c=0.03, b_ci=(0.0, 0.2), c_ci=(0.01, 0.05),
+                                      floors=(True, False), min_pairs=4, n_boot=10, boot_ok=9)
+  (_, line) = report._fit_difference_markdown(diff, ("sigmoid", "softmax"))
+  assert "at least 4 pairs per n; 9/10 replicates" in line
+  assert "b +0.1 [0, 0.2], c +0.03 [0.01, 0.05] (c: softmax has no floor" in line
+  assert report._fit_difference_markdown("no difference: x", ("sigmoid", "softmax"))[1] == (
+      "Paired difference sigmoid - softmax of the fits: no difference: x.")
+
+
 # --------------------------------------------------------------------------- samples to target
 
 N3 = [100, 1000, 10000]
@@ -306,6 +379,10 @@ def test_write_report_writes_every_file_and_the_key_numbers(tmp_path):
   assert f"**{ratio}**" in text
   for diff in analysis.paired_differences(cells):
     assert f"| {diff.n} | 3 | {diff.error.mean:.4g} ±" in text
+  kind_fits = analysis.fit_kinds(results.finite(cells), ["sigmoid", "softmax"], "auto", 20, 0)
+  fit_diff = analysis.fit_difference(cells, kind_fits, n_boot=20)
+  assert f"of the fits (seeds resampled" in text
+  assert f"b {fit_diff.b:+.4g} [{fit_diff.b_ci[0]:.4g}, {fit_diff.b_ci[1]:.4g}]" in text
 
   for key in ("error_plot", "difference_plot"):
     with open(paths[key], "rb") as f:

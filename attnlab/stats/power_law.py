@@ -8,6 +8,8 @@
     "no floor" at the 5% level; with fewer than 4 sizes there is no test and no floor.
   * Bootstrap: a seeded NumPy loop; seeds are resampled with replacement within each n and
     the chosen model is refitted.
+  * Two kinds run on the same seeds: `paired_fit_difference` gives the interval of their
+    b and c differences (one draw of seeds for both kinds per replicate).
 """
 
 from __future__ import annotations
@@ -188,22 +190,109 @@ def fit_power_law(n: Sequence[float], error: Sequence[float], *,
                      n_boot=n_boot, boot_ok=len(samples))
 
 
+def _start_at(point: np.ndarray, sizes: np.ndarray) -> tuple[float, float, float]:
+  """A fitted (a, b, c) as a start of `_fit_means` (its log A, b, c parametrisation)."""
+  n0 = float(np.exp(np.log(sizes).mean()))
+  return (math.log(point[0]) - point[1] * math.log(n0), point[1], point[2])
+
+
+def _refit(sizes: np.ndarray, means: np.ndarray, floor: bool,
+           start: tuple[float, float, float]) -> np.ndarray | None:
+  """A bootstrap replicate's (a, b, c), or None when no start converges."""
+  try:
+    return _fit_means(sizes, means, floor, starts=[start])[0]
+  except FitError:
+    try:  # a resample far from the data's own curve may need the default starts
+      return _fit_means(sizes, means, floor)[0]
+    except FitError:
+      return None
+
+
 def _bootstrap_fit(sizes: np.ndarray, groups: list[np.ndarray], floor: bool, point: np.ndarray,
                    n_boot: int, seed: int) -> np.ndarray:
   """[replicates, 3] refitted (a, b, c); replicates whose fit fails are dropped."""
   rng = np.random.default_rng(seed)
-  n0 = float(np.exp(np.log(sizes).mean()))
   # Starting at the point estimate makes most refits a few iterations long.
-  start = (math.log(point[0]) - point[1] * math.log(n0), point[1], point[2])
+  start = _start_at(point, sizes)
   out = []
   for _ in range(n_boot):
     means = np.array([rng.choice(g, size=g.size, replace=True).mean() for g in groups])
-    try:
-      p, _ = _fit_means(sizes, means, floor, starts=[start])
-    except FitError:
-      try:  # a resample far from the data's own curve may need the default starts
-        p, _ = _fit_means(sizes, means, floor)
-      except FitError:
-        continue
-    out.append(p)
+    p = _refit(sizes, means, floor, start)
+    if p is not None:
+      out.append(p)
   return np.array(out).reshape(-1, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerLawDifference:
+  """Fitted exponent b and floor c of kind A minus kind B, with paired bootstrap intervals.
+
+  Two per-kind intervals that overlap say little about the difference; this is its own
+  interval, from resampling the seeds both kinds ran (the same draw for both at each n).
+
+  Attributes:
+    b, c: point differences A - B, both kinds fitted to the per-n means of the paired seeds.
+    b_ci, c_ci: (low, high) 95% percentile intervals; (NaN, NaN) when no bootstrap ran.
+    floors: whether each kind's fit has a floor (a kind without one has c = 0, so c is then
+      the other kind's floor, not a difference of two fitted floors).
+    min_pairs: the fewest paired seeds at any n.
+    n_boot: replicates asked for; boot_ok: replicates where both kinds' refits converged.
+  """
+  b: float
+  c: float
+  b_ci: tuple[float, float]
+  c_ci: tuple[float, float]
+  floors: tuple[bool, bool]
+  min_pairs: int
+  n_boot: int
+  boot_ok: int
+
+
+def paired_fit_difference(n: Sequence[float], error_a: Sequence[float], error_b: Sequence[float], *,
+                          floors: tuple[bool, bool], n_boot: int = 1000,
+                          seed: int = 0) -> PowerLawDifference:
+  """Paired bootstrap of the power-law fits of two kinds run on the same seeds.
+
+  Args:
+    n: training-set size of each pair of cells.
+    error_a, error_b: test errors of kind A's and kind B's cell of the same (n, seed); pairs
+      where either is NaN (failed) are left out.
+    floors: each kind's floor decision (as its own `fit_power_law` made it); kept fixed in
+      the bootstrap, as there.
+    n_boot: replicates: at each n the paired seeds are resampled with replacement, the same
+      draw for both kinds, and both are refitted; 0 skips the bootstrap.
+    seed: seed of the bootstrap's NumPy generator.
+
+  Raises:
+    ValueError: the three sequences differ in length.
+    FitError: either kind cannot be fitted on the paired seeds.
+  """
+  n, error_a, error_b = (np.asarray(x, dtype=np.float64) for x in (n, error_a, error_b))
+  if not n.shape == error_a.shape == error_b.shape or n.ndim != 1:
+    raise ValueError(f"n, error_a and error_b must be 1-D arrays of one length (one entry per "
+                     f"paired seed); got shapes {n.shape}, {error_a.shape}, {error_b.shape}.")
+  both = np.isfinite(error_a) & np.isfinite(error_b)
+  n, error_a, error_b = n[both], error_a[both], error_b[both]
+  sizes, _ = group_by_n(n, error_a)
+  groups = [np.stack([error_a[n == s], error_b[n == s]]) for s in sizes]  # [2, pairs] per n
+  need = 3 if any(floors) else 2
+  if sizes.size < need:
+    raise FitError(f"a paired power-law difference with floors={floors} needs paired results at "
+                   f">= {need} distinct sizes; got {sizes.astype(int).tolist()}.")
+  points = [_fit_means(sizes, np.array([g[k].mean() for g in groups]), floors[k])[0] for k in (0, 1)]
+  starts = [_start_at(p, sizes) for p in points]
+  rng = np.random.default_rng(seed)
+  diffs = []
+  for _ in range(n_boot):
+    drawn = [g[:, rng.integers(0, g.shape[1], size=g.shape[1])] for g in groups]
+    refits = [_refit(sizes, np.array([d[k].mean() for d in drawn]), floors[k], starts[k])
+              for k in (0, 1)]
+    if refits[0] is not None and refits[1] is not None:
+      diffs.append(refits[0] - refits[1])
+  diffs = np.array(diffs).reshape(-1, 3)
+  nan = (math.nan, math.nan)
+  b_ci, c_ci = (intervals.percentile_interval(diffs[:, i]) if len(diffs) else nan for i in (1, 2))
+  return PowerLawDifference(b=float(points[0][1] - points[1][1]), c=float(points[0][2] - points[1][2]),
+                            b_ci=b_ci, c_ci=c_ci, floors=tuple(floors),
+                            min_pairs=int(min(g.shape[1] for g in groups)), n_boot=n_boot,
+                            boot_ok=len(diffs))

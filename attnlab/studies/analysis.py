@@ -115,6 +115,28 @@ def fit_kinds(cells: Sequence[CellResult], kinds: Sequence[str],
   return out
 
 
+def fit_difference(cells: Sequence[CellResult], kind_fits: dict[str, power_law.PowerLawFit | str],
+                   kinds: tuple[str, str] = ("sigmoid", "softmax"), *, n_boot: int = 1000,
+                   seed: int = 0) -> power_law.PowerLawDifference | str:
+  """Power-law b and c of kinds[0] minus kinds[1], paired by seed, or why there is none.
+
+  `kind_fits` are the kinds' own fits (`fit_kinds`); each kind keeps its fit's floor decision.
+  """
+  unfitted = [k for k in kinds if not isinstance(kind_fits.get(k), power_law.PowerLawFit)]
+  if unfitted:
+    return "no difference: " + "; ".join(f"{k}: {kind_fits.get(k, 'not fitted')}" for k in unfitted)
+  errors = {(c.kind, c.n, c.seed): c.test_error for c in finite(check_cells(cells))}
+  keys = sorted((n, seed) for kind, n, seed in errors
+                if kind == kinds[0] and (kinds[1], n, seed) in errors)
+  try:
+    return power_law.paired_fit_difference(
+        [n for n, _ in keys], [errors[(kinds[0], *k)] for k in keys],
+        [errors[(kinds[1], *k)] for k in keys],
+        floors=(kind_fits[kinds[0]].floor, kind_fits[kinds[1]].floor), n_boot=n_boot, seed=seed)
+  except fits.FitError as e:
+    return f"no difference: {e}"
+
+
 def samples_ratio(cells: Sequence[CellResult], target: float,
                   kinds: tuple[str, str] = ("softmax", "sigmoid"), *,
                   n_boot: int = 1000, seed: int = 0) -> targets.SamplesRatio:

@@ -97,8 +97,24 @@ def _ratio_or_reason(cells, target, kinds, n_boot, seed) -> targets.SamplesRatio
     return str(e)
 
 
+def _fit_difference_markdown(diff, compare) -> list[str]:
+  """The paired difference of the two compared kinds' fitted b and c, under the fit table."""
+  if diff is None:
+    return []
+  head = f"Paired difference {compare[0]} - {compare[1]} of the fits"
+  if isinstance(diff, str):
+    return ["", f"{head}: {diff}."]
+  floors = ("" if all(diff.floors) else
+            " (c: " + " and ".join(f"{k} has no floor" for k, f in zip(compare, diff.floors) if not f)
+            + ", so this is not a difference of two fitted floors)")
+  lines = ["", f"{head} (seeds resampled within each n, the same draw for both kinds; at least "
+               f"{diff.min_pairs} pairs per n; {diff.boot_ok}/{diff.n_boot} replicates refitted "
+               f"both): b {diff.b:+.4g} {_fmt_ci(diff.b_ci)}, c {diff.c:+.4g} {_fmt_ci(diff.c_ci)}{floors}."]
+  return lines
+
+
 def _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot,
-                     others=None, ends=None, solved=None) -> str:
+                     others=None, ends=None, solved=None, fit_diff=None) -> str:
   lines = ["# Sample-efficiency study", "",
            f"Test error and loss per (kind, n): mean over seeds ± half-width of the "
            f"{CONFIDENCE:.0%} Student-t interval [low, high].", "",
@@ -122,6 +138,7 @@ def _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boo
       c = f"{_fmt(fit.c)} {_fmt_ci(fit.c_ci)}" if fit.floor else "0 (no floor)"
       lines.append(f"| {kind} | {_fmt(fit.a)} {_fmt_ci(fit.a_ci)} | {_fmt(fit.b)} {_fmt_ci(fit.b_ci)} "
                    f"| {c} | {fit.criterion} | {fit.boot_ok}/{fit.n_boot} |")
+  lines += _fit_difference_markdown(fit_diff, compare)
   lines += ["", f"## Samples to target error {target:g}", "",
             "Smallest n at which the mean test error reaches the target, interpolated linearly in log n "
             "between the two bracketing sizes; never extrapolated beyond the grid.", "",
@@ -353,7 +370,8 @@ def write_report(cells: Sequence[CellResult], directory: str, *, target: float,
   results.save_csv(cells, paths["csv"])
   text = _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot, others,
                           analysis.end_of_training(cells),
-                          analysis.solved_at_target(cells, target, compare))
+                          analysis.solved_at_target(cells, target, compare),
+                          analysis.fit_difference(cells, fits, compare, n_boot=n_boot, seed=seed))
   fileio.write_atomic(paths["report"], text)
   _plot(rows, diffs, fits, compare, paths["error_plot"], paths["difference_plot"])
   curves_path = os.path.join(directory, "learning_curves.png")
