@@ -107,10 +107,9 @@ def _fit_difference_markdown(diff, compare) -> list[str]:
   floors = ("" if all(diff.floors) else
             " (c: " + " and ".join(f"{k} has no floor" for k, f in zip(compare, diff.floors) if not f)
             + ", so this is not a difference of two fitted floors)")
-  lines = ["", f"{head} (seeds resampled within each n, the same draw for both kinds; at least "
-               f"{diff.min_pairs} pairs per n; {diff.boot_ok}/{diff.n_boot} replicates refitted "
-               f"both): b {diff.b:+.4g} {_fmt_ci(diff.b_ci)}, c {diff.c:+.4g} {_fmt_ci(diff.c_ci)}{floors}."]
-  return lines
+  return ["", f"{head} (seeds resampled within each n, the same draw for both kinds; at least "
+              f"{diff.min_pairs} pairs per n; {diff.boot_ok}/{diff.n_boot} replicates refitted "
+              f"both): b {diff.b:+.4g} {_fmt_ci(diff.b_ci)}, c {diff.c:+.4g} {_fmt_ci(diff.c_ci)}{floors}."]
 
 
 def _report_markdown(rows, diffs, fits, crossings, ratio, target, compare, n_boot,
