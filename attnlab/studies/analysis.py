@@ -126,8 +126,7 @@ def fit_difference(cells: Sequence[CellResult], kind_fits: dict[str, power_law.P
   if unfitted:
     return "no difference: " + "; ".join(f"{k}: {kind_fits.get(k, 'not fitted')}" for k in unfitted)
   errors = {(c.kind, c.n, c.seed): c.test_error for c in finite(check_cells(cells))}
-  keys = sorted((n, seed) for kind, n, seed in errors
-                if kind == kinds[0] and (kinds[1], n, seed) in errors)
+  keys = [(n, s) for n in sorted({n for _, n, _ in errors}) for s in _paired_seeds(errors, kinds, n)]
   try:
     return power_law.paired_fit_difference(
         [n for n, _ in keys], [errors[(kinds[0], *k)] for k in keys],
