@@ -60,15 +60,13 @@ paired +0.19 [-0.45, +0.84]: level, still falling (-0.52 / -0.32 points from 4,0
 8x at 16,000 (16,000 steps, seeds 0-2, 3,652 s): sigmoid 13.17%, softmax 12.56%, +0.61
 [-0.64, +1.86]; softmax converged at 4x by the rule, sigmoid's error rose (+0.26 points).
 4x at 32,000 (10,000 steps, seeds 0-2, 2,690 s): sigmoid 11.33%, softmax 11.01%, +0.31
-[-0.38, +1.01]; both fell 0.7 points from 2x: not converged. 8x at 32,000 (20,000 steps, seeds 0-2, 7,616 s): sigmoid
-11.29% (converged at 4x by the rule), softmax 10.65% (-0.36 points from 4x, not converged),
-+0.63 [-0.16, +1.42]. 4x at 55,000 (17,188 steps,
+[-0.38, +1.01]; both fell 0.7 points from 2x: not converged. 4x at 55,000 (17,188 steps,
 seeds 0-2, 4,976 s): sigmoid 10.00%, softmax 9.87%, +0.13 [-0.51, +0.77]; fell 0.8 / 0.5
 points from 2x: not converged. 8x at 32,000 (20,000 steps, seeds 0-2, 7,616 s): sigmoid
 11.29% (converged at 4x by the rule), softmax 10.65% (-0.36 points from 4x, not converged),
-+0.63 [-0.16, +1.42]. The n <= 8,000 cells, re-run
-on 2026-12-07, reproduced the table above exactly; with `:large_n` at 1x for n >= 16,000
-the samples ratio is unchanged (0.93 [0.80, 1.03]) and the fitted floors are 9.6 / 8.7%.
++0.63 [-0.16, +1.42]. The n <= 8,000 cells, re-run on 2026-12-07, reproduced the table
+above exactly; with `:large_n` at 1x for n >= 16,000 the samples ratio is unchanged (0.93
+[0.80, 1.03]) and the fitted floors are 9.6 / 8.7%.
 Tables: docs/results.md, "Fashion-MNIST".
 """
 
